@@ -1,0 +1,33 @@
+# The two commands of the README. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf demo-out
+	$(BIN)/surgeon add cbam resnet50 --out demo-out
+	@echo
+	@echo "Written:" && ls -l demo-out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/surgery_time.py
+	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/cli_help.py
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,40 @@
+"""surgeon: retrofit attention into existing PyTorch models.
+
+    import surgeon
+    model = surgeon.add(model, "cbam")            # any nn.Module; identity at init
+    print(surgeon.plan("resnet50", "se"))         # what would change, before anything does
+    surgeon.sites(model, kind="residual")         # where attention can go
+
+Heavy imports (torch, timm) happen on first use, so `import surgeon` stays cheap.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from surgeon.errors import SurgeonError
+from surgeon.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_API = {"add", "plan", "sites", "attentions", "example_inputs", "verify_model", "Plan", "Edit"}
+_CHECKPOINT = {"save", "load"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from surgeon import api
+
+        return getattr(api, name)
+    if name in _CHECKPOINT:
+        from surgeon import checkpoint
+
+        return getattr(checkpoint, name)
+    if name == "load_model":
+        from surgeon.models import load
+
+        return load
+    raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
+
+
+__all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "hookimpl", "SurgeonError",
+           "__version__"]

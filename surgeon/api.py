@@ -1,0 +1,378 @@
+"""The public functions: compose trace → shapes → sites → plan → rewrite → verify.
+
+Every CLI command is one of these calls plus rendering.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from surgeon import models, registry
+from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
+from surgeon.surgery import rewrite as rw
+from surgeon.surgery import shapes
+from surgeon.surgery.graph import GraphView
+from surgeon.surgery.sites import Site, find_sites
+from surgeon.surgery.trace import Traced, trace
+from surgeon.surgery.verify import Verification, verify
+
+log = logging.getLogger("surgeon")
+
+INITS = ("identity", "paper")
+EXAMPLE_BATCH = 2
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def _configured_size(model: nn.Module) -> tuple[int, ...] | None:
+    rec = model.__dict__.get(rw.RECORD_ATTR)
+    if rec and rec.get("input_size"):
+        return tuple(rec["input_size"])
+    for attr in ("pretrained_cfg", "default_cfg"):
+        cfg = getattr(model, attr, None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return tuple(cfg["input_size"])
+    return None
+
+
+def _guess_input(model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 224, 224, generator=generator),)
+        if isinstance(m, nn.Conv1d):
+            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 256, generator=generator),)
+        if isinstance(m, nn.Conv3d):
+            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 16, 112, 112, generator=generator),)
+        if isinstance(m, nn.Embedding):
+            return (torch.randint(0, m.num_embeddings, (EXAMPLE_BATCH, 32), generator=generator),)
+        if isinstance(m, nn.RNNBase):
+            shape = (EXAMPLE_BATCH, 32, m.input_size) if m.batch_first else (32, EXAMPLE_BATCH, m.input_size)
+            return (torch.randn(*shape, generator=generator),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(EXAMPLE_BATCH, m.in_features, generator=generator),)
+    raise ShapeError(f"Cannot tell what input {type(model).__name__} takes. Pass example_input= "
+                     f"(Python) or --input-size C,H,W (CLI)")
+
+
+def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
+                   example_input: Any = None) -> tuple:
+    """The example input used for shapes and verification, as a tuple of positional arguments.
+
+    Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own config
+    (timm `pretrained_cfg['input_size']`, or a surgery record); a guess from its first layer.
+    """
+    if example_input is not None:
+        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+    gen = torch.Generator().manual_seed(0)
+    size = tuple(input_size) if input_size else _configured_size(model)
+    if size:
+        if any(not isinstance(d, int) or d <= 0 for d in size):
+            raise ShapeError(f"input size {size} must be positive integers, e.g. 3,224,224")
+        return (torch.randn(EXAMPLE_BATCH, *size, generator=gen),)
+    return _guess_input(model, gen)
+
+
+# -- the steps ---------------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    model: nn.Module
+    traced: Traced
+    inputs: tuple
+    views: list[GraphView]
+
+
+def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: Sequence[int] | None = None) -> _Prepared:
+    if isinstance(model, str):
+        model = models.load(model)
+    if not isinstance(model, nn.Module):
+        raise SurgeonError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
+    inputs = example_inputs(model, input_size=input_size, example_input=example_input)
+    leaf_paths = {e["module"] for e in rw.edits_of(model)}
+    traced = trace(model, leaf_paths=leaf_paths)
+    shapes.propagate(traced, inputs)
+    views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
+    return _Prepared(model, traced, inputs, views)
+
+
+def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at: Sequence[str] | None = None,
+          example_input: Any = None, input_size: Sequence[int] | None = None) -> list[Site]:
+    """The insertion points of a model.
+
+    Args:
+        model: an nn.Module, or a reference ('resnet50', 'tv:resnet18', 'pkg.module:factory').
+        kind: one kind or several (default: every registered kind).
+        at: glob patterns on site names ('layer1.*').
+        example_input / input_size: the input used to learn shapes (see `example_inputs`).
+
+    Returns:
+        list[Site] in graph order, per kind.
+
+    Raises:
+        UnknownNameError: unknown kind. NoSitesError: an `at` pattern matched nothing.
+
+    Example:
+        >>> [s.name for s in surgeon.sites("resnet18", kind="stage")]
+        ['layer1', 'layer2', 'layer3']
+    """
+    prep = _prepare(model, example_input=example_input, input_size=input_size)
+    kinds = [kind] if isinstance(kind, str) else list(kind or registry.site_finders())
+    return find_sites(prep.views, kinds, list(at) if at else None)
+
+
+@dataclass
+class Edit:
+    """One (site, attention, options) choice with its built module and overhead."""
+
+    site: Site
+    attention: str
+    options: dict[str, Any]
+    init: str
+    module: nn.Module = field(repr=False)
+    params: int = 0
+    flops: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site.name, "kind": self.site.kind, "shape": list(self.site.shape),
+                "attention": self.attention, "options": self.options, "init": self.init,
+                "params": self.params, "flops": self.flops}
+
+
+def _edit_flops(site: Site, module: nn.Module) -> int:
+    from surgeon.surgery.verify import count_flops
+
+    x = torch.zeros(1, *site.shape[1:])
+    args = (x,) if site.action == "insert" else (x, torch.zeros(1, *site.out_shape[1:]))
+    arity = rw._positional_arity(module)
+    try:
+        return count_flops(module.eval(), args[:arity])
+    except Exception as exc:  # FLOPs are informative; never fail a plan on them
+        log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
+        return 0
+
+
+def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
+    for key in options:
+        if key not in att.options:
+            valid = ", ".join(att.options) or "none"
+            raise OptionError(f"Unknown option {key!r} for {att.name}.{did_you_mean(key, att.options)} "
+                              f"Valid options: {valid}")
+
+
+def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at: Sequence[str] | None) -> list[Site]:
+    if kind is not None:
+        registry.check_kind(kind)
+        if kind not in att.kinds:
+            raise ShapeError(f"{att.name} cannot serve kind {kind!r}; it serves {', '.join(att.kinds)}")
+        candidates = [kind]
+    else:
+        candidates = list(att.kinds)
+    for k in candidates:
+        found = [s for s in find_sites(prep.views, [k], list(at) if at else None) if s.layout in att.layouts]
+        if found:
+            if k != candidates[0]:
+                log.info("%s: no %s sites in this model; using %s sites", att.name, candidates[0], k)
+            return found
+    model_name = type(prep.model).__name__
+    raise NoSitesError(f"{att.name} found no {'/'.join(candidates)} site with a {'/'.join(att.layouts)} layout "
+                       f"in {model_name}" + (f" matching {list(at)}" if at else "") +
+                       ". Run 'surgeon sites MODEL' to see the model's sites")
+
+
+class Plan:
+    """The ordered edits for one model, printable before anything changes; `apply()` performs them."""
+
+    def __init__(self, prep: _Prepared, edits: list[Edit]):
+        self._prep = prep
+        self.edits = edits
+        self.verification: Verification | None = None
+        self._applied = False
+
+    @property
+    def model(self) -> nn.Module:
+        return self._prep.model
+
+    @property
+    def example_inputs(self) -> tuple:
+        return self._prep.inputs
+
+    @property
+    def params(self) -> int:
+        return sum(e.params for e in self.edits)
+
+    @property
+    def flops(self) -> int:
+        return sum(e.flops for e in self.edits)
+
+    def to_dict(self) -> dict[str, Any]:
+        rec = self.model.__dict__.get(rw.RECORD_ATTR) or {}
+        return {"model": (rec.get("model") or {}).get("ref") or type(self.model).__name__,
+                "edits": [e.to_dict() for e in self.edits], "params_added": self.params,
+                "flops_added": self.flops}
+
+    def table(self):
+        """The plan as a rich Table."""
+        from rich.table import Table
+
+        t = Table(title=f"Plan: {len(self.edits)} edits", title_justify="left")
+        for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("shape", "left"),
+                          ("attention", "left"), ("params", "right"), ("FLOPs", "right")):
+            t.add_column(col, justify=just)
+        for i, e in enumerate(self.edits, 1):
+            t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(),
+                      f"{e.attention} ({e.init})", f"{e.params:,}", human(e.flops))
+        t.add_row("", "total", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
+        return t
+
+    def __rich__(self):
+        return self.table()
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=120, record=True, file=open("/dev/null", "w"))
+        console.print(self.table())
+        return console.export_text()
+
+    def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
+        """Perform the edits. Returns the patched model (a torch.fx.GraphModule when the model traced
+        whole), which shares its original parameters with the model it was made from.
+
+        Raises:
+            VerificationError: identity init changed the output beyond `tolerance`, or gradients do
+            not reach the new parameters.
+        """
+        if self._applied:  # the traced copy is consumed; plan again on a fresh trace
+            fresh = _prepare(self.model, example_input=self._prep.inputs)
+            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views)
+        self._applied = True
+        traced = self._prep.traced
+        paths = rw.rewrite(traced, [(e.site, e.module, e.attention) for e in self.edits])
+        patched = traced.module
+        rec = rw.record(patched)
+        if rec is self.model.__dict__.get(rw.RECORD_ATTR):  # never share the record with the input model
+            rec = copy.deepcopy(rec)
+            patched.__dict__[rw.RECORD_ATTR] = rec
+        x = self._prep.inputs[0]
+        if rec.get("input_size") is None and isinstance(x, torch.Tensor) and x.is_floating_point():
+            rec["input_size"] = list(x.shape[1:])
+        for e in self.edits:
+            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name]})
+        _check_shapes(traced, self._prep.inputs, self.edits, paths)
+        if verify:
+            inits = {e.init for e in self.edits}
+            self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
+                                             tolerance=tolerance if inits == {"identity"} else None)
+        return patched
+
+
+def _check_shapes(traced: Traced, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
+    """Re-run shape propagation; every edited site must keep its shape."""
+    shapes.propagate(traced, inputs)
+    for e in edits:
+        gm = traced.graphs[e.site.graph]
+        local = paths[e.site.name][len(e.site.graph) + 1:] if e.site.graph else paths[e.site.name]
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == local)
+        want = e.site.shape if e.site.action == "insert" else e.site.out_shape
+        got = shapes.shape(node)
+        if got != tuple(want):
+            raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {got}")
+
+
+def verify_model(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
+                 tolerance: float | None = 1e-5) -> Verification:
+    """Check a patched model against the model it was made from (see `surgery.verify`).
+
+    Raises:
+        VerificationError: when the check fails.
+    """
+    v = verify(original, patched, inputs, new_modules, tolerance=tolerance)
+    if tolerance is not None and v.max_abs_diff > tolerance:
+        raise VerificationError(f"Identity init changed the output by {v.max_abs_diff:.3g} (> {tolerance:g})")
+    if v.with_grad != v.new_params:
+        raise VerificationError(f"A backward pass reached only {v.with_grad} of {v.new_params} new parameters")
+    return v
+
+
+def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at: Sequence[str] | None = None,
+         init: str = "identity", example_input: Any = None, input_size: Sequence[int] | None = None,
+         **options: Any) -> Plan:
+    """Plan inserting `attention` at every matching site, without changing anything.
+
+    Args:
+        model: an nn.Module or a reference ('resnet50', 'tv:resnet50', 'pkg.module:factory').
+        attention: a registered name or alias ('cbam', 'se', ...).
+        kind: the site kind (default: the attention's own, or its next kind the model has).
+        at: glob patterns on site names.
+        init: 'identity' (starts as the identity) or 'paper' (the module exactly as published).
+        **options: the attention's options (see `surgeon list`).
+
+    Returns:
+        Plan: prints as a table; `.apply()` performs it.
+
+    Raises:
+        UnknownNameError, OptionError, NoSitesError, ShapeError.
+
+    Example:
+        >>> p = surgeon.plan("resnet50", "cbam")
+        >>> print(p); model = p.apply()
+    """
+    att = registry.get_attention(attention)
+    if init not in INITS:
+        raise OptionError(f"Unknown init {init!r}.{did_you_mean(init, INITS)} Valid: {', '.join(INITS)}")
+    _check_options(att, options)
+    prep = _prepare(model, example_input=example_input, input_size=input_size)
+    chosen = _choose_kind(att, kind, prep, at)
+    edits = []
+    for site in chosen:
+        try:
+            module = att.build(site, init=init, **options)
+        except SurgeonError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise OptionError(f"{att.name}: {exc}") from exc
+        edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
+                          params=sum(p.numel() for p in module.parameters()), flops=_edit_flops(site, module)))
+    return Plan(prep, edits)
+
+
+def add(model: nn.Module | str, attention: str, *, kind: str | None = None, at: Sequence[str] | None = None,
+        init: str = "identity", example_input: Any = None, input_size: Sequence[int] | None = None,
+        verify: bool = True, **options: Any) -> nn.Module:
+    """Insert `attention` into `model` and return the patched model.
+
+    The result is a torch.fx.GraphModule (or, for a model fx cannot trace whole, the model with its
+    traceable parts as GraphModules). It shares the original's parameters: every original
+    state-dict key is kept, the new modules sit next to their owners (`layer1.0.cbam`), and with
+    init='identity' it computes exactly what the original computed.
+
+    Args: as `plan`; verify: check the result against the original (see `verify_model`).
+
+    Returns:
+        nn.Module: the patched model.
+
+    Example:
+        >>> model = surgeon.add(torchvision.models.resnet50(), "se", kind="residual")
+    """
+    return plan(model, attention, kind=kind, at=at, init=init, example_input=example_input,
+                input_size=input_size, **options).apply(verify=verify)
+
+
+def attentions() -> list[registry.Attention]:
+    """Every registered attention, sorted by name.
+
+    Example:
+        >>> [a.name for a in surgeon.attentions()][:3]
+    """
+    return sorted(registry.attentions().values(), key=lambda a: a.name)
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))

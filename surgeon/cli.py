@@ -1,0 +1,258 @@
+"""The `surgeon` command: parse, call the Python API, render. No logic the API lacks.
+
+torch is imported only inside commands that need it, so `surgeon --help` stays fast.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from surgeon.errors import SurgeonError
+
+EXIT_USAGE = 2
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(soft_wrap=False, width=max(120, Console().width))
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn surgeon's errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SurgeonError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
+    return wrapper
+
+
+class SurgeonGroup(click.Group):
+    """A click group that lets plugins add commands, loaded on first use."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            from surgeon.registry import get_plugin_manager
+
+            try:
+                get_plugin_manager().hook.register_commands(cli=self)
+            except SurgeonError as exc:
+                click.echo(f"Error: {exc}", err=True)
+                sys.exit(EXIT_USAGE)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        self._load_plugin_commands()
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            from surgeon.errors import did_you_mean
+
+            ctx.fail(f"No such command {name!r}.{did_you_mean(name, super().list_commands(ctx))}")
+        return cmd
+
+
+@click.group(cls=SurgeonGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surgeon")
+@click.option("-v", "--verbose", is_flag=True, help="Log each decision (sites skipped, leaves, fallbacks).")
+def cli(verbose: bool) -> None:
+    """Retrofit attention into existing PyTorch models.
+
+    \b
+    surgeon list                      attentions you can add
+    surgeon sites resnet50            where they can go
+    surgeon add cbam resnet50         insert CBAM (identity at init) and verify
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("surgeon")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
+    if not value:
+        return None
+    try:
+        size = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a list of integers like 3,224,224") from None
+    if not size or any(d <= 0 for d in size):
+        raise click.BadParameter(f"{value!r} must be positive integers like 3,224,224")
+    return size
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by commands that build a model from a reference."""
+    for deco in reversed([
+        click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+                     help="Keyword argument for the model constructor (repeatable), e.g. num_classes=10."),
+        click.option("--pretrained", is_flag=True, help="Use the model library's own pretrained weights."),
+        click.option("--weights", type=click.Path(dir_okay=False), help="Load a local weights file "
+                     "(.safetensors, or a torch checkpoint read with weights_only=True)."),
+        click.option("--allow-pickle", is_flag=True, help="Allow full unpickling of --weights (runs code "
+                     "from the file: only for files you trust)."),
+        click.option("--input-size", callback=_input_size, metavar="C,H,W",
+                     help="Per-sample input shape (default: the model's own config)."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool):
+    from surgeon import models
+
+    with _stderr().status(f"Loading {model}…"):
+        return models.load(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
+                           model_args=models.parse_assignments(model_args, "--model-arg"))
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def list_cmd(as_json: bool) -> None:
+    """List the attentions: name, aliases, kinds, summary and paper."""
+    import surgeon
+
+    atts = surgeon.attentions()
+    if as_json:
+        click.echo(json.dumps([{"name": a.name, "aliases": list(a.aliases), "kinds": list(a.kinds),
+                                "options": {k: v for k, v in a.options.items()}, "summary": a.summary,
+                                "paper": a.paper, "plugin": a.plugin} for a in atts], indent=2, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{len(atts)} attentions", title_justify="left")
+    for col in ("name", "aliases", "kinds", "summary", "paper"):
+        t.add_column(col, overflow="fold")
+    for a in atts:
+        t.add_row(a.name, ", ".join(a.aliases), ", ".join(a.kinds), a.summary, a.paper)
+    _stdout().print(t)
+
+
+@cli.command("sites")
+@click.argument("model")
+@click.option("--kind", multiple=True, help="Only sites of this kind (repeatable).")
+@click.option("--at", multiple=True, metavar="GLOB", help="Only sites whose name matches (repeatable).")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args, pretrained, weights,
+              allow_pickle, input_size, as_json: bool) -> None:
+    """List the sites of MODEL: name, kind, shape."""
+    import surgeon
+
+    m = _load(model, model_args, pretrained, weights, allow_pickle)
+    with _stderr().status("Tracing…"):
+        found = surgeon.sites(m, kind=list(kind) or None, at=list(at) or None, input_size=input_size)
+    if as_json:
+        click.echo(json.dumps([{"name": s.name, "kind": s.kind, "shape": list(s.shape), "layout": s.layout}
+                               for s in found], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{model}: {len(found)} sites", title_justify="left")
+    for col in ("site", "kind", "shape", "layout"):
+        t.add_column(col)
+    for s in found:
+        t.add_row(s.name, s.kind, s.describe_shape(), s.layout)
+    _stdout().print(t)
+
+
+@cli.command("add")
+@click.argument("attention")
+@click.argument("model")
+@click.option("--kind", help="Site kind (default: the attention's own).")
+@click.option("--at", multiple=True, metavar="GLOB", help="Only sites whose name matches (repeatable).")
+@click.option("--option", "options", multiple=True, metavar="K=V", help="Attention option (repeatable).")
+@click.option("--init", type=click.Choice(["identity", "paper"]), default="identity", show_default=True,
+              help="identity: the model computes exactly what it did; paper: the module as published.")
+@model_options
+@click.option("--dry-run", is_flag=True, help="Print the plan; change nothing.")
+@click.option("--out", type=click.Path(file_okay=False), help="Write recipe.json + model.safetensors here.")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print plan and verification as JSON on stdout.")
+@handle_errors
+def add_cmd(attention: str, model: str, kind: str | None, at: tuple[str, ...], options: tuple[str, ...],
+            init: str, model_args, pretrained, weights, allow_pickle, input_size, dry_run: bool,
+            out: str | None, force: bool, as_json: bool) -> None:
+    """Insert ATTENTION into MODEL, verify it, and optionally save it."""
+    from pathlib import Path
+
+    import surgeon
+    from surgeon import models
+
+    if out and Path(out).exists() and not force and not dry_run:
+        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    opts = models.parse_assignments(options, "--option")
+    m = _load(model, model_args, pretrained, weights, allow_pickle)
+    with _stderr().status("Tracing and planning…"):
+        plan = surgeon.plan(m, attention, kind=kind, at=list(at) or None, init=init, input_size=input_size, **opts)
+    result: dict[str, Any] = {"model": model, "attention": attention, "plan": plan.to_dict()}
+    if not as_json:
+        _stdout().print(plan.table())
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        return
+    with _stderr().status("Rewriting and verifying…"):
+        patched = plan.apply()
+    v = plan.verification
+    result["verification"] = v.to_dict()
+    if out:
+        with _stderr().status(f"Saving to {out}…"):
+            surgeon.save(patched, out, force=force)
+        result["out"] = out
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _stdout().print(_verification_table(v, init))
+    if out:
+        click.echo(f"Saved: {out}/recipe.json, {out}/model.safetensors")
+
+
+def _verification_table(v, init: str):
+    from rich.table import Table
+
+    from surgeon.api import human
+
+    t = Table(title="Verification (CPU, example input)", title_justify="left", show_header=False)
+    t.add_column("check")
+    t.add_column("value", justify="right")
+    bound = f" (≤ {v.tolerance:g} required at identity init)" if v.tolerance is not None else f" ({init} init)"
+    t.add_row("max |patched − original|", f"{v.max_abs_diff:.3g}{bound}")
+    t.add_row("new parameter tensors reached by backward", f"{v.with_grad}/{v.new_params}"
+              f" ({v.nonzero_grad} with non-zero gradient)")
+    t.add_row("parameters added", f"{v.params_added:,}")
+    t.add_row("FLOPs (per sample) before → after", f"{human(v.flops_before)} → {human(v.flops_after)} "
+              f"(+{human(v.flops_added)}, {100 * v.flops_added / max(v.flops_before, 1):.2f}%)")
+    t.add_row("status", "[green]ok[/green]" if v.ok else "[red]FAILED[/red]")
+    return t
+
+
+def main() -> None:
+    cli(prog_name="surgeon")
+
+
+if __name__ == "__main__":
+    main()

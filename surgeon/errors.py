@@ -1,0 +1,81 @@
+"""The errors surgeon raises for user mistakes.
+
+Every error derives from `SurgeonError`; the CLI turns any of them into one line on stderr and exit
+code 2. Messages say what failed, quote the user's value, say what is valid and how to fix it.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SurgeonError(Exception):
+    """Base class of every error surgeon raises for bad input."""
+
+
+class UnknownNameError(SurgeonError, KeyError):
+    """An attention, model, kind, option or site name that does not exist."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OptionError(SurgeonError, ValueError):
+    """An option value outside its valid range."""
+
+
+class TraceError(SurgeonError):
+    """A model (or part of it) could not be traced by torch.fx."""
+
+
+class ShapeError(SurgeonError):
+    """A site's shape does not fit the attention, or an edit changed a shape."""
+
+
+class NoSitesError(SurgeonError):
+    """A filter (kind, --at glob) matched no site."""
+
+
+class PluginError(SurgeonError):
+    """A plugin failed to load or registered something invalid."""
+
+
+class WeightsError(SurgeonError):
+    """A weights file that cannot be read or does not fit the model."""
+
+
+class ModelError(SurgeonError):
+    """A model reference that cannot be turned into a model."""
+
+
+def did_you_mean(value: str, choices: Iterable[str], n: int = 3) -> str:
+    """Return ' Did you mean 'x'?' (or '') for the closest of `choices` to `value`."""
+    choices = list(choices)
+    close = difflib.get_close_matches(value, choices, n=n, cutoff=0.6)
+    if not close:
+        lowered = value.lower()
+        close = [c for c in choices if lowered and lowered in c.lower()][:n]
+    if not close:
+        return ""
+    return " Did you mean " + " or ".join(repr(c) for c in close) + "?"
+
+
+def unknown(what: str, value: str, choices: Iterable[str], hint: str = "") -> UnknownNameError:
+    """Build the standard unknown-name error: what, the value, close matches and a hint."""
+    msg = f"Unknown {what} {value!r}.{did_you_mean(value, choices)}"
+    if hint:
+        msg += f" {hint}"
+    return UnknownNameError(msg)
+
+
+def preview(names: Iterable[str], n: int = 5) -> str:
+    """A short comma-separated preview of names: 'a, b, c, ... (12 in all)'."""
+    names = list(names)
+    shown = ", ".join(repr(x) for x in names[:n])
+    if len(names) > n:
+        shown += f", ... ({len(names)} in all)"
+    return shown
+
+
+class VerificationError(SurgeonError):
+    """A patched model failed its check (identity init changed the output, gradients do not flow)."""

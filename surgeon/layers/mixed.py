@@ -1,0 +1,75 @@
+"""Mixed attention: channel and spatial attention combined (CBAM in sequence, BAM in parallel)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from surgeon.layers._util import check_positive_int, get_act, reduced_channels
+from surgeon.layers.spatial import SpatialAttn
+
+
+class ChannelAttn(nn.Module):
+    """CBAM's channel attention: σ(MLP(avgpool(x)) + MLP(maxpool(x))) with one shared MLP (with biases)."""
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 1, act_layer: str = "relu", gate_layer: str = "sigmoid"):
+        super().__init__()
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.fc1 = nn.Linear(channels, rd)
+        self.act = get_act(act_layer)
+        self.fc2 = nn.Linear(rd, channels)
+        self.gate = get_act(gate_layer, "gate_layer")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        mlp = lambda s: self.fc2(self.act(self.fc1(s)))  # noqa: E731
+        w = self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims)))
+        return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module: channel attention, then spatial attention, in sequence.
+
+    Paper: CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018 (arXiv:1807.06521).
+    Matches the official code: MLP with biases, 7×7 spatial conv without bias followed by batch norm.
+    """
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 1, kernel_size: int = 7, spatial_norm: bool = True, act_layer: str = "relu",
+                 gate_layer: str = "sigmoid"):
+        super().__init__()
+        self.channel = ChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                                   act_layer=act_layer, gate_layer=gate_layer)
+        self.spatial = SpatialAttn(channels, kernel_size=kernel_size, norm=spatial_norm, gate_layer=gate_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))
+
+
+class BAM(nn.Module):
+    """Bottleneck Attention Module: x · (1 + σ(M_c(x) ⊙ M_s(x))), channel and spatial branches in parallel.
+
+    Paper: BAM: Bottleneck Attention Module, Park et al., BMVC 2018 (arXiv:1807.06514).
+    Matches the official code: channel branch avgpool → FC → BN → ReLU → FC; spatial branch
+    1×1 reduce → `num_convs` dilated 3×3 convs (each with BN, ReLU) → 1×1 to one map, all with biases.
+    """
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
+                 rd_divisor: int = 1, dilation: int = 4, num_convs: int = 2, act_layer: str = "relu"):
+        super().__init__()
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        check_positive_int("dilation", dilation)
+        if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 0:
+            raise ValueError(f"num_convs must be a non-negative integer, got {num_convs!r}")
+        self.channel = nn.Sequential(nn.Linear(channels, rd), nn.BatchNorm1d(rd), get_act(act_layer),
+                                     nn.Linear(rd, channels))
+        layers: list[nn.Module] = [nn.Conv2d(channels, rd, 1), nn.BatchNorm2d(rd), get_act(act_layer)]
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(rd, rd, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(rd),
+                       get_act(act_layer)]
+        layers.append(nn.Conv2d(rd, 1, 1))
+        self.spatial = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.channel(x.mean((2, 3)))[:, :, None, None]
+        return x * (1 + torch.sigmoid(c * self.spatial(x)))

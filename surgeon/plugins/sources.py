@@ -1,0 +1,32 @@
+"""Built-in model sources: timm (the default, no prefix needed) and torchvision (`tv:`)."""
+from surgeon.hookspecs import hookimpl
+
+
+def _timm_create(name, *, pretrained=False, **kwargs):
+    import timm
+
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _timm_names():
+    import timm
+
+    return timm.list_models()
+
+
+def _tv_create(name, *, pretrained=False, **kwargs):
+    import torchvision
+
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+
+
+def _tv_names():
+    import torchvision
+
+    return torchvision.models.list_models()
+
+
+@hookimpl
+def register_model_sources(register):
+    register("timm", _timm_create, names=_timm_names, summary="timm models (the default: 'resnet50')")
+    register("tv", _tv_create, names=_tv_names, aliases=("torchvision",), summary="torchvision models")

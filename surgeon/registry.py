@@ -1,0 +1,202 @@
+"""The plugin manager: built-in and third-party plugins, and lookup of what they registered.
+
+Built-ins (`DEFAULT_PLUGINS`) and entry points in the group "surgeon" load through the same path.
+The environment variable SURGEON_LOAD_PLUGINS, when set, is an allow-list of entry-point plugin
+names (comma-separated; empty means none). Names registered twice are errors naming both plugins.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pluggy
+
+from surgeon import hookspecs
+from surgeon.errors import PluginError, did_you_mean, unknown
+
+DEFAULT_PLUGINS = (
+    "surgeon.plugins.channel",
+    "surgeon.plugins.spatial",
+    "surgeon.plugins.mixed",
+    "surgeon.plugins.pooling",
+    "surgeon.plugins.sites",
+    "surgeon.plugins.sources",
+)
+ENTRY_POINT_GROUP = "surgeon"
+
+_pm: pluggy.PluginManager | None = None
+
+
+@dataclass(frozen=True)
+class Attention:
+    """An attention type: how to build it for a site, and what it can serve."""
+
+    name: str
+    build: Callable[..., Any]
+    kinds: tuple[str, ...]
+    summary: str
+    paper: str
+    aliases: tuple[str, ...] = ()
+    layouts: tuple[str, ...] = ("nchw",)
+    plugin: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_kind(self) -> str:
+        return self.kinds[0]
+
+
+@dataclass(frozen=True)
+class SiteFinder:
+    kind: str
+    find: Callable[..., list]
+    summary: str = ""
+    plugin: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    prefix: str
+    create: Callable[..., Any]
+    names: Callable[[], list[str]] | None = None
+    aliases: tuple[str, ...] = ()
+    summary: str = ""
+    plugin: str = ""
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with every plugin loaded (idempotent)."""
+    global _pm
+    if _pm is None:
+        pm = pluggy.PluginManager("surgeon")
+        pm.add_hookspecs(hookspecs)
+        _load_plugins(pm)
+        _pm = pm
+    return _pm
+
+
+def _load_plugins(pm: pluggy.PluginManager) -> None:
+    # 1. Built-ins, by module name, exactly as an entry point would be loaded.
+    for modname in DEFAULT_PLUGINS:
+        _register_module(pm, modname, modname)
+    # 2. Third-party entry points, filtered by the allow-list when it is set.
+    allow = os.environ.get("SURGEON_LOAD_PLUGINS")
+    allowed = None if allow is None else {a.strip() for a in allow.split(",") if a.strip()}
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        if pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            raise PluginError(f"Plugin {ep.name!r} ({ep.value}) failed to import: {exc}") from exc
+        pm.register(plugin, name=ep.name)
+    pm.check_pending()
+
+
+def _register_module(pm: pluggy.PluginManager, modname: str, name: str) -> None:
+    try:
+        module = importlib.import_module(modname)
+    except Exception as exc:
+        raise PluginError(f"Plugin {name!r} failed to import: {exc}") from exc
+    pm.register(module, name=name)
+
+
+def _collect(hook_name: str, make: Callable[..., Any], key: Callable[[Any], list[str]]) -> dict[str, Any]:
+    """Call one registration hook plugin by plugin; build items with `make`, keyed by `key`."""
+    pm = get_plugin_manager()
+    items: dict[str, Any] = {}
+    owners: dict[str, str] = {}
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():
+        plugin_name = impl.plugin_name
+
+        def register(*args: Any, _plugin: str = plugin_name, **kwargs: Any) -> None:
+            try:
+                item = make(*args, plugin=_plugin, **kwargs)
+            except TypeError as exc:
+                raise PluginError(f"Plugin {_plugin!r} called register() wrongly in {hook_name}: {exc}") from exc
+            for k in key(item):
+                if k in owners:
+                    raise PluginError(
+                        f"{k!r} is registered twice: by plugin {owners[k]!r} and by plugin {_plugin!r}"
+                    )
+                owners[k] = _plugin
+            items[key(item)[0]] = item
+
+        impl.function(register)
+    return items
+
+
+def _make_attention(name: str, build: Callable[..., Any], *, kinds: tuple[str, ...] | list[str], summary: str,
+                    paper: str, aliases: tuple[str, ...] | list[str] = (), layouts: tuple[str, ...] | list[str] = ("nchw",),
+                    plugin: str = "") -> Attention:
+    if not kinds:
+        raise PluginError(f"Plugin {plugin!r}: attention {name!r} lists no kinds")
+    return Attention(name=name, build=build, kinds=tuple(kinds), summary=summary, paper=paper,
+                     aliases=tuple(aliases), layouts=tuple(layouts), plugin=plugin, options=build_options(build))
+
+
+def build_options(build: Callable[..., Any]) -> dict[str, Any]:
+    """The options of a build function: its keyword-only parameters other than `init`, with defaults."""
+    opts = {}
+    for p in inspect.signature(build).parameters.values():
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init":
+            opts[p.name] = None if p.default is inspect.Parameter.empty else p.default
+    return opts
+
+
+def attentions() -> dict[str, Attention]:
+    """Every registered attention, by name."""
+    return _collect("register_attentions", _make_attention, lambda a: [a.name, *a.aliases])
+
+
+def get_attention(name: str) -> Attention:
+    """Look an attention up by name or alias.
+
+    Raises:
+        UnknownNameError: with close matches when nothing has that name.
+    """
+    table = attentions()
+    for att in table.values():
+        if name == att.name or name in att.aliases:
+            return att
+    names = [n for a in table.values() for n in (a.name, *a.aliases)]
+    raise unknown("attention", name, names, "Run 'surgeon list' for all attentions.")
+
+
+def site_finders() -> dict[str, SiteFinder]:
+    """Every registered site finder, by kind."""
+    return _collect("register_site_finders",
+                    lambda kind, find, *, summary="", plugin="": SiteFinder(kind, find, summary, plugin),
+                    lambda f: [f.kind])
+
+
+def model_sources() -> dict[str, ModelSource]:
+    """Every registered model source, by prefix (aliases resolve to the same source)."""
+    def make(prefix: str, create: Callable[..., Any], *, names: Callable[[], list[str]] | None = None,
+             aliases: tuple[str, ...] | list[str] = (), summary: str = "", plugin: str = "") -> ModelSource:
+        return ModelSource(prefix, create, names, tuple(aliases), summary, plugin)
+
+    found = _collect("register_model_sources", make, lambda s: [s.prefix, *s.aliases])
+    table = dict(found)
+    for src in found.values():
+        for alias in src.aliases:
+            table[alias] = src
+    return table
+
+
+def check_kind(kind: str) -> None:
+    """Raise UnknownNameError if no finder serves `kind`."""
+    kinds = site_finders()
+    if kind not in kinds:
+        raise unknown("kind", kind, kinds, f"Valid kinds: {', '.join(sorted(kinds))}.")
+
+
+__all__ = ["Attention", "SiteFinder", "ModelSource", "get_plugin_manager", "attentions", "get_attention",
+           "site_finders", "model_sources", "check_kind", "did_you_mean", "DEFAULT_PLUGINS"]

@@ -1,0 +1,217 @@
+"""A networkx view of one fx graph, with the node predicates that site finders use.
+
+`GraphView` wraps one traced GraphModule: its nodes in order, a DiGraph of data flow, recorded
+shapes, the module behind each call_module node, and the naming rules that give sites stable dotted
+names. Predicates are pure `is_<thing>(node, modules) -> bool` functions.
+"""
+from __future__ import annotations
+
+import operator
+from functools import cached_property
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.surgery.shapes import shape as _shape
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+_LINEAR_FUNCS = {F.linear, torch.matmul, operator.matmul}
+_NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_ACT_FUNCS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish, F.selu, F.celu,
+              torch.relu, torch.relu_, F.relu_, torch.nn.functional.hardtanh}
+_ACT_METHODS = {"relu", "relu_"}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_POOL_FUNCS = {
+    F.max_pool1d: "max", F.max_pool2d: "max", F.max_pool3d: "max", torch.max_pool2d: "max",
+    F.avg_pool1d: "avg", F.avg_pool2d: "avg", F.avg_pool3d: "avg", torch.avg_pool1d: "avg",
+    F.adaptive_avg_pool1d: "avg", F.adaptive_avg_pool2d: "avg", F.adaptive_avg_pool3d: "avg",
+    F.adaptive_max_pool1d: "max", F.adaptive_max_pool2d: "max", F.adaptive_max_pool3d: "max",
+}
+_FLATTEN_FUNCS = {torch.flatten}
+_FLATTEN_METHODS = {"flatten", "view", "reshape", "squeeze"}
+
+
+def _mod(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def is_conv(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _CONV_FUNCS
+    return isinstance(_mod(node, modules), _CONV)
+
+
+def is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _LINEAR_FUNCS
+    return isinstance(_mod(node, modules), nn.Linear)
+
+
+def is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A layer with learned weights that transforms features: a convolution or linear layer."""
+    return is_conv(node, modules) or is_linear(node, modules)
+
+
+def is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    m = _mod(node, modules)
+    if m is None:
+        return node.op == "call_function" and node.target in {F.batch_norm, F.layer_norm, F.group_norm}
+    return isinstance(m, _NORM) or type(m).__name__.lower().endswith(("norm", "norm2d", "normact2d", "normact"))
+
+
+def is_act(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCS
+    if node.op == "call_method":
+        return node.target in _ACT_METHODS
+    m = _mod(node, modules)
+    if m is None:
+        return False
+    if type(m).__module__ == "torch.nn.modules.activation":
+        return not isinstance(m, (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.MultiheadAttention, nn.Sigmoid))
+    return type(m).__module__.startswith("timm.layers.activations") and "sigmoid" not in type(m).__name__.lower()
+
+
+def is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Dropout, drop-path and identity modules: shape-preserving, the identity in eval mode."""
+    m = _mod(node, modules)
+    if m is None:
+        return False
+    return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or "drop" in type(m).__name__.lower()
+
+
+def is_add(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def pool_type(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """'avg' or 'max' for a pooling op (module, function, or mean over spatial dims), else None."""
+    m = _mod(node, modules)
+    if m is not None:
+        if isinstance(m, _POOL_MODULES):
+            return "max" if "Max" in type(m).__name__ else "avg"
+        return None
+    if node.op == "call_function" and node.target in _POOL_FUNCS:
+        return _POOL_FUNCS[node.target]
+    if (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        s = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if s is None or dims is None or len(s) < 3:
+            return None
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        spatial = set(range(2, len(s)))
+        return "avg" if {d % len(s) for d in dims} == spatial else None
+    return None
+
+
+def is_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    return pool_type(node, modules) is not None
+
+
+def is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    m = _mod(node, modules)
+    if m is not None:
+        return isinstance(m, (nn.Flatten, nn.Identity))
+    if node.op == "call_function":
+        return node.target in _FLATTEN_FUNCS
+    return node.op == "call_method" and node.target in _FLATTEN_METHODS
+
+
+class GraphView:
+    """One traced graph, seen by site finders.
+
+    Attributes:
+        gm: the GraphModule. prefix: its path in the whole model ("" for the root).
+        nodes: its nodes in order. modules: its named modules. nx: data-flow DiGraph keyed by node.
+    """
+
+    def __init__(self, gm: fx.GraphModule, prefix: str = ""):
+        self.gm = gm
+        self.prefix = prefix
+        self.nodes: list[fx.Node] = list(gm.graph.nodes)
+        self.modules: dict[str, nn.Module] = dict(gm.named_modules())
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+
+    @cached_property
+    def nx(self) -> nx.DiGraph:
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(n)
+            for inp in n.all_input_nodes:
+                g.add_edge(inp, n)
+        return g
+
+    # -- facts about nodes ---------------------------------------------------------------------------
+    def shape(self, node: fx.Node) -> tuple | None:
+        return _shape(node)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        return _mod(node, self.modules)
+
+    def is_(self, predicate: Any, node: fx.Node) -> bool:
+        return predicate(node, self.modules)
+
+    def stack(self, node: fx.Node) -> list[str]:
+        """Module paths enclosing the node, outermost first (its own module last for call_module)."""
+        paths = [v[0] if isinstance(v, tuple) else str(v) for v in node.meta.get("nn_module_stack", {}).values()]
+        if node.op == "call_module" and (not paths or paths[-1] != node.target):
+            paths.append(node.target)
+        return paths
+
+    @cached_property
+    def _last_node_of(self) -> dict[str, fx.Node]:
+        last: dict[str, fx.Node] = {}
+        for n in self.nodes:
+            for p in self.stack(n):
+                last[p] = n
+        return last
+
+    def name_for(self, node: fx.Node) -> str:
+        """The outermost module whose output is this node (e.g. 'layer1' for the last node of layer1);
+        the node's own name when it is no module's output."""
+        for p in self.stack(node):
+            if self._last_node_of.get(p) is node:
+                return p
+        return node.name
+
+    def enclosing(self, node: fx.Node) -> str:
+        """The innermost module that contains this node's computation ('' for the root's own code)."""
+        st = self.stack(node)
+        if node.op == "call_module" and st:
+            st = st[:-1]
+        return st[-1] if st else ""
+
+    def layout(self, node: fx.Node) -> str:
+        """'nchw' when channels are at dim 1, 'nlc' when channels are last; found by walking back to
+        the nearest layer that fixes the layout (conv and batch norm: nchw; linear and layer norm: nlc)."""
+        seen = 0
+        cur: fx.Node | None = node
+        while cur is not None and seen < 32:
+            m = self.module(cur)
+            if is_conv(cur, self.modules) or isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+                return "nchw"
+            if is_linear(cur, self.modules) or isinstance(m, nn.LayerNorm):
+                return "nlc"
+            if cur.op == "call_method" and cur.target in ("permute", "transpose", "flatten", "view", "reshape"):
+                break
+            inputs = [a for a in cur.all_input_nodes if _shape(a) == _shape(node)]
+            cur = inputs[0] if inputs else None
+            seen += 1
+        s = self.shape(node)
+        return "nchw" if s is not None and len(s) == 4 else "nlc"
+
+    def ancestors(self, node: fx.Node) -> set[fx.Node]:
+        return nx.ancestors(self.nx, node)
+
+    def full_name(self, local: str) -> str:
+        return f"{self.prefix}.{local}" if self.prefix else local

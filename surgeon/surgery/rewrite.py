@@ -1,0 +1,116 @@
+"""Rewrite: insert built modules at sites of a traced model.
+
+1. Attach each module at a readable path next to its owner (`layer1.0.cbam`), never inside a module
+   shared with the user's original model (a leaf such as a Conv2d): then it goes beside it
+   (`layer1.0.conv1_se`).
+2. Insert a call to it after the site's node (rewiring every user, or only the site's `user`), or in
+   place of the node for 'replace' sites; prune what became dead (a replaced pooling op).
+3. Lint and recompile each graph; record the edits on the model.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from surgeon.errors import ShapeError
+from surgeon.surgery.sites import Site
+from surgeon.surgery.trace import Traced, unique_path
+
+log = logging.getLogger("surgeon")
+
+RECORD_ATTR = "_surgeon"
+
+
+def _is_fresh(module: nn.Module) -> bool:
+    """Containers fx created while tracing (and GraphModules) belong to the traced model alone."""
+    return type(module) is nn.Module or isinstance(module, fx.GraphModule)
+
+
+def attach_path(gm: fx.GraphModule, site: Site, attention: str) -> str:
+    """The module path (relative to gm) where the module for `site` goes."""
+    owner, slot = site.owner, site.slot
+    while owner:
+        try:
+            mod = gm.get_submodule(owner)
+        except AttributeError:
+            mod = None
+        if mod is not None and _is_fresh(mod):
+            break
+        owner, _, leaf = owner.rpartition(".")
+        slot = f"{leaf}_{slot}" if slot else leaf
+    return unique_path(gm, owner, f"{slot}_{attention}" if slot else attention)
+
+
+def _positional_arity(module: nn.Module) -> int:
+    params = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 1 << 30
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str) -> str:
+    """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if site.node not in nodes:
+        raise ShapeError(f"Site {site.name!r}: node {site.node!r} is not in the graph (was it already edited?)")
+    node = nodes[site.node]
+    path = attach_path(gm, site, attention)
+    module._surgeon_leaf = True  # stays one call when the model is traced again
+    gm.add_submodule(path, module)
+    if site.action == "insert":
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(path, (node,))
+        if site.user is not None:
+            nodes[site.user].replace_input_with(node, new)
+        else:
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    elif site.action == "replace":
+        args = tuple(nodes[a] for a in site.args)[: _positional_arity(module)]
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(path, args)
+        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    else:
+        raise ShapeError(f"Site {site.name!r}: unknown action {site.action!r}")
+    new.meta["surgeon_site"] = site.name
+    log.debug("site %s: %s inserted as %s", site.name, attention, path)
+    return path
+
+
+def rewrite(traced: Traced, edits: list[tuple[Site, nn.Module, str]]) -> dict[str, str]:
+    """Apply (site, module, attention name) edits to `traced` in place.
+
+    Returns:
+        {site name: full module path} of the inserted modules.
+    """
+    paths: dict[str, str] = {}
+    touched: set[str] = set()
+    for site, module, attention in edits:
+        gm = traced.graphs[site.graph]
+        local = insert(gm, site, module, attention)
+        paths[site.name] = f"{site.graph}.{local}" if site.graph else local
+        touched.add(site.graph)
+    for g in touched:
+        gm = traced.graphs[g]
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return paths
+
+
+def record(model: nn.Module) -> dict[str, Any]:
+    """The surgery record of a model (edits, base model reference, input size); created when missing."""
+    rec = model.__dict__.get(RECORD_ATTR)
+    if rec is None:
+        rec = {"model": None, "input_size": None, "edits": []}
+        model.__dict__[RECORD_ATTR] = rec
+    return rec
+
+
+def edits_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The edits recorded on a patched model ([] for a plain model)."""
+    rec = model.__dict__.get(RECORD_ATTR)
+    return list(rec["edits"]) if rec else []

@@ -1,0 +1,100 @@
+"""Shape propagation: the tensor shape at every node of every traced graph, without real compute.
+
+Runs the model once under a FakeTensorMode (no activation memory, even for very large models) and
+records each node's output shape in `node.meta["shape"]` (a torch.Size, a tuple of them for tuple
+outputs, or None). Graphs nested in Python modules (piecewise traces) are reached through forward
+pre-hooks. Falls back to real CPU tensors when an operator has no fake implementation.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from surgeon.errors import ShapeError
+from surgeon.surgery.trace import Traced
+
+log = logging.getLogger("surgeon")
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, (tuple, list)):
+        return tuple(_shape_of(v) for v in value)
+    return None
+
+
+def _dtype_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    if isinstance(value, (tuple, list)):
+        return tuple(_dtype_of(v) for v in value)
+    return None
+
+
+class _Recorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        n.meta["shape"] = _shape_of(result)
+        n.meta["dtype"] = _dtype_of(result)
+        return result
+
+
+def _run(traced: Traced, inputs: tuple) -> None:
+    nested = [gm for path, gm in traced.graphs.items() if gm is not traced.module]
+    handles = []
+    for gm in nested:
+        def pre_hook(mod, args, kwargs):
+            _Recorder(mod).run(*args, *kwargs.values())
+        handles.append(gm.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            if isinstance(traced.module, fx.GraphModule):
+                _Recorder(traced.module).run(*inputs)
+            else:
+                traced.module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def propagate(traced: Traced, example_inputs: tuple) -> None:
+    """Record shapes on every node of every graph in `traced`.
+
+    Raises:
+        ShapeError: when the example input does not go through the model.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    was = traced.module.training
+    traced.module.eval()
+    try:
+        try:
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            with mode:
+                fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+                _run(traced, fake)
+            return
+        except Exception as exc:  # an op without a fake kernel: real tensors are exact, only slower
+            log.debug("shapes: fake tensors failed (%s: %s); using real CPU tensors", type(exc).__name__, exc)
+        try:
+            _run(traced, example_inputs)
+        except Exception as exc:
+            shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+            raise ShapeError(
+                f"The example input {shapes} does not go through {type(traced.module).__name__}: "
+                f"{type(exc).__name__}: {exc}. Pass the right size with --input-size C,H,W or example_input="
+            ) from exc
+    finally:
+        traced.module.train(was)
+
+
+def shape(node: fx.Node) -> tuple | None:
+    """The recorded output shape of a node when it is one tensor, else None."""
+    s = node.meta.get("shape")
+    if isinstance(s, tuple) and all(isinstance(d, int) for d in s):
+        return s
+    return None

@@ -1,0 +1,268 @@
+"""Sites: the insertion points of a traced model, and the built-in finders for each kind.
+
+A finder takes a `GraphView` and returns `Site`s. Built-in kinds:
+- residual: on the deeper branch of a residual add, just before the add (SENet's, CBAM's place);
+- stage: the end of a resolution stage that a downsampling follows (BAM's place);
+- after_conv: after a convolution, past the norm and activation that directly follow it;
+- pool: a pooling op (module, function, or mean over spatial dims) with any flatten right after it,
+  replaced by the inserted module.
+Plugins add kinds through the `register_site_finders` hook.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch.fx as fx
+
+from surgeon.errors import NoSitesError, preview
+from surgeon.surgery.graph import (GraphView, is_act, is_add, is_conv, is_dropout, is_flatten, is_norm,
+                                   is_weighted, pool_type)
+
+log = logging.getLogger("surgeon")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One insertion point.
+
+    Attributes:
+        name: stable dotted name in the whole model (e.g. 'layer1.0', 'global_pool').
+        kind: 'residual', 'stage', 'after_conv', 'pool', or a plugin's kind.
+        shape: shape of the tensor the inserted module receives (batch of the example input first).
+        layout: 'nchw' (channels at dim 1) or 'nlc' (channels last).
+        graph: path of the GraphModule holding the node ('' for the root).
+        node: fx node the module is inserted after ('insert') or whose value it replaces ('replace').
+        user: for 'insert', rewire only this user of `node` (None: every user).
+        action: 'insert' (module(node) takes node's place) or 'replace' (module(*args) takes node's place).
+        args: for 'replace', the node names passed to the module.
+        out_shape: for 'replace', the shape the module must return.
+        owner, slot: where the module is attached: `owner.attn` or `owner.slot_attn` when slot is set.
+        info: kind-specific details (pool type, geometry...).
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    layout: str = "nchw"
+    graph: str = ""
+    node: str = ""
+    user: str | None = None
+    action: str = "insert"
+    args: tuple[str, ...] = ()
+    out_shape: tuple[int, ...] | None = None
+    owner: str = ""
+    slot: str = ""
+    info: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if self.layout == "nchw" else self.shape[-1]
+
+    def module_path(self, attention: str) -> str:
+        """Where an inserted module goes, relative to its graph."""
+        leaf = f"{self.slot}_{attention}" if self.slot else attention
+        return f"{self.owner}.{leaf}" if self.owner else leaf
+
+    def describe_shape(self) -> str:
+        s = "×".join(str(d) for d in self.shape[1:])
+        if self.out_shape is not None and self.out_shape != self.shape:
+            s += " → " + "×".join(str(d) for d in self.out_shape[1:])
+        return s
+
+
+def find_residual(view: GraphView) -> list[Site]:
+    """Sites on the deeper branch of every residual add (the branch with more conv/linear layers)."""
+    sites = []
+    for n in view.nodes:
+        if not view.is_(is_add, n):
+            continue
+        ins = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        s = view.shape(n)
+        if len(ins) != 2 or s is None or len(s) < 3 or any(view.shape(a) != s for a in ins):
+            continue
+        a, b = ins
+        anc_a, anc_b = view.ancestors(a) | {a}, view.ancestors(b) | {b}
+        wa = sum(view.is_(is_weighted, x) for x in anc_a - anc_b)
+        wb = sum(view.is_(is_weighted, x) for x in anc_b - anc_a)
+        if wa == wb:
+            log.debug("site %s: skipped, both branches of the add have %d layers", view.full_name(n.name), wa)
+            continue
+        branch, user = (a, n) if wa > wb else (b, n)
+        # step back over dropout / drop-path / identity so the module sees the branch's features
+        while view.is_(is_dropout, branch) and len(branch.users) == 1 and isinstance(branch.args[0], fx.Node):
+            user, branch = branch, branch.args[0]
+        block = view.enclosing(n)
+        sites.append(Site(name=view.full_name(block or n.name), kind="residual", shape=view.shape(branch),
+                          layout=view.layout(branch), graph=view.prefix, node=branch.name, user=user.name,
+                          owner=block, slot="" if block else n.name))
+    return sites
+
+
+def _spatial(s: tuple | None) -> tuple | None:
+    return tuple(s[2:]) if s is not None and len(s) >= 3 else None
+
+
+def find_stage(view: GraphView) -> list[Site]:
+    """Sites at the end of each stage followed by a downsampling (not the stem, not the last stage).
+
+    1. The chain of nodes every input-to-output path passes through (dominators of the output).
+    2. Group it by spatial size; a group ends a stage when the next group is smaller but not global
+       (1×1), and the resolution holds at least two convolutions that keep it (so the stem is no stage).
+    """
+    nodes = view.nodes
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    outputs = [n for n in nodes if n.op == "output"]
+    if not placeholders or not outputs:
+        return []
+    g = view.nx.copy()
+    source = "__source__"
+    g.add_edges_from((source, p) for p in placeholders)
+    idom = nx.immediate_dominators(g, source)
+    chain = []
+    cur = outputs[0]
+    while cur != source and cur in idom and idom[cur] != cur:
+        chain.append(cur)
+        cur = idom[cur]
+    chain = [c for c in reversed(chain) if c != source and _spatial(view.shape(c)) and view.layout(c) == "nchw"]
+    keeps = {}
+    for n in nodes:
+        if view.is_(is_conv, n) and n.args and isinstance(n.args[0], fx.Node):
+            sp_in, sp_out = _spatial(view.shape(n.args[0])), _spatial(view.shape(n))
+            if sp_in is not None and sp_in == sp_out:
+                keeps[sp_out] = keeps.get(sp_out, 0) + 1
+    sites = []
+    for here, nxt in zip(chain, chain[1:]):
+        sp, sp_next = _spatial(view.shape(here)), _spatial(view.shape(nxt))
+        if sp == sp_next or len(sp) != len(sp_next):
+            continue
+        if not all(a >= b for a, b in zip(sp, sp_next)) or all(d == 1 for d in sp_next):
+            continue
+        if keeps.get(sp, 0) < 2:
+            log.debug("site %s: skipped as a stage end, %s holds fewer than two convolutions",
+                      view.full_name(view.name_for(here)), "×".join(map(str, sp)))
+            continue
+        name = view.name_for(here)
+        owner, slot = (name, "") if name in view.modules else (view.enclosing(here), here.name)
+        sites.append(Site(name=view.full_name(name), kind="stage", shape=view.shape(here), layout="nchw",
+                          graph=view.prefix, node=here.name, owner=owner, slot=slot))
+    return sites
+
+
+def find_after_conv(view: GraphView) -> list[Site]:
+    """Sites after each convolution with a spatial output, past a directly following norm and activation."""
+    sites = []
+    for n in view.nodes:
+        if not view.is_(is_conv, n):
+            continue
+        s = view.shape(n)
+        sp = _spatial(s)
+        if sp is None or all(d == 1 for d in sp):
+            continue
+        end = n
+        for pred in (is_norm, is_act):
+            users = list(end.users)
+            if len(users) == 1 and view.is_(pred, users[0]) and view.shape(users[0]) == s:
+                end = users[0]
+        if n.op == "call_module":
+            owner, _, slot = n.target.rpartition(".")
+            name = n.target
+        else:
+            owner, slot, name = view.enclosing(n), n.name, n.name
+        sites.append(Site(name=view.full_name(name), kind="after_conv", shape=s, layout="nchw",
+                          graph=view.prefix, node=end.name, owner=owner, slot=slot))
+    return sites
+
+
+def _pool_info(view: GraphView, n: fx.Node, kind: str) -> dict[str, Any]:
+    s_in, s_out = view.shape(n.args[0]), view.shape(n)
+    info: dict[str, Any] = {"pool": kind, "global": all(d == 1 for d in _spatial(s_out) or (1,))}
+    m = view.module(n)
+    if m is not None:
+        src = {k: getattr(m, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                           "count_include_pad") if hasattr(m, k)}
+    elif n.op == "call_function" and "adaptive" not in n.target.__name__:
+        names = ("kernel_size", "stride", "padding", "dilation", "ceil_mode")
+        if kind == "avg":
+            names = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+        src = dict(zip(names, n.args[1:]))
+        src.update({k: v for k, v in n.kwargs.items() if k in names})
+    else:
+        src = {}
+    info.update(src)
+    if s_in and not info["global"] and "kernel_size" not in info:
+        info["adaptive"] = True  # adaptive pooling to an output size bigger than 1×1
+    return info
+
+
+def find_pool(view: GraphView) -> list[Site]:
+    """Pooling ops, with a flatten directly after them; the inserted module replaces both."""
+    sites = []
+    for n in view.nodes:
+        kind = view.is_(pool_type, n)
+        if kind is None or not isinstance(n.args[0], fx.Node) or view.shape(n) is None:
+            continue
+        end = n
+        while len(end.users) == 1 and view.is_(is_flatten, next(iter(end.users))):
+            nxt = next(iter(end.users))
+            if view.shape(nxt) is None:
+                break
+            end = nxt
+        name = view.name_for(end)
+        if name in view.modules and name:
+            owner, _, slot = name.rpartition(".")
+        else:
+            owner, slot = view.enclosing(end), end.name
+        sites.append(Site(name=view.full_name(name), kind="pool", shape=view.shape(n.args[0]),
+                          layout="nchw", graph=view.prefix, node=end.name, action="replace",
+                          args=(n.args[0].name, end.name), out_shape=view.shape(end), owner=owner, slot=slot,
+                          info=_pool_info(view, n, kind)))
+    return sites
+
+
+def _unique(sites: list[Site]) -> list[Site]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in sites:
+        k = seen.get(s.name, 0)
+        seen[s.name] = k + 1
+        if k:
+            s = dataclasses.replace(s, name=f"{s.name}#{k}")
+        out.append(s)
+    return out
+
+
+def find_sites(views: list[GraphView], kinds: list[str], at: list[str] | None = None) -> list[Site]:
+    """Every site of the given kinds in every graph, optionally filtered by --at globs.
+
+    Raises:
+        UnknownNameError: for a kind no finder serves.
+        NoSitesError: when an --at glob matches no site.
+    """
+    from surgeon import registry
+
+    finders = registry.site_finders()
+    found: list[Site] = []
+    for kind in kinds:
+        registry.check_kind(kind)
+        per_kind: list[Site] = []
+        for view in views:
+            per_kind.extend(finders[kind].find(view))
+        found.extend(_unique(per_kind))
+    if at:
+        keep = []
+        for pattern in at:
+            matched = [s for s in found if fnmatch.fnmatchcase(s.name, pattern)]
+            if not matched:
+                names = [s.name for s in found]
+                raise NoSitesError(
+                    f"--at {pattern!r} matches no {'/'.join(kinds)} site. Valid sites: {preview(names)}"
+                    if names else f"--at {pattern!r}: the model has no {'/'.join(kinds)} sites"
+                )
+            keep.extend(s for s in matched if s not in keep)
+        found = [s for s in found if s in keep]
+    return found

@@ -1,0 +1,297 @@
+"""Tracing: any nn.Module to torch.fx graphs, whole when possible, piecewise otherwise.
+
+1. Trace with a tracer that keeps as leaves: torch.nn layers, timm's not-traceable registrations,
+   surgeon's own inserted modules, and modules whose forward reads `self.training` (dropout, drop-path,
+   norm-act layers), so their train/eval behaviour survives.
+2. Trace again in the other mode; functional dropout whose `training` flag differs between the two
+   traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`.
+3. When a module's forward cannot be traced (data-dependent control flow...), that module becomes a
+   leaf and its own children are traced the same way; when the root itself cannot be traced, the root
+   stays Python and each child is traced piecewise.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.errors import TraceError
+
+log = logging.getLogger("surgeon")
+
+_DROPOUT_FUNCTIONS = {
+    torch.nn.functional.dropout: nn.Dropout,
+    torch.nn.functional.dropout1d: nn.Dropout1d,
+    torch.nn.functional.dropout2d: nn.Dropout2d,
+    torch.nn.functional.dropout3d: nn.Dropout3d,
+    torch.nn.functional.alpha_dropout: nn.AlphaDropout,
+    torch.nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
+}
+_MAX_RETRIES = 64
+
+
+@dataclass
+class Traced:
+    """A traced model: `module` plus every GraphModule in it, by path ("" for a traced root)."""
+
+    module: nn.Module
+    graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
+    leaves: dict[str, str] = field(default_factory=dict)  # module path -> why it is not traced
+
+
+def _timm_notrace() -> tuple[set[type], set]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing or a version without the registry
+        return set(), set()
+    return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether a module class's forward reads `self.training` (its behaviour depends on the mode)."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or cls.__module__.startswith("torch.nn"):
+        return False
+    try:
+        src = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in src
+
+
+class SurgeonTracer(fx.Tracer):
+    """fx tracer with surgeon's leaf rules; records which module was being traced when tracing fails."""
+
+    def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = ()):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=tuple(notrace_functions))
+        self.leaf_paths = set(leaf_paths)
+        self.leaf_types = tuple(notrace_modules) + tuple(leaf_types)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_paths:
+            return True
+        if getattr(m, "_surgeon_leaf", False):  # modules surgeon inserted
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if module_qualified_name and _reads_training(type(m)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "_surgeon_culprit"):
+                exc._surgeon_culprit = path  # innermost module whose forward failed
+            raise
+
+
+def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool) -> fx.Graph:
+    was = module.training
+    module.train(training)
+    try:
+        return SurgeonTracer(leaf_paths).trace(module)
+    finally:
+        module.train(was)
+
+
+def _node_key(node: fx.Node) -> tuple:
+    def norm(a):
+        return fx.node.map_arg(a, lambda n: n.name)
+    return node.op, node.target, norm(node.args), norm({k: v for k, v in node.kwargs.items() if k != "training"})
+
+
+def _mode_dependent_dropouts(g_eval: fx.Graph, g_train: fx.Graph, owner: str) -> list[str]:
+    """Names of functional-dropout nodes whose training flag follows the mode.
+
+    Raises TraceError when the two graphs differ in anything else.
+    """
+    ev, tr = list(g_eval.nodes), list(g_train.nodes)
+    if len(ev) != len(tr) or any(_node_key(a) != _node_key(b) for a, b in zip(ev, tr)):
+        where = next((a for a, b in zip(ev, tr) if _node_key(a) != _node_key(b)), ev[-1])
+        stack = list(where.meta.get("nn_module_stack", {}).values())
+        mod = stack[-1][0] if stack else (owner or "the model's own forward")
+        raise TraceError(
+            f"The forward of {mod!r} computes different graphs in train() and eval() mode (near node "
+            f"{where.name!r}), so one traced graph cannot keep both behaviours"
+        )
+    return [a.name for a, b in zip(ev, tr)
+            if a.op == "call_function" and a.target in _DROPOUT_FUNCTIONS
+            and a.kwargs.get("training") != b.kwargs.get("training")]
+
+
+def _modularise_dropouts(gm: fx.GraphModule, names: list[str]) -> None:
+    """Replace functional dropout nodes by nn.Dropout modules that follow gm.train()/eval()."""
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for name in names:
+        node = by_name[name]
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        stack = list(node.meta.get("nn_module_stack", {}).values())
+        owner = stack[-1][0] if stack else ""
+        path = unique_path(gm, owner, name)
+        gm.add_submodule(path, _DROPOUT_FUNCTIONS[node.target](p=p))
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(path, (node.args[0],))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        log.debug("trace: functional dropout %s -> module %s (follows train/eval)", name, path)
+    if names:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def unique_path(gm: nn.Module, owner: str, name: str) -> str:
+    """A module path `owner.name` not yet used in gm (suffix _1, _2... when taken)."""
+    base = f"{owner}.{name}" if owner else name
+    path, i = base, 0
+    while _has_attr_path(gm, path):
+        i += 1
+        path = f"{base}_{i}"
+    return path
+
+
+def _has_attr_path(root: nn.Module, path: str) -> bool:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+def _restore_unused(gm: fx.GraphModule, original: nn.Module) -> None:
+    """Attach modules, parameters and buffers the graph does not use, so every state-dict key survives."""
+    have = set(gm.state_dict().keys())
+    for key in original.state_dict().keys():
+        if key in have:
+            continue
+        parts = key.split(".")
+        # find the shortest missing prefix and copy that object by reference
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if not _has_attr_path(gm, prefix):
+                parent = gm.get_submodule(".".join(parts[: i - 1])) if i > 1 else gm
+                src = original.get_submodule(".".join(parts[: i - 1])) if i > 1 else original
+                obj = getattr(src, parts[i - 1])
+                if isinstance(obj, nn.Module):
+                    parent.add_module(parts[i - 1], obj)
+                elif isinstance(obj, nn.Parameter):
+                    parent.register_parameter(parts[i - 1], obj)
+                else:
+                    parent.register_buffer(parts[i - 1], obj)
+                break
+        have = set(gm.state_dict().keys())
+
+
+_KEEP_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "_surgeon")
+
+
+def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
+    g_eval = _trace_graph(module, leaf_paths, training=False)
+    g_train = _trace_graph(module, leaf_paths, training=True)
+    dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
+    gm = fx.GraphModule(module, g_eval, class_name=type(module).__name__)
+    _restore_unused(gm, module)
+    _modularise_dropouts(gm, dropouts)
+    gm.train(module.training)
+    for attr in _KEEP_ATTRS:
+        if attr in module.__dict__:
+            setattr(gm, attr, copy.deepcopy(module.__dict__[attr]))
+    return gm
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy that shares parameters and children but whose child table can change independently."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    return new
+
+
+def trace(model: nn.Module, *, leaf_paths: set[str] | None = None) -> Traced:
+    """Trace `model` with fx, piecewise where needed.
+
+    Args:
+        model: any nn.Module. It is not changed; leaf modules of the result share its parameters.
+        leaf_paths: module paths to keep as leaves (not traced into).
+
+    Returns:
+        Traced: the traced model, its GraphModules by path, and the modules left untraced with why.
+
+    Raises:
+        TraceError: when no part of the model can be traced.
+    """
+    result = Traced(module=model)
+    result.module = _trace_into(model, "", set(leaf_paths or ()), result)
+    return result
+
+
+def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Traced) -> nn.Module:
+    local_leaves = {p[len(prefix) + 1:] if prefix else p for p in leaf_paths
+                    if not prefix or p.startswith(prefix + ".")}
+    culprits: dict[str, str] = {}
+    for _ in range(_MAX_RETRIES):
+        try:
+            gm = _trace_whole(module, local_leaves | set(culprits))
+        except TraceError:
+            raise
+        except Exception as exc:
+            culprit = getattr(exc, "_surgeon_culprit", "")
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+            if not culprit or culprit in culprits:
+                return _trace_children(module, prefix, leaf_paths, result, reason)
+            culprits[culprit] = reason
+            log.debug("trace: %s does not trace (%s); kept as a leaf", _join(prefix, culprit), reason)
+            continue
+        break
+    else:
+        raise TraceError(f"Tracing {type(module).__name__} did not converge after {_MAX_RETRIES} leaves")
+    result.graphs[prefix] = gm
+    # trace inside the modules that had to become leaves, so their own sites are found
+    for path, reason in culprits.items():
+        full = _join(prefix, path)
+        result.leaves[full] = reason
+        sub = gm.get_submodule(path)
+        inner = _trace_children(sub, full, leaf_paths, result, reason)
+        if inner is not sub:
+            parent, _, name = path.rpartition(".")
+            gm.get_submodule(parent).add_module(name, inner) if parent else gm.add_module(name, inner)
+    return gm
+
+
+def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result: Traced, reason: str) -> nn.Module:
+    """Keep `module` as Python; trace each of its children piecewise."""
+    result.leaves[prefix] = reason
+    children = list(module.named_children())
+    if not children:
+        return module
+    new = _shallow_copy(module)
+    changed = False
+    for name, child in children:
+        full = _join(prefix, name)
+        if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or type(child).__module__.startswith("torch.nn"):
+            continue
+        traced = _trace_into(child, full, leaf_paths, result)
+        if traced is not child:
+            new._modules[name] = traced
+            changed = True
+    return new if changed else module
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else (prefix or path)
+
+
+__all__ = ["Traced", "SurgeonTracer", "trace", "unique_path"]
