@@ -56,8 +56,12 @@ def is_linear(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """A layer with learned weights that transforms features: a convolution or linear layer."""
-    return is_conv(node, modules) or is_linear(node, modules)
+    """A layer with learned weights that transforms features: a convolution, a linear layer, or an
+    untraced module holding parameters (an attention block kept as a leaf), but not a norm."""
+    if is_conv(node, modules) or is_linear(node, modules):
+        return True
+    m = _mod(node, modules)
+    return m is not None and not is_norm(node, modules) and any(True for _ in m.parameters())
 
 
 def is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -184,6 +188,16 @@ class GraphView:
                 return p
         return node.name
 
+    def site_name(self, node: fx.Node) -> str:
+        """A stable name for a site at this node: the outermost module whose output it is, else the
+        enclosing module plus the op ('blocks.1.0.se.mean'), so names do not depend on graph counters."""
+        name = self.name_for(node)
+        if name in self.modules and name:
+            return name
+        op = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.op)
+        enclosing = self.enclosing(node)
+        return f"{enclosing}.{op}" if enclosing else op
+
     def enclosing(self, node: fx.Node) -> str:
         """The innermost module that contains this node's computation ('' for the root's own code)."""
         st = self.stack(node)
@@ -202,7 +216,14 @@ class GraphView:
                 return "nchw"
             if is_linear(cur, self.modules) or isinstance(m, nn.LayerNorm):
                 return "nlc"
-            if cur.op == "call_method" and cur.target in ("permute", "transpose", "flatten", "view", "reshape"):
+            if cur.op == "call_method" and cur.target == "permute":
+                dims = cur.args[1] if len(cur.args) == 2 and isinstance(cur.args[1], (tuple, list)) else cur.args[1:]
+                if len(dims) >= 3 and dims[-1] == 1:
+                    return "nlc"  # NCHW -> NHWC
+                if len(dims) >= 3 and dims[1] == len(dims) - 1:
+                    return "nchw"  # NHWC -> NCHW
+                break
+            if cur.op == "call_method" and cur.target in ("transpose", "flatten", "view", "reshape"):
                 break
             inputs = [a for a in cur.all_input_nodes if _shape(a) == _shape(node)]
             cur = inputs[0] if inputs else None

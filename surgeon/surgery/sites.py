@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from surgeon.errors import NoSitesError, preview
@@ -97,7 +98,7 @@ def find_residual(view: GraphView) -> list[Site]:
         while view.is_(is_dropout, branch) and len(branch.users) == 1 and isinstance(branch.args[0], fx.Node):
             user, branch = branch, branch.args[0]
         block = view.enclosing(n)
-        sites.append(Site(name=view.full_name(block or n.name), kind="residual", shape=view.shape(branch),
+        sites.append(Site(name=view.full_name(block or view.site_name(n)), kind="residual", shape=view.shape(branch),
                           layout=view.layout(branch), graph=view.prefix, node=branch.name, user=user.name,
                           owner=block, slot="" if block else n.name))
     return sites
@@ -111,8 +112,12 @@ def find_stage(view: GraphView) -> list[Site]:
     """Sites at the end of each stage followed by a downsampling (not the stem, not the last stage).
 
     1. The chain of nodes every input-to-output path passes through (dominators of the output).
-    2. Group it by spatial size; a group ends a stage when the next group is smaller but not global
-       (1×1), and the resolution holds at least two convolutions that keep it (so the stem is no stage).
+    2. Group it by spatial size; a group ends a stage when the next group is smaller but not global (1×1).
+    3. The stage end is the last node of the group that is the output of a container module holding
+       convolutions and not holding the downsampling op (`layer1`, `stages.0`, `features.denseblock1`).
+       Models written as one flat forward have no such modules: there, the last node of a group whose
+       resolution holds at least two convolutions that keep it, before any norm/activation feeding the
+       downsampling.
     """
     nodes = view.nodes
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -129,28 +134,56 @@ def find_stage(view: GraphView) -> list[Site]:
         chain.append(cur)
         cur = idom[cur]
     chain = [c for c in reversed(chain) if c != source and _spatial(view.shape(c)) and view.layout(c) == "nchw"]
-    keeps = {}
+    keeps: dict[tuple, int] = {}
     for n in nodes:
         if view.is_(is_conv, n) and n.args and isinstance(n.args[0], fx.Node):
             sp_in, sp_out = _spatial(view.shape(n.args[0])), _spatial(view.shape(n))
             if sp_in is not None and sp_in == sp_out:
                 keeps[sp_out] = keeps.get(sp_out, 0) + 1
+    groups: list[list[fx.Node]] = []
+    for c in chain:
+        if groups and _spatial(view.shape(groups[-1][-1])) == _spatial(view.shape(c)):
+            groups[-1].append(c)
+        else:
+            groups.append([c])
     sites = []
-    for here, nxt in zip(chain, chain[1:]):
-        sp, sp_next = _spatial(view.shape(here)), _spatial(view.shape(nxt))
-        if sp == sp_next or len(sp) != len(sp_next):
+    for group, nxt in zip(groups, groups[1:]):
+        sp, sp_next = _spatial(view.shape(group[-1])), _spatial(view.shape(nxt[0]))
+        if len(sp) != len(sp_next) or not all(a >= b for a, b in zip(sp, sp_next)) or all(d == 1 for d in sp_next):
             continue
-        if not all(a >= b for a, b in zip(sp, sp_next)) or all(d == 1 for d in sp_next):
-            continue
-        if keeps.get(sp, 0) < 2:
-            log.debug("site %s: skipped as a stage end, %s holds fewer than two convolutions",
-                      view.full_name(view.name_for(here)), "×".join(map(str, sp)))
+        here = _stage_end(view, group, nxt[0]) or (_flat_stage_end(view, group) if keeps.get(sp, 0) >= 2 else None)
+        if here is None:
+            log.debug("site at %s: no stage end (no block of convolutions ends there)", "×".join(map(str, sp)))
             continue
         name = view.name_for(here)
         owner, slot = (name, "") if name in view.modules else (view.enclosing(here), here.name)
-        sites.append(Site(name=view.full_name(name), kind="stage", shape=view.shape(here), layout="nchw",
-                          graph=view.prefix, node=here.name, owner=owner, slot=slot))
+        sites.append(Site(name=view.full_name(view.site_name(here)), kind="stage", shape=view.shape(here),
+                          layout="nchw", graph=view.prefix, node=here.name, owner=owner, slot=slot))
     return sites
+
+
+def _stage_end(view: GraphView, group: list[fx.Node], down: fx.Node) -> fx.Node | None:
+    inside_down = set(view.stack(down))
+    for n in reversed(group):
+        name = view.name_for(n)
+        m = view.modules.get(name) if name in view.modules and name else None
+        if m is None or name in inside_down or not any(True for _ in m.children()):
+            continue
+        convs = [c for c in view.nodes if view.is_(is_conv, c) and name in view.stack(c)]
+        if convs:  # it must hold convolutions working at this resolution (the stem does not)
+            sp = _spatial(view.shape(n))
+            if any(_spatial(view.shape(c)) == sp and _spatial(view.shape(c.args[0])) == sp for c in convs):
+                return n
+        elif any(isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for sub in m.modules()):
+            return n  # its convolutions sit inside modules that were not traced
+    return None
+
+
+def _flat_stage_end(view: GraphView, group: list[fx.Node]) -> fx.Node:
+    end = group[-1]
+    while len(group) > 1 and (view.is_(is_norm, end) or view.is_(is_act, end)) and end is not group[0]:
+        end = group[group.index(end) - 1]
+    return end
 
 
 def find_after_conv(view: GraphView) -> list[Site]:
@@ -172,7 +205,7 @@ def find_after_conv(view: GraphView) -> list[Site]:
             owner, _, slot = n.target.rpartition(".")
             name = n.target
         else:
-            owner, slot, name = view.enclosing(n), n.name, n.name
+            owner, slot, name = view.enclosing(n), n.name, view.site_name(n)
         sites.append(Site(name=view.full_name(name), kind="after_conv", shape=s, layout="nchw",
                           graph=view.prefix, node=end.name, owner=owner, slot=slot))
     return sites
@@ -217,7 +250,7 @@ def find_pool(view: GraphView) -> list[Site]:
             owner, _, slot = name.rpartition(".")
         else:
             owner, slot = view.enclosing(end), end.name
-        sites.append(Site(name=view.full_name(name), kind="pool", shape=view.shape(n.args[0]),
+        sites.append(Site(name=view.full_name(view.site_name(end)), kind="pool", shape=view.shape(n.args[0]),
                           layout="nchw", graph=view.prefix, node=end.name, action="replace",
                           args=(n.args[0].name, end.name), out_shape=view.shape(end), owner=owner, slot=slot,
                           info=_pool_info(view, n, kind)))
