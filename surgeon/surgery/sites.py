@@ -245,12 +245,13 @@ def find_pool(view: GraphView) -> list[Site]:
             if view.shape(nxt) is None:
                 break
             end = nxt
-        name = view.name_for(end)
+        # named after the module that ends with the flatten (timm's global_pool), else the pool op itself
+        name = view.name_for(end) if view.name_for(end) in view.modules else view.site_name(n)
         if name in view.modules and name:
             owner, _, slot = name.rpartition(".")
         else:
             owner, slot = view.enclosing(end), end.name
-        sites.append(Site(name=view.full_name(view.site_name(end)), kind="pool", shape=view.shape(n.args[0]),
+        sites.append(Site(name=view.full_name(name), kind="pool", shape=view.shape(n.args[0]),
                           layout="nchw", graph=view.prefix, node=end.name, action="replace",
                           args=(n.args[0].name, end.name), out_shape=view.shape(end), owner=owner, slot=slot,
                           info=_pool_info(view, n, kind)))

@@ -281,7 +281,8 @@ def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result
     changed = False
     for name, child in children:
         full = _join(prefix, name)
-        if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or type(child).__module__.startswith("torch.nn"):
+        builtin_leaf = type(child).__module__.startswith("torch.nn") and not isinstance(child, nn.Sequential)
+        if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or builtin_leaf:
             continue
         traced = _trace_into(child, full, leaf_paths, result)
         if traced is not child:

@@ -1,0 +1,108 @@
+"""Site finders on hand-built models whose sites are known."""
+import pytest
+import timm
+import torch
+
+import surgeon
+from surgeon.errors import NoSitesError, UnknownNameError
+from toy_models import DataDependent, PlainCNN, RootDataDependent, SharedConv, TinyResNet
+
+
+def names(model, kind, **kw):
+    return [s.name for s in surgeon.sites(model, kind=kind, input_size=kw.pop("input_size", (3, 32, 32)), **kw)]
+
+
+def test_plain_cnn():
+    m = PlainCNN().eval()
+    assert names(m, "residual") == []
+    assert names(m, "after_conv") == ["conv1", "conv2", "conv3"]
+    # functional max pools and the functional adaptive average pool (with its flatten)
+    pools = surgeon.sites(m, kind="pool", input_size=(3, 32, 32))
+    assert [s.info["pool"] for s in pools] == ["max", "max", "avg"]
+    assert pools[-1].out_shape == (2, 16) and pools[-1].info["global"]
+    assert pools[0].info["kernel_size"] == 2
+    # after_conv sites sit past the norm and activation
+    conv1 = surgeon.sites(m, kind="after_conv", input_size=(3, 32, 32))[0]
+    assert conv1.node == "relu" and conv1.shape == (2, 8, 32, 32)
+
+
+def test_residual_identity_and_downsampling_shortcuts():
+    m = TinyResNet().eval()
+    res = surgeon.sites(m, kind="residual", input_size=(3, 32, 32))
+    assert [s.name for s in res] == ["stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", "stage3.1"]
+    # the site is the deeper branch (bn2), not the shortcut, for both shortcut types
+    assert all(s.node.endswith("bn2") for s in res)
+    assert res[2].shape == (2, 16, 8, 8)
+
+
+def test_stage_ends_before_downsampling_not_stem_not_last():
+    m = TinyResNet().eval()
+    assert names(m, "stage") == ["stage1", "stage2"]
+
+
+def test_pool_module_and_shapes():
+    m = TinyResNet().eval()
+    (pool,) = surgeon.sites(m, kind="pool", input_size=(3, 32, 32))
+    assert pool.name == "pool" and pool.shape == (2, 32, 4, 4) and pool.out_shape == (2, 32)
+
+
+def test_conv_called_twice_gives_two_sites():
+    m = SharedConv().eval()
+    assert names(m, "after_conv", input_size=(4, 16, 16)) == ["conv", "conv#1"]
+    patched = surgeon.add(m, "se", kind="after_conv", example_input=torch.randn(2, 4, 16, 16))
+    assert {e["module"] for e in patched._surgeon["edits"]} == {"conv_se", "conv_se_1"}
+
+
+def test_untraceable_inner_module_is_patched_piecewise():
+    m = DataDependent().eval()
+    res = names(m, "residual")
+    assert "body.inner.0" in res and "stage.0" in res
+    x = torch.randn(2, 3, 32, 32)
+    patched = surgeon.add(m, "cbam", example_input=x)
+    assert torch.allclose(patched(x), m(x), atol=1e-6)
+    assert "body.inner.0.cbam.gamma" in patched.state_dict()
+
+
+def test_untraceable_root_is_patched_piecewise():
+    m = RootDataDependent().eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert set(names(m, "residual")) == {"a.1", "b.0"}
+    patched = surgeon.add(m, "se", example_input=x)
+    assert torch.equal(patched(x), m(x))
+    assert {"a.1.se.gamma", "b.0.se.gamma"} <= set(patched.state_dict())
+
+
+def test_timm_resnet50_sites():
+    m = timm.create_model("resnet50").eval()
+    sites = surgeon.sites(m, input_size=(3, 64, 64))
+    by_kind = {}
+    for s in sites:
+        by_kind.setdefault(s.kind, []).append(s.name)
+    assert len(by_kind["residual"]) == 16
+    assert by_kind["stage"] == ["layer1", "layer2", "layer3"]
+    assert by_kind["pool"] == ["maxpool", "global_pool"]
+    assert len(by_kind["after_conv"]) == 53
+
+
+def test_at_glob_and_errors():
+    m = TinyResNet().eval()
+    assert names(m, "residual", at=["stage2.*"]) == ["stage2.0", "stage2.1"]
+    with pytest.raises(NoSitesError, match="'nope.*' matches no residual site. Valid sites: 'stage1.0'"):
+        names(m, "residual", at=["nope.*"])
+    with pytest.raises(UnknownNameError, match="Unknown kind 'residul'. Did you mean 'residual'"):
+        names(m, "residul")
+
+
+@pytest.mark.parametrize("name,expect", [("convnext_tiny", ["stages.0", "stages.1", "stages.2"]),
+                                         ("efficientnet_b0", ["blocks.0", "blocks.1", "blocks.2", "blocks.4"]),
+                                         ("densenet121", ["features.denseblock1", "features.denseblock2",
+                                                          "features.denseblock3"])])
+def test_stage_sites_on_other_families(name, expect):
+    assert names(timm.create_model(name).eval(), "stage", input_size=(3, 64, 64)) == expect
+
+
+def test_vit_residuals_are_channels_last():
+    sites = surgeon.sites(timm.create_model("vit_tiny_patch16_224").eval(), kind="residual")
+    assert len(sites) == 24 and {s.layout for s in sites} == {"nlc"}
+    with pytest.raises(NoSitesError, match="nchw"):
+        surgeon.plan(timm.create_model("vit_tiny_patch16_224").eval(), "cbam", kind="residual")

@@ -1,0 +1,118 @@
+"""Tracing: whole and piecewise, exact outputs with no edits, state-dict keys and train/eval behaviour."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torchvision
+
+import surgeon
+from surgeon.surgery.trace import trace
+from toy_models import DataDependent, FunctionalDropout, PlainCNN, RootDataDependent, SharedConv, TinyResNet
+
+
+@pytest.mark.parametrize("make", [PlainCNN, TinyResNet, SharedConv, DataDependent, RootDataDependent,
+                                  FunctionalDropout])
+def test_trace_without_edits_is_exact(make, x32):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = x32 if make is not SharedConv else x32[:, :1].repeat(1, 4, 1, 1)
+    traced = trace(model).module.eval()
+    assert torch.equal(model(x), traced(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_tiny"])
+def test_trace_timm_models_exact(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, 64, 64)
+    traced = trace(model).module
+    assert isinstance(traced, fx.GraphModule)
+    assert torch.equal(model(x), traced(x))
+    assert list(traced.state_dict()) == list(model.state_dict()) or set(traced.state_dict()) == set(model.state_dict())
+
+
+def test_trace_does_not_change_the_model():
+    model = TinyResNet().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_modules()]
+    surgeon.add(model, "se")
+    assert [n for n, _ in model.named_modules()] == names
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_piecewise_inner_module():
+    model = DataDependent().eval()
+    t = trace(model)
+    assert isinstance(t.module, fx.GraphModule)
+    assert "body" in t.leaves and "data-dependent" not in t.leaves["body"]
+    # the untraceable module's children are traced, so their sites are found
+    assert "body.inner" in t.graphs
+
+
+def test_piecewise_root():
+    model = RootDataDependent().eval()
+    t = trace(model)
+    assert not isinstance(t.module, fx.GraphModule)
+    assert set(t.graphs) == {"a", "b", "fc"} - {"fc"} or {"a", "b"} <= set(t.graphs)
+    assert "" in t.leaves
+
+
+def test_unused_modules_keep_their_keys():
+    class WithSpare(PlainCNN):
+        def __init__(self):
+            super().__init__()
+            self.spare = torch.nn.Linear(3, 3)  # never called in forward
+
+    model = WithSpare().eval()
+    traced = trace(model).module
+    assert set(traced.state_dict()) == set(model.state_dict())
+
+
+def test_functional_dropout_follows_train_and_eval():
+    torch.manual_seed(0)
+    model = FunctionalDropout()
+    patched = surgeon.add(copy.deepcopy(model).eval(), "se", kind="after_conv")
+    x = torch.randn(8, 3, 16, 16)
+    model.train(), patched.train()
+    torch.manual_seed(3)
+    a = model(x)
+    torch.manual_seed(3)
+    b = patched(x)
+    assert torch.equal(a, b)
+    torch.manual_seed(4)
+    assert not torch.equal(patched(x), b)  # dropout is live in train mode
+    model.eval(), patched.eval()
+    assert torch.equal(patched(x), patched(x))
+    assert torch.allclose(model(x), patched(x), atol=1e-6)
+
+
+def test_efficientnet_train_mode_matches_original():
+    """drop_rate (functional dropout in the head) and drop_path_rate (DropPath modules) survive surgery."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", drop_rate=0.2, drop_path_rate=0.2).eval()
+    reference = copy.deepcopy(model)
+    patched = surgeon.add(model, "se", input_size=(3, 96, 96))
+    x = torch.randn(4, 3, 96, 96)
+    reference.train(), patched.train()
+    torch.manual_seed(1)
+    a = reference(x)
+    torch.manual_seed(1)
+    b = patched(x)
+    assert torch.equal(a, b)
+    torch.manual_seed(2)
+    assert not torch.equal(patched(x), b), "dropout / drop-path must be random in train mode"
+    # batch-norm running statistics updated the same way (two forwards each)
+    torch.manual_seed(2)
+    reference(x)
+    ref_sd, pat_sd = reference.state_dict(), patched.state_dict()
+    stats = [k for k in ref_sd if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert stats and all(torch.equal(ref_sd[k], pat_sd[k]) for k in stats)
+    reference.eval(), patched.eval()
+    assert torch.equal(reference(x), patched(x))
+
+
+def test_torchvision_model_traces():
+    model = torchvision.models.mobilenet_v3_small().eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model(x), trace(model).module(x))
