@@ -22,6 +22,7 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.spatial",
     "surgeon.plugins.mixed",
     "surgeon.plugins.pooling",
+    "surgeon.plugins.self_attention",
     "surgeon.plugins.sites",
     "surgeon.plugins.sources",
 )

@@ -1,0 +1,253 @@
+"""Self-attention on feature maps: non-local, DANet, CCNet (criss-cross) and EMANet (EM attention).
+
+Every block here maps an (N, C, H, W) map to the same shape and ends in a residual connection, so
+each can be dropped into a hand-written model. None of them materialises the N×N (N = H·W)
+attention matrix where the paper's arithmetic allows otherwise: softmax attention runs through
+`F.scaled_dot_product_attention`, the dot-product non-local form is reassociated to θ·(φᵀg),
+the concatenation form sorts its pairwise scores, and criss-cross attention keeps per-row and
+per-column energies only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.layers._util import check_positive_int, reduced_channels
+
+NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H·W, C)."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _check_momentum(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _concat_attention(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """y_i = Σ_j ReLU(a_i + b_j)·g_j for a (B, N), b (B, M), g (B, M, D), without an N×M matrix.
+
+    ReLU(a_i + b_j) is non-zero exactly where b_j > −a_i, so with b sorted ascending the sum is
+    a_i·Σ_{j≥k} g_j + Σ_{j≥k} b_j·g_j for k = the first index where b_j > −a_i: suffix sums plus a
+    binary search, O((N + M)·log M·D) time and O((N + M)·D) memory.
+    """
+    # 1. sort the key scores and carry the values along
+    b_sorted, order = b.sort(dim=1)
+    g_sorted = g.gather(1, order.unsqueeze(-1).expand_as(g))
+    # 2. suffix sums of g and b·g, with a zero row for "no key passes the ReLU"
+    zero = g.new_zeros(g.shape[0], 1, g.shape[2])
+    suffix_g = torch.cat([g_sorted.flip(1).cumsum(1).flip(1), zero], 1)
+    suffix_bg = torch.cat([(b_sorted.unsqueeze(-1) * g_sorted).flip(1).cumsum(1).flip(1), zero], 1)
+    # 3. for each query, where its ReLU starts to pass
+    start = torch.searchsorted(b_sorted.contiguous(), (-a).contiguous(), right=True)
+    start = start.unsqueeze(-1).expand(-1, -1, g.shape[2])
+    return a.unsqueeze(-1) * suffix_g.gather(1, start) + suffix_bg.gather(1, start)
+
+
+class NonLocal2d(nn.Module):
+    """Non-local block: z = x + BN(W_z·y), y_i = Σ_j f(x_i, x_j)·g(x_j) / C(x) over all positions j.
+
+    Paper: Non-local Neural Networks, Wang et al., CVPR 2018 (arXiv:1711.07971).
+    `mode` picks f: 'embedded_gaussian' (softmax of θᵀφ, the default), 'gaussian' (softmax of xᵢᵀxⱼ),
+    'dot' (θᵀφ / N) or 'concat' (ReLU(w·[θ; φ]) / N). θ, φ, g are 1×1 convs to channels/2; `sub_sample`
+    max-pools φ and g by 2 (the paper's subsampling trick, off by default). The BN after W_z starts
+    with zero scale as in the paper, so the block starts as the identity. There is no 1/√d scaling,
+    as in the paper (timm's NonLocalAttn scales). NOTE: a global re-initialisation that resets
+    BatchNorm weights to 1 (`model.apply(init_fn)`) also undoes that identity start.
+    """
+
+    def __init__(self, channels: int, *, mode: str = "embedded_gaussian", rd_ratio: float = 1 / 2,
+                 rd_channels: int | None = None, rd_divisor: int = 1, sub_sample: bool = False):
+        super().__init__()
+        if mode not in NONLOCAL_MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, NONLOCAL_MODES))}, got {mode!r}")
+        if not isinstance(sub_sample, bool):
+            raise ValueError(f"sub_sample must be True or False, got {sub_sample!r}")
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.mode = mode
+        if mode != "gaussian":
+            self.theta = nn.Conv2d(channels, rd, 1)
+            self.phi = nn.Conv2d(channels, rd, 1)
+        if mode == "concat":
+            self.concat_project = nn.Conv2d(2 * rd, 1, 1, bias=False)  # w_f, split into θ and φ halves
+        self.g = nn.Conv2d(channels, rd, 1)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if sub_sample else nn.Identity()
+        self.z = nn.Conv2d(rd, channels, 1)
+        self.norm = nn.BatchNorm2d(channels)
+        nn.init.zeros_(self.norm.weight)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """y before W_z: (B, C, H, W) -> (B, rd, H, W)."""
+        b, _, h, w = x.shape
+        g = _tokens(self.pool(self.g(x)))
+        if self.mode == "gaussian":
+            q, k = _tokens(x), _tokens(self.pool(x))
+        else:
+            q, k = _tokens(self.theta(x)), _tokens(self.pool(self.phi(x)))
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            y = F.scaled_dot_product_attention(q, k, g, scale=1.0)
+        elif self.mode == "dot":
+            y = q @ (k.transpose(1, 2) @ g) / k.shape[1]  # (θᵀφ)·g = θ·(φᵀg): no N×N matrix
+        else:
+            wf = self.concat_project.weight.flatten()
+            rd = q.shape[-1]
+            y = _concat_attention(q @ wf[:rd], k @ wf[rd:], g) / k.shape[1]
+        return y.transpose(1, 2).reshape(b, -1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.z(self.attend(x)))
+
+
+class PositionAttn(nn.Module):
+    """DANet's position attention: x + γ·(V·softmax(QᵀK)ᵀ), Q, K 1×1 convs to C/8, V to C, γ = 0."""
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 8, rd_channels: int | None = None,
+                 rd_divisor: int = 1):
+        super().__init__()
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.query = nn.Conv2d(channels, rd, 1)
+        self.key = nn.Conv2d(channels, rd, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = _tokens(self.query(x)), _tokens(self.key(x)), _tokens(self.value(x))
+        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+        return y.transpose(1, 2).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.attend(x)
+
+
+class ChannelSelfAttn(nn.Module):
+    """DANet's channel attention: x + γ·(softmax(X·Xᵀ)·X) over the C×C channel affinities, γ = 0.
+
+    Follows the paper's softmax(X·Xᵀ); the official code feeds softmax(rowmax − X·Xᵀ) instead.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.flatten(2)  # (B, C, N): channels are the "tokens", positions their features
+        return F.scaled_dot_product_attention(f, f, f, scale=1.0).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.attend(x)
+
+
+class DualAttention(nn.Module):
+    """DANet's dual attention: position and channel self-attention, summed: x + γ_p·PAM(x) + γ_c·CAM(x).
+
+    Paper: Dual Attention Network for Scene Segmentation, Fu et al., CVPR 2019 (arXiv:1809.02983).
+    Each module has its own learned γ starting at 0, so the block starts as the identity. Retrofitted
+    shape-preserving: the paper's head convolutions around the two modules (3×3 reduce, 3×3 conv after
+    each) are left out and the two attention outputs are summed onto x (the paper's sum fusion).
+    """
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 8, rd_channels: int | None = None,
+                 rd_divisor: int = 1):
+        super().__init__()
+        self.position = PositionAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor)
+        self.channel = ChannelSelfAttn(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.position.gamma * self.position.attend(x) + self.channel.gamma * self.channel.attend(x)
+
+
+class CrissCrossAttn(nn.Module):
+    """Recurrent criss-cross attention: each position attends to its row and column, `recurrence` times.
+
+    Paper: CCNet: Criss-Cross Attention for Semantic Segmentation, Huang et al., ICCV 2019 (arXiv:1811.11721).
+    One softmax over the H + W − 1 positions on the cross (the position itself counted once), x + γ·out
+    with γ = 0 at init; the recurrences share weights (R = 2 in the paper). Costs O(N·(H + W)) memory,
+    never N×N. The paper's head convolutions around the module (RCCA's reduce/concat convs) are left out.
+    """
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 8, rd_channels: int | None = None,
+                 rd_divisor: int = 1, recurrence: int = 2):
+        super().__init__()
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.recurrence = check_positive_int("recurrence", recurrence)
+        self.query = nn.Conv2d(channels, rd, 1)
+        self.key = nn.Conv2d(channels, rd, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The criss-cross aggregation of one recurrence, before γ."""
+        h, w = x.shape[-2:]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        # 1. energies along the column (B, H, W, H) and the row (B, H, W, W)
+        e_col = torch.einsum("bchw,bckw->bhwk", q, k)
+        self_pos = torch.eye(h, dtype=torch.bool, device=x.device).view(1, h, 1, h)
+        e_col = e_col.masked_fill(self_pos, float("-inf"))  # the row already holds the position itself
+        e_row = torch.einsum("bchw,bchk->bhwk", q, k)
+        # 2. one softmax over the whole cross, then aggregate the values along each arm
+        a_col, a_row = torch.softmax(torch.cat([e_col, e_row], -1), -1).split([h, w], -1)
+        return torch.einsum("bhwk,bckw->bchw", a_col, v) + torch.einsum("bhwk,bchk->bchw", a_row, v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.recurrence):
+            x = x + self.gamma * self.attend(x)
+        return x
+
+
+class EMAUnit(nn.Module):
+    """Expectation-maximisation attention: reconstruct x from K bases found by T EM iterations.
+
+    Paper: Expectation-Maximization Attention Networks for Semantic Segmentation, Li et al., ICCV 2019
+    (arXiv:1907.13426). 1×1 conv in; E-step softmax responsibilities, M-step l2-normalised bases;
+    x + BN(conv(ReLU(μ·zᵀ))). The bases start from a moving average kept in a buffer, updated (momentum
+    0.9) only in training mode. Deviations from the official code: the last E-step is differentiable
+    (same values; the official code runs all of EM without gradient, so its input conv never learns),
+    and there is no ReLU after the residual sum, which would break retrofitting.
+    """
+
+    def __init__(self, channels: int, *, num_bases: int = 64, num_iters: int = 3, momentum: float = 0.9):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.num_bases = check_positive_int("num_bases", num_bases)
+        self.num_iters = check_positive_int("num_iters", num_iters)
+        self.momentum = _check_momentum(momentum)
+        self.conv_in = nn.Conv2d(channels, channels, 1)
+        self.conv_out = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(channels)
+        bases = torch.randn(1, channels, num_bases) * math.sqrt(2.0 / num_bases)
+        self.register_buffer("bases", self._l2norm(bases))
+
+    @staticmethod
+    def _l2norm(mu: torch.Tensor) -> torch.Tensor:
+        return mu / (1e-6 + mu.norm(dim=1, keepdim=True))
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """The low-rank reconstruction μ·zᵀ of conv_in(x), (B, C, H, W); updates the bases in training."""
+        f = self.conv_in(x).flatten(2)  # (B, C, N)
+        mu = self.bases.expand(x.shape[0], -1, -1)
+        with torch.no_grad():
+            for _ in range(self.num_iters):
+                mu_prev = mu
+                z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu), -1)  # E-step
+                z = z / (1e-6 + z.sum(1, keepdim=True))
+                mu = self._l2norm(torch.einsum("bcn,bnk->bck", f, z))  # M-step
+        z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu_prev), -1)  # the last E-step, with gradient
+        if self.training:
+            with torch.no_grad():
+                self.bases.mul_(self.momentum).add_(self._l2norm(mu.mean(0, keepdim=True)), alpha=1 - self.momentum)
+        return torch.einsum("bck,bnk->bcn", mu, z).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv_out(F.relu(self.attend(x))))
+
+
+__all__ = ["NonLocal2d", "PositionAttn", "ChannelSelfAttn", "DualAttention", "CrissCrossAttn", "EMAUnit",
+           "NONLOCAL_MODES"]

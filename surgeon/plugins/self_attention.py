@@ -1,0 +1,44 @@
+"""Self-attention on feature maps: nonlocal, danet, ccnet, ema.
+
+The non-local block (zero-scale BN), DANet and CCNet (γ = 0) start as the identity by their papers'
+own init, so both inits build the same module; EMANet's does not, so identity init adds a zero gate.
+"""
+from surgeon.hookspecs import hookimpl
+
+KINDS = ("stage", "residual", "after_conv")
+
+
+def _own_identity(cls, name: str):
+    """A build for a layer whose paper init is already the identity: no gate for either init."""
+    from surgeon.plugins._glue import with_options
+
+    def build(site, *, init: str = "identity", **options):
+        from surgeon.plugins._glue import require_feature_map
+
+        require_feature_map(site, name, (4,))
+        if init not in ("identity", "paper"):
+            raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+        return cls(site.channels, **options)
+
+    return with_options(build, cls)
+
+
+@hookimpl
+def register_attentions(register):
+    from surgeon.layers.self_attention import CrissCrossAttn, DualAttention, EMAUnit, NonLocal2d
+    from surgeon.plugins._glue import feature_map
+
+    register("nonlocal", _own_identity(NonLocal2d, "nonlocal"), kinds=KINDS, aliases=("nl", "non_local"),
+             summary="non-local block: every position attends to all (embedded Gaussian, dot, concat)",
+             paper="Wang et al., Non-local Neural Networks, CVPR 2018 (arXiv:1711.07971)")
+    register("danet", _own_identity(DualAttention, "danet"), kinds=KINDS, aliases=("dual_attention",),
+             summary="position + channel self-attention, each with a learned γ from 0, summed",
+             paper="Fu et al., Dual Attention Network for Scene Segmentation, CVPR 2019 (arXiv:1809.02983)")
+    register("ccnet", _own_identity(CrissCrossAttn, "ccnet"), kinds=KINDS, aliases=("criss_cross", "cca"),
+             summary="criss-cross attention over each position's row and column, applied twice",
+             paper="Huang et al., CCNet: Criss-Cross Attention for Semantic Segmentation, ICCV 2019 "
+                   "(arXiv:1811.11721)")
+    register("ema", feature_map(EMAUnit, name="ema", ranks=(4,)), kinds=KINDS, aliases=("emanet",),
+             summary="expectation-maximisation attention: low-rank reconstruction from K bases",
+             paper="Li et al., Expectation-Maximization Attention Networks for Semantic Segmentation, "
+                   "ICCV 2019 (arXiv:1907.13426)")
