@@ -1,0 +1,177 @@
+"""The first attentions: paper-exact architectures, identity init, options and errors."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import surgeon
+from surgeon.errors import NoSitesError, OptionError, ShapeError, UnknownNameError
+from surgeon.layers import BAM, CBAM, AttentionPool2d, EcaModule, SEModule, SpatialAttn
+from conftest import perturb_bn
+from toy_models import PlainCNN, TinyResNet
+
+RESNET50_PARAMS = 25_557_032
+
+
+def params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("attention,expected", [
+    # SE-ResNet-50 as in Hu et al. (and timm's seresnet50): 28,088,024
+    ("se", 28_088_024),
+    # official CBAM code: MLP with biases, 7x7 spatial conv (no bias) + BN: 28,089,624
+    ("cbam", 28_089_624),
+    # official BAM code: three modules after layer1, layer2, layer3: 25,915,099
+    ("bam", 25_915_099),
+])
+def test_paper_init_parameter_counts_resnet50(attention, expected):
+    model = timm.create_model("resnet50").eval()
+    assert params(model) == RESNET50_PARAMS
+    patched = surgeon.add(model, attention, init="paper", input_size=(3, 64, 64), verify=False)
+    assert params(patched) == expected
+
+
+def test_se_matches_timm_seresnet50_count():
+    assert params(timm.create_model("seresnet50")) == 28_088_024
+
+
+def test_eca_adaptive_kernel_and_params():
+    # ECA-Net: k = |log2(C)/2 + 1/2|_odd -> C=256: 5, 512: 5, 1024: 5, 2048: 7
+    assert [EcaModule(c).kernel_size for c in (64, 256, 512, 1024, 2048)] == [3, 5, 5, 5, 7]
+    patched = surgeon.add(timm.create_model("resnet50").eval(), "eca", init="paper", input_size=(3, 64, 64))
+    assert params(patched) - RESNET50_PARAMS == 3 * 5 + 4 * 5 + 6 * 5 + 3 * 7
+
+
+@pytest.mark.parametrize("layer", [SEModule(16), EcaModule(16), CBAM(16), BAM(16), SpatialAttn(16)])
+def test_layers_preserve_shape_on_odd_sizes(layer):
+    x = torch.randn(3, 16, 13, 17)
+    assert layer.eval()(x).shape == x.shape
+
+
+def test_channel_layers_work_on_1d_and_3d():
+    for x in (torch.randn(2, 16, 9), torch.randn(2, 16, 3, 5, 7)):
+        assert SEModule(16)(x).shape == x.shape and EcaModule(16)(x).shape == x.shape
+
+
+@pytest.mark.parametrize("attention", ["se", "eca", "cbam", "bam", "spatial", "attnpool"])
+def test_identity_init_exact_and_gradients_reach_gates(attention):
+    torch.manual_seed(0)
+    model = perturb_bn(TinyResNet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = surgeon.plan(model, attention, example_input=x)
+    patched = plan.apply()
+    v = plan.verification
+    assert v.max_abs_diff <= 1e-5 and torch.allclose(patched(x), model(x), atol=1e-5)
+    assert v.with_grad == v.new_params > 0
+    assert v.nonzero_grad >= 1  # the gates (or attention-pool scores) learn from the first step
+    assert v.params_added == sum(e.params for e in plan.edits)
+
+
+def test_identity_survives_global_reinitialisation():
+    """A user's `model.apply(init_fn)` re-initialising conv/linear/norm layers keeps the identity."""
+    torch.manual_seed(0)
+    model = perturb_bn(TinyResNet()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    patched = surgeon.add(model, "cbam", example_input=x)
+    patched = surgeon.add(patched, "attnpool", example_input=x)
+    ref = patched(x)
+
+    def init_fn(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight)
+            if m.bias is not None:
+                nn.init.normal_(m.bias)
+
+    for name in [e["module"] for e in patched._surgeon["edits"]]:
+        patched.get_submodule(name).apply(init_fn)
+    assert torch.allclose(patched(x), ref, atol=1e-5)
+
+
+def test_attnpool_zero_scores_is_the_average():
+    x = torch.randn(2, 8, 7, 5)
+    pool = AttentionPool2d(8, num_heads=2, flatten=True)
+    assert torch.allclose(pool(x), x.mean((2, 3)), atol=1e-6)
+    windowed = AttentionPool2d(8, kernel_size=2, stride=2)
+    assert torch.allclose(windowed(x), nn.functional.avg_pool2d(x, 2), atol=1e-6)
+    # non-zero scores concentrate the weights
+    with torch.no_grad():
+        pool.score.fill_(5.0)
+    assert not torch.allclose(pool(x), x.mean((2, 3)), atol=1e-3)
+
+
+def test_attnpool_replaces_global_avg_pool_without_a_gate():
+    model = TinyResNet().eval()
+    patched = surgeon.add(model, "attnpool", input_size=(3, 32, 32))
+    mod = patched.get_submodule("pool_attnpool")
+    assert type(mod).__name__ == "PoolReplacement"  # plain average at init: no gate needed
+    assert "pool" not in [n.target for n in patched.graph.nodes if n.op == "call_module"]  # op is gone
+
+
+def test_attnpool_on_max_pool_is_gated_and_exact():
+    model = PlainCNN().eval()
+    x = torch.randn(2, 3, 32, 32)
+    plan = surgeon.plan(model, "attnpool", example_input=x)
+    assert [e.site.info["pool"] for e in plan.edits] == ["max", "max", "avg"]
+    patched = plan.apply()
+    assert torch.equal(patched(x), model(x)) or torch.allclose(patched(x), model(x), atol=1e-6)
+    kinds = [type(patched.get_submodule(e["module"])).__name__ for e in patched._surgeon["edits"]]
+    assert kinds == ["GatedReplacement", "GatedReplacement", "PoolReplacement"]
+
+
+def test_paper_init_changes_output_and_is_not_gated():
+    model = TinyResNet().eval()
+    patched = surgeon.add(model, "se", init="paper", input_size=(3, 32, 32))
+    assert isinstance(patched.get_submodule("stage1.0.se"), SEModule)
+
+
+def test_inserted_modules_have_readable_names_and_original_keys_survive():
+    model = timm.create_model("resnet18").eval()
+    patched = surgeon.add(model, "cbam", input_size=(3, 64, 64))
+    keys = set(patched.state_dict())
+    assert set(model.state_dict()) <= keys
+    assert "layer1.0.cbam.attn.channel.fc1.weight" in keys
+    # the user's checkpoint loads with strict=False, reporting only the new keys as missing
+    result = patched.load_state_dict(model.state_dict(), strict=False)
+    assert not result.unexpected_keys and all(".cbam." in k for k in result.missing_keys)
+
+
+def test_adding_twice_records_both_edits():
+    model = TinyResNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    once = surgeon.add(model, "se", example_input=x)
+    twice = surgeon.add(once, "bam", example_input=x)
+    assert [e["attention"] for e in twice._surgeon["edits"]] == ["se"] * 6 + ["bam"] * 2
+    assert len(once._surgeon["edits"]) == 6  # the first model's record is untouched
+    assert torch.allclose(twice(x), model(x), atol=1e-5)
+
+
+def test_default_kind_falls_back_when_model_has_none():
+    model = PlainCNN().eval()  # no residual adds
+    plan = surgeon.plan(model, "se", input_size=(3, 32, 32))
+    assert {e.site.kind for e in plan.edits} == {"stage"} or {e.site.kind for e in plan.edits} == {"after_conv"}
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(attention="cbma"), UnknownNameError, "Unknown attention 'cbma'. Did you mean 'cbam'"),
+    (dict(attention="se", rd_ratoi=0.5), OptionError, "Unknown option 'rd_ratoi' for se. Did you mean 'rd_ratio'"),
+    (dict(attention="se", rd_ratio=-3), OptionError, "rd_ratio must be a number in \\(0, 1\\], got -3"),
+    (dict(attention="eca", kernel_size=4), OptionError, "kernel_size must be odd, got 4"),
+    (dict(attention="cbam", act_layer="relu9"), OptionError, "act_layer 'relu9' is not known. Did you mean 'relu'"),
+    (dict(attention="se", kind="pool"), ShapeError, "se cannot serve kind 'pool'"),
+    (dict(attention="se", kind="residul"), UnknownNameError, "Did you mean 'residual'"),
+    (dict(attention="se", at=["layer9.*"]), NoSitesError, "matches no residual site"),
+    (dict(attention="se", init="papr"), OptionError, "Unknown init 'papr'. Did you mean 'paper'"),
+])
+def test_bad_input_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        surgeon.plan(TinyResNet().eval(), input_size=(3, 32, 32), **kwargs)
+
+
+def test_unknown_input_size_is_explained():
+    class NoHint(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(ShapeError, match="Cannot tell what input NoHint takes"):
+        surgeon.sites(NoHint())
