@@ -17,7 +17,8 @@ from surgeon.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 _API = {"add", "plan", "sites", "attentions", "example_inputs", "verify_model", "Plan", "Edit"}
-_CHECKPOINT = {"save", "load"}
+_CHECKPOINT = {"save", "load", "summary"}
+_RECIPE = {"replay"}
 
 
 def __getattr__(name: str) -> Any:
@@ -29,6 +30,14 @@ def __getattr__(name: str) -> Any:
         from surgeon import checkpoint
 
         return getattr(checkpoint, name)
+    if name in _RECIPE:
+        from surgeon import recipe
+
+        return getattr(recipe, name)
+    if name == "export_model":  # not `export`: that name is the submodule surgeon.export
+        from surgeon.export import export
+
+        return export
     if name == "load_model":
         from surgeon.models import load
 
@@ -36,5 +45,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 
 
-__all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "hookimpl", "SurgeonError",
-           "__version__"]
+__all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "replay", "summary", "export_model",
+           "hookimpl", "SurgeonError", "__version__"]

@@ -259,8 +259,10 @@ class Plan:
         x = self._prep.inputs[0]
         if rec.get("input_size") is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             rec["input_size"] = list(x.shape[1:])
+        # edits of one apply() share a step: a recipe replays each step as one plan, in order
+        step = 1 + max((e.get("step", 0) for e in rec["edits"]), default=0)
         for e in self.edits:
-            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name]})
+            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name], "step": step})
         _check_shapes(traced, self._prep.inputs, self.edits, paths)
         if verify:
             inits = {e.init for e in self.edits}

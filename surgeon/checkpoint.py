@@ -1,23 +1,32 @@
-"""Save a patched model: DIR/recipe.json (base model reference, edits, versions) + DIR/model.safetensors.
+"""Save and load patched models: DIR/recipe.json + DIR/model.safetensors, or an adapter.
 
-Writes are atomic: everything goes to a temporary folder beside DIR, renamed into place at the end,
-so a failure never leaves a half-written DIR.
+An adapter (DIR/adapter.safetensors) holds only the parameters and buffers the edits added (and,
+when asked, re-trained modules such as the head); `load(DIR, base=model)` puts it on a freshly built
+base. Loading rebuilds the base from the recipe, replays the edits (`surgeon.recipe.replay`) and loads
+the weights; missing, unexpected or misshapen keys fail loudly. Writes are atomic: everything goes to
+a temporary folder beside DIR, renamed into place at the end, so a failure never leaves a half-written DIR.
 """
 from __future__ import annotations
 
+import copy
+import fnmatch
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import RecipeError, SurgeonError, WeightsError, preview
+from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
+                            read_recipe, replay)
 
-RECIPE = "recipe.json"
 WEIGHTS = "model.safetensors"
-FORMAT = "surgeon.recipe"
-FORMAT_VERSION = 1
+ADAPTER = "adapter.safetensors"
+HEAD = "head"
+
+__all__ = ["save", "load", "summary", "recipe_of", "adapter_keys", "RECIPE", "WEIGHTS", "ADAPTER", "FORMAT",
+           "FORMAT_VERSION"]
 
 
 def versions() -> dict[str, str]:
@@ -34,32 +43,111 @@ def recipe_of(model) -> dict[str, Any]:
     from surgeon.surgery.rewrite import RECORD_ATTR
 
     rec = model.__dict__.get(RECORD_ATTR) or {"model": None, "input_size": None, "edits": []}
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model": rec.get("model"),
-            "input_size": rec.get("input_size"), "edits": rec.get("edits", []), "versions": versions()}
+    base = copy.deepcopy(rec.get("model"))
+    if base and base.get("weights"):
+        # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
+        base["weights"] = Path(base["weights"]).name
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
+            "input_size": rec.get("input_size"), "edits": copy.deepcopy(rec.get("edits", [])),
+            "versions": versions()}
 
 
-def save(model, directory: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write `recipe.json` and `model.safetensors` for a (patched) model into `directory`, atomically.
+# -- which tensors an adapter holds ------------------------------------------------------------------
+def _head_path(model) -> str:
+    """The classifier: timm's `pretrained_cfg['classifier']` when the model still knows it, else the
+    last Linear (or 1×1-output conv) in module order."""
+    from torch import nn
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = dict(model.named_modules())
+    if isinstance(cfg.get("classifier"), str) and cfg["classifier"] in names:
+        return cfg["classifier"]
+    last = [n for n, m in names.items() if isinstance(m, nn.Linear) and n]
+    if not last:
+        raise SurgeonError(f"Cannot tell which module of {type(model).__name__} is the head; name it, "
+                           f"e.g. include=['fc'] (--include fc)")
+    return last[-1]
+
+
+def _resolve_include(model, include: Sequence[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules() if n]
+    out: list[str] = []
+    for item in include:
+        matched = [_head_path(model)] if item == HEAD else [n for n in names if fnmatch.fnmatchcase(n, item)]
+        if not matched:
+            from surgeon.errors import did_you_mean
+
+            raise SurgeonError(f"include {item!r} names no module of the model.{did_you_mean(item, names)} "
+                               f"Use a module path such as 'fc', a glob, or 'head'")
+        out.extend(m for m in matched if m not in out)
+    return out
+
+
+def adapter_keys(model, include: Sequence[str] = ()) -> list[str]:
+    """State-dict keys an adapter holds: everything under the edits' modules and under `include`
+    (module paths, globs, or 'head' for the classifier)."""
+    from surgeon.surgery.rewrite import edits_of
+
+    prefixes = [e["module"] + "." for e in edits_of(model)] + [p + "." for p in _resolve_include(model, include)]
+    return [k for k in model.state_dict() if any(k.startswith(p) for p in prefixes)]
+
+
+# -- save --------------------------------------------------------------------------------------------
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def save(model, directory: str | os.PathLike, *, adapter: bool = False, include: Sequence[str] = (),
+         force: bool = False) -> Path:
+    """Write a (patched) model into `directory`, atomically: `recipe.json` plus `model.safetensors`,
+    or, with `adapter=True`, `adapter.safetensors` holding only what the edits added.
 
     Args:
+        adapter: store only the parameters and buffers of the inserted modules (plus `include`).
+        include: with `adapter`, modules whose weights go in too: paths ('fc'), globs, or 'head'.
         force: replace `directory` when it exists.
 
+    Returns:
+        Path: the folder. Its recipe's `weights` field says what the file holds and its size against
+        the full model (`surgeon.summary(DIR)`).
+
     Raises:
-        SurgeonError: `directory` exists and force is False.
+        SurgeonError: `directory` exists and force is False; an adapter of a model without edits.
 
     Example:
         >>> surgeon.save(surgeon.add("resnet50", "cbam"), "out/cbam-r50")
+        >>> surgeon.save(model, "out/cbam-adapter", adapter=True, include=["head"])
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
+
+    from surgeon.surgery.rewrite import edits_of
 
     target = Path(directory)
     if target.exists() and not force:
         raise SurgeonError(f"Output folder {str(target)!r} exists; pass --force (force=True) to replace it")
+    if include and not adapter:
+        raise SurgeonError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
+    if adapter and not edits_of(model):
+        raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
+    recipe = recipe_of(model)
+    state = model.state_dict()
+    full = {"model_params": sum(t.numel() for t in state.values()), "model_bytes": _nbytes(state.values())}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        (tmp / RECIPE).write_text(json.dumps(recipe_of(model), indent=2) + "\n")
-        save_model(model, str(tmp / WEIGHTS))
+        if adapter:
+            included = _resolve_include(model, include)
+            keys = adapter_keys(model, included)
+            tensors = {k: state[k].detach().contiguous() for k in keys}
+            save_file(tensors, str(tmp / ADAPTER), metadata={"format": "surgeon.adapter"})
+            recipe["weights"] = {"file": ADAPTER, "adapter": True, "include": included, "tensors": len(tensors),
+                                 "params": sum(t.numel() for t in tensors.values()),
+                                 "bytes": _nbytes(tensors.values()), **full}
+        else:
+            save_model(model, str(tmp / WEIGHTS))
+            recipe["weights"] = {"file": WEIGHTS, "adapter": False, "tensors": len(state),
+                                 "params": full["model_params"], "bytes": full["model_bytes"], **full}
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -67,3 +155,128 @@ def save(model, directory: str | os.PathLike, *, force: bool = False) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+# -- load --------------------------------------------------------------------------------------------
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise WeightsError(f"Weights file {str(path)!r} is missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise WeightsError(f"Cannot read safetensors file {str(path)!r} (corrupt or truncated?): "
+                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _tied(own: dict[str, Any]) -> dict[str, set[str]]:
+    """Keys that are views of one tensor (tied weights): safetensors stores only one of them."""
+    groups: dict[tuple, set[str]] = {}
+    for k, t in own.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        groups.setdefault(key, set()).add(k)
+    return {k: g - {k} for g in groups.values() for k in g if len(g) > 1}
+
+
+def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, source: str) -> None:
+    """Load `sd` into `model` in place; it must hold exactly the `expected` keys (default: all).
+
+    Raises:
+        WeightsError: missing, unexpected or misshapen keys, named in one line.
+    """
+    own = model.state_dict()
+    want = list(own) if expected is None else list(expected)
+    tied = _tied(own)
+    missing = [k for k in want if k not in sd and not (tied.get(k, set()) & set(sd))]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in want
+             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({preview(missing, 3)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({preview(unexpected, 3)})")
+    if wrong:
+        problems.append(f"{len(wrong)} of another shape ({preview(wrong, 2)})")
+    if problems:
+        raise WeightsError(f"Weights {source!r} do not fit the model: " + "; ".join(problems) +
+                           " keys. Are they for another model, recipe or --model-arg?")
+    model.load_state_dict(sd, strict=False)
+
+
+def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, weights: str | os.PathLike | None = None,
+         allow_pickle: bool = False):
+    """Rebuild a saved model: read and validate the recipe, build the base (or take `base`), replay the
+    edits, load the weights.
+
+    Args:
+        directory: a folder written by `save` (or `surgeon add --out`).
+        base: the base model to put the edits on, e.g. a fresh pretrained model for an adapter. It is
+            copied, never changed.
+        trust_code: allow a recipe whose base model is a user factory (imports and runs its code).
+        weights: a checkpoint of the whole patched model (safetensors or a torch state dict) to load
+            instead of the folder's own weights.
+        allow_pickle: allow full unpickling of `weights` (runs code in the file; trusted files only).
+
+    Returns:
+        nn.Module: the patched model, in eval mode.
+
+    Raises:
+        RecipeError, WeightsError, UnknownNameError, NoSitesError, ShapeError.
+
+    Example:
+        >>> model = surgeon.load("out/cbam-r50")
+        >>> model = surgeon.load("out/cbam-adapter", base=timm.create_model("resnet50", pretrained=True))
+    """
+    from surgeon import models
+
+    folder, recipe = read_recipe(directory)
+    source = str(folder / RECIPE)
+    spec = recipe.get("weights") or {"file": WEIGHTS, "adapter": False}
+    file = inside(folder, spec["file"], what="weights file")
+    check_names(recipe, source=source)
+    if base is None:
+        base_reference(recipe, folder, trust_code=trust_code, source=source)  # refuse untrusted code early
+    # 1. Weights first: a bad file fails before any model is built.
+    if weights is not None:
+        sd, src = models.read_state_dict(weights, allow_pickle=allow_pickle), str(weights)
+    else:
+        sd, src = _read_safetensors(file), str(file)
+    adapter = spec["adapter"] and weights is None
+    # 2. The base: for a full checkpoint its own weights are replaced anyway, so it is built bare.
+    if base is not None:
+        base = copy.deepcopy(base)
+    elif adapter:
+        base = build_base(recipe, folder, trust_code=trust_code, with_weights=True, source=source)
+    else:
+        base = build_base(recipe, folder, trust_code=trust_code, with_weights=False, source=source)
+    # 3. The edits, then the weights.
+    model = replay(recipe, base, verify=False, _folder=folder)
+    if adapter:
+        fit(model, sd, expected=adapter_keys(model, spec.get("include", [])), source=src)
+    else:
+        if weights is not None:
+            sd = models._strip_prefixes(sd, set(model.state_dict()))
+        fit(model, sd, source=src)
+    return model.eval()
+
+
+def summary(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a saved folder holds, without building anything: base, edits, parameters added, weights
+    file and its size against the full model.
+
+    Example:
+        >>> surgeon.summary("out/cbam-adapter")["weights"]["bytes"]
+    """
+    folder, recipe = read_recipe(directory)
+    spec = recipe.get("weights")
+    out: dict[str, Any] = {"path": str(folder), "model": recipe.get("model"), "input_size": recipe.get("input_size"),
+                           "edits": recipe["edits"], "params_added": sum(e.get("params", 0) for e in recipe["edits"]),
+                           "versions": recipe.get("versions", {}), "weights": None}
+    if spec:
+        file = inside(folder, spec["file"], what="weights file")
+        if not file.is_file():
+            raise RecipeError(f"{str(folder)!r} names weights {spec['file']!r}, which are missing")
+        out["weights"] = {**spec, "file_bytes": file.stat().st_size}
+    return out

@@ -180,8 +180,8 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
 
 
 @cli.command("add")
-@click.argument("attention")
-@click.argument("model")
+@click.argument("attention", required=False)
+@click.argument("model", required=False)
 @click.option("--kind", help="Site kind (default: the attention's own).")
 @click.option("--at", multiple=True, metavar="GLOB", help="Only sites whose name matches (repeatable).")
 @click.option("--option", "options", multiple=True, metavar="K=V", help="Attention option (repeatable).")
@@ -192,18 +192,41 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
 @click.option("--out", type=click.Path(file_okay=False), help="Write recipe.json + model.safetensors here.")
 @click.option("--force", is_flag=True, help="Replace --out when it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print plan and verification as JSON on stdout.")
+@click.option("--recipe", type=click.Path(dir_okay=True), help="Replay this recipe (recipe.json, or a saved "
+              "folder) instead of ATTENTION; MODEL is then optional (default: the recipe's base model).")
+@click.option("--trust-code", is_flag=True, help="With --recipe: allow a base model that is a user factory "
+              "(imports and runs its code).")
+@click.option("--adapter", is_flag=True, help="With --out: save only the weights the edits added.")
+@click.option("--include", multiple=True, metavar="MODULE", help="With --adapter: also save this module's "
+              "weights (path, glob, or 'head'; repeatable).")
 @handle_errors
-def add_cmd(attention: str, model: str, kind: str | None, at: tuple[str, ...], options: tuple[str, ...],
+def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tuple[str, ...], options: tuple[str, ...],
             init: str, model_args, pretrained, weights, allow_pickle, input_size, dry_run: bool,
-            out: str | None, force: bool, as_json: bool) -> None:
-    """Insert ATTENTION into MODEL, verify it, and optionally save it."""
+            out: str | None, force: bool, as_json: bool, recipe: str | None = None, trust_code: bool = False,
+            adapter: bool = False, include: tuple[str, ...] = ()) -> None:
+    """Insert ATTENTION into MODEL, verify it, and optionally save it.
+
+    With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
+    """
     from pathlib import Path
 
     import surgeon
     from surgeon import models
 
+    if recipe:
+        return _add_recipe(recipe, attention, model, kind=kind, at=at, options=options, model_args=model_args,
+                           pretrained=pretrained, weights=weights, allow_pickle=allow_pickle, input_size=input_size,
+                           dry_run=dry_run, out=out, force=force, as_json=as_json, trust_code=trust_code,
+                           adapter=adapter, include=include)
+    for name, value in (("ATTENTION", attention), ("MODEL", model)):
+        if not value:
+            raise click.MissingParameter(param_hint=f"'{name}'", param_type="argument")
+    if trust_code:
+        raise click.UsageError("--trust-code only applies with --recipe")
     if out and Path(out).exists() and not force and not dry_run:
         raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    if (adapter or include) and not out and not dry_run:
+        raise click.UsageError("--adapter and --include apply to --out")
     opts = models.parse_assignments(options, "--option")
     m = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status("Tracing and planning…"):
@@ -221,14 +244,14 @@ def add_cmd(attention: str, model: str, kind: str | None, at: tuple[str, ...], o
     result["verification"] = v.to_dict()
     if out:
         with _stderr().status(f"Saving to {out}…"):
-            surgeon.save(patched, out, force=force)
+            surgeon.save(patched, out, force=force, adapter=adapter, include=include)
         result["out"] = out
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     _stdout().print(_verification_table(v, init))
     if out:
-        click.echo(f"Saved: {out}/recipe.json, {out}/model.safetensors")
+        _echo_saved(out)
 
 
 def _verification_table(v, init: str):
@@ -248,6 +271,173 @@ def _verification_table(v, init: str):
               f"(+{human(v.flops_added)}, {100 * v.flops_added / max(v.flops_before, 1):.2f}%)")
     t.add_row("status", "[green]ok[/green]" if v.ok else "[red]FAILED[/red]")
     return t
+
+# -- recipes, saved folders, export (issue 5) ----------------------------------------------------------
+def _size(n: int) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def _weights_line(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "weights: none (a recipe only)"
+    share = 100 * w.get("bytes", 0) / max(w.get("model_bytes", 0), 1)
+    what = "adapter" if w["adapter"] else "full model"
+    line = f"weights: {w['file']} ({what}) {_size(w.get('file_bytes', w.get('bytes', 0)))} on disk"
+    if w["adapter"]:
+        line += (f", {w.get('params', 0):,} parameters = {share:.2f}% of the full model's "
+                 f"{w.get('model_params', 0):,} ({_size(w.get('model_bytes', 0))})")
+        if w.get("include"):
+            line += f"; includes {', '.join(w['include'])}"
+    return line
+
+
+def _recipe_table(info: dict[str, Any]):
+    from rich.table import Table
+
+    base = info.get("model") or {}
+    ref = base.get("ref", "(no base reference)")
+    extras = [f"{k}={v!r}" for k, v in (base.get("args") or {}).items()]
+    if base.get("pretrained"):
+        extras.append("pretrained")
+    if base.get("weights"):
+        extras.append(f"weights {base['weights']}")
+    size = "×".join(str(d) for d in info["input_size"]) if info.get("input_size") else "model default"
+    title = f"{ref}{' (' + ', '.join(extras) + ')' if extras else ''}: {len(info['edits'])} edits, input {size}"
+    t = Table(title=title, title_justify="left")
+    for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("attention", "left"),
+                      ("options", "left"), ("module", "left"), ("params", "right")):
+        t.add_column(col, justify=just)
+    for i, e in enumerate(info["edits"], 1):
+        opts = ", ".join(f"{k}={v!r}" for k, v in (e.get("options") or {}).items())
+        t.add_row(str(i), e["site"], e.get("kind") or "", f"{e['attention']} ({e.get('init', 'identity')})", opts,
+                  e.get("module", ""), f"{e['params']:,}" if "params" in e else "")
+    t.add_row("", "total", "", "", "", "", f"{info['params_added']:,}", style="bold")
+    return t
+
+
+def _echo_saved(out: str) -> None:
+    import surgeon
+
+    info = surgeon.summary(out)
+    click.echo(f"Saved: {out}/recipe.json, {out}/{info['weights']['file']}")
+    click.echo(_weights_line(info["weights"]))
+
+
+def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at, options, model_args, pretrained,
+                weights, allow_pickle, input_size, dry_run, out, force, as_json, trust_code, adapter, include) -> None:
+    """`surgeon add --recipe FILE [MODEL]`: replay a recipe (see `surgeon.replay`)."""
+    from pathlib import Path
+
+    import surgeon
+
+    ctx = click.get_current_context()
+    if second:
+        raise click.UsageError("With --recipe, pass at most one argument: MODEL")
+    if kind or at or options or ctx.get_parameter_source("init") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--kind, --at, --option and --init come from the recipe; edit the recipe instead")
+    if not first and (weights or pretrained or model_args):
+        raise click.UsageError("--weights, --pretrained and --model-arg need MODEL with --recipe")
+    if (adapter or include) and not out:
+        raise click.UsageError("--adapter and --include apply to --out")
+    if out and Path(out).exists() and not force and not dry_run:
+        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    info = surgeon.summary(recipe)
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps(info, indent=2))
+        else:
+            _stdout().print(_recipe_table(info))
+        return
+    base = _load(first, model_args, pretrained, weights, allow_pickle) if first else None
+    with _stderr().status("Replaying the recipe and verifying…"):
+        patched = surgeon.replay(recipe, base, trust_code=trust_code, input_size=input_size)
+    if out:
+        with _stderr().status(f"Saving to {out}…"):
+            surgeon.save(patched, out, force=force, adapter=adapter, include=include)
+    if as_json:
+        click.echo(json.dumps({"recipe": recipe, "edits": len(info["edits"]), "verified": True, "out": out}, indent=2))
+        return
+    _stdout().print(_recipe_table(info))
+    click.echo(f"Replayed {len(info['edits'])} edits from {recipe}; verified at identity init")
+    if out:
+        _echo_saved(out)
+
+
+@cli.command("apply")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("model")
+@model_options
+@click.option("--out", type=click.Path(file_okay=False), help="Write the patched model (full) here.")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow_pickle, input_size,
+              out: str | None, force: bool, as_json: bool) -> None:
+    """Put the adapter (or saved model) in DIRECTORY on a freshly built MODEL."""
+    from pathlib import Path
+
+    import surgeon
+
+    if out and Path(out).exists() and not force:
+        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    info = surgeon.summary(directory)
+    base = _load(model, model_args, pretrained, weights, allow_pickle)
+    with _stderr().status(f"Applying {directory}…"):
+        patched = surgeon.load(directory, base=base)
+    if out:
+        with _stderr().status(f"Saving to {out}…"):
+            surgeon.save(patched, out, force=force)
+    if as_json:
+        click.echo(json.dumps({**info, "base": model, "out": out}, indent=2, default=str))
+        return
+    _stdout().print(_recipe_table(info))
+    click.echo(_weights_line(info["weights"]))
+    if out:
+        _echo_saved(out)
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["exported", "torchscript", "onnx"]), required=True,
+              help="exported: torch.export (.pt2); torchscript (.pt); onnx (.onnx, checked with onnxruntime).")
+@click.option("--out", type=click.Path(dir_okay=False), help="The file to write (default: DIRECTORY/model.EXT).")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--tolerance", type=float, default=1e-5, show_default=True,
+              help="Largest |export − model| allowed on the example input.")
+@click.option("--trust-code", is_flag=True, help="Allow a recipe whose base model is a user factory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance: float, trust_code: bool,
+               as_json: bool) -> None:
+    """Export the model saved in DIRECTORY, run the export and compare it with the model."""
+    import surgeon
+
+    with _stderr().status(f"Exporting {directory} as {fmt}…"):
+        result = surgeon.export_model(directory, fmt, out, tolerance=tolerance, trust_code=trust_code, force=force)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"Exported: {result.path} ({fmt}, {result.method}); max |export − model| = "
+               f"{result.max_abs_diff:.3g} (≤ {tolerance:g})")
+
+
+@cli.command("show")
+@click.argument("directory", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def show_cmd(directory: str, as_json: bool) -> None:
+    """Show a saved folder (or a recipe file): base model, edits, parameters added, weights size."""
+    import surgeon
+
+    info = surgeon.summary(directory)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    _stdout().print(_recipe_table(info))
+    click.echo(_weights_line(info["weights"]))
 
 
 def main() -> None:

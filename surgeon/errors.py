@@ -79,3 +79,12 @@ def preview(names: Iterable[str], n: int = 5) -> str:
 
 class VerificationError(SurgeonError):
     """A patched model failed its check (identity init changed the output, gradients do not flow)."""
+
+
+class RecipeError(SurgeonError):
+    """A recipe that cannot be read: not JSON, not a recipe, a version this surgeon cannot read, a
+    field of the wrong type, a path outside the recipe's folder, or code it was not trusted to run."""
+
+
+class ExportError(SurgeonError):
+    """A patched model that an export format cannot serve, or whose export computes something else."""

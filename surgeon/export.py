@@ -1,0 +1,197 @@
+"""Export a patched model for deployment without surgeon: torch.export (.pt2), TorchScript, ONNX.
+
+Every export is checked by running the written file (ONNX through onnxruntime) on the example input
+and comparing with the patched model (max |diff| ≤ tolerance); it is written to a temporary file and
+moved into place only when the check passes. When a format cannot serve the model, each inserted
+module is tried alone, so the error names the module and the reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from surgeon.errors import ExportError, SurgeonError
+
+log = logging.getLogger("surgeon")
+
+FORMATS = {"exported": ".pt2", "torchscript": ".pt", "onnx": ".onnx"}
+ONNX_HINT = "pip install 'surgeon[export]' (onnx, onnxruntime, onnxscript)"
+
+
+@dataclass
+class Exported:
+    """A written, checked export: where, which format and how (e.g. 'trace' for TorchScript), and
+    the largest |difference| from the patched model on the example input."""
+
+    path: Path
+    format: str
+    method: str
+    max_abs_diff: float
+    tolerance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Exporters print progress on stdout and warn a lot; stdout is for results."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip(": ")
+
+
+# -- one function per format: write `model` to `path`, return (method, a runner of the written file) --
+def _write_exported(model, inputs: tuple, path: Path) -> tuple[str, Callable[..., Any]]:
+    import torch
+
+    ep = torch.export.export(model, inputs)
+    torch.export.save(ep, str(path))
+    loaded = torch.export.load(str(path)).module()
+    return "torch.export", loaded
+
+
+def _write_torchscript(model, inputs: tuple, path: Path) -> tuple[str, Callable[..., Any]]:
+    import torch
+
+    try:
+        scripted, method = torch.jit.script(model), "script"
+    except Exception as exc:  # scripting needs every module to be TorchScript-clean; tracing does not
+        log.info("torchscript: script failed (%s); tracing instead (fixed shapes and eval-mode control flow)",
+                 _first_line(exc))
+        scripted, method = torch.jit.trace(model, inputs, check_trace=False), "trace"
+    torch.jit.save(scripted, str(path))
+    return method, torch.jit.load(str(path))
+
+
+def _write_onnx(model, inputs: tuple, path: Path) -> tuple[str, Callable[..., Any]]:
+    import torch
+
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError(f"ONNX export needs onnx and onnxruntime, which are not installed: {ONNX_HINT}") from exc
+    torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, external_data=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(*args):
+        feeds = {i.name: a.detach().numpy() for i, a in zip(session.get_inputs(), args)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+    return "torch.onnx (dynamo)", run
+
+
+_WRITERS = {"exported": _write_exported, "torchscript": _write_torchscript, "onnx": _write_onnx}
+
+
+# -- diagnosis ---------------------------------------------------------------------------------------
+def _module_inputs(model, paths: list[str], inputs: tuple) -> dict[str, tuple]:
+    """The positional inputs each inserted module receives on the example input."""
+    import torch
+
+    seen: dict[str, tuple] = {}
+    handles = []
+    for p in paths:
+        def hook(_m, args, _p=p):
+            seen.setdefault(_p, tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        handles.append(model.get_submodule(p).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _culprit(model, fmt: str, inputs: tuple, folder: Path) -> str:
+    """Which inserted module the format cannot serve, and why ('' when each exports alone)."""
+    from surgeon.surgery.rewrite import edits_of
+
+    paths = [e["module"] for e in edits_of(model)]
+    for path, args in _module_inputs(model, paths, inputs).items():
+        module = model.get_submodule(path)
+        try:
+            with _quiet():
+                _WRITERS[fmt](module, args, folder / f"part{FORMATS[fmt]}")
+        except Exception as exc:
+            return f"module {path!r} ({type(module).__name__}) cannot be exported: {_first_line(exc)}"
+    return ""
+
+
+# -- the public function -----------------------------------------------------------------------------
+def export(model, format: str, out: str | os.PathLike | None = None, *, example_input: Any = None,
+           tolerance: float = 1e-5, trust_code: bool = False, force: bool = False) -> Exported:
+    """Export a patched model (or a saved folder) and check the written file against it.
+
+    Args:
+        model: an nn.Module, or a folder written by `surgeon.save` (loaded with `surgeon.load`).
+        format: 'exported' (torch.export, .pt2), 'torchscript' (script, else trace; .pt) or 'onnx'.
+        out: the file to write (default for a folder: DIR/model.pt2, DIR/model.pt or DIR/model.onnx).
+        example_input: the input to export with and check on (default: the model's example input,
+            from its recipe's input size).
+        tolerance: the largest |difference| allowed between the export and the model.
+        trust_code: see `surgeon.load`. force: replace `out` when it exists.
+
+    Returns:
+        Exported: path, format, method and the measured max |diff|.
+
+    Raises:
+        ExportError: the format cannot serve a module (named, with the reason), or the export's
+        output differs by more than `tolerance`.
+
+    Example:
+        >>> surgeon.export_model("out/cbam-r50", "onnx").max_abs_diff
+    """
+    import torch
+
+    from surgeon import api, checkpoint
+    from surgeon.surgery.verify import max_abs_diff
+
+    if format not in FORMATS:
+        from surgeon.errors import unknown
+
+        raise unknown("export format", format, FORMATS, f"Valid formats: {', '.join(FORMATS)}.")
+    if isinstance(model, (str, os.PathLike)):
+        folder = Path(model)
+        model = checkpoint.load(folder, trust_code=trust_code)
+        out = Path(out) if out is not None else folder / f"model{FORMATS[format]}"
+    elif out is None:
+        raise SurgeonError("Pass out= (the file to write) when exporting a model object")
+    out = Path(out)
+    if out.exists() and not force:
+        raise SurgeonError(f"Output file {str(out)!r} exists; pass --force (force=True) to replace it")
+    model = model.eval()
+    inputs = api.example_inputs(model, example_input=example_input)
+    with torch.no_grad():
+        expected = model(*inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        tmp_file = Path(tmp) / out.name
+        try:
+            with _quiet(), torch.no_grad():
+                method, run = _WRITERS[format](model, inputs, tmp_file)
+                got = run(*inputs)
+        except ExportError:
+            raise
+        except Exception as exc:
+            why = _culprit(model, format, inputs, Path(tmp)) or f"the model cannot be exported: {_first_line(exc)}"
+            raise ExportError(f"{format} export of {type(model).__name__} failed: {why}") from exc
+        diff = max_abs_diff(expected, got)
+        if not diff <= tolerance:
+            raise ExportError(f"The {format} export ({method}) differs from the patched model by {diff:.3g} "
+                              f"(> {tolerance:g}) on the example input; nothing written")
+        os.replace(tmp_file, out)
+    return Exported(path=out, format=format, method=method, max_abs_diff=diff, tolerance=tolerance)

@@ -1,0 +1,308 @@
+"""Recipes: read and validate `recipe.json`, and replay one onto a base model.
+
+A recipe is a plan as JSON (format "surgeon.recipe", version 1): the base model reference, the input
+size, the edits (site, kind, attention, options, init; `step` groups the edits of one `add`), the
+versions that wrote it and, in a saved folder, which weights file holds what. It is validated against
+`SCHEMA` before anything is built; paths in it are relative to its folder and cannot leave it; a base
+model that is a user factory (`package.module:factory`, `file.py:factory`) imports code and needs
+`trust_code=True` (`--trust-code`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from surgeon.errors import RecipeError, SurgeonError
+
+log = logging.getLogger("surgeon")
+
+RECIPE = "recipe.json"
+FORMAT = "surgeon.recipe"
+FORMAT_VERSION = 1
+MAX_BYTES = 16 << 20  # a recipe is a few KB; refuse anything absurd before parsing it
+
+_NONE = type(None)
+# field: (accepted types, required). A nested dict schema stands for a JSON object with those fields.
+_MODEL = {"ref": (str, True), "args": (dict, False), "pretrained": (bool, False), "weights": ((str, _NONE), False)}
+_EDIT = {"site": (str, True), "attention": (str, True), "kind": ((str, _NONE), False), "options": (dict, False),
+         "init": (str, False), "shape": (list, False), "params": (int, False), "flops": (int, False),
+         "module": (str, False), "step": (int, False)}
+_WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, False), "tensors": (int, False),
+            "params": (int, False), "bytes": (int, False), "model_params": (int, False),
+            "model_bytes": (int, False)}
+SCHEMA = {"format": (str, True), "version": (int, True), "model": ((_MODEL, _NONE), False),
+          "input_size": ((list, _NONE), False), "edits": (list, True), "versions": (dict, False),
+          "weights": (_WEIGHTS, False)}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "an object", list: "a list",
+               _NONE: "null"}
+
+
+# -- validation --------------------------------------------------------------------------------------
+def _type_ok(value: Any, kind: Any) -> bool:
+    if isinstance(kind, dict):
+        return isinstance(value, dict)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_object(obj: Any, schema: dict[str, tuple], where: str, source: str) -> None:
+    if not isinstance(obj, dict):
+        raise RecipeError(f"Recipe {source!r}: {where or 'the top level'} must be an object")
+    for key in obj:
+        if key not in schema:
+            from surgeon.errors import did_you_mean
+
+            raise RecipeError(f"Recipe {source!r}: unknown field {_join(where, key)!r}."
+                              f"{did_you_mean(key, schema)} Valid fields: {', '.join(schema)}")
+    for key, (kinds, required) in schema.items():
+        if key not in obj:
+            if required:
+                raise RecipeError(f"Recipe {source!r}: field {_join(where, key)!r} is missing")
+            continue
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = obj[key]
+        matched = next((k for k in kinds if _type_ok(value, k)), None)
+        if matched is None:
+            want = " or ".join("an object" if isinstance(k, dict) else _TYPE_NAMES[k] for k in kinds)
+            raise RecipeError(f"Recipe {source!r}: field {_join(where, key)!r} must be {want}, "
+                              f"got {json.dumps(value)[:40]}")
+        if isinstance(matched, dict):
+            _check_object(value, matched, _join(where, key), source)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def validate(recipe: Any, *, source: str = "recipe") -> dict[str, Any]:
+    """Check a parsed recipe against `SCHEMA` (format and version first).
+
+    Returns:
+        the recipe, unchanged.
+
+    Raises:
+        RecipeError: one line naming the first problem.
+    """
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"Recipe {source!r} must be a JSON object, got {type(recipe).__name__}")
+    if recipe.get("format") != FORMAT:
+        raise RecipeError(f"{source!r} is not a surgeon recipe (format {recipe.get('format')!r}, "
+                          f"expected {FORMAT!r})")
+    version = recipe.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RecipeError(f"Recipe {source!r} has an unreadable version {version!r}; expected an integer "
+                          f"from 1 to {FORMAT_VERSION}")
+    if version > FORMAT_VERSION:
+        raise RecipeError(f"Recipe {source!r} has version {version}; this surgeon reads versions up to "
+                          f"{FORMAT_VERSION}. Upgrade surgeon to read it")
+    _check_object(recipe, SCHEMA, "", source)
+    for i, edit in enumerate(recipe["edits"]):
+        _check_object(edit, _EDIT, f"edits[{i}]", source)
+        if edit.get("init", "identity") not in ("identity", "paper"):
+            raise RecipeError(f"Recipe {source!r}: edits[{i}].init must be 'identity' or 'paper', "
+                              f"got {edit['init']!r}")
+    size = recipe.get("input_size")
+    if size is not None and (not size or any(not _type_ok(d, int) or d <= 0 for d in size)):
+        raise RecipeError(f"Recipe {source!r}: input_size must be positive integers, got {size}")
+    weights = recipe.get("weights")
+    if weights and any(not isinstance(p, str) for p in weights.get("include", [])):
+        raise RecipeError(f"Recipe {source!r}: weights.include must list module paths")
+    return recipe
+
+
+def inside(folder: Path, relative: str, *, what: str) -> Path:
+    """`folder / relative`, refused when `relative` is absolute or leads outside `folder`."""
+    if not relative or os.path.isabs(relative) or Path(relative).drive:
+        raise RecipeError(f"Recipe {what} {relative!r} must be a path relative to the recipe's folder")
+    root = folder.resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise RecipeError(f"Recipe {what} {relative!r} leads outside the recipe's folder {str(folder)!r}")
+    return path
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Read and validate a recipe: a folder holding `recipe.json`, or the JSON file itself.
+
+    Returns:
+        (the recipe's folder, the recipe).
+
+    Raises:
+        RecipeError: missing, not JSON (e.g. truncated), or not valid against the schema.
+    """
+    p = Path(path)
+    file = p / RECIPE if p.is_dir() else p
+    if not file.is_file():
+        hint = " (a folder written by 'surgeon add --out' or surgeon.save)" if not p.suffix else ""
+        raise RecipeError(f"No recipe at {str(file)!r}{hint}")
+    if file.stat().st_size > MAX_BYTES:
+        raise RecipeError(f"Recipe {str(file)!r} is {file.stat().st_size:,} bytes; a recipe is a small JSON file")
+    try:
+        recipe = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"Recipe {str(file)!r} is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"Recipe {str(file)!r} is not valid JSON (truncated?): {exc.msg} at line "
+                          f"{exc.lineno}, column {exc.colno}") from exc
+    return file.parent, validate(recipe, source=str(file))
+
+
+def check_names(recipe: dict[str, Any], *, source: str = "recipe") -> None:
+    """Every attention the recipe names is registered (before anything is built).
+
+    Raises:
+        UnknownNameError: with close matches and the hint to check installed plugins.
+    """
+    from surgeon import registry
+    from surgeon.errors import UnknownNameError
+
+    for i, edit in enumerate(recipe["edits"]):
+        try:
+            registry.get_attention(edit["attention"])
+        except UnknownNameError as exc:
+            raise UnknownNameError(f"Recipe {source!r}, edits[{i}]: {exc} Is the plugin that provides it "
+                                   f"installed?") from exc
+
+
+# -- the base model ----------------------------------------------------------------------------------
+def base_reference(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool, source: str) -> str:
+    """The base model reference, checked: user factories need `trust_code`; a `file.py:factory` is
+    resolved inside the recipe's folder."""
+    from surgeon import models
+
+    model = recipe.get("model")
+    if not model:
+        raise RecipeError(f"Recipe {source!r} names no base model; pass the base model (base=model, or "
+                          f"MODEL on the command line)")
+    ref = model["ref"]
+    scheme, _ = models.describe(ref)
+    if scheme != "factory":
+        return ref
+    if not trust_code:
+        raise RecipeError(f"Recipe {source!r} builds its base model with the user factory {ref!r}, which "
+                          f"imports and runs code; pass --trust-code (trust_code=True) if you trust it")
+    target, _, attr = ref.rpartition(":")
+    if target.endswith(".py"):
+        if folder is None:
+            raise RecipeError(f"Recipe {source!r}: {target!r} is relative to a recipe folder; read the "
+                              f"recipe from its file")
+        return f"{inside(folder, target, what='model file')}:{attr}"
+    return ref
+
+
+def build_base(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool, with_weights: bool,
+               source: str, allow_pickle: bool = False):
+    """Build the recipe's base model. With `with_weights`, also its weights (pretrained, or the file
+    the recipe names, which must sit in the recipe's folder)."""
+    from surgeon import models
+
+    ref = base_reference(recipe, folder, trust_code=trust_code, source=source)
+    spec = recipe["model"]
+    weights = None
+    if with_weights and spec.get("weights"):
+        if folder is None:
+            raise RecipeError(f"Recipe {source!r}: base weights {spec['weights']!r} are relative to a recipe folder")
+        weights = inside(folder, spec["weights"], what="base weights")
+        if not weights.is_file():
+            raise RecipeError(f"Recipe {source!r} needs its base weights {spec['weights']!r} beside it in "
+                              f"{str(folder)!r}; copy the file there, or pass the base model yourself "
+                              f"(surgeon apply DIR MODEL --weights FILE)")
+    model = models.load(ref, pretrained=bool(with_weights and spec.get("pretrained")), weights=weights,
+                        model_args=spec.get("args") or {}, allow_pickle=allow_pickle)
+    model.__dict__["_surgeon"]["model"] = dict(spec)  # keep the recipe's own reference
+    return model
+
+
+# -- replay ------------------------------------------------------------------------------------------
+def steps(edits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Group edits into the `add` calls that made them: by `step` when recorded, else runs of equal
+    (attention, kind, options, init)."""
+    groups: list[list[dict[str, Any]]] = []
+    last = None
+    for edit in edits:
+        key = edit["step"] if "step" in edit else (edit["attention"], edit.get("kind"),
+                                                   json.dumps(edit.get("options", {}), sort_keys=True),
+                                                   edit.get("init", "identity"))
+        if groups and key == last:
+            groups[-1].append(edit)
+        else:
+            groups.append([edit])
+        last = key
+    return groups
+
+
+def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code: bool = False,
+           verify: bool = True, input_size=None, allow_pickle: bool = False, _folder: Path | None = None,
+           _with_weights: bool = True):
+    """Rebuild a patched model from a recipe: build (or take) the base model, then redo each step's
+    edits at the same sites, in order.
+
+    Args:
+        recipe: a recipe dict, a recipe.json file, or a folder holding one.
+        base: the base model to patch (not changed; the result shares its parameters). Default: built
+            from the recipe's reference, with its pretrained or local weights.
+        trust_code: allow a recipe whose base is a user factory (imports and runs its code).
+        verify: check each step at identity init (see `surgeon.verify_model`).
+        input_size: per-sample input shape (default: the recipe's).
+
+    Returns:
+        nn.Module: the patched model, in eval mode.
+
+    Raises:
+        RecipeError: invalid recipe, untrusted factory. UnknownNameError: an attention that is not
+        installed. NoSitesError / ShapeError: the recipe's sites are not in this model.
+
+    Example:
+        >>> model = surgeon.replay("my-plan.json", trust_code=False)
+    """
+    from torch import nn
+
+    from surgeon import api
+    from surgeon.errors import NoSitesError, ShapeError
+
+    if isinstance(recipe, dict):
+        folder, source = _folder, "recipe"
+        recipe = validate(recipe, source=source)
+    else:
+        given = Path(recipe)
+        folder, recipe = read_recipe(given)
+        source = str(given / RECIPE if given.is_dir() else given)
+    check_names(recipe, source=source)
+    if base is None:
+        model = build_base(recipe, folder, trust_code=trust_code, with_weights=_with_weights, source=source,
+                           allow_pickle=allow_pickle)
+    elif not isinstance(base, nn.Module):
+        raise SurgeonError(f"base must be a torch.nn.Module, got {type(base).__name__}")
+    else:
+        from surgeon.surgery.rewrite import edits_of
+
+        if edits_of(base):
+            raise RecipeError(f"The base model already has {len(edits_of(base))} edits; pass the model "
+                              f"before surgery")
+        model = base
+    size = input_size or recipe.get("input_size")
+    for group in steps(recipe["edits"]):
+        first = group[0]
+        names = [e["site"] for e in group]
+        try:
+            plan = api.plan(model, first["attention"], kind=first.get("kind"), at=[glob.escape(n) for n in names],
+                            init=first.get("init", "identity"), input_size=size, **first.get("options", {}))
+        except NoSitesError as exc:
+            raise NoSitesError(f"Recipe {source!r}: sites {names[:3]} of {first['attention']} are not all in "
+                               f"this model ({exc})") from exc
+        got = {e.site.name: e for e in plan.edits}
+        for edit in group:
+            shape = edit.get("shape")
+            found = got[edit["site"]]
+            if shape and list(found.site.shape[1:]) != list(shape[1:]):
+                raise ShapeError(f"Recipe {source!r}: site {edit['site']!r} has shape "
+                                 f"{list(found.site.shape[1:])} here, {list(shape[1:])} in the recipe "
+                                 f"(another model, or another input size?)")
+        model = plan.apply(verify=verify)
+        log.debug("replayed step: %s at %d sites", first["attention"], len(group))
+    return model.eval()
