@@ -131,7 +131,7 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
         raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
     recipe = recipe_of(model)
     state = model.state_dict()
-    full = {"model_params": sum(t.numel() for t in state.values()), "model_bytes": _nbytes(state.values())}
+    full = {"model_params": sum(p.numel() for p in model.parameters()), "model_bytes": _nbytes(state.values())}
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -140,13 +140,15 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
             keys = adapter_keys(model, included)
             tensors = {k: state[k].detach().contiguous() for k in keys}
             save_file(tensors, str(tmp / ADAPTER), metadata={"format": "surgeon.adapter"})
+            params = {n for n, _ in model.named_parameters()}
             recipe["weights"] = {"file": ADAPTER, "adapter": True, "include": included, "tensors": len(tensors),
-                                 "params": sum(t.numel() for t in tensors.values()),
+                                 "params": sum(t.numel() for k, t in tensors.items() if k in params),
                                  "bytes": _nbytes(tensors.values()), **full}
         else:
             save_model(model, str(tmp / WEIGHTS))
             recipe["weights"] = {"file": WEIGHTS, "adapter": False, "tensors": len(state),
                                  "params": full["model_params"], "bytes": full["model_bytes"], **full}
+        # NOTE: params count parameters only; bytes also cover buffers (batch-norm statistics...)
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)
