@@ -21,9 +21,12 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.channel",
     "surgeon.plugins.spatial",
     "surgeon.plugins.mixed",
+    "surgeon.plugins.drop",
     "surgeon.plugins.pooling",
     "surgeon.plugins.self_attention",
+    "surgeon.plugins.sequence",
     "surgeon.plugins.sites",
+    "surgeon.plugins.sequence_sites",
     "surgeon.plugins.sources",
 )
 ENTRY_POINT_GROUP = "surgeon"

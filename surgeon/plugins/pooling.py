@@ -2,7 +2,17 @@
 from surgeon.hookspecs import hookimpl
 
 
-def build_attnpool(site, *, init: str = "identity", num_heads: int = 1):
+def build_attnpool(site, *, init: str = "identity", num_heads: int = 1, score: str | None = None,
+                   query: str | None = None, hidden: int | None = None):
+    """Dispatches on the site's kind: 'pool' (a feature map) or 'rnn' (a sequence; score/query/hidden)."""
+    if site.kind == "rnn":
+        from surgeon.plugins.sequence import build_rnn_pool
+
+        if num_heads != 1:
+            raise ValueError(f"num_heads applies to pool sites; rnn sites pool with one query, got {num_heads}")
+        return build_rnn_pool(site, init=init, score=score or "additive", query=query or "learned", hidden=hidden)
+    if (score, query, hidden) != (None, None, None):
+        raise ValueError("score, query and hidden apply to rnn sites; pool sites use num_heads")
     from surgeon.layers.gate import GatedReplacement
     from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
     from surgeon.plugins._glue import require_feature_map
@@ -32,6 +42,8 @@ def build_attnpool(site, *, init: str = "identity", num_heads: int = 1):
 
 @hookimpl
 def register_attentions(register):
-    register("attnpool", build_attnpool, kinds=("pool",), aliases=("attention_pool",),
-             summary="softmax attention pooling in place of average/max pooling (zero scores = average)",
+    register("attnpool", build_attnpool, kinds=("pool", "rnn"), aliases=("attention_pool",),
+             layouts=("nchw", "nlc", "lnc"),
+             summary="softmax attention pooling in place of average/max pooling (zero scores = average), "
+                     "or over an RNN's steps in place of its last-step / h_n / mean selection (score=...)",
              paper="Gao et al., LIP: Local Importance-based Pooling, ICCV 2019 (arXiv:1908.04156)")

@@ -1,0 +1,471 @@
+"""Attention over sequences (B, T, C): score functions, pooling (soft, hard, local, structured, with an
+external query), token self-attention (multi-head, local) and DA-RNN's input attention.
+
+Score functions share one interface, `score(q, k) -> (B, Q, T)` for queries (B, Q, Dq) and keys
+(B, T, Dk): dot, scaled_dot, general (q·W·k), cosine, concat (w·[q;k]) and additive/mlp
+(Bahdanau: v·tanh(W·q + U·k)). Their last weights start at zero, so a zero query or zero weights give
+uniform attention: the plain mean over time steps. Masks are (B, T) booleans, True on real steps;
+masked steps get exactly zero weight, so their values never reach the output.
+
+Papers: Bahdanau et al., Neural Machine Translation by Jointly Learning to Align and Translate, ICLR
+2015 (arXiv:1409.0473); Luong et al., Effective Approaches to Attention-based NMT, EMNLP 2015
+(arXiv:1508.04025); Lin et al., A Structured Self-attentive Sentence Embedding, ICLR 2017
+(arXiv:1703.03130); Qin et al., A Dual-Stage Attention-Based RNN for Time Series Prediction, IJCAI
+2017 (arXiv:1704.02971); Jang et al., Categorical Reparameterization with Gumbel-Softmax, ICLR 2017
+(arXiv:1611.01144); Vaswani et al., Attention Is All You Need, NeurIPS 2017 (arXiv:1706.03762).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgeon.layers._util import check_positive_int
+
+
+# -- score functions -----------------------------------------------------------------------------------
+class DotScore(nn.Module):
+    """q·k (Luong's dot). Needs Dq == Dk."""
+
+    has_params = False
+
+    def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
+        super().__init__()
+        if q_dim != k_dim:
+            raise ValueError(f"score '{self.name}' needs query and keys of one size, got {q_dim} and {k_dim}; "
+                             f"use score='general' or 'additive'")
+
+    name = "dot"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q @ k.transpose(-1, -2)
+
+
+class ScaledDotScore(DotScore):
+    """q·k / √D (Vaswani et al.)."""
+
+    name = "scaled_dot"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q @ k.transpose(-1, -2) / math.sqrt(k.shape[-1])
+
+
+class CosineScore(DotScore):
+    """cos(q, k) = q·k / (‖q‖‖k‖)."""
+
+    name = "cosine"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2)
+
+
+class GeneralScore(nn.Module):
+    """q·W·k (Luong's general, bilinear). W starts at zero."""
+
+    has_params = True
+    name = "general"
+
+    def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(q_dim, k_dim))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return (q @ self.weight) @ k.transpose(-1, -2)
+
+
+class ConcatScore(nn.Module):
+    """w·[q;k] = w_q·q + w_k·k. w starts at zero.
+
+    NOTE: this is the linear form; the query's term is the same for every key, so it cancels in the
+    softmax over keys. Luong's 'concat' with a tanh is `additive`.
+    """
+
+    has_params = True
+    name = "concat"
+
+    def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
+        super().__init__()
+        self.q_dim = q_dim
+        self.weight = nn.Parameter(torch.zeros(q_dim + k_dim))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        wq, wk = self.weight[: self.q_dim], self.weight[self.q_dim:]
+        return (q @ wq).unsqueeze(-1) + (k @ wk).unsqueeze(-2)
+
+
+class AdditiveScore(nn.Module):
+    """v·tanh(W·q + U·k) (Bahdanau). v starts at zero; `hidden` defaults to Dk."""
+
+    has_params = True
+    name = "additive"
+
+    def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
+        super().__init__()
+        hidden = check_positive_int("hidden", hidden) if hidden is not None else k_dim
+        self.w = nn.Linear(q_dim, hidden, bias=False)
+        self.u = nn.Linear(k_dim, hidden)
+        self.v = nn.Parameter(torch.zeros(hidden))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.w(q).unsqueeze(-2) + self.u(k).unsqueeze(-3)) @ self.v
+
+
+SCORES: dict[str, type[nn.Module]] = {
+    "dot": DotScore, "scaled_dot": ScaledDotScore, "general": GeneralScore, "cosine": CosineScore,
+    "concat": ConcatScore, "additive": AdditiveScore, "mlp": AdditiveScore,
+}
+
+
+def make_score(name: str, q_dim: int, k_dim: int, *, hidden: int | None = None) -> nn.Module:
+    """A score module by name (see `SCORES`)."""
+    if name not in SCORES:
+        from surgeon.errors import did_you_mean
+
+        raise ValueError(f"score {name!r} is not known.{did_you_mean(name, SCORES)} Valid: {', '.join(SCORES)}")
+    return SCORES[name](q_dim, k_dim, hidden=hidden)
+
+
+# -- masks ---------------------------------------------------------------------------------------------
+MASK_FORMS = ("lengths", "valid", "padding", "tokens")
+
+
+def key_mask(source: torch.Tensor, form: str, steps: int, *, pad_id: int | None = None) -> torch.Tensor:
+    """A (B, T) boolean mask, True on real steps, from a model's own padding information.
+
+    Args:
+        source: lengths (B,), a (B, T) mask, or (B, T) token ids.
+        form: 'lengths'; 'valid' (nonzero = real step); 'padding' (nonzero = padding); 'tokens' (ids;
+            `pad_id` is padding).
+    """
+    if form == "lengths":
+        return torch.arange(steps, device=source.device) < source.to(torch.long).reshape(-1, 1)
+    if form == "valid":
+        return source[:, :steps] != 0
+    if form == "padding":
+        return source[:, :steps] == 0
+    if form == "tokens":
+        return source[:, :steps] != pad_id
+    raise ValueError(f"mask form {form!r} is not known. Valid: {', '.join(MASK_FORMS)}")
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
+    """softmax over `dim` with masked entries exactly zero (a row with no real entry gives zeros)."""
+    if mask is None:
+        return scores.softmax(dim)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.nan_to_num(scores.softmax(dim), nan=0.0)
+
+
+def last_valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x[:, -1], or for each sample its last real step when a mask is given. (B, T, C) -> (B, C)."""
+    if mask is None:
+        return x[:, -1]
+    idx = (mask.long().cumsum(1).argmax(1)).clamp(min=0)
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+# -- pooling over time steps ----------------------------------------------------------------------------
+_QUERIES = ("learned", "last", "external")
+
+
+class SeqAttnPool(nn.Module):
+    """Soft attention pooling (B, T, C) -> (B, C): Σₜ softmax(score(q, xₜ))·xₜ.
+
+    Args:
+        channels: C.
+        score: a name in `SCORES`.
+        query: 'learned' (one learned vector), 'last' (the last real step, Luong-style) or 'external'
+            (passed to forward, e.g. another model input; `query_dim` is its size).
+        hidden: hidden size of the additive score.
+
+    The latest weights (B, T) are kept in `attn_weights` (detached) for inspection.
+    """
+
+    def __init__(self, channels: int, *, score: str = "additive", query: str = "learned",
+                 query_dim: int | None = None, hidden: int | None = None):
+        super().__init__()
+        check_positive_int("channels", channels)
+        if query not in _QUERIES:
+            raise ValueError(f"query must be one of {', '.join(_QUERIES)}, got {query!r}")
+        q_dim = channels if query != "external" else check_positive_int("query_dim", query_dim)
+        self.query_mode = query
+        self.score = make_score(score, q_dim, channels, hidden=hidden)
+        if query == "learned":
+            # zero for parameter-free scores (uniform weights at init); small for the others, whose
+            # last weights are zero, so gradients reach both
+            init = torch.zeros(1, 1, q_dim) if not self.score.has_params else torch.randn(1, 1, q_dim) * q_dim ** -0.5
+            self.query = nn.Parameter(init)  # (1, 1, Dq): broadcasts over the batch in every score
+        self.attn_weights: torch.Tensor | None = None
+
+    @property
+    def uniform_at_init(self) -> bool:
+        """Whether the weights start uniform for every input (the plain mean)."""
+        return self.query_mode == "learned" and not isinstance(self.score, CosineScore)
+
+    def _query(self, x: torch.Tensor, mask: torch.Tensor | None, query: torch.Tensor | None) -> torch.Tensor:
+        if self.query_mode == "learned":
+            return self.query
+        if self.query_mode == "last":
+            return last_valid(x, mask).unsqueeze(1)
+        if query is None:
+            raise ValueError("this pool takes an external query: call it as pool(x, mask, query)")
+        return query.reshape(x.shape[0], 1, -1)
+
+    def weights(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention weights (B, T)."""
+        s = self.score(self._query(x, mask, query), x)[:, 0]
+        return masked_softmax(s, mask)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.weights(x, mask, query)
+        self.attn_weights = a.detach()
+        return torch.einsum("bt,btc->bc", a, x)
+
+
+class HardAttnPool(SeqAttnPool):
+    """Hard attention: picks one step. Training uses straight-through Gumbel-softmax (one-hot forward,
+    soft gradient) at `temperature` (an attribute, so a training loop can anneal it); eval takes the
+    argmax (one-hot forward, softmax gradient). Options as `SeqAttnPool`."""
+
+    def __init__(self, channels: int, *, score: str = "additive", query: str = "learned",
+                 query_dim: int | None = None, hidden: int | None = None, temperature: float = 1.0):
+        super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+
+    @property
+    def uniform_at_init(self) -> bool:
+        return False
+
+    def weights(self, x, mask=None, query=None):
+        s = self.score(self._query(x, mask, query), x)[:, 0]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        if self.training:
+            return F.gumbel_softmax(s, tau=self.temperature, hard=True)
+        # the argmax, with the softmax's gradient (straight-through) so eval-mode backward still works
+        soft = s.softmax(-1)
+        hard = F.one_hot(s.argmax(-1), s.shape[-1]).to(x.dtype)
+        return hard - soft.detach() + soft
+
+
+def _local_weights(scores: torch.Tensor, centers: torch.Tensor, window: int, gaussian: bool,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+    """Luong's local attention: softmax over the steps within `window` of each query's center
+    (scores (B, Q, T), centers (B, Q)), times a Gaussian exp(−(s − p)²/(2σ²)), σ = window/2, for
+    predicted centers (local-p)."""
+    pos = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    dist = pos.view(1, 1, -1) - centers.unsqueeze(-1)
+    inside = dist.abs() <= window
+    if mask is not None:
+        inside = inside & mask.unsqueeze(1)
+    a = masked_softmax(scores, inside)
+    if gaussian:
+        a = a * torch.exp(-dist.pow(2) / (2 * (window / 2) ** 2))
+    return a
+
+
+class LocalAttnPool(SeqAttnPool):
+    """Local attention pooling (Luong): attends within `window` steps of a center: the last real step
+    (mode 'm', local-m) or a predicted position p = (L − 1)·sigmoid(v·tanh(W·q)) (mode 'p', local-p,
+    with Gaussian weighting). Options as `SeqAttnPool`."""
+
+    def __init__(self, channels: int, *, score: str = "general", query: str = "last",
+                 query_dim: int | None = None, hidden: int | None = None, window: int = 8, mode: str = "m"):
+        super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
+        self.window = check_positive_int("window", window)
+        if mode not in ("m", "p"):
+            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
+        self.mode = mode
+        if mode == "p":
+            q_dim = channels if query != "external" else query_dim
+            self.predict = nn.Sequential(nn.Linear(q_dim, channels), nn.Tanh(), nn.Linear(channels, 1))
+
+    @property
+    def uniform_at_init(self) -> bool:
+        return False
+
+    def weights(self, x, mask=None, query=None):
+        q = self._query(x, mask, query)
+        steps = x.new_full((x.shape[0],), x.shape[1]) if mask is None else mask.sum(1).to(x.dtype)
+        if self.mode == "m":
+            centers = (steps - 1).unsqueeze(1)
+        else:
+            centers = (steps - 1).unsqueeze(1) * torch.sigmoid(self.predict(q)[..., 0])
+        return _local_weights(self.score(q, x), centers, self.window, self.mode == "p", mask)[:, 0]
+
+
+class StructuredSelfAttn(nn.Module):
+    """Structured self-attentive embedding (Lin et al. 2017): A = softmax(W₂·tanh(W₁·Hᵀ)) with r hops,
+    M = A·H, returned flattened (B, r·C). `penalty` holds the latest ‖AAᵀ − I‖²_F (batch mean); add
+    `coef · module.penalty` to the loss (the paper's P term).
+
+    Args:
+        channels: C. hops: r. hidden: d_a.
+    """
+
+    def __init__(self, channels: int, *, hops: int = 4, hidden: int = 64):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.hops = check_positive_int("hops", hops)
+        self.w1 = nn.Linear(channels, check_positive_int("hidden", hidden), bias=False)
+        self.w2 = nn.Linear(hidden, hops, bias=False)
+        self.penalty: torch.Tensor = torch.zeros(())
+        self.attn_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, query: torch.Tensor | None = None):
+        s = self.w2(torch.tanh(self.w1(x))).transpose(1, 2)  # (B, r, T)
+        a = masked_softmax(s, None if mask is None else mask.unsqueeze(1))
+        eye = torch.eye(self.hops, device=x.device, dtype=x.dtype)
+        self.penalty = (a @ a.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean()
+        self.attn_weights = a.detach()
+        return (a @ x).flatten(1)
+
+
+def structured_penalty(model: nn.Module) -> torch.Tensor:
+    """The sum of every `StructuredSelfAttn` penalty in `model` from its latest forward."""
+    terms = [m.penalty for m in model.modules() if isinstance(m, StructuredSelfAttn)]
+    return sum(terms, torch.zeros(()))
+
+
+class SequenceReplacement(nn.Module):
+    """Stands in for the selection of an RNN's output (last step, h_n, mean): `forward(seq, orig,
+    *extra)` pools `seq` with `pool` and, when gated, returns orig + γ·(pooled − orig) with γ = 0 at
+    init, so the model computes exactly what it did.
+
+    Args:
+        pool: (B, T, C) -> (B, D) module taking (x, mask, query).
+        out_features: the selection's size; a linear layer maps D to it when they differ.
+        in_features: D.
+        batch_first: whether `seq` is (B, T, C) (else (T, B, C)).
+        gate: identity init by a zero gate.
+        mask_at, mask_form, pad_id: which extra argument holds padding information, and its form (see
+            `key_mask`). query_at: which extra argument is the external query.
+    """
+
+    def __init__(self, pool: nn.Module, *, out_features: int, in_features: int, batch_first: bool = True,
+                 gate: bool = True, mask_at: int | None = None, mask_form: str | None = None,
+                 pad_id: int | None = None, query_at: int | None = None):
+        super().__init__()
+        self.pool = pool
+        self.proj = nn.Linear(in_features, out_features) if in_features != out_features else None
+        self.batch_first = batch_first
+        self.mask_at, self.mask_form, self.pad_id, self.query_at = mask_at, mask_form, pad_id, query_at
+        self.gamma = nn.Parameter(torch.zeros(1)) if gate else None
+
+    def forward(self, seq, orig: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        if isinstance(seq, (tuple, list)):  # the RNN's (output, h_n) tuple
+            seq = seq[0]
+        if not self.batch_first:
+            seq = seq.transpose(0, 1)
+        mask = None
+        if self.mask_at is not None and self.mask_at < len(extra):
+            mask = key_mask(extra[self.mask_at], self.mask_form, seq.shape[1], pad_id=self.pad_id)
+        query = extra[self.query_at] if self.query_at is not None else None
+        y = self.pool(seq, mask, query)
+        if self.proj is not None:
+            y = self.proj(y)
+        y = y.reshape(orig.shape)
+        if self.gamma is None:
+            return y
+        return orig + self.gamma * (y - orig)
+
+
+# -- token self-attention (shape-preserving) ------------------------------------------------------------
+class MultiHeadSelfAttn(nn.Module):
+    """Pre-norm multi-head self-attention block: x + proj(SDPA(qkv(LN(x)))), (B, N, C) -> (B, N, C).
+
+    Args:
+        channels: C (divisible by `heads`). heads: number of heads. qkv_bias: bias on the qkv map.
+    """
+
+    def __init__(self, channels: int, *, heads: int = 4, qkv_bias: bool = True):
+        super().__init__()
+        check_positive_int("channels", channels)
+        check_positive_int("heads", heads)
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class LocalSelfAttn(nn.Module):
+    """Local self-attention block: each position attends within `window` steps of itself (mode 'm') or
+    of a predicted position (mode 'p', Gaussian-weighted), with any score; x + proj(context).
+
+    Args:
+        channels: C. window: half-width D. mode: 'm' or 'p'. score: a name in `SCORES`.
+    """
+
+    def __init__(self, channels: int, *, window: int = 8, mode: str = "m", score: str = "scaled_dot"):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.window = check_positive_int("window", window)
+        if mode not in ("m", "p"):
+            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
+        self.mode = mode
+        self.norm = nn.LayerNorm(channels)
+        self.score = make_score(score, channels, channels)
+        self.proj = nn.Linear(channels, channels)
+        if mode == "p":
+            self.predict = nn.Sequential(nn.Linear(channels, channels), nn.Tanh(), nn.Linear(channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        n = x.shape[1]
+        if self.mode == "m":
+            centers = torch.arange(n, device=x.device, dtype=x.dtype).expand(x.shape[0], n)
+        else:
+            centers = (n - 1) * torch.sigmoid(self.predict(h)[..., 0])
+        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", None)
+        return x + self.proj(a @ h)
+
+
+class SequenceFirst(nn.Module):
+    """Runs a (B, T, C) module on a (T, B, C) sequence."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.transpose(0, 1)).transpose(0, 1)
+
+
+class InputAttn(nn.Module):
+    """DA-RNN's input attention: weights αₖ over the n input series from each series' whole window,
+    eₖ = v·tanh(U·xᵏ + b), α = softmax(e), output x ⊙ (n·α). (B, T, n) -> (B, T, n).
+
+    v starts at zero, so α is uniform and the output is x: the identity without a gate.
+    NOTE: the paper also conditions eₖ on the encoder's previous state, recomputing α at every step
+    inside the recurrence; a retrofit cannot enter nn.GRU's loop, so α here is one per sample.
+
+    Args:
+        channels: n, the number of input series. steps: T, the window length. hidden: U's size.
+    """
+
+    def __init__(self, channels: int, *, steps: int, hidden: int = 32):
+        super().__init__()
+        check_positive_int("channels", channels)
+        self.u = nn.Linear(check_positive_int("steps", steps), check_positive_int("hidden", hidden))
+        self.v = nn.Parameter(torch.zeros(hidden))
+        self.attn_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e = torch.tanh(self.u(x.transpose(1, 2))) @ self.v  # (B, n)
+        a = e.softmax(-1)
+        self.attn_weights = a.detach()
+        return x * (a * x.shape[-1]).unsqueeze(1)
