@@ -8,7 +8,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
@@ -25,9 +24,9 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/surgery_time.py
-	$(BIN)/python benchmarks/latency.py
-	$(BIN)/python benchmarks/cli_help.py
+	cd benchmarks && ../$(BIN)/python surgery_time.py
+	cd benchmarks && ../$(BIN)/python latency.py
+	cd benchmarks && ../$(BIN)/python cli_help.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -180,11 +180,22 @@ class GraphView:
                 last[p] = n
         return last
 
-    def name_for(self, node: fx.Node) -> str:
-        """The outermost module whose output is this node (e.g. 'layer1' for the last node of layer1);
-        the node's own name when it is no module's output."""
+    @cached_property
+    def _nodes_of(self) -> dict[str, list[fx.Node]]:
+        members: dict[str, list[fx.Node]] = {}
+        for n in self.nodes:
+            for p in self.stack(n):
+                members.setdefault(p, []).append(n)
+        return members
+
+    def name_for(self, node: fx.Node, within: set[fx.Node] | None = None) -> str:
+        """The outermost module whose output is this node (e.g. 'layer1' for the last node of layer1),
+        optionally only among modules whose every node is in `within`; the node's own name when it is
+        no such module's output."""
         for p in self.stack(node):
-            if self._last_node_of.get(p) is node:
+            if self._last_node_of.get(p) is not node:
+                continue
+            if within is None or all(m in within for m in self._nodes_of.get(p, ()) if m.op != "get_attr"):
                 return p
         return node.name
 

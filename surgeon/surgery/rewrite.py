@@ -52,12 +52,22 @@ def _positional_arity(module: nn.Module) -> int:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
-def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str) -> str:
-    """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm."""
+def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
+           replaced: dict[str, fx.Node] | None = None) -> str:
+    """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm.
+
+    `replaced` maps node names to the nodes that took their place in earlier edits of the same graph,
+    so edits at neighbouring sites chain (a pool replaced, then the mean after it replaced too).
+    """
+    replaced = {} if replaced is None else replaced
     nodes = {n.name: n for n in gm.graph.nodes}
     if site.node not in nodes:
         raise ShapeError(f"Site {site.name!r}: node {site.node!r} is not in the graph (was it already edited?)")
-    node = nodes[site.node]
+
+    def resolve(name: str) -> fx.Node:
+        return replaced.get(name, nodes[name])
+
+    node = resolve(site.node)
     path = attach_path(gm, site, attention)
     module._surgeon_leaf = True  # stays one call when the model is traced again
     gm.add_submodule(path, module)
@@ -65,14 +75,16 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str) ->
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, (node,))
         if site.user is not None:
-            nodes[site.user].replace_input_with(node, new)
+            resolve(site.user).replace_input_with(node, new)
         else:
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            replaced[site.node] = new
     elif site.action == "replace":
-        args = tuple(nodes[a] for a in site.args)[: _positional_arity(module)]
+        args = tuple(resolve(a) for a in site.args)[: _positional_arity(module)]
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, args)
         node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        replaced[site.node] = new
     else:
         raise ShapeError(f"Site {site.name!r}: unknown action {site.action!r}")
     new.meta["surgeon_site"] = site.name
@@ -88,9 +100,10 @@ def rewrite(traced: Traced, edits: list[tuple[Site, nn.Module, str]]) -> dict[st
     """
     paths: dict[str, str] = {}
     touched: set[str] = set()
+    replaced: dict[str, dict[str, fx.Node]] = {}
     for site, module, attention in edits:
         gm = traced.graphs[site.graph]
-        local = insert(gm, site, module, attention)
+        local = insert(gm, site, module, attention, replaced.setdefault(site.graph, {}))
         paths[site.name] = f"{site.graph}.{local}" if site.graph else local
         touched.add(site.graph)
     for g in touched:

@@ -116,8 +116,7 @@ def find_stage(view: GraphView) -> list[Site]:
     3. The stage end is the last node of the group that is the output of a container module holding
        convolutions and not holding the downsampling op (`layer1`, `stages.0`, `features.denseblock1`).
        Models written as one flat forward have no such modules: there, the last node of a group whose
-       resolution holds at least two convolutions that keep it, before any norm/activation feeding the
-       downsampling.
+       resolution holds at least two convolutions that keep it.
     """
     nodes = view.nodes
     placeholders = [n for n in nodes if n.op == "placeholder"]
@@ -151,7 +150,7 @@ def find_stage(view: GraphView) -> list[Site]:
         sp, sp_next = _spatial(view.shape(group[-1])), _spatial(view.shape(nxt[0]))
         if len(sp) != len(sp_next) or not all(a >= b for a, b in zip(sp, sp_next)) or all(d == 1 for d in sp_next):
             continue
-        here = _stage_end(view, group, nxt[0]) or (_flat_stage_end(view, group) if keeps.get(sp, 0) >= 2 else None)
+        here = _stage_end(view, group, nxt[0]) or (group[-1] if keeps.get(sp, 0) >= 2 else None)
         if here is None:
             log.debug("site at %s: no stage end (no block of convolutions ends there)", "×".join(map(str, sp)))
             continue
@@ -177,13 +176,6 @@ def _stage_end(view: GraphView, group: list[fx.Node], down: fx.Node) -> fx.Node 
         elif any(isinstance(sub, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)) for sub in m.modules()):
             return n  # its convolutions sit inside modules that were not traced
     return None
-
-
-def _flat_stage_end(view: GraphView, group: list[fx.Node]) -> fx.Node:
-    end = group[-1]
-    while len(group) > 1 and (view.is_(is_norm, end) or view.is_(is_act, end)) and end is not group[0]:
-        end = group[group.index(end) - 1]
-    return end
 
 
 def find_after_conv(view: GraphView) -> list[Site]:
@@ -245,8 +237,11 @@ def find_pool(view: GraphView) -> list[Site]:
             if view.shape(nxt) is None:
                 break
             end = nxt
-        # named after the module that ends with the flatten (timm's global_pool), else the pool op itself
-        name = view.name_for(end) if view.name_for(end) in view.modules else view.site_name(n)
+        # named after the largest module that does nothing but this pooling (timm's global_pool holding
+        # pool + flatten), else the pool op itself
+        chain = {n, end} | {u for u in view.nodes if n in view.ancestors(u) and u in view.ancestors(end)}
+        name = view.name_for(end, within=chain)
+        name = name if name in view.modules and name else view.site_name(n)
         if name in view.modules and name:
             owner, _, slot = name.rpartition(".")
         else:
