@@ -179,7 +179,7 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
         expected = model(*inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        tmp_file = Path(tmp) / out.name
+        tmp_file = Path(tmp) / f"model{FORMATS[format]}"  # torch.export.save wants its own suffix
         try:
             with _quiet(), torch.no_grad():
                 method, run = _WRITERS[format](model, inputs, tmp_file)

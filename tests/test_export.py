@@ -1,0 +1,177 @@
+"""Export: torch.export (.pt2), TorchScript and ONNX, each run and compared with the patched model; a
+format that cannot serve a module says which module and why, and writes nothing."""
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import surgeon
+from surgeon import models
+from surgeon.cli import cli
+from surgeon.errors import ExportError, UnknownNameError
+from surgeon.export import export
+from surgeon.surgery.rewrite import edits_of
+
+HERE = Path(__file__).parent
+FORMATS = ["exported", "torchscript", "onnx"]
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+needs_onnx = pytest.mark.skipif(not HAS_ONNX, reason="onnx/onnxruntime/onnxscript not installed: "
+                                "pip install 'surgeon[export]'")
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _formats():
+    return [pytest.param(f, marks=needs_onnx) if f == "onnx" else f for f in FORMATS]
+
+
+def _scramble(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for e in edits_of(model):
+            for p in model.get_submodule(e["module"]).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1 + 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def cbam(tmp_path_factory):
+    """cbam on resnet18 saved to a folder, and the patched model itself."""
+    torch.manual_seed(0)
+    model = _scramble(surgeon.plan(models.load("resnet18"), "cbam", input_size=(3, 64, 64)).apply(verify=False))
+    return surgeon.save(model, tmp_path_factory.mktemp("export") / "cbam"), model
+
+
+@pytest.fixture
+def cbam_dir(cbam):
+    return cbam[0]
+
+
+_RUN_WITHOUT_SURGEON = """
+import sys, torch
+x = torch.load(sys.argv[3])
+if sys.argv[1] == "exported":
+    y = torch.export.load(sys.argv[2]).module()(x)
+elif sys.argv[1] == "torchscript":
+    y = torch.jit.load(sys.argv[2])(x)
+else:
+    import onnxruntime as ort
+    sess = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+    y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+assert "surgeon" not in sys.modules
+torch.save(y, sys.argv[4])
+"""
+
+
+@pytest.mark.parametrize("fmt", _formats())
+def test_cli_exports_cbam_resnet18_and_checks_it(cbam, tmp_path, fmt):
+    import subprocess
+
+    folder, model = cbam
+    out = tmp_path / f"m.{fmt}"
+    result = run("export", folder, "--format", fmt, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["max_abs_diff"] <= 1e-5 and Path(data["path"]) == out and out.stat().st_size > 40e6
+    # the written file runs in a process that never imports surgeon, on another input
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    torch.save(x, tmp_path / "x.pt")
+    proc = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_SURGEON, fmt, str(out), str(tmp_path / "x.pt"),
+                           str(tmp_path / "y.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    with torch.no_grad():
+        assert float((torch.load(tmp_path / "y.pt") - model(x)).abs().max()) <= 1e-5
+
+
+def _rnn_attention():
+    names = [a.name for a in surgeon.attentions() if "rnn" in a.kinds]
+    return "attnpool" if "attnpool" in names else (names[0] if names else None)
+
+
+@pytest.mark.parametrize("fmt", _formats())
+def test_lstm_with_attention_pooling_exports(tmp_path, fmt):
+    attention = _rnn_attention()
+    if attention is None:
+        pytest.skip("no attention serving kind 'rnn' is registered")
+    sys.path.insert(0, str(HERE))
+    model = _scramble(surgeon.plan(models.load("ckpt_models:lstm_classifier"), attention, kind="rnn").apply())
+    result = export(model, fmt, tmp_path / f"lstm.{fmt}")
+    assert result.max_abs_diff <= 1e-5 and result.path.exists()
+
+
+class DataDependent(nn.Module):
+    """A module torch.export cannot capture: its control flow depends on the values of its input."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+def test_a_module_the_format_cannot_serve_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = surgeon.plan(models.load("toy_models:tiny_resnet"), "se", input_size=(3, 32, 32)).apply(verify=False)
+    path = edits_of(model)[0]["module"]
+    owner, _, name = path.rpartition(".")
+    setattr(model.get_submodule(owner), name, DataDependent())
+    out = tmp_path / "m.pt2"
+    with pytest.raises(ExportError, match=rf"module '{path}' \(DataDependent\) cannot be exported: .*"):
+        export(model, "exported", out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch):
+    from surgeon import export as export_module
+
+    torch.manual_seed(0)
+    model = surgeon.plan(models.load("toy_models:tiny_resnet"), "se", input_size=(3, 32, 32)).apply(verify=False)
+    real = export_module._WRITERS["torchscript"]
+
+    def off_by_one(m, inputs, path):
+        method, runner_ = real(m, inputs, path)
+        return method, lambda *a: runner_(*a) + 1
+
+    monkeypatch.setitem(export_module._WRITERS, "torchscript", off_by_one)
+    with pytest.raises(ExportError, match="differs from the patched model by 1"):
+        export(model, "torchscript", tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_errors(cbam_dir, tmp_path):
+    with pytest.raises(UnknownNameError, match="Unknown export format 'tflite'"):
+        export(cbam_dir, "tflite")
+    result = run("export", cbam_dir, "--format", "tflite")
+    assert result.exit_code == 2 and "tflite" in result.output
+    (tmp_path / "x.pt2").write_text("keep me")
+    result = run("export", cbam_dir, "--format", "exported", "--out", tmp_path / "x.pt2")
+    assert result.exit_code == 2 and "exists; pass --force" in result.stderr
+    assert (tmp_path / "x.pt2").read_text() == "keep me"
+    result = run("export", tmp_path / "nowhere", "--format", "onnx")
+    assert result.exit_code == 2 and "No recipe at" in result.stderr
+
+
+def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    model = surgeon.plan(models.load("toy_models:tiny_resnet"), "se", input_size=(3, 32, 32)).apply(verify=False)
+    with pytest.raises(ExportError, match=r"pip install 'surgeon\[export\]'"):
+        export(model, "onnx", tmp_path / "m.onnx")
