@@ -11,15 +11,18 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from surgeon.errors import RecipeError, SurgeonError, WeightsError, preview
+from surgeon.errors import SurgeonError, WeightsError, preview
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
+
+log = logging.getLogger("surgeon")
 
 WEIGHTS = "model.safetensors"
 ADAPTER = "adapter.safetensors"
@@ -208,7 +211,7 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
 
 
 def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, weights: str | os.PathLike | None = None,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, input_size: Sequence[int] | None = None):
     """Rebuild a saved model: read and validate the recipe, build the base (or take `base`), replay the
     edits, load the weights.
 
@@ -220,6 +223,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
         weights: a checkpoint of the whole patched model (safetensors or a torch state dict) to load
             instead of the folder's own weights.
         allow_pickle: allow full unpickling of `weights` (runs code in the file; trusted files only).
+        input_size: per-sample input shape for finding the sites again (default: the recipe's).
 
     Returns:
         nn.Module: the patched model, in eval mode.
@@ -235,6 +239,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
 
     folder, recipe = read_recipe(directory)
     source = str(folder / RECIPE)
+    _check_versions(recipe)
     spec = recipe.get("weights") or {"file": WEIGHTS, "adapter": False}
     file = inside(folder, spec["file"], what="weights file")
     check_names(recipe, source=source)
@@ -254,7 +259,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
     else:
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=False, source=source)
     # 3. The edits, then the weights.
-    model = replay(recipe, base, verify=False, _folder=folder)
+    model = replay(recipe, base, verify=False, input_size=input_size, _folder=folder)
     if adapter:
         fit(model, sd, expected=adapter_keys(model, spec.get("include", [])), source=src)
     else:
@@ -278,7 +283,14 @@ def summary(directory: str | os.PathLike) -> dict[str, Any]:
                            "versions": recipe.get("versions", {}), "weights": None}
     if spec:
         file = inside(folder, spec["file"], what="weights file")
-        if not file.is_file():
-            raise RecipeError(f"{str(folder)!r} names weights {spec['file']!r}, which are missing")
-        out["weights"] = {**spec, "file_bytes": file.stat().st_size}
+        out["weights"] = {**spec, "file_bytes": file.stat().st_size if file.is_file() else None}
     return out
+
+
+def _check_versions(recipe: dict[str, Any]) -> None:
+    """Warn when the recipe was written with another major.minor of a library that defines the model."""
+    now = versions()
+    for lib, then in (recipe.get("versions") or {}).items():
+        if lib in now and str(then).split(".")[:2] != now[lib].split(".")[:2]:
+            log.warning("recipe written with %s %s, running %s: if keys do not match, the model definition "
+                        "changed between them", lib, then, now[lib])

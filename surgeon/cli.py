@@ -285,6 +285,8 @@ def _weights_line(w: dict[str, Any] | None) -> str:
         return "weights: none (a recipe only)"
     share = 100 * w.get("bytes", 0) / max(w.get("model_bytes", 0), 1)
     what = "adapter" if w["adapter"] else "full model"
+    if w.get("file_bytes", 0) is None:
+        return f"weights: {w['file']} ({what}) is missing from the folder"
     line = f"weights: {w['file']} ({what}) {_size(w.get('file_bytes', w.get('bytes', 0)))} on disk"
     if w["adapter"]:
         line += (f", {w.get('params', 0):,} parameters = {share:.2f}% of the full model's "
@@ -386,7 +388,7 @@ def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow
     info = surgeon.summary(directory)
     base = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status(f"Applying {directory}…"):
-        patched = surgeon.load(directory, base=base)
+        patched = surgeon.load(directory, base=base, input_size=input_size)
     if out:
         with _stderr().status(f"Saving to {out}…"):
             surgeon.save(patched, out, force=force)

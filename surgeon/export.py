@@ -131,6 +131,14 @@ def _culprit(model, fmt: str, inputs: tuple, folder: Path) -> str:
     return ""
 
 
+def _name(model) -> str:
+    """The model's reference ('resnet18') when surgeon built it, else its class name."""
+    from surgeon.surgery.rewrite import RECORD_ATTR
+
+    base = (model.__dict__.get(RECORD_ATTR) or {}).get("model") or {}
+    return repr(base["ref"]) if base.get("ref") else type(model).__name__
+
+
 # -- the public function -----------------------------------------------------------------------------
 def export(model, format: str, out: str | os.PathLike | None = None, *, example_input: Any = None,
            tolerance: float = 1e-5, trust_code: bool = False, force: bool = False) -> Exported:
@@ -155,26 +163,33 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
     Example:
         >>> surgeon.export_model("out/cbam-r50", "onnx").max_abs_diff
     """
-    import torch
-
     from surgeon import api, checkpoint
-    from surgeon.surgery.verify import max_abs_diff
 
     if format not in FORMATS:
         from surgeon.errors import unknown
 
         raise unknown("export format", format, FORMATS, f"Valid formats: {', '.join(FORMATS)}.")
-    if isinstance(model, (str, os.PathLike)):
-        folder = Path(model)
-        model = checkpoint.load(folder, trust_code=trust_code)
-        out = Path(out) if out is not None else folder / f"model{FORMATS[format]}"
-    elif out is None:
+    folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
+    if out is None and folder is None:
         raise SurgeonError("Pass out= (the file to write) when exporting a model object")
-    out = Path(out)
+    out = Path(out) if out is not None else folder / f"model{FORMATS[format]}"
     if out.exists() and not force:
         raise SurgeonError(f"Output file {str(out)!r} exists; pass --force (force=True) to replace it")
-    model = model.eval()
-    inputs = api.example_inputs(model, example_input=example_input)
+    if folder is not None:
+        model = checkpoint.load(folder, trust_code=trust_code)
+    training = model.training
+    model.eval()
+    try:
+        return _export(model, format, out, api.example_inputs(model, example_input=example_input), tolerance)
+    finally:
+        model.train(training)
+
+
+def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> Exported:
+    import torch
+
+    from surgeon.surgery.verify import max_abs_diff
+
     with torch.no_grad():
         expected = model(*inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,7 +203,7 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
             raise
         except Exception as exc:
             why = _culprit(model, format, inputs, Path(tmp)) or f"the model cannot be exported: {_first_line(exc)}"
-            raise ExportError(f"{format} export of {type(model).__name__} failed: {why}") from exc
+            raise ExportError(f"{format} export of {_name(model)} failed: {why}") from exc
         diff = max_abs_diff(expected, got)
         if not diff <= tolerance:
             raise ExportError(f"The {format} export ({method}) differs from the patched model by {diff:.3g} "

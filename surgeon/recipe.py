@@ -37,6 +37,9 @@ _WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, Fals
 SCHEMA = {"format": (str, True), "version": (int, True), "model": ((_MODEL, _NONE), False),
           "input_size": ((list, _NONE), False), "edits": (list, True), "versions": (dict, False),
           "weights": (_WEIGHTS, False)}
+# model-library arguments that read files or pick weights from elsewhere: a recipe names its base
+# weights in `model.weights`, inside its folder
+_FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "an object", list: "a list",
                _NONE: "null"}
 
@@ -106,6 +109,10 @@ def validate(recipe: Any, *, source: str = "recipe") -> dict[str, Any]:
         if edit.get("init", "identity") not in ("identity", "paper"):
             raise RecipeError(f"Recipe {source!r}: edits[{i}].init must be 'identity' or 'paper', "
                               f"got {edit['init']!r}")
+    for key in (recipe.get("model") or {}).get("args") or {}:
+        if key in _FILE_ARGS:
+            raise RecipeError(f"Recipe {source!r}: model argument {key!r} reads files from outside the recipe; "
+                              f"put the base weights in the recipe's folder and name them in model.weights")
     size = recipe.get("input_size")
     if size is not None and (not size or any(not _type_ok(d, int) or d <= 0 for d in size)):
         raise RecipeError(f"Recipe {source!r}: input_size must be positive integers, got {size}")

@@ -312,6 +312,7 @@ def test_factory_recipe_needs_trust_and_stays_in_its_folder(tmp_path):
     ({"version": 2}, "this surgeon reads versions up to 1"),
     ({"version": "1"}, "unreadable version '1'"),
     ({"format": "other"}, "is not a surgeon recipe"),
+    ({"model": {"ref": "resnet18", "args": {"checkpoint_path": "/tmp/x.pth"}}}, "reads files from outside"),
     ({"weights": {"file": "/etc/passwd", "adapter": False}}, None),
 ])
 def test_schema_rejects_bad_recipes(change, message):
