@@ -1,0 +1,81 @@
+"""Small sequence models for the sequence-attention tests, importable as `seq_models:FACTORY` (tests/ is
+on sys.path) so the CLI can load them too."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Readout(nn.Module):
+    """Embedding -> RNN -> one vector per sample (`form`) -> linear.
+
+    form: 'last' (out[:, -1] / out[-1]), 'h_n' (h_n[-1]), 'cat' (both directions' final states),
+    'mean' (over time), 'first' (out[:, 0]: a use no rnn site recognises).
+    """
+
+    def __init__(self, cell: str = "lstm", form: str = "last", *, batch_first: bool = True,
+                 bidirectional: bool = False, num_layers: int = 1, vocab: int = 40, dim: int = 12,
+                 hidden: int = 16, classes: int = 3, padding_idx: int | None = None):
+        super().__init__()
+        self.form, self.is_lstm, self.batch_first = form, cell == "lstm", batch_first
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[cell]
+        self.rnn = rnn(dim, hidden, batch_first=batch_first, bidirectional=bidirectional, num_layers=num_layers)
+        width = hidden * (2 if bidirectional and form in ("last", "mean", "cat", "first") else 1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, h = self.rnn(self.emb(x))
+        if self.is_lstm:
+            h = h[0]
+        t = 1 if self.batch_first else 0
+        if self.form == "last":
+            z = out[:, -1] if self.batch_first else out[-1]
+        elif self.form == "h_n":
+            z = h[-1]
+        elif self.form == "cat":
+            z = torch.cat([h[-2], h[-1]], dim=1)
+        elif self.form == "mean":
+            z = out.mean(t)
+        else:
+            z = out[:, 0]
+        return self.fc(z)
+
+
+class Tagger(nn.Module):
+    """A per-step tagger: the GRU's output feeds a linear layer at every step (a tokens site)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 12, hidden: int = 16, tags: int = 5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, tags)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(self.emb(x))
+        return self.fc(out)
+
+
+class WithLengths(nn.Module):
+    """An LSTM classifier given `lengths`, and a context vector `ctx` (a query for cross attention)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 12, hidden: int = 16, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+        self.ctx_proj = nn.Linear(6, classes)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        _, (h, _) = self.lstm(self.emb(x))
+        return self.fc(h[-1]) + self.ctx_proj(ctx)
+
+
+def readout(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return Readout(**kwargs).eval()
+
+
+def tagger() -> nn.Module:
+    torch.manual_seed(0)
+    return Tagger().eval()

@@ -1,0 +1,346 @@
+"""Sequence attention: the rnn / tokens / rnn_input finders, score functions against their formulas,
+identity init on every rnn and tokens edit, hard attention, padding masks, errors, and the CLI."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import surgeon
+from seq_models import Readout, Tagger, WithLengths, readout, tagger
+from surgeon.cli import cli
+from surgeon.errors import OptionError, ShapeError
+from surgeon.layers.sequence import (SCORES, HardAttnPool, LocalAttnPool, SeqAttnPool, StructuredSelfAttn,
+                                     key_mask, make_score, structured_penalty)
+
+TOL = 1e-5
+
+
+def _tokens(model: Readout | Tagger, batch: int = 2, steps: int = 12, low: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, steps) if getattr(model, "batch_first", True) else (steps, batch)
+    return torch.randint(low, 40, shape, generator=g)
+
+
+def _diff(a: nn.Module, b: nn.Module, *x) -> float:
+    with torch.no_grad():
+        return float((a(*x) - b(*x)).abs().max())
+
+
+# -- the rnn finder ------------------------------------------------------------------------------------
+CASES = [  # (cell, form, batch_first, bidirectional, num_layers, expected form)
+    ("lstm", "last", True, False, 1, "last"),
+    ("lstm", "last", False, False, 1, "last"),
+    ("gru", "last", True, True, 1, "last"),
+    ("lstm", "h_n", True, False, 2, "h_n"),
+    ("gru", "h_n", False, False, 1, "h_n"),
+    ("rnn", "h_n", True, False, 1, "h_n"),
+    ("lstm", "cat", True, True, 2, "h_n_cat"),
+    ("gru", "cat", False, True, 1, "h_n_cat"),
+    ("gru", "mean", True, False, 1, "mean"),
+    ("lstm", "mean", False, True, 1, "mean"),
+]
+
+
+@pytest.mark.parametrize("cell,form,batch_first,bidirectional,layers,expected", CASES,
+                         ids=[f"{c}-{f}-{'bf' if b else 'tf'}{'-bi' if bi else ''}-{n}" for c, f, b, bi, n, _ in CASES])
+def test_rnn_finder_and_identity_init(cell, form, batch_first, bidirectional, layers, expected):
+    model = readout(cell=cell, form=form, batch_first=batch_first, bidirectional=bidirectional, num_layers=layers)
+    x = _tokens(model)
+    (site,) = surgeon.sites(model, kind="rnn", example_input=x)
+    dirs = 2 if bidirectional else 1
+    assert site.name == "rnn" and site.action == "replace"
+    assert site.info["form"] == expected
+    assert site.info["batch_first"] is batch_first and site.info["bidirectional"] is bidirectional
+    assert site.info["hidden_size"] == 16 and site.info["rnn"] == {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}[cell]
+    assert site.layout == ("nlc" if batch_first else "lnc")
+    assert site.shape == ((2, 12, 16 * dirs) if batch_first else (12, 2, 16 * dirs))
+    assert site.info["padding_known"] is False and site.info["mask"] is None
+    patched = surgeon.add(model, "attnpool", kind="rnn", example_input=x)
+    assert _diff(model, patched, x) <= TOL
+
+
+@pytest.mark.parametrize("attention,options", [
+    ("attnpool", {}), ("attnpool", {"score": "dot", "query": "last"}), ("attnpool", {"score": "cosine"}),
+    ("attnpool", {"score": "general", "query": "last"}), ("attnpool", {"score": "concat"}),
+    ("attnpool", {"score": "mlp", "hidden": 8}), ("attnpool", {"score": "scaled_dot"}),
+    ("hard", {"temperature": 0.5}), ("local", {"window": 3}), ("local", {"mode": "p", "window": 3}),
+    ("structured", {"hops": 3, "hidden": 8}),
+])
+@pytest.mark.parametrize("form", ["cat", "mean"])
+def test_identity_init_every_rnn_attention(attention, options, form):
+    model = readout(cell="gru", form=form, batch_first=False, bidirectional=True)
+    x = _tokens(model)
+    patched = surgeon.add(model, attention, kind="rnn", example_input=x, **options)
+    assert _diff(model, patched, x) <= TOL
+    # paper init is the attention alone: a different function, same shapes, gradients reach it
+    paper = surgeon.plan(model, attention, kind="rnn", init="paper", example_input=x, **options).apply(verify=False)
+    assert paper(x).shape == model(x).shape
+
+
+def test_mean_selection_with_uniform_scores_needs_no_gate():
+    model = readout(cell="gru", form="mean")
+    patched = surgeon.add(model, "attnpool", kind="rnn")
+    mod = patched.get_submodule(surgeon.api.rw.edits_of(patched)[0]["module"])
+    assert mod.gamma is None  # zero scores give exactly the mean, so the scores can learn at once
+
+
+def test_a_per_step_rnn_is_a_tokens_site_and_not_an_rnn_site():
+    model = tagger()
+    x = _tokens(model)
+    assert surgeon.sites(model, kind="rnn", example_input=x) == []
+    (site,) = surgeon.sites(model, kind="tokens", example_input=x)
+    assert (site.name, site.shape, site.layout) == ("gru", (2, 12, 16), "nlc")
+    for attention, options in (("mhsa", {"heads": 2}), ("local", {"window": 2}), ("local", {"mode": "p"})):
+        patched = surgeon.add(model, attention, kind="tokens", example_input=x, **options)
+        assert _diff(model, patched, x) <= TOL
+
+
+def test_rnn_input_site_with_da_rnn_input_attention():
+    model = readout(cell="gru", form="h_n")
+    x = _tokens(model)
+    (site,) = surgeon.sites(model, kind="rnn_input", example_input=x)
+    assert site.shape == (2, 12, 12) and site.user == "rnn"
+    patched = surgeon.add(model, "inputattn", example_input=x)
+    assert _diff(model, patched, x) <= TOL
+
+
+def test_unrecognised_rnn_use_names_the_module():
+    model = readout(cell="lstm", form="first")
+    x = _tokens(model)
+    (site,) = surgeon.sites(model, kind="rnn", example_input=x)  # listed, so `surgeon sites` still works
+    assert "error" in site.info
+    with pytest.raises(ShapeError, match=r"Cannot tell how the output of RNN 'rnn' is used: .*getitem.*out\[:, -1\]"):
+        surgeon.add(model, "attnpool", kind="rnn", example_input=x)
+
+
+# -- tokens on transformers ------------------------------------------------------------------------------
+def test_vit_tiny_tokens_after_every_block():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    found = surgeon.sites(vit, kind="tokens", example_input=x)
+    assert [s.name for s in found] == [f"blocks.{i}" for i in range(12)]
+    assert all(s.shape == (2, 5, 192) and s.layout == "nlc" for s in found)
+    patched = surgeon.add(vit, "mhsa", at=["blocks.11"], example_input=x)
+    assert _diff(vit, patched, x) <= TOL
+    assert isinstance(patched.get_submodule("blocks.11.mhsa").attn.qkv, nn.Linear)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_is_a_tokens_site(batch_first):
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 32)
+            layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=batch_first, dropout=0.0)
+            self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+            self.fc = nn.Linear(32, 3)
+
+        def forward(self, x):
+            return self.fc(self.enc(self.inp(x)).mean(1 if batch_first else 0))
+
+    torch.manual_seed(0)
+    model = Enc().eval()
+    x = torch.randn(2, 10, 8) if batch_first else torch.randn(10, 2, 8)
+    (site,) = surgeon.sites(model, kind="tokens", example_input=x)
+    assert site.layout == ("nlc" if batch_first else "lnc")
+    patched = surgeon.add(model, "mhsa", example_input=x)
+    assert _diff(model, patched, x) <= TOL
+
+
+# -- score functions against their formulas ----------------------------------------------------------------
+def _reference(name, score, q, k):
+    if name == "dot":
+        return torch.einsum("bqd,btd->bqt", q, k)
+    if name == "scaled_dot":
+        return torch.einsum("bqd,btd->bqt", q, k) / math.sqrt(k.shape[-1])
+    if name == "cosine":
+        return torch.einsum("bqd,btd->bqt", q, k) / (q.norm(dim=-1)[:, :, None] * k.norm(dim=-1)[:, None, :])
+    if name == "general":
+        return torch.einsum("bqd,de,bte->bqt", q, score.weight, k)
+    if name == "concat":
+        w = score.weight
+        out = torch.empty(q.shape[0], q.shape[1], k.shape[1])
+        for b in range(q.shape[0]):
+            for i in range(q.shape[1]):
+                for t in range(k.shape[1]):
+                    out[b, i, t] = w @ torch.cat([q[b, i], k[b, t]])
+        return out
+    # additive / mlp: v · tanh(W q + U k)
+    out = torch.empty(q.shape[0], q.shape[1], k.shape[1])
+    for b in range(q.shape[0]):
+        for i in range(q.shape[1]):
+            for t in range(k.shape[1]):
+                out[b, i, t] = score.v @ torch.tanh(score.w.weight @ q[b, i] + score.u.weight @ k[b, t] + score.u.bias)
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_score_function_matches_its_formula_and_passes_gradients(name):
+    g = torch.Generator().manual_seed(0)
+    same = name in ("dot", "scaled_dot", "cosine")
+    q = torch.randn(2, 3, 5, generator=g, requires_grad=True)
+    k = torch.randn(2, 7, 5 if same else 6, generator=g, requires_grad=True)
+    score = make_score(name, 5, k.shape[-1], hidden=4)
+    with torch.no_grad():  # the zero-initialised last weights would hide mistakes
+        for p in score.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    got = score(q, k)
+    assert got.shape == (2, 3, 7)
+    torch.testing.assert_close(got, _reference(name, score, q, k), rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    assert q.grad is not None and k.grad is not None and torch.isfinite(k.grad).all()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in score.parameters())
+
+
+def test_dot_scores_need_equal_sizes():
+    with pytest.raises(ValueError, match="one size"):
+        make_score("dot", 4, 5)
+    with pytest.raises(ValueError, match="Did you mean 'additive'"):
+        make_score("additve", 4, 4)
+
+
+def test_zero_scores_pool_is_the_mean():
+    x = torch.randn(2, 9, 6)
+    for name in ("dot", "scaled_dot", "general", "concat", "additive"):
+        pool = SeqAttnPool(6, score=name)
+        torch.testing.assert_close(pool(x), x.mean(1), rtol=0, atol=1e-6)
+
+
+# -- hard attention --------------------------------------------------------------------------------------
+def test_hard_attention_picks_one_step_in_eval_and_learns_in_training():
+    torch.manual_seed(0)
+    pool = HardAttnPool(6, score="general", temperature=0.5)
+    with torch.no_grad():
+        pool.score.weight.normal_()
+    x = torch.randn(4, 9, 6)
+    pool.eval()
+    y = pool(x)
+    a = pool.attn_weights
+    assert ((a != 0).sum(1) == 1).all() and torch.allclose(a.sum(1), torch.ones(4))
+    torch.testing.assert_close(y, x[torch.arange(4), a.argmax(1)])
+    pool.train()
+    y = pool(x)
+    assert ((pool.attn_weights != 0).sum(1) == 1).all()
+    (y * torch.randn_like(y)).sum().backward()
+    assert pool.score.weight.grad is not None and pool.score.weight.grad.abs().sum() > 0
+    assert pool.query.grad is not None and pool.query.grad.abs().sum() > 0
+
+
+def test_hard_attention_in_a_patched_model_trains():
+    model = readout(cell="lstm", form="last")
+    x = _tokens(model)
+    patched = surgeon.add(model, "hard", kind="rnn", example_input=x)
+    patched.train()
+    patched(x).sum().backward()
+    mod = patched.get_submodule(surgeon.api.rw.edits_of(patched)[0]["module"])
+    assert mod.gamma.grad is not None and mod.gamma.grad.abs() > 0
+
+
+# -- padding ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: SeqAttnPool(6, score="additive"), lambda: SeqAttnPool(6, score="dot", query="last"),
+    lambda: HardAttnPool(6, score="general"), lambda: LocalAttnPool(6, window=2),
+    lambda: LocalAttnPool(6, window=2, mode="p"), lambda: StructuredSelfAttn(6, hops=2, hidden=4),
+], ids=["soft", "soft-last", "hard", "local-m", "local-p", "structured"])
+def test_padded_values_never_change_the_output(make):
+    torch.manual_seed(0)
+    pool = make().eval()
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.normal_()
+    x = torch.randn(3, 8, 6)
+    lengths = torch.tensor([8, 5, 1])
+    mask = key_mask(lengths, "lengths", 8)
+    x2 = x.clone()
+    x2[~mask] = torch.randn(int((~mask).sum()), 6) * 100
+    assert torch.equal(pool(x, mask), pool(x2, mask))
+
+
+def test_mask_forms():
+    lengths = torch.tensor([3, 1])
+    want = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    assert torch.equal(key_mask(lengths, "lengths", 4), want)
+    assert torch.equal(key_mask(want.long(), "valid", 4), want)
+    assert torch.equal(key_mask((~want).long(), "padding", 4), want)
+    assert torch.equal(key_mask(torch.tensor([[5, 6, 7, 0], [5, 0, 0, 0]]), "tokens", 4, pad_id=0), want)
+
+
+def test_lengths_input_masks_a_patched_model():
+    torch.manual_seed(0)
+    model = WithLengths().eval()
+    g = torch.Generator().manual_seed(0)
+    x, lengths, ctx = torch.randint(1, 40, (2, 10), generator=g), torch.tensor([10, 4]), torch.randn(2, 6)
+    (site,) = surgeon.sites(model, kind="rnn", example_input=(x, lengths, ctx))
+    assert site.info["mask"] == "lengths" and site.info["padding_known"]
+    assert site.info["extra"] == ("mask", "input:ctx")
+    assert _diff(model, surgeon.add(model, "attnpool", example_input=(x, lengths, ctx)), x, lengths, ctx) <= TOL
+    patched = surgeon.add(model, "attnpool", init="paper", example_input=(x, lengths, ctx))
+    x2 = x.clone()
+    x2[1, 4:] = 7
+    with torch.no_grad():
+        assert torch.equal(patched(x, lengths, ctx), patched(x2, lengths, ctx))
+        assert not torch.equal(model(x, lengths, ctx), model(x2, lengths, ctx))  # the base model does see it
+
+
+def test_padding_idx_gives_the_mask_and_unknown_padding_is_said(caplog):
+    model = readout(cell="gru", form="h_n", padding_idx=0)
+    (site,) = surgeon.sites(model, kind="rnn")
+    assert site.info["mask"] == "tokens" and site.info["pad_id"] == 0
+    with caplog.at_level("INFO", logger="surgeon"):
+        (site,) = surgeon.sites(readout(cell="gru", form="h_n"), kind="rnn")
+    assert site.info["padding_known"] is False
+    assert "passes no lengths or mask" in caplog.text
+
+
+# -- structured and cross --------------------------------------------------------------------------------
+def test_structured_penalty_is_the_frobenius_norm():
+    torch.manual_seed(0)
+    layer = StructuredSelfAttn(6, hops=3, hidden=5)
+    x = torch.randn(2, 7, 6)
+    y = layer(x)
+    assert y.shape == (2, 18)
+    a = torch.softmax(layer.w2(torch.tanh(layer.w1(x))).transpose(1, 2), -1)
+    want = torch.stack([torch.linalg.matrix_norm(ai @ ai.T - torch.eye(3)) ** 2 for ai in a]).mean()
+    torch.testing.assert_close(layer.penalty, want)
+    model = readout(cell="lstm", form="last")
+    patched = surgeon.add(model, "structured", kind="rnn", hops=2, hidden=4)
+    patched(_tokens(model))
+    p = structured_penalty(patched)
+    assert p.requires_grad and p > 0
+
+
+def test_cross_attention_takes_a_named_model_input():
+    torch.manual_seed(0)
+    model = WithLengths().eval()
+    x, lengths, ctx = torch.randint(1, 40, (2, 10)), torch.tensor([10, 4]), torch.randn(2, 6)
+    patched = surgeon.add(model, "cross", query="ctx", example_input=(x, lengths, ctx))
+    assert _diff(model, patched, x, lengths, ctx) <= TOL
+    with pytest.raises(OptionError, match=r"unknown query 'ctxx'. Did you mean 'ctx'\?"):
+        surgeon.plan(model, "cross", query="ctxx", example_input=(x, lengths, ctx))
+    with pytest.raises(OptionError, match="cross needs query=NAME"):
+        surgeon.plan(model, "cross", example_input=(x, lengths, ctx))
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+def test_cli_sites_shows_rnn_and_tokens_sites():
+    runner = CliRunner()
+    result = runner.invoke(cli, ["sites", "seq_models:tagger"])
+    assert result.exit_code == 0, result.output
+    assert "gru" in result.output and "tokens" in result.output and "rnn_input" in result.output
+    result = runner.invoke(cli, ["sites", "seq_models:readout", "--kind", "rnn", "--model-arg", "form=mean"])
+    assert result.exit_code == 0, result.output
+    assert "rnn" in result.output and "32×16 → 16" in result.output
+    result = runner.invoke(cli, ["add", "attnpool", "seq_models:readout", "--kind", "rnn", "--option", "score=dot",
+                                 "--option", "query=last"])
+    assert result.exit_code == 0, result.output
+    assert "ok" in result.output
+    result = runner.invoke(cli, ["add", "attnpool", "seq_models:readout", "--kind", "rnn",
+                                 "--model-arg", "form=first"])
+    assert result.exit_code == 2 and "Cannot tell how the output of RNN 'rnn' is used" in result.output
