@@ -88,3 +88,8 @@ class RecipeError(SurgeonError):
 
 class ExportError(SurgeonError):
     """A patched model that an export format cannot serve, or whose export computes something else."""
+
+
+class DataError(SurgeonError):
+    """Data that cannot serve as classification data: a missing, empty or mis-laid-out folder, or
+    classes that do not fit the model's head."""
