@@ -1,4 +1,4 @@
-"""Self-attention on feature maps: nonlocal, danet, ccnet, ema.
+"""Self-attention on feature maps: nl (alias nonlocal), danet, ccnet, ema.
 
 The non-local block (zero-scale BN), DANet and CCNet (γ = 0) start as the identity by their papers'
 own init, so both inits build the same module; EMANet's does not, so identity init adds a zero gate.
@@ -28,7 +28,8 @@ def register_attentions(register):
     from surgeon.layers.self_attention import CrissCrossAttn, DualAttention, EMAUnit, NonLocal2d
     from surgeon.plugins._glue import feature_map
 
-    register("nonlocal", _own_identity(NonLocal2d, "nonlocal"), kinds=KINDS, aliases=("nl", "non_local"),
+    # "nl" as in timm; also a safe attribute name, where the keyword `nonlocal` would break fx's codegen
+    register("nl", _own_identity(NonLocal2d, "nl"), kinds=KINDS, aliases=("nonlocal", "non_local"),
              summary="non-local block: every position attends to all (embedded Gaussian, dot, concat)",
              paper="Wang et al., Non-local Neural Networks, CVPR 2018 (arXiv:1711.07971)")
     register("danet", _own_identity(DualAttention, "danet"), kinds=KINDS, aliases=("dual_attention",),
