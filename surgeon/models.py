@@ -7,6 +7,7 @@ unless the caller allows it), with the usual wrappers ('state_dict', 'model', 'm
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import importlib.util
@@ -181,7 +182,9 @@ def read_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str
             raise WeightsError(f"Cannot read safetensors file {str(path)!r}: {exc}") from exc
     else:
         try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
+            # timm's training checkpoints keep their argparse.Namespace `args`: a plain container, allowed
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(str(path), map_location="cpu", weights_only=not allow_pickle)
         except pickle.UnpicklingError as exc:
             raise WeightsError(
                 f"{str(path)!r} needs full unpickling, which can run code from the file; surgeon only "

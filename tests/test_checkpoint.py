@@ -348,9 +348,16 @@ def test_a_fine_tuned_base_checkpoint_loads_before_surgery(tmp_path):
     import torchvision
 
     tv = torchvision.models.resnet18()
-    torch.save({"model": tv.state_dict(), "optimizer": {}}, tmp_path / "tv.pth")
-    patched = surgeon.add(models.load("tv:resnet18", weights=tmp_path / "tv.pth"), "se", input_size=SIZE)
+    torch.save({"model": tv.state_dict(), "optimizer": {}}, tmp_path / "tv.pth")  # torchvision's references
+    base = models.load("tv:resnet18", weights=tmp_path / "tv.pth")
+    patched = surgeon.plan(base, "se", input_size=SIZE).apply(verify=False)
     assert torch.equal(patched.state_dict()["conv1.weight"], tv.conv1.weight)
+    # timm's train.py: state_dict (+ EMA) with its argparse.Namespace args, read with weights_only=True
+    timm_model = resnet18()
+    torch.save({"epoch": 9, "arch": "resnet18", "state_dict": timm_model.state_dict(),
+                "args": argparse.Namespace(lr=0.1, model="resnet18")}, tmp_path / "timm.pth.tar")
+    again = models.load("resnet18", weights=tmp_path / "timm.pth.tar")
+    assert torch.equal(again.conv1.weight, timm_model.conv1.weight)
 
 
 # -- bad input from the command line: one line, exit 2, nothing written --------------------------------
@@ -442,9 +449,16 @@ def test_bad_folders_fail_in_one_line(saved, tmp_path, damage, message, command)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
+class TrainerState:
+    """Any class of the user's: unpickling it means importing and running the user's code."""
+
+    def __init__(self, lr):
+        self.lr = lr
+
+
 def test_pickle_needing_full_unpickling_is_refused(tmp_path):
     sd = resnet18().state_dict()
-    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, tmp_path / "trainer.pth")
+    torch.save({"state_dict": sd, "trainer": TrainerState(lr=0.1)}, tmp_path / "trainer.pth")
     out = tmp_path / "o"
     result = run("add", "se", "resnet18", "--weights", tmp_path / "trainer.pth", "--out", out)
     assert result.exit_code == 2 and not out.exists()
