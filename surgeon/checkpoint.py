@@ -261,6 +261,11 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
     # 3. The edits, then the weights.
     model = replay(recipe, base, verify=False, input_size=input_size, _folder=folder)
     if adapter:
+        have = sum(p.numel() for p in model.parameters())
+        if spec.get("model_params") not in (None, have):
+            raise WeightsError(f"The adapter {src!r} was made on a model of {spec['model_params']:,} parameters "
+                               f"(edits included); this base gives {have:,}. Is it another model or "
+                               f"--model-arg?")
         fit(model, sd, expected=adapter_keys(model, spec.get("include", [])), source=src)
     else:
         if weights is not None:

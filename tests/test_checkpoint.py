@@ -231,6 +231,9 @@ def test_cli_apply_puts_an_adapter_on_a_model(finetuned, tmp_path):
     x = torch.randn(1, *SIZE)
     with torch.no_grad():
         assert torch.equal(surgeon.load(tmp_path / "applied")(x), model(x))
+    result = run("apply", ad, "resnet34", "--out", tmp_path / "other")  # same site names, another model
+    assert result.exit_code == 2 and not (tmp_path / "other").exists()
+    assert "was made on a model of" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_adapter_keys_follow_repeated_adds():
