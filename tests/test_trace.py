@@ -116,3 +116,19 @@ def test_torchvision_model_traces():
     model = torchvision.models.mobilenet_v3_small().eval()
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(model(x), trace(model).module(x))
+
+
+def test_root_with_train_only_branches_keeps_both_modes():
+    """torchvision GoogLeNet computes auxiliary heads only in train(): the root stays Python."""
+    torch.manual_seed(0)
+    model = torchvision.models.googlenet(init_weights=True).eval()
+    patched = surgeon.add(model, "se", input_size=(3, 96, 96))
+    x = torch.randn(2, 3, 96, 96)
+    assert torch.allclose(model(x), patched(x), atol=1e-5)
+    model.train(), patched.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = patched(x)
+    assert type(a).__name__ == type(b).__name__ == "GoogLeNetOutputs"
+    assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(a, b))

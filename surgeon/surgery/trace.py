@@ -5,9 +5,10 @@
    norm-act layers), so their train/eval behaviour survives.
 2. Trace again in the other mode; functional dropout whose `training` flag differs between the two
    traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`.
-3. When a module's forward cannot be traced (data-dependent control flow...), that module becomes a
-   leaf and its own children are traced the same way; when the root itself cannot be traced, the root
-   stays Python and each child is traced piecewise.
+3. When a module's forward cannot be traced (data-dependent control flow...), or computes different
+   graphs in the two modes (auxiliary heads only in training), that module becomes a leaf and its own
+   children are traced the same way; when it is the root, the root stays Python and each child is
+   traced piecewise.
 """
 from __future__ import annotations
 
@@ -119,12 +120,16 @@ def _mode_dependent_dropouts(g_eval: fx.Graph, g_train: fx.Graph, owner: str) ->
     ev, tr = list(g_eval.nodes), list(g_train.nodes)
     if len(ev) != len(tr) or any(_node_key(a) != _node_key(b) for a, b in zip(ev, tr)):
         where = next((a for a, b in zip(ev, tr) if _node_key(a) != _node_key(b)), ev[-1])
-        stack = list(where.meta.get("nn_module_stack", {}).values())
-        mod = stack[-1][0] if stack else (owner or "the model's own forward")
-        raise TraceError(
-            f"The forward of {mod!r} computes different graphs in train() and eval() mode (near node "
-            f"{where.name!r}), so one traced graph cannot keep both behaviours"
+        stack = [v[0] for v in where.meta.get("nn_module_stack", {}).values()]
+        if where.op == "call_module" and stack and stack[-1] == where.target:
+            stack = stack[:-1]
+        culprit = stack[-1] if stack else ""
+        exc = TraceError(
+            f"The forward of {culprit or owner!r} computes different graphs in train() and eval() mode "
+            f"(near node {where.name!r}), so one traced graph cannot keep both behaviours"
         )
+        exc._surgeon_culprit = culprit  # that module stays Python (a leaf), so both modes keep working
+        raise exc
     return [a.name for a, b in zip(ev, tr)
             if a.op == "call_function" and a.target in _DROPOUT_FUNCTIONS
             and a.kwargs.get("training") != b.kwargs.get("training")]
@@ -245,8 +250,6 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     for _ in range(_MAX_RETRIES):
         try:
             gm = _trace_whole(module, local_leaves | set(culprits))
-        except TraceError:
-            raise
         except Exception as exc:
             culprit = getattr(exc, "_surgeon_culprit", "")
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
