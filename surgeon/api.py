@@ -231,11 +231,13 @@ class Plan:
         return self.table()
 
     def __str__(self) -> str:
+        import io
+
         from rich.console import Console
 
-        console = Console(width=120, record=True, file=open("/dev/null", "w"))
+        console = Console(width=120, file=io.StringIO())
         console.print(self.table())
-        return console.export_text()
+        return console.file.getvalue()
 
     def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
         """Perform the edits. Returns the patched model (a torch.fx.GraphModule when the model traced
