@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _API = {"add", "plan", "sites", "attentions", "example_inputs", "verify_model", "Plan", "Edit"}
 _CHECKPOINT = {"save", "load", "summary"}
 _RECIPE = {"replay"}
+_FINETUNE = {"finetune", "evaluate"}
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +35,14 @@ def __getattr__(name: str) -> Any:
         from surgeon import recipe
 
         return getattr(recipe, name)
+    if name in _FINETUNE:  # the module is `training`: a submodule named `finetune` would shadow the function
+        from surgeon import training
+
+        return getattr(training, name)
+    if name == "data":
+        import surgeon.data as data
+
+        return data
     if name == "export_model":  # not `export`: that name is the submodule surgeon.export
         from surgeon.export import export
 
@@ -46,4 +55,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "replay", "summary", "export_model",
-           "hookimpl", "SurgeonError", "__version__"]
+           "finetune", "evaluate", "hookimpl", "SurgeonError", "__version__"]

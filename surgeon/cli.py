@@ -442,6 +442,136 @@ def show_cmd(directory: str, as_json: bool) -> None:
     click.echo(_weights_line(info["weights"]))
 
 
+# -- fine-tuning (issue 6) -----------------------------------------------------------------------------
+FREEZE_CHOICES = ("none", "base", "two-phase")  # surgeon.training.FREEZE, without importing torch here
+
+
+def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust_code):
+    from surgeon import models, training
+
+    with _stderr().status(f"Loading {model}…"):
+        return training.open_model(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
+                                   trust_code=trust_code,
+                                   model_args=models.parse_assignments(model_args, "--model-arg"))
+
+
+def _history_table(history: list[dict[str, Any]], title: str):
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col in ("epoch", "lr", "trainable", "train loss", "train acc", "val loss", "val acc", "img/s"):
+        t.add_column(col, justify="right")
+    for r in history:
+        val = ("val_loss" in r)
+        t.add_row(str(r["epoch"]), f"{r['lr']:.3g}", f"{r['trainable']:,}", f"{r['train_loss']:.4f}",
+                  f"{100 * r['train_acc']:.2f}%", f"{r['val_loss']:.4f}" if val else "-",
+                  f"{100 * r['val_acc']:.2f}%" if val else "-", f"{r['throughput']:.0f}")
+    return t
+
+
+@cli.command("finetune")
+@click.argument("model")
+@click.option("--data", required=True, metavar="PATH|digits", help="A folder of class sub-folders (with train/ and "
+              "val/ inside, or --val-data), or 'digits' (built in, no download).")
+@click.option("--val-data", type=click.Path(file_okay=False), help="Validation folder (default: DATA/val when present).")
+@click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), required=True, help="Peak learning rate.")
+@click.option("--freeze", type=click.Choice(FREEZE_CHOICES), default="none", show_default=True,
+              help="base: train only the inserted modules and the head; two-phase: base first, then everything.")
+@click.option("--unfreeze-after", type=int, metavar="K", help="With --freeze two-phase: epochs before everything "
+              "trains (default: half).")
+@click.option("--new-lr-mult", type=float, default=1.0, show_default=True,
+              help="Learning-rate multiplier for the inserted modules (and a replaced head).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--weight-decay", type=float, help="Default 0.05 (adamw) / 1e-4 (sgd); never on norms, biases, gates.")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD (Nesterov) momentum.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear warm-up, then cosine.")
+@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Learning rate at the end of the cosine.")
+@click.option("--clip-grad", type=float, help="Clip the gradient norm to this value.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=2), help="Replace the head with a new one of N outputs.")
+@click.option("--bn-stats", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
+              help="auto: frozen BatchNorms keep their running statistics; frozen: all do; train: none do.")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--compile", "compile_", is_flag=True, help="Train through torch.compile.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU / recent GPUs, float16 otherwise).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of each digits split.")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run folder: checkpoint every epoch (loadable by surgeon load), metrics.jsonl, curves.png.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last completed epoch.")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--trust-code", is_flag=True, help="MODEL is a saved folder whose base model is a user factory.")
+@model_options
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-epoch metrics as JSON.")
+@handle_errors
+def finetune_cmd(model: str, data: str, val_data: str | None, epochs: int, lr: float, freeze: str,
+                 unfreeze_after: int | None, new_lr_mult: float, optimizer: str, weight_decay: float | None,
+                 momentum: float, warmup_epochs: float, min_lr: float, clip_grad: float | None, batch_size: int,
+                 num_classes: int | None, bn_stats: str, label_smoothing: float, seed: int, device: str,
+                 compile_: bool, amp: bool, workers: int, limit: int | None, out: str, resume: bool, force: bool,
+                 trust_code: bool, model_args, pretrained, weights, allow_pickle, input_size, no_progress: bool,
+                 as_json: bool) -> None:
+    """Fine-tune MODEL (a folder from `surgeon add --out`, or a model reference) on DATA.
+
+    \b
+    surgeon add cbam resnet18 --weights mine.pth --out cbam-r18
+    surgeon finetune cbam-r18 --data PATH --epochs 5 --lr 1e-3 --freeze two-phase --out cbam-r18-ft
+    """
+    import surgeon
+    from surgeon import data as data_mod
+    from surgeon import training
+
+    training.check_output(out, resume=resume, force=force)  # before anything is built
+    m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
+    train, val = data_mod.resolve(data, m, input_size=input_size, val=val_data, limit=limit)
+    result = surgeon.finetune(m, train, val, epochs=epochs, lr=lr, freeze=freeze, unfreeze_after=unfreeze_after,
+                              new_lr_mult=new_lr_mult, weight_decay=weight_decay, optimizer=optimizer,
+                              momentum=momentum, warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad,
+                              batch_size=batch_size, num_classes=num_classes, bn_stats=bn_stats,
+                              label_smoothing=label_smoothing, seed=seed, device=device, compile=compile_, amp=amp,
+                              num_workers=workers, out=out, resume=resume, force=force, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps({"out": out, "head": result.head, "history": result.history}, indent=2))
+        return
+    _stdout().print(_history_table(result.history, f"{model} fine-tuned on {data}"))
+    click.echo(f"Saved: {out} (recipe.json, model.safetensors, metrics.jsonl, curves.png); "
+               f"`surgeon evaluate {out} --data {data}` to evaluate it")
+
+
+@cli.command("evaluate")
+@click.argument("model")
+@click.option("--data", required=True, metavar="PATH|digits", help="A folder of class sub-folders (DATA/val when "
+              "present), or 'digits' (its held-out test split).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+@click.option("--amp", is_flag=True, help="Mixed precision.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of the digits split.")
+@click.option("--trust-code", is_flag=True, help="MODEL is a saved folder whose base model is a user factory.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def evaluate_cmd(model: str, data: str, batch_size: int, device: str, amp: bool, workers: int, limit: int | None,
+                 trust_code: bool, model_args, pretrained, weights, allow_pickle, input_size, as_json: bool) -> None:
+    """Accuracy and loss of MODEL (a saved folder or a model reference) on DATA."""
+    import surgeon
+    from surgeon import data as data_mod
+
+    m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
+    dataset = data_mod.evaluation_set(data, m, input_size=input_size, limit=limit)
+    with _stderr().status(f"Evaluating on {len(dataset)} images…"):
+        result = surgeon.evaluate(m, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=workers)
+    if as_json:
+        click.echo(json.dumps({"model": model, "data": data, **result}, indent=2))
+        return
+    click.echo(f"{model} on {data}: accuracy {100 * result['accuracy']:.2f}% "
+               f"({round(result['accuracy'] * result['samples'])}/{result['samples']}), loss {result['loss']:.4f}")
+
+
 def main() -> None:
     cli(prog_name="surgeon")
 
