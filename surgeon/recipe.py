@@ -227,14 +227,13 @@ def build_base(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool,
 
 # -- replay ------------------------------------------------------------------------------------------
 def steps(edits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Group edits into the `add` calls that made them: by `step` when recorded, else runs of equal
-    (attention, kind, options, init)."""
+    """Group edits into the `add` calls that made them: runs of equal (step, attention, kind, options,
+    init); recipes written by hand may leave `step` out."""
     groups: list[list[dict[str, Any]]] = []
     last = None
     for edit in edits:
-        key = edit["step"] if "step" in edit else (edit["attention"], edit.get("kind"),
-                                                   json.dumps(edit.get("options", {}), sort_keys=True),
-                                                   edit.get("init", "identity"))
+        key = (edit.get("step"), edit["attention"], edit.get("kind"),
+               json.dumps(edit.get("options", {}), sort_keys=True), edit.get("init", "identity"))
         if groups and key == last:
             groups[-1].append(edit)
         else:
@@ -244,8 +243,7 @@ def steps(edits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 
 
 def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code: bool = False,
-           verify: bool = True, input_size=None, allow_pickle: bool = False, _folder: Path | None = None,
-           _with_weights: bool = True):
+           verify: bool = True, input_size=None, allow_pickle: bool = False, _folder: Path | None = None):
     """Rebuild a patched model from a recipe: build (or take) the base model, then redo each step's
     edits at the same sites, in order.
 
@@ -256,6 +254,7 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
         trust_code: allow a recipe whose base is a user factory (imports and runs its code).
         verify: check each step at identity init (see `surgeon.verify_model`).
         input_size: per-sample input shape (default: the recipe's).
+        allow_pickle: allow full unpickling of the base weights file the recipe names (trusted files only).
 
     Returns:
         nn.Module: the patched model, in eval mode.
@@ -281,7 +280,7 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
         source = str(given / RECIPE if given.is_dir() else given)
     check_names(recipe, source=source)
     if base is None:
-        model = build_base(recipe, folder, trust_code=trust_code, with_weights=_with_weights, source=source,
+        model = build_base(recipe, folder, trust_code=trust_code, with_weights=True, source=source,
                            allow_pickle=allow_pickle)
     elif not isinstance(base, nn.Module):
         raise SurgeonError(f"base must be a torch.nn.Module, got {type(base).__name__}")
