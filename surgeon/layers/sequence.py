@@ -447,11 +447,13 @@ class SequenceFirst(nn.Module):
 
 class InputAttn(nn.Module):
     """DA-RNN's input attention: weights αₖ over the n input series from each series' whole window,
-    eₖ = v·tanh(U·xᵏ + b), α = softmax(e), output x ⊙ (n·α). (B, T, n) -> (B, T, n).
+    eₖ = v·tanh(U·xᵏ + b) + cₖ, α = softmax(e), output x ⊙ (n·α). (B, T, n) -> (B, T, n).
 
-    v starts at zero, so α is uniform and the output is x: the identity without a gate.
+    v and c start at zero, so α is uniform and the output is x: the identity without a gate.
     NOTE: the paper also conditions eₖ on the encoder's previous state, recomputing α at every step
-    inside the recurrence; a retrofit cannot enter nn.GRU's loop, so α here is one per sample.
+    inside the recurrence; a retrofit cannot enter nn.GRU's loop, so α here is one per sample. The
+    per-series prior cₖ is not in the paper: with U shared by all series, series that look alike
+    (same distribution) could not otherwise be told apart.
 
     Args:
         channels: n, the number of input series. steps: T, the window length. hidden: U's size.
@@ -462,10 +464,11 @@ class InputAttn(nn.Module):
         check_positive_int("channels", channels)
         self.u = nn.Linear(check_positive_int("steps", steps), check_positive_int("hidden", hidden))
         self.v = nn.Parameter(torch.zeros(hidden))
+        self.prior = nn.Parameter(torch.zeros(channels))
         self.attn_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.tanh(self.u(x.transpose(1, 2))) @ self.v  # (B, n)
+        e = torch.tanh(self.u(x.transpose(1, 2))) @ self.v + self.prior  # (B, n)
         a = e.softmax(-1)
         self.attn_weights = a.detach()
         return x * (a * x.shape[-1]).unsqueeze(1)
