@@ -24,6 +24,7 @@ TRAIN_DIRS = ("train", "training")
 VAL_DIRS = ("val", "validation", "valid", "test")
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
 # -- preprocessing -----------------------------------------------------------------------------------
@@ -35,7 +36,8 @@ def data_config(model=None, *, input_size: Sequence[int] | None = None) -> dict[
     """
     from timm.data import resolve_data_config
 
-    cfg = resolve_data_config({}, model=model) if model is not None else resolve_data_config({})
+    cfg = (resolve_data_config({}, model=model) if model is not None
+           else resolve_data_config({"input_size": DEFAULT_INPUT_SIZE}))
     rec = model.__dict__.get("_surgeon") if model is not None else None
     size = input_size or (rec or {}).get("input_size")
     if size:

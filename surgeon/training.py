@@ -318,9 +318,11 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device: str | tor
     dev = resolve_device(device)
     classes = classes_of(data)
     if classes is not None:
-        with contextlib.suppress(SurgeonError):
-            head = find_head(model)
-            check_classes(model, classes, head=head, offer=False)
+        try:
+            head: str | None = find_head(model)
+        except SurgeonError:  # no Linear head: nothing to check the classes against
+            head = None
+        check_classes(model, classes, head=head, offer=False)
     model.to(dev)
     loader = _loader(data, batch_size=batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False,
                      pin=dev.type == "cuda")
