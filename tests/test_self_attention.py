@@ -122,6 +122,17 @@ def test_ccnet_equals_reference(shape, recurrence):
         torch.testing.assert_close(m(x), ref_ccnet(m, x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("make", [lambda: NonLocal2d(16), lambda: NonLocal2d(16, mode="gaussian"),
+                                  lambda: DualAttention(16).position], ids=["nl", "nl-gaussian", "danet-pam"])
+def test_softmax_attention_takes_the_fused_kernel(make):
+    # SDPA falls back to its N×N math path silently (transposed views, unequal q/v widths); guard that
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        make().eval()(small_input(2, 16, 6, 6))
+    ops = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_ema_is_a_low_rank_reconstruction_of_its_bases():
     torch.manual_seed(0)
     m = EMAUnit(16, num_bases=4, num_iters=2).eval()

@@ -2,8 +2,8 @@
 
 Every block here maps an (N, C, H, W) map to the same shape and ends in a residual connection, so
 each can be dropped into a hand-written model. None of them materialises the N×N (N = H·W)
-attention matrix where the paper's arithmetic allows otherwise: softmax attention runs through
-`F.scaled_dot_product_attention`, the dot-product non-local form is reassociated to θ·(φᵀg),
+attention matrix where the paper's arithmetic allows otherwise: softmax attention runs through the
+fused kernels of `F.scaled_dot_product_attention`, the dot-product non-local form is reassociated to θ·(φᵀg),
 the concatenation form sorts its pairwise scores, and criss-cross attention keeps per-row and
 per-column energies only.
 """
@@ -21,8 +21,31 @@ NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H·W, C)."""
-    return x.flatten(2).transpose(1, 2)
+    """(B, C, H, W) -> (B, H·W, C), contiguous.
+
+    NOTE: contiguous matters: given a transposed view, `scaled_dot_product_attention` silently falls
+    back to its math path on CPU, which materialises the N×N matrix (1.4 GB instead of ~0.1 GB at 96²).
+    """
+    return x.flatten(2).transpose(1, 2).contiguous()
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ)·v, unscaled, for (B, N, d) tokens, through SDPA's fused (O(N)-memory) kernels.
+
+    The fused CPU kernel needs one width for q, k and v, else SDPA silently takes its N×N math path.
+    A narrower v is zero-padded to q's width; a wider one (DANet: C/8 for q, k, C for v) is cut into
+    heads of q's width that share q and k (expanded, not copied): q·kᵀ is recomputed per head, but
+    memory stays O(N).
+    """
+    b, n, dq = q.shape
+    m, dv = v.shape[1], v.shape[2]
+    if dv == dq:
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    heads = -(-dv // dq)
+    v = F.pad(v, (0, heads * dq - dv)).view(b, m, heads, dq).transpose(1, 2)
+    q, k = q.unsqueeze(1).expand(b, heads, n, dq), k.unsqueeze(1).expand(b, heads, m, dq)
+    y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    return y.transpose(1, 2).reshape(b, n, heads * dq)[..., :dv]
 
 
 def _check_momentum(value) -> float:
@@ -92,7 +115,7 @@ class NonLocal2d(nn.Module):
         else:
             q, k = _tokens(self.theta(x)), _tokens(self.pool(self.phi(x)))
         if self.mode in ("embedded_gaussian", "gaussian"):
-            y = F.scaled_dot_product_attention(q, k, g, scale=1.0)
+            y = _attention(q, k, g)
         elif self.mode == "dot":
             y = q @ (k.transpose(1, 2) @ g) / k.shape[1]  # (θᵀφ)·g = θ·(φᵀg): no N×N matrix
         else:
@@ -119,8 +142,7 @@ class PositionAttn(nn.Module):
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = _tokens(self.query(x)), _tokens(self.key(x)), _tokens(self.value(x))
-        y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
-        return y.transpose(1, 2).reshape(x.shape)
+        return _attention(q, k, v).transpose(1, 2).reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma * self.attend(x)
@@ -138,8 +160,8 @@ class ChannelSelfAttn(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
-        f = x.flatten(2)  # (B, C, N): channels are the "tokens", positions their features
-        return F.scaled_dot_product_attention(f, f, f, scale=1.0).reshape(x.shape)
+        f = x.flatten(2)  # (B, C, N); the C×C affinity matrix is small, plain bmm/softmax suffices
+        return torch.bmm(torch.softmax(torch.bmm(f, f.transpose(1, 2)), -1), f).reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.gamma * self.attend(x)
@@ -207,8 +229,8 @@ class EMAUnit(nn.Module):
 
     Paper: Expectation-Maximization Attention Networks for Semantic Segmentation, Li et al., ICCV 2019
     (arXiv:1907.13426). 1×1 conv in; E-step softmax responsibilities, M-step l2-normalised bases;
-    x + BN(conv(ReLU(μ·zᵀ))). The bases start from a moving average kept in a buffer, updated (momentum
-    0.9) only in training mode. Deviations from the official code: the last E-step is differentiable
+    x + BN(conv(ReLU(μ·zᵀ))). EM starts from bases kept in a buffer, which only training-mode forwards
+    update: bases ← momentum·bases + (1 − momentum)·(batch mean of the final bases, l2-normalised). Deviations from the official code: the last E-step is differentiable
     (same values; the official code runs all of EM without gradient, so its input conv never learns),
     and there is no ReLU after the residual sum, which would break retrofitting.
     """
