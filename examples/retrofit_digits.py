@@ -34,15 +34,28 @@ FINETUNE = {"lr": 5e-4, "warmup_epochs": 0.0, "freeze": "none"}
 NEW_LR_MULT = 10.0  # the inserted modules start from zero gates; let them move faster
 
 
-def accuracy(model, data) -> float:
-    return surgeon.evaluate(model, data)["accuracy"]
+def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """mean ± std (or the value, when every seed gave the same)."""
+    xs = [scale * v for v in values]
+    if len(set(xs)) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
-def fmt(values: list[float]) -> str:
-    pct = [100 * v for v in values]
-    if len(pct) == 1 or len(set(pct)) == 1:
-        return f"{pct[0]:.2f}"
-    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
+class Row:
+    """One line of the table: held-out accuracy and loss at step 0 and after the budget, per seed."""
+
+    def __init__(self, label: str):
+        self.label, self.acc0, self.loss0, self.acc, self.loss = label, [], [], [], []
+
+    def add(self, start: dict, end: dict) -> None:
+        self.acc0.append(start["accuracy"])
+        self.loss0.append(start["loss"])
+        self.acc.append(end["val_acc"])
+        self.loss.append(end["val_loss"])
+
+    def cells(self) -> list[str]:
+        return [self.label, fmt(self.acc0), fmt(self.acc), fmt(self.loss0, 1, 4), fmt(self.loss, 1, 4)]
 
 
 def main() -> None:
@@ -73,45 +86,44 @@ def main() -> None:
     def pretrained():
         return models.load(MODEL, model_args=MODEL_ARGS, weights=ckpt)
 
-    base_acc = accuracy(pretrained(), test)
-    rows: list[tuple[str, list[float], list[float]]] = []
+    base_eval = surgeon.evaluate(pretrained(), test)
+    rows: list[Row] = []
 
     # 3a. The base alone, fine-tuned for the budget.
-    after = []
+    row = Row("base (no attention)")
     for seed in args.seeds:
         r = surgeon.finetune(pretrained(), train, test, epochs=args.budget, seed=seed, progress=False, **FINETUNE)
-        after.append(r.last["val_acc"])
-    rows.append(("base (no attention)", [base_acc], after))
-    print(f"base: {100 * base_acc:.2f}% -> {fmt(after)}% after {args.budget} epochs")
+        row.add(base_eval, r.last)
+    rows.append(row)
+    print(f"base: {fmt(row.acc0)}% -> {fmt(row.acc)}% after {args.budget} epochs")
 
     # 2 + 3b. Each retrofit, identity and paper init.
     for name in args.attentions:
         for init in ("identity", "paper"):
-            start, after = [], []
+            row = Row(f"+ {name} ({init} init)")
             for seed in args.seeds:
                 torch.manual_seed(seed)  # the inserted modules' own initialisation
                 patched = surgeon.add(pretrained(), name, init=init, input_size=INPUT_SIZE)
-                acc0 = accuracy(patched, test)
-                if init == "identity" and acc0 != base_acc:
-                    raise SystemExit(f"{name}: identity init changed the accuracy ({acc0} vs {base_acc})")
+                start = surgeon.evaluate(patched, test)
+                if init == "identity" and start["accuracy"] != base_eval["accuracy"]:
+                    raise SystemExit(f"{name}: identity init changed the accuracy ({start} vs {base_eval})")
                 r = surgeon.finetune(patched, train, test, epochs=args.budget, seed=seed, progress=False,
                                      new_lr_mult=NEW_LR_MULT, **FINETUNE)
-                start.append(acc0)
-                after.append(r.last["val_acc"])
-            params = sum(e["params"] for e in edits_of(patched))
-            rows.append((f"+ {name} ({init} init, +{params:,} params)", start, after))
-            print(f"{name} {init}: {fmt(start)}% at step 0 -> {fmt(after)}% after {args.budget} epochs")
+                row.add(start, r.last)
+            row.label += f", +{sum(e['params'] for e in edits_of(patched)):,} params"
+            rows.append(row)
+            print(f"{name} {init}: {fmt(row.acc0)}% at step 0 -> {fmt(row.acc)}% after {args.budget} epochs")
 
     # 4. The table.
     print()
-    print(f"Held-out accuracy (%) on digits ({len(test)} images), {MODEL} pretrained {PRETRAIN['epochs']} epochs; "
+    print(f"Held-out accuracy (%) and loss on digits ({len(test)} images), {MODEL} pretrained {PRETRAIN['epochs']} epochs; "
           f"budget {args.budget} epochs (AdamW lr {FINETUNE['lr']:g}, cosine, freeze {FINETUNE['freeze']}, "
           f"new modules x{NEW_LR_MULT:g}); mean ± std over seeds {args.seeds}")
     print()
-    print(f"| model | step 0 | after {args.budget} epochs |")
-    print("| --- | ---: | ---: |")
-    for label, start, after in rows:
-        print(f"| {label} | {fmt(start)} | {fmt(after)} |")
+    print(f"| model | accuracy, step 0 | accuracy, +{args.budget} epochs | loss, step 0 | loss, +{args.budget} epochs |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for row in rows:
+        print("| " + " | ".join(row.cells()) + " |")
     print(f"\n({time.perf_counter() - t_start:.0f} s; checkpoint in {work})")
 
 

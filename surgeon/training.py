@@ -344,6 +344,10 @@ def check_output(out: str | os.PathLike | None, *, resume: bool = False, force: 
         return None
     if resume and force:
         raise OptionError("Pass either resume (--resume) or force (--force), not both")
+    old = out.parent / f".{out.name}.old"
+    if not out.exists() and old.is_dir():  # a crash between `_write_run`'s two renames
+        log.warning("recovering %s from its previous checkpoint %s", out, old)
+        os.replace(old, out)
     if not out.exists():
         return None
     if not resume:

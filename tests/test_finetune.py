@@ -232,6 +232,29 @@ def test_any_dataloader_works(data):
     assert 0 <= surgeon.evaluate(result.model, torch.utils.data.DataLoader(data[1], batch_size=8))["accuracy"] <= 1
 
 
+def test_mixed_precision_on_cpu_trains(data):
+    result = surgeon.finetune(patched(), data[0], data[1], epochs=1, lr=1e-3, amp=True, batch_size=32,
+                              progress=False)
+    assert math.isfinite(result.last["train_loss"]) and result.model.fc.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_closely(data):
+    eager = surgeon.finetune(patched(), data[0], data[1], epochs=1, lr=1e-3, batch_size=32, progress=False)
+    compiled = surgeon.finetune(patched(), data[0], data[1], epochs=1, lr=1e-3, batch_size=32, progress=False,
+                                compile=True)
+    assert compiled.last["train_loss"] == pytest.approx(eager.last["train_loss"], rel=1e-3)
+
+
+def test_a_crash_between_renames_is_recovered_on_resume(data, tmp_path):
+    out = tmp_path / "run"
+    surgeon.finetune(patched(), data[0], epochs=2, lr=1e-3, batch_size=32, out=out, progress=False)
+    out.rename(tmp_path / ".run.old")
+    result = surgeon.finetune(patched(), data[0], epochs=2, lr=1e-3, batch_size=32, out=out, resume=True,
+                              progress=False)
+    assert len(result.history) == 2 and out.is_dir() and not (tmp_path / ".run.old").exists()
+
+
 # -- heads and class counts --------------------------------------------------------------------------
 def test_class_count_mismatch_offers_num_classes_and_num_classes_replaces_the_head(data, tmp_path):
     model = patched(num_classes=4)
