@@ -620,65 +620,90 @@ def finetune(model: nn.Module, train_data, val_data=None, *, epochs: int, lr: fl
 
     # 4. The epochs.
     pin = dev.type == "cuda"
-    with _progress(progress) as bar:
-        for epoch in range(start, epochs):
-            torch.manual_seed(_epoch_seed(seed, epoch))
-            prefixes = trainable_prefixes(freeze, new=new_params, head=head, epoch=epoch, unfreeze_after=unfreeze_after)
-            model.train()
-            n_trainable = apply_freeze(model, prefixes, bn_stats=bn_stats)
-            params = [p for p in model.parameters() if p.requires_grad]
-            loader = _loader(train_data, batch_size=batch_size, shuffle=True, seed=_epoch_seed(seed, epoch),
-                             num_workers=num_workers, drop_last=True, pin=pin)
-            task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=len(loader), loss=0.0, acc=0.0, rate=0.0, val="")
-            loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-            factor = lr_factor(step, total, warmup=warmup, min_ratio=min_lr / lr)
-            for x, y in loader:
-                x, y = x.to(dev, non_blocking=pin), y.to(dev, non_blocking=pin)
-                factor = lr_factor(step, total, warmup=warmup, min_ratio=min_lr / lr)
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                with autocast():
-                    logits = forward(x)
-                    loss = criterion(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise SurgeonError(f"The loss became {float(loss)} at epoch {epoch + 1}, step {step}; "
-                                       f"lower the learning rate (--lr) or clip gradients (--clip-grad)")
-                opt.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if clip_grad is not None:
-                    if scaler:
-                        scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, clip_grad)
-                if scaler:
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    opt.step()
-                step += 1
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += len(y)
-                elapsed = time.perf_counter() - t0
-                bar.update(task, advance=1, loss=loss_sum / seen, acc=correct / seen, rate=seen / max(elapsed, 1e-9))
-            seconds = time.perf_counter() - t0
-            rec: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr * factor,
-                                   "trainable": n_trainable, "train_loss": loss_sum / max(seen, 1),
-                                   "train_acc": correct / max(seen, 1)}
-            if val_data is not None:
-                vloader = _loader(val_data, batch_size=max(batch_size, 256), shuffle=False, seed=0,
-                                  num_workers=num_workers, drop_last=False, pin=pin)
-                val = _run_eval(forward, vloader, dev, autocast, nn.CrossEntropyLoss())
-                rec.update(val_loss=val["loss"], val_acc=val["accuracy"])
-                bar.update(task, val=f"  val {val['accuracy']:.2%}")
-            rec.update(seconds=round(seconds, 3), throughput=round(seen / max(seconds, 1e-9), 1))
-            history.append(rec)
-            if out_path is not None:
-                _write_run(model, out_path, state={"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch + 1,
-                                                   "step": step, "head": head, "config": config},
-                           opt=opt, history=history, plot=plot)
-    for n, p in model.named_parameters():
-        p.requires_grad_(flags.get(n, True))
+    loop = _Loop(forward=forward, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler, clip_grad=clip_grad,
+                 device=dev, pin=pin, schedule=lambda s: lr_factor(s, total, warmup=warmup, min_ratio=min_lr / lr))
+    try:
+        with _progress(progress) as bar:
+            for epoch in range(start, epochs):
+                torch.manual_seed(_epoch_seed(seed, epoch))
+                prefixes = trainable_prefixes(freeze, new=new_params, head=head, epoch=epoch,
+                                              unfreeze_after=unfreeze_after)
+                model.train()
+                n_trainable = apply_freeze(model, prefixes, bn_stats=bn_stats)
+                loader = _loader(train_data, batch_size=batch_size, shuffle=True, seed=_epoch_seed(seed, epoch),
+                                 num_workers=num_workers, drop_last=True, pin=pin)
+                task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=len(loader), loss=0.0, acc=0.0, rate=0.0,
+                                    val="")
+                rec, step = _train_epoch(loop, loader, step, lambda **kw: bar.update(task, advance=1, **kw))
+                rec = {"epoch": epoch + 1, "step": step, "lr": lr * rec.pop("factor"), "trainable": n_trainable, **rec}
+                if val_data is not None:
+                    vloader = _loader(val_data, batch_size=max(batch_size, 256), shuffle=False, seed=0,
+                                      num_workers=num_workers, drop_last=False, pin=pin)
+                    val = _run_eval(forward, vloader, dev, autocast, nn.CrossEntropyLoss())
+                    rec.update(val_loss=val["loss"], val_acc=val["accuracy"])
+                    bar.update(task, val=f"  val {val['accuracy']:.2%}")
+                rec.update(seconds=rec.pop("seconds"), throughput=rec.pop("throughput"))  # timings last
+                history.append(rec)
+                if out_path is not None:
+                    _write_run(model, out_path, opt=opt, history=history, plot=plot,
+                               state={"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": epoch + 1,
+                                      "step": step, "head": head, "config": config})
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags.get(n, True))
     return FinetuneResult(model=model.eval(), history=history, out=out_path, head=head)
+
+
+@dataclass
+class _Loop:
+    """What a training step needs besides the batch."""
+
+    forward: Any
+    opt: torch.optim.Optimizer
+    criterion: nn.Module
+    autocast: Any
+    scaler: Any
+    clip_grad: float | None
+    device: torch.device
+    pin: bool
+    schedule: Any  # global step -> learning-rate factor
+
+
+def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any], int]:
+    """One pass over `loader`. Returns the epoch's training metrics and the new global step."""
+    params = [p for g in loop.opt.param_groups for p in g["params"] if p.requires_grad]
+    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    factor = loop.schedule(step)
+    for x, y in loader:
+        x, y = x.to(loop.device, non_blocking=loop.pin), y.to(loop.device, non_blocking=loop.pin)
+        factor = loop.schedule(step)
+        for g in loop.opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        with loop.autocast():
+            logits = loop.forward(x)
+            loss = loop.criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            raise SurgeonError(f"The loss became {float(loss)} at step {step}; lower the learning rate (--lr) "
+                               f"or clip gradients (--clip-grad)")
+        loop.opt.zero_grad(set_to_none=True)
+        (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+        if loop.clip_grad is not None:
+            if loop.scaler:
+                loop.scaler.unscale_(loop.opt)
+            nn.utils.clip_grad_norm_(params, loop.clip_grad)
+        if loop.scaler:
+            loop.scaler.step(loop.opt)
+            loop.scaler.update()
+        else:
+            loop.opt.step()
+        step += 1
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.detach().argmax(1) == y).sum())
+        seen += len(y)
+        report(loss=loss_sum / seen, acc=correct / seen, rate=seen / max(time.perf_counter() - t0, 1e-9))
+    seconds = time.perf_counter() - t0
+    return {"factor": factor, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "seconds": round(seconds, 3), "throughput": round(seen / max(seconds, 1e-9), 1)}, step
 
 
 def open_model(ref: str, *, pretrained: bool = False, weights: str | os.PathLike | None = None,
