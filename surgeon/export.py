@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -49,8 +50,20 @@ def _quiet():
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".strip(": ")
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of an exporter's error, with the operator it stopped at when it says so
+    (exporters wrap the real reason in several generic layers)."""
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 16:
+        chain.append(chain[-1].__cause__)
+    op = next((m.group(1) for e in chain if (m := re.search(r"target=torch\.ops\.([\w.]+?)(?:\.default)?\]",
+                                                             str(e)))), None)
+    text = _first_line(chain[-1])
+    return f"{text} (at {op})" if op and op not in text else text
 
 
 # -- one function per format: write `model` to `path`, return (method, a runner of the written file) --
@@ -83,14 +96,24 @@ def _write_onnx(model, inputs: tuple, path: Path) -> tuple[str, Callable[..., An
         import onnxruntime as ort
     except ImportError as exc:
         raise ExportError(f"ONNX export needs onnx and onnxruntime, which are not installed: {ONNX_HINT}") from exc
-    torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, external_data=False)
+    method = "torch.onnx (dynamo)"
+    try:
+        torch.onnx.export(model, inputs, str(path), dynamo=True, verbose=False, external_data=False)
+    except Exception as exc:
+        # the older TorchScript-based exporter still covers ops the dynamo one lacks (e.g. 3-D SDPA)
+        log.info("onnx: the dynamo exporter failed (%s); trying the TorchScript-based one", _reason(exc))
+        try:
+            torch.onnx.export(model, inputs, str(path), dynamo=False)
+        except Exception:
+            raise exc from None
+        method = "torch.onnx (torchscript-based)"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def run(*args):
         feeds = {i.name: a.detach().numpy() for i, a in zip(session.get_inputs(), args)}
         return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
-    return "torch.onnx (dynamo)", run
+    return method, run
 
 
 _WRITERS = {"exported": _write_exported, "torchscript": _write_torchscript, "onnx": _write_onnx}
@@ -127,7 +150,7 @@ def _culprit(model, fmt: str, inputs: tuple, folder: Path) -> str:
             with _quiet():
                 _WRITERS[fmt](module, args, folder / f"part{FORMATS[fmt]}")
         except Exception as exc:
-            return f"module {path!r} ({type(module).__name__}) cannot be exported: {_first_line(exc)}"
+            return f"module {path!r} ({type(module).__name__}) cannot be exported: {_reason(exc)}"
     return ""
 
 
@@ -202,7 +225,7 @@ def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> E
         except ExportError:
             raise
         except Exception as exc:
-            why = _culprit(model, format, inputs, Path(tmp)) or f"the model cannot be exported: {_first_line(exc)}"
+            why = _culprit(model, format, inputs, Path(tmp)) or f"the model cannot be exported: {_reason(exc)}"
             raise ExportError(f"{format} export of {_name(model)} failed: {why}") from exc
         diff = max_abs_diff(expected, got)
         if not diff <= tolerance:

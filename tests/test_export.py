@@ -3,6 +3,7 @@ format that cannot serve a module says which module and why, and writes nothing.
 import importlib.util
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch import nn
 import surgeon
 from surgeon import models
 from surgeon.cli import cli
-from surgeon.errors import ExportError, UnknownNameError
+from surgeon.errors import ExportError, SurgeonError, UnknownNameError
 from surgeon.export import export
 from surgeon.surgery.rewrite import edits_of
 
@@ -175,3 +176,43 @@ def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch):
     model = surgeon.plan(models.load("toy_models:tiny_resnet"), "se", input_size=(3, 32, 32)).apply(verify=False)
     with pytest.raises(ExportError, match=r"pip install 'surgeon\[export\]'"):
         export(model, "onnx", tmp_path / "m.onnx")
+
+
+def _catalogue():
+    return [a.name for a in surgeon.attentions() if "nchw" in a.layouts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", _formats())
+@pytest.mark.parametrize("attention", _catalogue())
+def test_every_attention_exports_or_names_its_module(tmp_path, attention, fmt):
+    """Each feature-map attention on a small ResNet: the export matches, or the error names the module."""
+    torch.manual_seed(0)
+    try:
+        plan = surgeon.plan(models.load("toy_models:tiny_resnet"), attention, input_size=(3, 32, 32))
+    except SurgeonError as exc:  # e.g. sk's default groups need more than the toy's 8 channels
+        pytest.skip(f"{attention} does not fit the toy model: {exc}")
+    model = _scramble(plan.apply(verify=False))
+    try:
+        result = export(model, fmt, tmp_path / f"m.{fmt}")
+    except ExportError as exc:
+        assert re.search(r"module '[\w.]+' \(\w+\) cannot be exported: ", str(exc)) or "differs" in str(exc), exc
+        pytest.xfail(str(exc))
+    assert result.max_abs_diff <= 1e-5
+
+
+def test_the_reason_is_the_root_cause_and_its_operator():
+    from surgeon.export import _reason
+
+    try:
+        try:
+            try:
+                raise AssertionError("only 4D query, key, and value are supported")
+            except AssertionError as root:
+                raise RuntimeError("Error when translating node %sdpa : call_function[target=torch.ops."
+                                   "aten.scaled_dot_product_attention.default](args = (%q,))") from root
+        except RuntimeError as mid:
+            raise RuntimeError("\x1b[96mFailed to convert the exported program\x1b[0m. Next steps: ...") from mid
+    except RuntimeError as exc:
+        assert _reason(exc) == ("AssertionError: only 4D query, key, and value are supported "
+                                "(at aten.scaled_dot_product_attention)")
