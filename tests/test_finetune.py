@@ -382,6 +382,10 @@ def test_cli_output_folder_exists_is_refused_unless_resume_or_force(tmp_path):
     result = run("finetune", REF, "--data", "digits", "--limit", 32, *TRAIN, "--out", out, "--force")
     assert result.exit_code == 0, result.output
     assert len(training.read_metrics(out)) == 1
+    result = run("finetune", REF, "--data", "digits", "--limit", 32, *TRAIN, "--out", out, "--resume")
+    assert result.exit_code == 0, result.output  # the run is complete: nothing left to train
+    one_line_error(run("finetune", REF, "--data", "digits", "--limit", 32, *TRAIN[:3], 5e-3, *TRAIN[4:], "--out", out,
+                       "--resume"), "with other settings (lr: 0.001 -> 0.005)")
 
 
 def test_cli_class_count_mismatch_offers_num_classes(tmp_path):
