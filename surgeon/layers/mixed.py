@@ -1,4 +1,4 @@
-"""Mixed attention: channel and spatial attention combined (CBAM in sequence, BAM in parallel)."""
+"""Mixed attention: channel and spatial attention combined (CBAM in sequence; BAM, scSE, triplet in parallel)."""
 from __future__ import annotations
 
 import torch
@@ -73,3 +73,74 @@ class BAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel(x.mean((2, 3)))[:, :, None, None]
         return x * (1 + torch.sigmoid(c * self.spatial(x)))
+
+
+class _ZPoolGate(nn.Module):
+    """σ(BN(conv_k×k([max_1(x); mean_1(x)]))) over dim 1: triplet attention's gate for one branch."""
+
+    def __init__(self, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class TripletAttention(nn.Module):
+    """Triplet attention: three Z-pool + k×k conv + BN gates over the (C, W), (H, C) and (H, W) planes.
+
+    Paper: Rotate to Attend: Convolutional Triplet Attention Module, Misra et al., WACV 2021
+    (arXiv:2010.03045). Branches rotate x so that H, W or C plays the channel role, gate, rotate back;
+    the output is their average. As the official code: conv without bias, BN (momentum 0.01).
+    """
+
+    def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False):
+        super().__init__()
+        check_positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.cw = _ZPoolGate(kernel_size)  # H pooled away: attends over (C, W)
+        self.hc = _ZPoolGate(kernel_size)  # W pooled away: attends over (H, C)
+        self.hw = None if no_spatial else _ZPoolGate(kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.cw(x.transpose(1, 2)).transpose(1, 2) + self.hc(x.transpose(1, 3)).transpose(1, 3)
+        if self.hw is None:
+            return out / 2
+        return (out + self.hw(x)) / 3
+
+
+class SCSE(nn.Module):
+    """Concurrent spatial and channel squeeze & excitation: cSE(x) and sSE(x) combined element-wise.
+
+    Paper: Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional Networks,
+    Roy et al., MICCAI 2018 (arXiv:1803.02579): cSE = x·σ(FC(ReLU(FC(gap(x))))) with reduction 2,
+    sSE = x·σ(conv1×1(x)); fusion 'add' as that paper, 'max' (max-out) or 'mul' as compared in its
+    TMI 2019 extension (Roy et al., arXiv:1808.08127).
+    """
+
+    def __init__(self, channels: int, *, rd_ratio: float = 1 / 2, rd_channels: int | None = None,
+                 rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu", gate_layer: str = "sigmoid"):
+        super().__init__()
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        if fusion not in ("add", "max", "mul"):
+            raise ValueError(f"fusion must be 'add', 'max' or 'mul', got {fusion!r}")
+        self.fusion = fusion
+        self.fc1 = nn.Linear(channels, rd)
+        self.act = get_act(act_layer)
+        self.fc2 = nn.Linear(rd, channels)
+        self.spatial = nn.Linear(channels, 1)  # a 1×1 conv to one map, for any number of spatial dims
+        self.gate = get_act(gate_layer, "gate_layer")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(2, x.dim()))
+        w = self.gate(self.fc2(self.act(self.fc1(x.mean(dims)))))
+        c = x * w.view(*w.shape, *([1] * len(dims)))
+        s = x * self.gate(self.spatial(x.movedim(1, -1))).movedim(-1, 1)
+        if self.fusion == "add":
+            return c + s
+        if self.fusion == "max":
+            return torch.maximum(c, s)
+        return c * s
