@@ -205,6 +205,7 @@ def resolve(spec: str | os.PathLike, model=None, *, input_size: Sequence[int] | 
     if str(spec) == DIGITS:
         return (digits("train", model=model, input_size=input_size, limit=limit),
                 digits("test", model=model, input_size=input_size, limit=limit))
+    _no_limit(limit)
     train_dir, val_dir = split_folders(Path(spec))
     if val is not None:
         val_dir = Path(val)
@@ -221,8 +222,14 @@ def evaluation_set(spec: str | os.PathLike, model=None, *, input_size: Sequence[
     """What `--data` names for evaluation: digits' test split; a root's val/ folder; else the folder."""
     if str(spec) == DIGITS:
         return digits("test", model=model, input_size=input_size, limit=limit)
+    _no_limit(limit)
     train_dir, val_dir = split_folders(Path(spec))
     return image_folder(val_dir or train_dir, model=model, train=False, input_size=input_size)
+
+
+def _no_limit(limit: int | None) -> None:
+    if limit is not None:
+        raise DataError("limit (--limit) applies to the built-in 'digits' data only; make a smaller folder instead")
 
 
 def classes_of(data) -> list[str] | None:

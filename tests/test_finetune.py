@@ -413,6 +413,21 @@ def test_cli_bad_data_folders(tmp_path, layout, message):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_finetune_and_evaluate_an_image_folder(tmp_path):
+    for split in ("train", "val"):
+        for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            for i in range(4):
+                _png(tmp_path / "imgs" / split / c / f"{i}.png", colour)
+    args = ("--model-arg", "num_classes=2", "--data", tmp_path / "imgs")
+    result = run("finetune", REF, *args, *TRAIN[:4], "--batch-size", 4, *TRAIN[6:], "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned on" in result.stdout and len(training.read_metrics(tmp_path / "o")) == 1
+    result = run("evaluate", tmp_path / "o", "--trust-code", "--data", tmp_path / "imgs")
+    assert result.exit_code == 0 and "accuracy" in result.stdout and "/8)" in result.stdout, result.output
+    one_line_error(run("evaluate", tmp_path / "o", "--trust-code", "--data", tmp_path / "imgs", "--limit", 2),
+                   "applies to the built-in 'digits' data only")
+
+
 def test_cli_missing_model_folder(tmp_path):
     one_line_error(run("evaluate", tmp_path / "nope", "--data", "digits"), "No saved model folder")
 
