@@ -59,40 +59,55 @@ def cbam_dir(cbam):
 
 
 _RUN_WITHOUT_SURGEON = """
-import sys, torch
-x = torch.load(sys.argv[3])
-if sys.argv[1] == "exported":
-    y = torch.export.load(sys.argv[2]).module()(x)
-elif sys.argv[1] == "torchscript":
-    y = torch.jit.load(sys.argv[2])(x)
-else:
-    import onnxruntime as ort
-    sess = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
-    y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+import json, sys, torch
+x = torch.load(sys.argv[2])
+for fmt, path in json.loads(sys.argv[1]).items():
+    if fmt == "exported":
+        y = torch.export.load(path).module()(x)
+    elif fmt == "torchscript":
+        y = torch.jit.load(path)(x)
+    else:
+        import onnxruntime as ort
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    torch.save(y, path + ".y")
 assert "surgeon" not in sys.modules
-torch.save(y, sys.argv[4])
 """
 
 
-@pytest.mark.parametrize("fmt", _formats())
-def test_cli_exports_cbam_resnet18_and_checks_it(cbam, tmp_path, fmt):
+@pytest.fixture(scope="module")
+def cli_exports(cbam, tmp_path_factory):
+    """Every available format exported through the CLI, then run in ONE process without surgeon on a
+    new input: {format: (CLI result, that process's output)}, plus the input under 'x'."""
     import subprocess
 
-    folder, model = cbam
-    out = tmp_path / f"m.{fmt}"
-    result = run("export", folder, "--format", fmt, "--out", out, "--json")
+    folder, _ = cbam
+    root = tmp_path_factory.mktemp("cli_exports")
+    results, files = {}, {}
+    for fmt in FORMATS:
+        if fmt == "onnx" and not HAS_ONNX:
+            continue
+        files[fmt] = str(root / f"m.{fmt}")
+        results[fmt] = run("export", folder, "--format", fmt, "--out", files[fmt], "--json")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    torch.save(x, root / "x.pt")
+    ok = {f: p for f, p in files.items() if results[f].exit_code == 0}
+    proc = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_SURGEON, json.dumps(ok), str(root / "x.pt")],
+                          capture_output=True, text=True, cwd=root, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    return {f: (results[f], torch.load(ok[f] + ".y") if f in ok else None) for f in files} | {"x": x}
+
+
+@pytest.mark.parametrize("fmt", _formats())
+def test_cli_exports_cbam_resnet18_and_checks_it(cbam, cli_exports, fmt):
+    _, model = cbam
+    result, y = cli_exports[fmt]
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["max_abs_diff"] <= 1e-5 and Path(data["path"]) == out and out.stat().st_size > 40e6
-    # the written file runs in a process that never imports surgeon, on another input
-    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    torch.save(x, tmp_path / "x.pt")
-    proc = subprocess.run([sys.executable, "-c", _RUN_WITHOUT_SURGEON, fmt, str(out), str(tmp_path / "x.pt"),
-                           str(tmp_path / "y.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "PYTHONPATH": ""})
-    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert data["max_abs_diff"] <= 1e-5 and Path(data["path"]).stat().st_size > 40e6
+    # the written file ran in a process that never imported surgeon, on another input
     with torch.no_grad():
-        assert float((torch.load(tmp_path / "y.pt") - model(x)).abs().max()) <= 1e-5
+        assert float((y - model(cli_exports["x"])).abs().max()) <= 1e-5
 
 
 def _rnn_attention():
