@@ -191,6 +191,7 @@ def test_adapter_applies_bit_identically_to_a_fresh_base(finetuned):
     x = torch.randn(2, *SIZE, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+        assert not torch.allclose(fresh(x), model(x))  # the fine-tuning did change the output
     assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # the base is not changed
     info = surgeon.summary(out)
     assert info["weights"]["include"] == ["fc"]
