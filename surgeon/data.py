@@ -65,7 +65,7 @@ class Digits(Dataset):
     fixed (20% test, seed 0), so every run sees the same held-out images.
 
     Args:
-        split: 'train' (1,437 images) or 'test' (360).
+        split: 'train' (1,438 images) or 'test' (359).
         config: a data config (`data_config(model)`); default 3×224×224, ImageNet mean/std.
         limit: keep only the first `limit` images of the split (for quick tests).
     """

@@ -525,7 +525,8 @@ def finetune(model: nn.Module, train_data, val_data=None, *, epochs: int, lr: fl
     Args:
         model: any nn.Module mapping images to logits; trained in place.
         train_data / val_data: a Dataset of (input, label) (shuffled per epoch with a seeded generator),
-            or a DataLoader / any iterable of batches with a length.
+            a DataLoader / any iterable of batches with a length, or what `--data` takes: 'digits' or
+            a folder (see `surgeon.data.resolve`; its validation split is used when val_data is None).
         epochs, lr: the budget and the peak learning rate.
         freeze: 'none' (everything trains), 'base' (only the inserted modules and the head), or
             'two-phase' ('base' for `unfreeze_after` epochs, default half of them, then everything).
@@ -565,6 +566,15 @@ def finetune(model: nn.Module, train_data, val_data=None, *, epochs: int, lr: fl
     dev = resolve_device(device)
     out_path = Path(out) if out is not None else None
     state = check_output(out_path, resume=resume, force=force)
+    if isinstance(train_data, (str, os.PathLike)):  # 'digits' or a folder, preprocessed for this model
+        from surgeon import data
+
+        train_data, default_val = data.resolve(train_data, model)
+        val_data = default_val if val_data is None else val_data
+    if isinstance(val_data, (str, os.PathLike)):
+        from surgeon import data
+
+        val_data = data.evaluation_set(val_data, model)
     _length(train_data, "training data")
     if val_data is not None:
         _length(val_data, "validation data")

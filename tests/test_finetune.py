@@ -225,6 +225,12 @@ def test_plain_models_fine_tune_too(data):
     assert result.head == "fc" and result.history[0]["trainable"] == model.fc.weight.numel() + 10
 
 
+def test_data_by_name_uses_the_model_input_size():
+    model = patched()  # its record says 3×16×16
+    result = surgeon.finetune(model, "digits", epochs=1, lr=1e-3, batch_size=256, freeze="base", progress=False)
+    assert result.last["step"] == 1438 // 256 and "val_acc" in result.last
+
+
 def test_any_dataloader_works(data):
     loader = torch.utils.data.DataLoader(data[0], batch_size=16, shuffle=True)
     result = surgeon.finetune(patched(), loader, data[1], epochs=1, lr=1e-3, progress=False)
