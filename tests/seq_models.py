@@ -79,3 +79,19 @@ def readout(**kwargs) -> nn.Module:
 def tagger() -> nn.Module:
     torch.manual_seed(0)
     return Tagger().eval()
+
+
+class QuestionPassage(nn.Module):
+    """Two GRUs: a question's h_n is a natural query for attention over the passage (cross)."""
+
+    def __init__(self, vocab: int = 40, dim: int = 12, hidden: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.q_gru = nn.GRU(dim, hidden, batch_first=True)
+        self.p_gru = nn.GRU(dim, hidden, batch_first=True)
+        self.fc = nn.Linear(2 * hidden, 2)
+
+    def forward(self, passage: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+        _, hq = self.q_gru(self.emb(question))
+        _, hp = self.p_gru(self.emb(passage))
+        return self.fc(torch.cat([hp[-1], hq[-1]], 1))

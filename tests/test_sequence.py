@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import surgeon
-from seq_models import Readout, Tagger, WithLengths, readout, tagger
+from seq_models import QuestionPassage, Readout, Tagger, WithLengths, readout, tagger
 from surgeon.cli import cli
 from surgeon.errors import OptionError, ShapeError
 from surgeon.layers.sequence import (SCORES, HardAttnPool, LocalAttnPool, SeqAttnPool, StructuredSelfAttn,
@@ -326,6 +326,22 @@ def test_cross_attention_takes_a_named_model_input():
         surgeon.plan(model, "cross", query="ctxx", example_input=(x, lengths, ctx))
     with pytest.raises(OptionError, match="cross needs query=NAME"):
         surgeon.plan(model, "cross", example_input=(x, lengths, ctx))
+
+
+def test_cross_attention_takes_an_earlier_rnn_site():
+    torch.manual_seed(0)
+    model = QuestionPassage().eval()
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randint(1, 40, (2, 15), generator=g), torch.randint(1, 40, (2, 6), generator=g)
+    found = {s.name: s for s in surgeon.sites(model, kind="rnn", example_input=(p, q))}
+    assert found["q_gru"].info["form"] == found["p_gru"].info["form"] == "h_n"
+    assert "site:q_gru" in found["p_gru"].info["extra"]
+    patched = surgeon.add(model, "cross", at=["p_gru"], query="q_gru", score="general", example_input=(p, q))
+    assert _diff(model, patched, p, q) <= TOL
+    # q_gru's selection comes after p_gru's h_n in the graph, so p_gru's h_n stack is a valid query there
+    assert "site:p_gru" in found["q_gru"].info["extra"]
+    with pytest.raises(OptionError, match="Valid: 'input:passage', 'site:p_gru'"):
+        surgeon.plan(model, "cross", at=["q_gru"], query="answer", example_input=(p, q))
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------

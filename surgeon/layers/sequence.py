@@ -345,7 +345,8 @@ class SequenceReplacement(nn.Module):
         batch_first: whether `seq` is (B, T, C) (else (T, B, C)).
         gate: identity init by a zero gate.
         mask_at, mask_form, pad_id: which extra argument holds padding information, and its form (see
-            `key_mask`). query_at: which extra argument is the external query.
+            `key_mask`). query_at: which extra argument is the external query ((B, D), or an
+            RNN's (layers·directions, B, D) h_n stack, read as h_n[-1]).
     """
 
     def __init__(self, pool: nn.Module, *, out_features: int, in_features: int, batch_first: bool = True,
@@ -367,6 +368,8 @@ class SequenceReplacement(nn.Module):
         if self.mask_at is not None and self.mask_at < len(extra):
             mask = key_mask(extra[self.mask_at], self.mask_form, seq.shape[1], pad_id=self.pad_id)
         query = extra[self.query_at] if self.query_at is not None else None
+        if query is not None and query.dim() == 3:  # another RNN's h_n stack: its last layer's state
+            query = query[-1]
         y = self.pool(seq, mask, query)
         if self.proj is not None:
             y = self.proj(y)

@@ -34,7 +34,7 @@ def _external(site, query: str) -> tuple[int, int]:
                           f"Valid: {valid}")
     idx = list(site.info["extra"]).index(names[query])
     shape = site.info["extra_shapes"][idx]
-    if shape is None or len(shape) != 2:
+    if shape is None or len(shape) not in (2, 3):  # 3: another RNN's h_n stack, read as h_n[-1]
         raise OptionError(f"cross at {site.name!r}: the query {query!r} must be a (B, D) vector, "
                           f"got shape {shape}")
     return idx, shape[-1]

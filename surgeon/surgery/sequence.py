@@ -194,7 +194,9 @@ def _mask_source(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, dict[st
 
 
 def _extras(view: GraphView, rnn: fx.Node, before: fx.Node, mask: fx.Node | None,
-            selections: dict[fx.Node, str]) -> tuple[list[fx.Node], list[str]]:
+            others: dict[str, list[fx.Node]]) -> tuple[list[fx.Node], list[str]]:
+    """The extra arguments of an rnn site: its mask source, the model's other inputs, and for each other
+    RNN its selection (or else its h_n stack) when defined before `before`, so the module can read it."""
     nodes, roles = [], []
     if mask is not None:
         nodes.append(mask), roles.append("mask")
@@ -202,9 +204,10 @@ def _extras(view: GraphView, rnn: fx.Node, before: fx.Node, mask: fx.Node | None
     for p in view.nodes:
         if p.op == "placeholder" and p is not mask and p not in ancestors and view.shape(p) is not None:
             nodes.append(p), roles.append(f"input:{p.name}")
-    for sel, name in selections.items():
-        if view.order[sel] < view.order[before]:  # defined before the site, so the module can read it
-            nodes.append(sel), roles.append(f"site:{name}")
+    for name, candidates in others.items():
+        usable = [c for c in candidates if view.order[c] < view.order[before]]
+        if usable:
+            nodes.append(usable[0]), roles.append(f"site:{name}")
     return nodes, roles
 
 
@@ -223,11 +226,11 @@ def find_rnn(view: GraphView) -> list[Site]:
     """One site per recognised selection of an RNN's output (see the module docstring)."""
     sites: list[Site] = []
     rnns = [n for n in view.nodes if view.is_(is_rnn, n)]
-    firsts: dict[fx.Node, str] = {}
+    queries: dict[str, list[fx.Node]] = {}  # per RNN: what another site's module may read (cross)
     for rnn in rnns:
         found, _, _ = _selections(view, rnn)
-        for _, sel in found[:1]:
-            firsts[sel] = rnn.target
+        _, hidden = _outputs(view, rnn)
+        queries[view.full_name(rnn.target)] = [sel for _, sel in found[:1]] + ([hidden] if hidden is not None else [])
     for rnn in rnns:
         m = view.module(rnn)
         name = view.full_name(rnn.target)
@@ -256,7 +259,7 @@ def find_rnn(view: GraphView) -> list[Site]:
             log.info("site %s: the model passes no lengths or mask; attention will attend to every step, "
                      "padding included, if there is any", name)
         for form, sel in found:
-            extra, roles = _extras(view, rnn, sel, mask, {s: n for s, n in firsts.items() if s is not sel})
+            extra, roles = _extras(view, rnn, sel, mask, {n: q for n, q in queries.items() if n != name})
             sinfo = {**info, **mask_info, "form": form, "padding_known": mask is not None,
                      "extra": tuple(roles), "extra_shapes": tuple(view.shape(e) for e in extra)}
             log.debug("site %s: %s selection %s replaced", name, form, sel.name)
