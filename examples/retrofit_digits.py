@@ -8,7 +8,7 @@
    checkpoint; evaluate on the held-out split, over 3 seeds. Same with init='paper'.
 4. Print the table (markdown, ready for the README).
 
-Run: .venv/bin/python examples/retrofit_digits.py [--budget 3] [--seeds 0 1 2] [--out DIR]
+Run: .venv/bin/python examples/retrofit_digits.py [--budget 3] [--seeds 0 1 2] [--freeze two-phase] [--out DIR]
 """
 from __future__ import annotations
 
@@ -63,10 +63,13 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=3, help="fine-tuning epochs (default 3)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--attentions", nargs="+", default=["cbam", "se"])
+    ap.add_argument("--freeze", choices=["none", "base", "two-phase"], default=FINETUNE["freeze"],
+                    help="freeze policy for every fine-tuning run (default none)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (small models run best on 1)")
     ap.add_argument("--out", type=Path, help="working folder (default: a temporary one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    FINETUNE["freeze"] = args.freeze
     work = args.out or Path(tempfile.mkdtemp(prefix="retrofit-digits-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
