@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 
 class Readout(nn.Module):
@@ -95,3 +96,22 @@ class QuestionPassage(nn.Module):
         _, hq = self.q_gru(self.emb(question))
         _, hp = self.p_gru(self.emb(passage))
         return self.fc(torch.cat([hp[-1], hq[-1]], 1))
+
+
+class Packed(nn.Module):
+    """A GRU over a packed sequence: reads h_n (`form='h_n'`) or the mean of the padded output ('mean')."""
+
+    def __init__(self, form: str = "h_n", vocab: int = 40, dim: int = 12, hidden: int = 16, bidirectional: bool = False):
+        super().__init__()
+        self.form = form
+        self.emb = nn.Embedding(vocab, dim)
+        self.gru = nn.GRU(dim, hidden, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(hidden * (2 if bidirectional and form == "mean" else 1), 3)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(self.emb(x), lengths, batch_first=True, enforce_sorted=False)
+        out, h = self.gru(packed)
+        if self.form == "mean":
+            padded, _ = pad_packed_sequence(out, batch_first=True)
+            return self.fc(padded.mean(1))
+        return self.fc(h[-1])

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import surgeon
-from seq_models import QuestionPassage, Readout, Tagger, WithLengths, readout, tagger
+from seq_models import Packed, QuestionPassage, Readout, Tagger, WithLengths, readout, tagger
 from surgeon.cli import cli
 from surgeon.errors import OptionError, ShapeError
 from surgeon.layers.sequence import (SCORES, HardAttnPool, LocalAttnPool, SeqAttnPool, StructuredSelfAttn,
@@ -287,6 +287,23 @@ def test_lengths_input_masks_a_patched_model():
     with torch.no_grad():
         assert torch.equal(patched(x, lengths, ctx), patched(x2, lengths, ctx))
         assert not torch.equal(model(x, lengths, ctx), model(x2, lengths, ctx))  # the base model does see it
+
+
+@pytest.mark.parametrize("form,bidirectional", [("h_n", False), ("h_n", True), ("mean", False)])
+def test_packed_sequences_are_masked_by_their_lengths(form, bidirectional):
+    torch.manual_seed(0)
+    model = Packed(form, bidirectional=bidirectional).eval()
+    g = torch.Generator().manual_seed(0)
+    x, lengths = torch.randint(1, 40, (3, 10), generator=g), torch.tensor([7, 10, 3])
+    (site,) = surgeon.sites(model, kind="rnn", example_input=(x, lengths))
+    assert site.info["packed"] and site.info["mask"] == "lengths" and site.info["form"] == form
+    assert site.shape == (3, 10, 32 if bidirectional else 16)
+    assert _diff(model, surgeon.add(model, "attnpool", example_input=(x, lengths)), x, lengths) <= TOL
+    patched = surgeon.add(model, "attnpool", init="paper", score="dot", query="last", example_input=(x, lengths))
+    x2 = x.clone()
+    x2[0, 7:], x2[2, 3:] = 5, 9
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, lengths), patched(x2, lengths), rtol=0, atol=1e-6)
 
 
 def test_padding_idx_gives_the_mask_and_unknown_padding_is_said(caplog):

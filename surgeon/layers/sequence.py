@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from surgeon.layers._util import check_positive_int
 
@@ -335,7 +336,8 @@ def structured_penalty(model: nn.Module) -> torch.Tensor:
 
 class SequenceReplacement(nn.Module):
     """Stands in for the selection of an RNN's output (last step, h_n, mean): `forward(seq, orig,
-    *extra)` pools `seq` with `pool` and, when gated, returns orig + γ·(pooled − orig) with γ = 0 at
+    *extra)` pools `seq` (a tensor, a PackedSequence, or the RNN's (output, h_n) tuple; a packed
+    output is padded here and its lengths mask the padding) with `pool` and, when gated, returns orig + γ·(pooled − orig) with γ = 0 at
     init, so the model computes exactly what it did.
 
     Args:
@@ -360,12 +362,15 @@ class SequenceReplacement(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1)) if gate else None
 
     def forward(self, seq, orig: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
-        if isinstance(seq, (tuple, list)):  # the RNN's (output, h_n) tuple
+        if isinstance(seq, (tuple, list)) and not isinstance(seq, PackedSequence):  # the RNN's (output, h_n)
             seq = seq[0]
-        if not self.batch_first:
-            seq = seq.transpose(0, 1)
         mask = None
-        if self.mask_at is not None and self.mask_at < len(extra):
+        if isinstance(seq, PackedSequence):
+            seq, lengths = pad_packed_sequence(seq, batch_first=True)
+            mask = key_mask(lengths, "lengths", seq.shape[1])
+        elif not self.batch_first:
+            seq = seq.transpose(0, 1)
+        if mask is None and self.mask_at is not None and self.mask_at < len(extra):
             mask = key_mask(extra[self.mask_at], self.mask_form, seq.shape[1], pad_id=self.pad_id)
         query = extra[self.query_at] if self.query_at is not None else None
         if query is not None and query.dim() == 3:  # another RNN's h_n stack: its last layer's state

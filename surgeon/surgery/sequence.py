@@ -26,6 +26,7 @@ from torch import nn
 
 from surgeon.surgery.graph import GraphView, is_add, is_dropout
 from surgeon.surgery.sites import Site
+from surgeon.surgery.trace import pack_padded_sequence, pad_packed_sequence
 
 log = logging.getLogger("surgeon")
 
@@ -37,6 +38,14 @@ _PADDING_NAMES = ("pad",)
 # -- facts about nodes ---------------------------------------------------------------------------------
 def is_rnn(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules.get(node.target), nn.RNNBase)
+
+
+def _calls(node: Any, fn: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn
+
+
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _getitem(node: fx.Node, source: fx.Node, index: Any) -> bool:
@@ -99,12 +108,25 @@ def _is_cat_of(node: fx.Node, parts: list[fx.Node]) -> bool:
 
 # -- the rnn finder ------------------------------------------------------------------------------------
 def _outputs(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, fx.Node | None]:
-    """(output sequence node, h_n node) of an RNN call; either may be missing from the graph."""
+    """(output node, h_n node) of an RNN call; either may be missing from the graph."""
     out = _child(rnn, 0)
     hidden = _child(rnn, 1)
     if hidden is not None and isinstance(view.module(rnn), nn.LSTM):
         hidden = _child(hidden, 0)
     return out, hidden
+
+
+def _sequence(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, bool, fx.Node | None]:
+    """(node holding the padded output sequence, whether it is batch first, the pack_padded_sequence call
+    feeding the RNN or None). For a packed RNN output that the model never pads, the node is None."""
+    out = _child(rnn, 0)
+    pack = rnn.args[0] if rnn.args and _calls(rnn.args[0], pack_padded_sequence) else None
+    if pack is None:
+        return out, view.module(rnn).batch_first, None
+    pad = next((u for u in (out.users if out is not None else ()) if _calls(u, pad_packed_sequence)), None)
+    if pad is None:
+        return None, True, pack
+    return _child(pad, 0), bool(_arg(pad, 1, "batch_first", False)), pack
 
 
 def _selections(view: GraphView, rnn: fx.Node) -> tuple[list[tuple[str, fx.Node]], list[fx.Node], list[fx.Node]]:
@@ -114,8 +136,9 @@ def _selections(view: GraphView, rnn: fx.Node) -> tuple[list[tuple[str, fx.Node]
         (selections as (form, node), users that keep the sequence, users no form explains).
     """
     m = view.module(rnn)
-    bf, dirs, layers = m.batch_first, 2 if m.bidirectional else 1, m.num_layers
-    out, hidden = _outputs(view, rnn)
+    dirs, layers = 2 if m.bidirectional else 1, m.num_layers
+    out, bf, _ = _sequence(view, rnn)
+    _, hidden = _outputs(view, rnn)
     found: list[tuple[str, fx.Node]] = []
     per_step: list[fx.Node] = []
     unknown: list[fx.Node] = []
@@ -168,8 +191,13 @@ def _selections(view: GraphView, rnn: fx.Node) -> tuple[list[tuple[str, fx.Node]
 
 def _mask_source(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, dict[str, Any]]:
     """Where the padding mask comes from: a lengths/mask input of the model, or token ids with an
-    embedding's padding_idx. Returns (node, info) with info['mask'] in 'lengths', 'valid' (nonzero
-    keeps), 'padding' (nonzero is padding), 'tokens' (with 'pad_id'), or None when unknown."""
+    embedding's padding_idx, or the lengths given to pack_padded_sequence. Returns (node, info) with
+    info['mask'] in 'lengths', 'valid' (nonzero keeps), 'padding' (nonzero is padding), 'tokens' (with
+    'pad_id'), or None when unknown."""
+    _, _, pack = _sequence(view, rnn)
+    lengths = _arg(pack, 1, "lengths", None) if pack is not None else None
+    if isinstance(lengths, fx.Node):
+        return lengths, {"mask": "lengths", "mask_input": lengths.name, "packed": True}
     for p in (n for n in view.nodes if n.op == "placeholder"):
         name, s = p.name.lower(), view.shape(p)
         if s is None:
@@ -235,12 +263,19 @@ def find_rnn(view: GraphView) -> list[Site]:
         m = view.module(rnn)
         name = view.full_name(rnn.target)
         found, per_step, unknown = _selections(view, rnn)
-        out, _ = _outputs(view, rnn)
-        seq = out if out is not None else rnn
-        shape = view.shape(out) if out is not None else tuple(rnn.meta["shape"][0])
-        layout = "nlc" if m.batch_first else "lnc"
+        out, batch_first, pack = _sequence(view, rnn)
+        seq = out if out is not None else rnn  # the module takes the (output, h_n) tuple when no node has it
+        if out is not None:
+            shape = view.shape(out)
+        elif pack is not None:  # the module pads the packed output itself, batch first
+            s_in = view.shape(pack.args[0])
+            b, t = (s_in[0], s_in[1]) if _arg(pack, 2, "batch_first", False) else (s_in[1], s_in[0])
+            shape = (b, t, m.hidden_size * (2 if m.bidirectional else 1))
+        else:
+            shape = tuple(rnn.meta["shape"][0])
+        layout = "nlc" if batch_first else "lnc"
         owner, slot = _placement(view, rnn)
-        info = _rnn_info(m)
+        info = {**_rnn_info(m), "batch_first": batch_first, "packed": pack is not None}
         if not found:
             if per_step and not unknown:
                 log.debug("site %s: no rnn site, its output is used per step (a tokens site)", name)
@@ -308,7 +343,7 @@ def find_tokens(view: GraphView) -> list[Site]:
     for rnn in (n for n in view.nodes if view.is_(is_rnn, n)):
         m = view.module(rnn)
         _, per_step, _ = _selections(view, rnn)
-        out, _ = _outputs(view, rnn)
+        out, batch_first, _ = _sequence(view, rnn)
         if not per_step or out is None:
             continue
         mask, mask_info = _mask_source(view, rnn)
@@ -317,7 +352,7 @@ def find_tokens(view: GraphView) -> list[Site]:
                      view.full_name(rnn.target), mask_info.get("mask_input"))
         owner, slot = _placement(view, rnn)
         sites.append(Site(name=view.full_name(rnn.target), kind="tokens", shape=view.shape(out),
-                          layout="nlc" if m.batch_first else "lnc", graph=view.prefix, node=out.name,
+                          layout="nlc" if batch_first else "lnc", graph=view.prefix, node=out.name,
                           owner=owner, slot=slot,
                           info={**_rnn_info(m), "padding_known": False, "mask_ignored": mask is not None}))
     return sites

@@ -67,12 +67,29 @@ def _reads_training(cls: type) -> bool:
     return "self.training" in src
 
 
+def pack_padded_sequence(*args, **kwargs):
+    """torch.nn.utils.rnn.pack_padded_sequence, as one call in traced graphs (see `_PACKING`)."""
+    return torch.nn.utils.rnn.pack_padded_sequence(*args, **kwargs)
+
+
+def pad_packed_sequence(*args, **kwargs):
+    """torch.nn.utils.rnn.pad_packed_sequence, as one call in traced graphs (see `_PACKING`)."""
+    return torch.nn.utils.rnn.pad_packed_sequence(*args, **kwargs)
+
+
+# Packing functions trace as single calls, so RNNs fed packed sequences trace. NOTE: only when the model
+# imports them by name (`from torch.nn.utils.rnn import ...`). In graphs they call surgeon's aliases:
+# fx's generated code re-registers wrapped torch functions under dotted names that break later traces.
+_PACKING = {torch.nn.utils.rnn.pack_padded_sequence: pack_padded_sequence,
+            torch.nn.utils.rnn.pad_packed_sequence: pad_packed_sequence}
+
+
 class SurgeonTracer(fx.Tracer):
     """fx tracer with surgeon's leaf rules; records which module was being traced when tracing fails."""
 
     def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = ()):
         notrace_modules, notrace_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(notrace_functions))
+        super().__init__(autowrap_functions=tuple(notrace_functions) + tuple(_PACKING))
         self.leaf_paths = set(leaf_paths)
         self.leaf_types = tuple(notrace_modules) + tuple(leaf_types)
 
@@ -101,9 +118,13 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool) -> fx.
     was = module.training
     module.train(training)
     try:
-        return SurgeonTracer(leaf_paths).trace(module)
+        graph = SurgeonTracer(leaf_paths).trace(module)
     finally:
         module.train(was)
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _PACKING:
+            n.target = _PACKING[n.target]
+    return graph
 
 
 def _node_key(node: fx.Node) -> tuple:
@@ -202,7 +223,25 @@ def _restore_unused(gm: fx.GraphModule, original: nn.Module) -> None:
 _KEEP_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "_surgeon")
 
 
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of an existing graph; node metadata (module stacks, hence site names) comes along."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
+
+
 def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule):
+        # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
+        # which would lose which module each node came from
+        gm = fx.GraphModule(module, _copy_graph(module), class_name=type(module).__name__)
+        _restore_unused(gm, module)
+        gm.train(module.training)
+        for attr in _KEEP_ATTRS:
+            if attr in module.__dict__:
+                setattr(gm, attr, copy.deepcopy(module.__dict__[attr]))
+        return gm
     g_eval = _trace_graph(module, leaf_paths, training=False)
     g_train = _trace_graph(module, leaf_paths, training=True)
     dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
