@@ -180,6 +180,9 @@ def _table(rows: list[dict]) -> None:
     methods = {r.get("memory_method") for r in rows if "memory_method" in r}
     print(f"peak MB: resident-set growth during one forward ({', '.join(sorted(methods))}); "
           "plain = explicit N×N bmm/softmax with the same weights; max|diff| checked up to 64².")
+    print("time ms: median of {} forwards; load average at the end: {:.1f} (other processes share the "
+          "CPU, so times are indicative)".format("/".join(f"{s}²: {n}" for s, n in REPEATS.items()),
+                                                 os.getloadavg()[0]))
 
 
 def main() -> None:

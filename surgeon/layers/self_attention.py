@@ -259,9 +259,9 @@ class EMAUnit(nn.Module):
             for _ in range(self.num_iters):
                 mu_prev = mu
                 z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu), -1)  # E-step
-                z = z / (1e-6 + z.sum(1, keepdim=True))
-                mu = self._l2norm(torch.einsum("bcn,bnk->bck", f, z))  # M-step
-        z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu_prev), -1)  # the last E-step, with gradient
+                mu = self._l2norm(torch.einsum("bcn,bnk->bck", f, z / (1e-6 + z.sum(1, keepdim=True))))  # M
+        if f.requires_grad:  # the last E-step again, now with gradient (same values)
+            z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu_prev), -1)
         if self.training:
             with torch.no_grad():
                 self.bases.mul_(self.momentum).add_(self._l2norm(mu.mean(0, keepdim=True)), alpha=1 - self.momentum)
