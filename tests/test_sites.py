@@ -106,3 +106,10 @@ def test_vit_residuals_are_channels_last():
     assert len(sites) == 24 and {s.layout for s in sites} == {"nlc"}
     with pytest.raises(NoSitesError, match="nchw"):
         surgeon.plan(timm.create_model("vit_tiny_patch16_224").eval(), "cbam", kind="residual")
+
+
+def test_patched_model_keeps_site_names():
+    model = TinyResNet().eval()
+    patched = surgeon.add(model, "se", input_size=(3, 32, 32))
+    for kind in ("residual", "stage", "after_conv", "pool"):
+        assert names(patched, kind) == names(model, kind)

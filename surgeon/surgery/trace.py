@@ -223,7 +223,25 @@ def _restore_unused(gm: fx.GraphModule, original: nn.Module) -> None:
 _KEEP_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "_surgeon")
 
 
+def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+    """A copy of an existing graph; node metadata (module stacks, hence site names) comes along."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return graph
+
+
 def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
+    if isinstance(module, fx.GraphModule):
+        # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
+        # which would lose which module each node came from
+        gm = fx.GraphModule(module, _copy_graph(module), class_name=type(module).__name__)
+        _restore_unused(gm, module)
+        gm.train(module.training)
+        for attr in _KEEP_ATTRS:
+            if attr in module.__dict__:
+                setattr(gm, attr, copy.deepcopy(module.__dict__[attr]))
+        return gm
     g_eval = _trace_graph(module, leaf_paths, training=False)
     g_train = _trace_graph(module, leaf_paths, training=True)
     dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
