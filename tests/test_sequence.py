@@ -132,6 +132,20 @@ def test_vit_tiny_tokens_after_every_block():
     assert isinstance(patched.get_submodule("blocks.11.mhsa").attn.qkv, nn.Linear)
 
 
+def test_a_1d_conv_residual_block_is_not_a_tokens_site():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(8, 8, 3, padding=1)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return x + self.bn(self.conv(x))
+
+    model = nn.Sequential(nn.Conv1d(4, 8, 3, padding=1), Block(), Block()).eval()
+    assert surgeon.sites(model, kind="tokens", example_input=torch.randn(2, 4, 20)) == []
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_torch_transformer_encoder_is_a_tokens_site(batch_first):
     class Enc(nn.Module):

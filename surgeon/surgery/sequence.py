@@ -323,7 +323,12 @@ def _block_ends(view: GraphView) -> list[tuple[str, fx.Node]]:
         s = view.shape(last)
         if m is None or not path or s is None or len(s) != 3:
             continue
-        if isinstance(m, _BLOCK_LEAVES) or (adds_in.get(path) and any(True for _ in m.children())):
+        if isinstance(m, _BLOCK_LEAVES):
+            ends.append((path, last))
+        elif adds_in.get(path) and any(True for _ in m.children()):
+            if view.layout(last) == "nchw":  # a 1-D conv block: (B, C, L), channels first, not tokens
+                log.debug("site %s: no tokens site, its (B, C, L) output is channels first", path)
+                continue
             ends.append((path, last))
     return sorted(ends, key=lambda e: view.order[e[1]])
 
