@@ -56,27 +56,13 @@ def recipe_of(model) -> dict[str, Any]:
 
 
 # -- which tensors an adapter holds ------------------------------------------------------------------
-def _head_path(model) -> str:
-    """The classifier: timm's `pretrained_cfg['classifier']` when the model still knows it, else the
-    last Linear (or 1×1-output conv) in module order."""
-    from torch import nn
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = dict(model.named_modules())
-    if isinstance(cfg.get("classifier"), str) and cfg["classifier"] in names:
-        return cfg["classifier"]
-    last = [n for n, m in names.items() if isinstance(m, nn.Linear) and n]
-    if not last:
-        raise SurgeonError(f"Cannot tell which module of {type(model).__name__} is the head; name it, "
-                           f"e.g. include=['fc'] (--include fc)")
-    return last[-1]
-
-
 def _resolve_include(model, include: Sequence[str]) -> list[str]:
+    from surgeon.training import find_head  # the classifier, skipping modules surgery inserted
+
     names = [n for n, _ in model.named_modules() if n]
     out: list[str] = []
     for item in include:
-        matched = [_head_path(model)] if item == HEAD else [n for n in names if fnmatch.fnmatchcase(n, item)]
+        matched = [find_head(model)] if item == HEAD else [n for n in names if fnmatch.fnmatchcase(n, item)]
         if not matched:
             from surgeon.errors import did_you_mean
 
