@@ -170,12 +170,19 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at:
         candidates = [kind]
     else:
         candidates = list(att.kinds)
+    unmatched: NoSitesError | None = None
     for k in candidates:
-        found = [s for s in find_sites(prep.views, [k], list(at) if at else None) if s.layout in att.layouts]
+        try:
+            found = [s for s in find_sites(prep.views, [k], list(at) if at else None) if s.layout in att.layouts]
+        except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
+            unmatched = unmatched or exc
+            continue
         if found:
             if k != candidates[0]:
                 log.info("%s: no %s sites in this model; using %s sites", att.name, candidates[0], k)
             return found
+    if unmatched is not None:
+        raise unmatched
     model_name = type(prep.model).__name__
     raise NoSitesError(f"{att.name} found no {'/'.join(candidates)} site with a {'/'.join(att.layouts)} layout "
                        f"in {model_name}" + (f" matching {list(at)}" if at else "") +

@@ -82,6 +82,12 @@ def test_identity_init_every_rnn_attention(attention, options, form):
     assert paper(x).shape == model(x).shape
 
 
+def test_at_without_kind_finds_the_rnn_site():
+    model = readout(cell="gru", form="h_n")
+    patched = surgeon.add(model, "attnpool", at=["rnn"])  # attnpool's first kind is 'pool'; none matches
+    assert surgeon.api.rw.edits_of(patched)[0]["kind"] == "rnn"
+
+
 def test_mean_selection_with_uniform_scores_needs_no_gate():
     model = readout(cell="gru", form="mean")
     patched = surgeon.add(model, "attnpool", kind="rnn")
