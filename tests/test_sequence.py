@@ -106,6 +106,27 @@ def test_a_per_step_rnn_is_a_tokens_site_and_not_an_rnn_site():
         assert _diff(model, patched, x) <= TOL
 
 
+def test_a_time_first_bidirectional_per_step_rnn_is_a_tokens_site():
+    class Tagger2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(6, 8, bidirectional=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, _ = self.lstm(x)
+            return self.fc(out)
+
+    torch.manual_seed(0)
+    model = Tagger2().eval()
+    x = torch.randn(11, 2, 6)
+    (site,) = surgeon.sites(model, kind="tokens", example_input=x)
+    assert (site.shape, site.layout) == ((11, 2, 16), "lnc")
+    for attention in ("mhsa", "local"):
+        patched = surgeon.add(model, attention, kind="tokens", example_input=x)
+        assert _diff(model, patched, x) <= TOL
+
+
 def test_rnn_input_site_with_da_rnn_input_attention():
     model = readout(cell="gru", form="h_n")
     x = _tokens(model)
