@@ -237,6 +237,20 @@ def test_model_wide_on_resnet18_every_kind(name):
             assert (other(x) - model(x)).abs().max() <= 1e-5
 
 
+def test_ema_bases_update_after_surgery_in_train_mode_only():
+    # the inserted module is a leaf of the fx graph, so its `self.training` branch still runs per call
+    model = timm.create_model("resnet18").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    patched = surgeon.add(model, "ema", at=["layer1"], example_input=x, verify=False)
+    bases = patched.get_submodule("layer1.ema").attn.bases
+    before = bases.clone()
+    with torch.no_grad():
+        patched.eval()(x)
+        assert torch.equal(bases, before)
+        patched.train()(x)
+        assert not torch.equal(bases, before)
+
+
 @pytest.mark.parametrize("name,options,message", [
     ("nl", {"mode": "softmax"}, "mode must be one of"),
     ("nl", {"rd_ratio": 0}, "rd_ratio"),

@@ -230,7 +230,8 @@ class EMAUnit(nn.Module):
     Paper: Expectation-Maximization Attention Networks for Semantic Segmentation, Li et al., ICCV 2019
     (arXiv:1907.13426). 1×1 conv in; E-step softmax responsibilities, M-step l2-normalised bases;
     x + BN(conv(ReLU(μ·zᵀ))). EM starts from bases kept in a buffer, which only training-mode forwards
-    update: bases ← momentum·bases + (1 − momentum)·(batch mean of the final bases, l2-normalised). Deviations from the official code: the last E-step is differentiable
+    update: bases ← momentum·bases + (1 − momentum)·(batch mean of the final bases, l2-normalised).
+    Deviations from the official code: with gradients on, the last E-step runs once more with gradient
     (same values; the official code runs all of EM without gradient, so its input conv never learns),
     and there is no ReLU after the residual sum, which would break retrofitting.
     """
