@@ -191,3 +191,21 @@ def test_installed_plugin_package_is_found_by_entry_point(installed_plugin, tmp_
     blocked = subprocess.run(surgeon_bin + ["list", "--json"], env={**env, "SURGEON_LOAD_PLUGINS": ""},
                              capture_output=True, text=True)
     assert "halve" not in [r["name"] for r in json.loads(blocked.stdout)]
+
+
+def test_attention_named_like_a_python_keyword_still_inserts():
+    class Keyword:
+        @surgeon.hookimpl
+        def register_attentions(self, register):
+            def build(site, *, init="identity"):
+                from surgeon.layers import gated
+
+                return gated(Doubler(site.channels), init)
+
+            register("lambda", build, kinds=("residual",), summary="", paper="")
+
+    with plugin(Keyword(), "keyword-plugin"):
+        x = torch.randn(2, 3, 32, 32)
+        model = TinyResNet().eval()
+        patched = surgeon.add(model, "lambda", example_input=x)
+        assert "stage1.0.lambda_.gamma" in patched.state_dict() and torch.equal(patched(x), model(x))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import inspect
+import keyword
 import logging
 from typing import Any
 
@@ -42,7 +43,12 @@ def attach_path(gm: fx.GraphModule, site: Site, attention: str) -> str:
             break
         owner, _, leaf = owner.rpartition(".")
         slot = f"{leaf}_{slot}" if slot else leaf
-    return unique_path(gm, owner, f"{slot}_{attention}" if slot else attention)
+    name = f"{slot}_{attention}" if slot else attention
+    if keyword.iskeyword(name) or not name.isidentifier():
+        # fx writes `self.<owner>.<name>(...)`: the name must be a valid attribute ('nonlocal' is not)
+        name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+        name = f"{name}_" if keyword.iskeyword(name) else name
+    return unique_path(gm, owner, name)
 
 
 def _positional_arity(module: nn.Module) -> int:
