@@ -156,7 +156,7 @@ def resnet18():
     return _timm("resnet18")
 
 
-@pytest.mark.parametrize("model_name", ["resnet50", pytest.param("convnext_tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model_name", ["resnet50", "convnext_tiny"])
 @pytest.mark.parametrize("name", NAMES)
 def test_identity_init_on_timm_models(request, model_name, name):
     model = request.getfixturevalue(model_name)
@@ -265,22 +265,34 @@ def test_paper_init_parameters_from_structure(r50_residual_sites, name, per_bloc
 
 
 # -- module details ------------------------------------------------------------------------------------
+def _dct_1d(f, n):
+    """The orthonormal DCT-II basis of frequency f on n points, written out from the FcaNet paper, Eq. 1."""
+    b = torch.cos(math.pi * f * (torch.arange(n, dtype=torch.float64) + 0.5) / n) / math.sqrt(n)
+    return b * math.sqrt(2) if f else b
+
+
 def test_fca_dct_bases_follow_the_site_size():
-    # 7×7: the official bases; 14×14: (u, v) on the 7×7 grid becomes (2u, 2v)
-    b7 = dct_filters((7, 7), [(1, 2)])[0]
-    pos = torch.arange(7, dtype=torch.float64)
-    ref = lambda f, n: torch.cos(math.pi * f * (torch.arange(n, dtype=torch.float64) + 0.5) / n) / math.sqrt(n) * (  # noqa: E731
-        math.sqrt(2) if f else 1)
-    assert torch.allclose(b7.double(), ref(1, 7)[:, None] * ref(2, 7)[None, :], atol=1e-6)
-    assert torch.allclose(dct_filters((14, 14), [(1, 2)])[0].double(), ref(2, 14)[:, None] * ref(4, 14)[None, :], atol=1e-6)
-    # orthonormal: the (0, 0) basis pools to sum/sqrt(HW); a 13×17 site gets its own bases
+    # 7×7: the official bases; 14×14: (u, v) on the 7×7 grid becomes (2u, 2v), as in FcaNet's code
+    assert torch.allclose(dct_filters((7, 7), [(1, 2)])[0].double(), _dct_1d(1, 7)[:, None] * _dct_1d(2, 7)[None, :],
+                          atol=1e-6)
+    assert torch.allclose(dct_filters((14, 14), [(1, 2)])[0].double(),
+                          _dct_1d(2, 14)[:, None] * _dct_1d(4, 14)[None, :], atol=1e-6)
+    # a 13×17 site gets its own bases, whatever size the module was built for; they are never saved
     x = _x(2, 32, 13, 17)
     built_for_site = FcaModule(32, feat_size=(13, 17)).eval()
     built_for_7 = FcaModule(32).eval()
     built_for_7.load_state_dict(built_for_site.state_dict())
-    assert "dct" not in built_for_site.state_dict()  # derived, never saved
+    assert "dct" not in built_for_site.state_dict()
     assert torch.allclose(built_for_site(x), built_for_7(x), atol=1e-6)
-    assert pos.numel() == 7
+    # 16 frequencies over 32 channels: two channels per frequency, in order
+    assert built_for_site.group.tolist() == [c // 2 for c in range(32)]
+
+
+def test_ge_parametric_gets_the_site_size_through_surgeon(tiny):
+    x = _x(1, 3, 25, 35)
+    patched = _add(tiny, "ge", x, kind="stage", param=True)
+    sizes = {tuple(m.conv.weight.shape[-2:]) for m in patched.modules() if type(m).__name__ == "_GlobalDepthwise"}
+    assert sizes == {tuple(s.shape[2:]) for s in surgeon.sites(tiny, kind="stage", example_input=x)}
 
 
 def test_ge_parametric_global_gather_is_exact_at_its_size_and_resamples_elsewhere():
