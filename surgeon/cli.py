@@ -199,11 +199,13 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
 @click.option("--adapter", is_flag=True, help="With --out: save only the weights the edits added.")
 @click.option("--include", multiple=True, metavar="MODULE", help="With --adapter: also save this module's "
               "weights (path, glob, or 'head'; repeatable).")
+@click.option("--no-verify", is_flag=True, help="Skip running the example input through both models (for models "
+              "too big to run twice here); shapes are still checked.")
 @handle_errors
 def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tuple[str, ...], options: tuple[str, ...],
             init: str, model_args, pretrained, weights, allow_pickle, input_size, dry_run: bool,
             out: str | None, force: bool, as_json: bool, recipe: str | None = None, trust_code: bool = False,
-            adapter: bool = False, include: tuple[str, ...] = ()) -> None:
+            adapter: bool = False, include: tuple[str, ...] = (), no_verify: bool = False) -> None:
     """Insert ATTENTION into MODEL, verify it, and optionally save it.
 
     With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
@@ -239,9 +241,9 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
             click.echo(json.dumps(result, indent=2))
         return
     with _stderr().status("Rewriting and verifying…"):
-        patched = plan.apply()
+        patched = plan.apply(verify=not no_verify)
     v = plan.verification
-    result["verification"] = v.to_dict()
+    result["verification"] = v.to_dict() if v is not None else None
     if out:
         with _stderr().status(f"Saving to {out}…"):
             surgeon.save(patched, out, force=force, adapter=adapter, include=include)
@@ -249,7 +251,8 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    _stdout().print(_verification_table(v, init))
+    if v is not None:
+        _stdout().print(_verification_table(v, init))
     if out:
         _echo_saved(out)
 
