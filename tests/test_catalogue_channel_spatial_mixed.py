@@ -441,3 +441,22 @@ def test_cli_add_dry_run_resnet50_default_size(name):
 
     result = CliRunner().invoke(cli, ["add", name, "resnet50", "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+def test_cli_option_out_of_range_is_one_line_with_exit_code_2():
+    from surgeon.cli import cli
+
+    result = CliRunner().invoke(cli, ["add", "sk", "resnet50", "--option", "groups=0", "--dry-run",
+                                      "--input-size", "3,64,64"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error: sk: groups must be a positive integer, got 0"
+
+
+def test_gc_identity_needs_no_gate_but_mul_fusion_does(tiny):
+    from surgeon.layers.gate import GatedResidual
+
+    x = _x(1, 3, 25, 35)
+    site = surgeon.sites(tiny, kind="residual", example_input=x)[0]
+    build = registry.get_attention("gc").build
+    assert isinstance(build(site), GlobalContext)  # the official zero-initialised last conv is the identity
+    assert isinstance(build(site, fusion="mul"), GatedResidual)  # x·σ(0) = x/2 is not
