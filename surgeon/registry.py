@@ -25,7 +25,9 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.pooling",
     "surgeon.plugins.self_attention",
     "surgeon.plugins.sequence",
+    "surgeon.plugins.conv_gates",
     "surgeon.plugins.sites",
+    "surgeon.plugins.conv_sites",
     "surgeon.plugins.sequence_sites",
     "surgeon.plugins.sources",
 )

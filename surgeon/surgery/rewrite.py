@@ -86,11 +86,21 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             replaced[site.node] = new
     elif site.action == "replace":
-        args = tuple(resolve(a) for a in site.args)[: _positional_arity(module)]
-        with gm.graph.inserting_after(node):
+        args = tuple(resolve(a) for a in site.args)
+        # a module may pick which of the site's args it reads (`site_args`: indices), e.g. one of several
+        # candidate gating signals; else it gets as many as its forward takes
+        picks = getattr(module, "site_args", None)
+        args = tuple(args[i] for i in picks) if picks is not None else args[: _positional_arity(module)]
+        user = resolve(site.user) if site.user is not None else None
+        # with a `user`, only that use is replaced, and the call goes just before it: the module may read
+        # nodes computed after `node` (a skip connection gated by a decoder feature)
+        with gm.graph.inserting_before(user) if user is not None else gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, args)
-        node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-        replaced[site.node] = new
+        if user is not None:
+            user.replace_input_with(node, new)
+        else:
+            node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+            replaced[site.node] = new
     else:
         raise ShapeError(f"Site {site.name!r}: unknown action {site.action!r}")
     new.meta["surgeon_site"] = site.name

@@ -38,9 +38,11 @@ class Site:
         layout: 'nchw' (channels at dim 1) or 'nlc' (channels last).
         graph: path of the GraphModule holding the node ('' for the root).
         node: fx node the module is inserted after ('insert') or whose value it replaces ('replace').
-        user: for 'insert', rewire only this user of `node` (None: every user).
+        user: rewire only this user of `node` (None: every user); for 'replace', the module's call then goes
+            just before `user`, so its args may include nodes computed after `node`.
         action: 'insert' (module(node) takes node's place) or 'replace' (module(*args) takes node's place).
-        args: for 'replace', the node names passed to the module.
+        args: for 'replace', the node names passed to the module (the first as many as its forward
+            takes, or those at the indices in the module's `site_args` attribute when it has one).
         out_shape: for 'replace', the shape the module must return.
         owner, slot: where the module is attached: `owner.attn` or `owner.slot_attn` when slot is set.
         info: kind-specific details (pool type, geometry...).

@@ -1,0 +1,171 @@
+"""Attention-augmented convolution: the output of a convolution with C_out − d_v filters concatenated
+(along channels) with d_v channels of multi-head self-attention over all positions, the attention's
+logits optionally including 2-D relative position logits (relative width and height embeddings).
+
+Paper: Bello et al., Attention Augmented Convolutional Networks, ICCV 2019 (arXiv:1904.09925).
+Defaults are the paper's ResNet setting κ = 2υ = 0.2 (d_k = 0.2·C_out, d_v = 0.1·C_out), N_h = 8 heads,
+relative logits on. NOTE: d_k and d_v are rounded to multiples of N_h (at least N_h). For a strided conv,
+attention runs on the conv's output grid: the 1×1 q/k/v projections are average-pooled (adaptively) to it,
+which equals projecting the pooled input. Attention uses `scaled_dot_product_attention`; relative logits
+go in as its additive mask.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _depth(ratio: float, explicit: int | None, out_channels: int, heads: int, name: str) -> int:
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1 or explicit % heads:
+            raise ValueError(f"{name}_channels must be a positive multiple of heads ({heads}), got {explicit!r}")
+        return explicit
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"{name}_ratio must be in (0, 1], got {ratio!r}")
+    return max(heads, int(round(ratio * out_channels / heads)) * heads)
+
+
+def relative_logits(q: torch.Tensor, rel_w: torch.Tensor, rel_h: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """2-D relative position logits, (B, heads, N, N) with N = height·width.
+
+    logit[(i, j), (k, l)] = q_ij · rel_w[l − j + W − 1] + q_ij · rel_h[k − i + H − 1].
+    Args:
+        q: (B, heads, N, d) queries (already scaled as the content logits are).
+        rel_w: (2W − 1, d); rel_h: (2H − 1, d).
+    """
+    b, nh, _, d = q.shape
+    q = q.reshape(b, nh, height, width, d)
+    jw = torch.arange(width, device=q.device)
+    ih = torch.arange(height, device=q.device)
+    # logits against every relative offset, then pick offset (key − query) per query/key pair
+    lw = (q @ rel_w.transpose(0, 1))[:, :, :, jw[:, None], jw[None, :] - jw[:, None] + width - 1]
+    lh = (q @ rel_h.transpose(0, 1)).transpose(2, 3)[:, :, :, ih[:, None], ih[None, :] - ih[:, None] + height - 1]
+    lh = lh.transpose(2, 3)  # (B, nh, H, W, H_key)
+    logits = lh[..., :, None] + lw[..., None, :]  # (B, nh, H, W, H_key, W_key)
+    return logits.reshape(b, nh, height * width, height * width)
+
+
+class AAConv2d(nn.Module):
+    """Attention-augmented 2-D convolution (replaces an `nn.Conv2d`; same output shape).
+
+    Args:
+        channels: input channels.
+        out_channels: output channels C_out (default: `channels`).
+        kernel_size, stride, padding, dilation, bias: of the convolution part (padding default k // 2).
+        heads: attention heads N_h (paper: 8).
+        key_ratio: κ = d_k / C_out (paper: 0.2); or `key_channels` = d_k.
+        value_ratio: υ = d_v / C_out (paper: 0.1); or `value_channels` = d_v (< C_out).
+        relative: add 2-D relative position logits (paper: on).
+        size: the output grid (H, W) the relative embeddings are made for; None: the first input's.
+    """
+
+    def __init__(self, channels: int, *, out_channels: int | None = None, kernel_size: int | tuple = 3,
+                 stride: int | tuple = 1, padding: int | tuple | None = None, dilation: int | tuple = 1,
+                 bias: bool = True, heads: int = 8, key_ratio: float = 0.2, value_ratio: float = 0.1,
+                 key_channels: int | None = None, value_channels: int | None = None, relative: bool = True,
+                 size: tuple[int, int] | None = None):
+        super().__init__()
+        out_channels = channels if out_channels is None else out_channels
+        for name, v in (("channels", channels), ("out_channels", out_channels), ("heads", heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(relative, bool):
+            raise ValueError(f"relative must be true or false, got {relative!r}")
+        dk = _depth(key_ratio, key_channels, out_channels, heads, "key")
+        dv = _depth(value_ratio, value_channels, out_channels, heads, "value")
+        if dv >= out_channels:
+            raise ValueError(f"value channels d_v={dv} (heads={heads}) leave no convolution channels of "
+                             f"out_channels={out_channels}; lower value_ratio or heads")
+        k = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
+        if padding is None:
+            padding = (k[0] // 2, k[1] // 2)
+        self.heads, self.dk, self.dv, self.relative = heads, dk, dv, relative
+        self.out_channels = out_channels
+        self.conv = nn.Conv2d(channels, out_channels - dv, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, bias=bias)
+        self.qkv = nn.Conv2d(channels, 2 * dk + dv, 1)
+        self.proj = nn.Conv2d(dv, dv, 1)  # W^O
+        if relative:
+            self.rel_std = (dk // heads) ** -0.5
+        # relative embeddings are sized lazily to the first input's grid (no hard-coded sizes)
+        self.rel_w: nn.Parameter | None = None
+        self.rel_h: nn.Parameter | None = None
+        if relative and size is not None:
+            self.init_relative(*size)
+
+    def init_relative(self, height: int, width: int) -> None:
+        """Create the relative embeddings for an output grid (done on the first call when absent)."""
+        d = self.dk // self.heads
+        dev = self.qkv.weight.device
+        self.rel_w = nn.Parameter(torch.randn(2 * width - 1, d, device=dev) * self.rel_std)
+        self.rel_h = nn.Parameter(torch.randn(2 * height - 1, d, device=dev) * self.rel_std)
+
+    def attend(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The d_v attention channels on the output grid `size`, shape (B, d_v, *size)."""
+        b = x.shape[0]
+        qkv = self.qkv(x)
+        if tuple(qkv.shape[-2:]) != tuple(size):
+            qkv = F.adaptive_avg_pool2d(qkv, size)
+        h, w = size
+        n, nh = h * w, self.heads
+        q, k, v = torch.split(qkv, [self.dk, self.dk, self.dv], dim=1)
+        q = q.reshape(b, nh, self.dk // nh, n).transpose(-1, -2)
+        k = k.reshape(b, nh, self.dk // nh, n).transpose(-1, -2)
+        v = v.reshape(b, nh, self.dv // nh, n).transpose(-1, -2)
+        mask = None
+        if self.relative:
+            if self.rel_w is None or self.rel_w.shape[0] != 2 * w - 1 or self.rel_h.shape[0] != 2 * h - 1:
+                raise RuntimeError(f"relative embeddings are sized for another grid; call init_relative({h}, {w})")
+            scale = (self.dk // nh) ** -0.5
+            mask = relative_logits(q * scale, self.rel_w, self.rel_h, h, w).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, N, dv/nh)
+        out = out.transpose(-1, -2).reshape(b, self.dv, h, w)
+        return self.proj(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.relative and self.rel_w is None:
+            self.init_relative(*y.shape[-2:])
+        return torch.cat([y, self.attend(x, tuple(y.shape[-2:]))], dim=1)
+
+
+class AAConvReplacement(nn.Module):
+    """Identity init for an AAConv2d replacing a conv: y = orig + γ·(aaconv(x) − orig), γ = 0 at init.
+
+    `forward(x, orig)` receives the replaced conv's input and output; the AAConv2d's conv part starts
+    from the original conv's first C_out − d_v filters, so those channels also agree at any γ.
+    """
+
+    def __init__(self, attn: AAConv2d):
+        super().__init__()
+        self.attn = attn
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+        return orig + self.gamma * (self.attn(x) - orig)
+
+
+class AAConvPaper(nn.Module):
+    """The paper's AAConv2d in place of a conv: forward(x) only (the original conv no longer runs)."""
+
+    def __init__(self, attn: AAConv2d):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x)
+
+
+def from_conv(conv: nn.Conv2d, **options) -> AAConv2d:
+    """An AAConv2d with `conv`'s geometry; its conv part copies conv's first C_out − d_v filters."""
+    aa = AAConv2d(conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                  stride=conv.stride, padding=conv.padding, dilation=conv.dilation, bias=conv.bias is not None,
+                  **options)
+    keep = aa.conv.out_channels
+    with torch.no_grad():
+        aa.conv.weight.copy_(conv.weight[:keep])
+        if conv.bias is not None:
+            aa.conv.bias.copy_(conv.bias[:keep])
+    return aa
+

@@ -1,0 +1,120 @@
+"""Site finders for convolutions and skip connections: kinds `conv` and `skip`.
+
+- conv: one 'replace' site per 2-D convolution module (nn.Conv2d, groups == 1) with a spatial output
+  bigger than 1×1; args = (conv input, conv output), so a replacement can read both; `info` holds the
+  conv's geometry, its module path and the nn.Conv2d itself (`info["module"]`), so a builder can copy it.
+- skip: a U-Net skip connection: a feature map concatenated along channels with a decoder feature
+  that was upsampled from a coarser one. The site replaces the skip input of that concat only (`user`
+  is the concat; the encoder's own use of the feature is untouched). The module receives (skip,
+  *candidates): the candidates are the gating signals it may read, named in `info["extra"]` as
+  'site:NAME' (module outputs on the decoder side, computed before the concat); `info["gating"]` is
+  the paper's default, the coarser feature the decoder input was upsampled from.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.surgery.graph import GraphView
+from surgeon.surgery.sites import Site
+
+log = logging.getLogger("surgeon")
+
+
+def _spatial(s) -> tuple | None:
+    return tuple(s[2:]) if s is not None and len(s) == 4 else None
+
+
+def find_conv(view: GraphView) -> list[Site]:
+    """Every nn.Conv2d (groups == 1) with a spatial output bigger than 1×1, as a 'replace' site."""
+    sites = []
+    for n in view.nodes:
+        m = view.module(n)
+        if n.op != "call_module" or not isinstance(m, nn.Conv2d):
+            continue
+        x = n.args[0] if n.args else None
+        s_in, s_out = (view.shape(x) if isinstance(x, fx.Node) else None), view.shape(n)
+        sp = _spatial(s_out)
+        if sp is None or _spatial(s_in) is None or all(d == 1 for d in sp):
+            continue
+        if m.groups != 1:
+            log.debug("site %s: no conv site, a grouped conv (groups=%d)", n.target, m.groups)
+            continue
+        owner, _, slot = n.target.rpartition(".")
+        info = {"path": view.full_name(n.target), "module": m, "in_channels": m.in_channels,
+                "out_channels": m.out_channels, "kernel_size": m.kernel_size, "stride": m.stride,
+                "padding": m.padding, "dilation": m.dilation, "bias": m.bias is not None,
+                "padding_mode": m.padding_mode}
+        sites.append(Site(name=view.full_name(n.target), kind="conv", shape=s_in, layout="nchw",
+                          graph=view.prefix, node=n.name, action="replace", args=(x.name, n.name),
+                          out_shape=s_out, owner=owner, slot=slot, info=info))
+    return sites
+
+
+def _is_channel_cat(n: fx.Node) -> bool:
+    if n.op != "call_function" or n.target is not torch.cat or not n.args:
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    return dim in (1, -3) and isinstance(n.args[0], (list, tuple))
+
+
+def _upsampled_from(view: GraphView, node: fx.Node, size: tuple) -> fx.Node | None:
+    """Walk back from `node` along tensor inputs at `size` to the first coarser feature map."""
+    cur, seen = node, set()
+    while isinstance(cur, fx.Node) and cur not in seen:
+        seen.add(cur)
+        ins = [a for a in cur.all_input_nodes if _spatial(view.shape(a)) is not None]
+        if not ins:
+            return None
+        coarser = [a for a in ins if _spatial(view.shape(a)) != size]
+        if coarser:
+            sp = _spatial(view.shape(coarser[0]))
+            return coarser[0] if all(a <= b for a, b in zip(sp, size)) else None
+        cur = ins[0]
+    return None
+
+
+def find_skip(view: GraphView) -> list[Site]:
+    """U-Net skip connections: concat inputs other than the upsampled decoder feature (see module doc)."""
+    sites = []
+    for cat in view.nodes:
+        if not _is_channel_cat(cat):
+            continue
+        ins = [a for a in cat.args[0] if isinstance(a, fx.Node)]
+        shapes = [view.shape(a) for a in ins]
+        if len(ins) < 2 or any(_spatial(s) is None for s in shapes) or len({_spatial(s) for s in shapes}) != 1:
+            continue
+        size = _spatial(shapes[0])
+        decoder = max(ins, key=lambda a: view.order[a])  # the path computed last feeds the concat
+        coarse = _upsampled_from(view, decoder, size)
+        if coarse is None:
+            log.debug("site %s: no skip site, no input of the concat is upsampled", view.site_name(cat))
+            continue
+        dec_anc = view.ancestors(decoder) | {decoder}
+        for skip in ins:
+            if skip is decoder:
+                continue
+            before = view.ancestors(skip) | {skip}
+            cands: dict[str, fx.Node] = {}
+            for c in sorted(dec_anc - before, key=lambda a: -view.order[a]):  # nearest first
+                sp = _spatial(view.shape(c))
+                if sp is None or view.layout(c) != "nchw" or not all(a <= b for a, b in zip(sp, size)):
+                    continue
+                name = view.name_for(c)
+                if (c is coarse or c is decoder or (name in view.modules and name)) and c.op != "placeholder":
+                    cands.setdefault(view.full_name(view.site_name(c)), c)
+            roles = tuple(f"site:{k}" for k in cands)
+            gating = next(f"site:{k}" for k, c in cands.items() if c is coarse)
+            skip_name = view.site_name(skip)
+            owner = view.enclosing(cat)
+            sites.append(Site(name=view.full_name(skip_name), kind="skip", shape=view.shape(skip), layout="nchw",
+                              graph=view.prefix, node=skip.name, user=cat.name, action="replace",
+                              args=(skip.name, *[c.name for c in cands.values()]), out_shape=view.shape(skip),
+                              owner=owner, slot=skip_name.replace(".", "_"),
+                              info={"concat": view.full_name(view.site_name(cat)), "extra": roles,
+                                    "extra_shapes": tuple(view.shape(c) for c in cands.values()),
+                                    "gating": gating}))
+    return sites
