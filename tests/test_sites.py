@@ -113,3 +113,24 @@ def test_patched_model_keeps_site_names():
     patched = surgeon.add(model, "se", input_size=(3, 32, 32))
     for kind in ("residual", "stage", "after_conv", "pool"):
         assert names(patched, kind) == names(model, kind)
+
+
+def test_fake_tensor_shapes_match_real(monkeypatch):
+    """Big models get shapes from fake tensors (no activation memory); the sites must be the same."""
+    from surgeon.surgery import shapes
+
+    model = timm.create_model("resnet18").eval()
+    real = surgeon.sites(model, input_size=(3, 64, 64))
+    monkeypatch.setattr(shapes, "SMALL_MODEL_PARAMS", 0)
+    calls = []
+    from torch._subclasses import fake_tensor
+
+    class Spy(fake_tensor.FakeTensorMode):
+        def __init__(self, *a, **kw):
+            calls.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(fake_tensor, "FakeTensorMode", Spy)
+    fake = surgeon.sites(model, input_size=(3, 64, 64))
+    assert calls, "the fake-tensor path was not taken"
+    assert [(s.name, s.kind, s.shape) for s in fake] == [(s.name, s.kind, s.shape) for s in real]

@@ -1,7 +1,7 @@
 """Shape propagation: the tensor shape at every node of every traced graph, without real compute.
 
-Runs the model once under a FakeTensorMode (no activation memory, even for very large models) and
-records each node's output shape in `node.meta["shape"]` (a torch.Size, a tuple of them for tuple
+Runs the model once under a FakeTensorMode (no activation memory, even for very large models; small
+models run on real CPU tensors, which is faster for them) and records each node's output shape in `node.meta["shape"]` (a torch.Size, a tuple of them for tuple
 outputs, or None). Graphs nested in Python modules (piecewise traces) are reached through forward
 pre-hooks. Falls back to real CPU tensors when an operator has no fake implementation.
 """
@@ -61,6 +61,15 @@ def _run(traced: Traced, inputs: tuple) -> None:
             h.remove()
 
 
+# Below this many parameters a real CPU forward (no grad) is faster than fake tensors and its
+# activations are small; above it, fake tensors keep big models from allocating anything.
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+class _UseReal(Exception):
+    pass
+
+
 def propagate(traced: Traced, example_inputs: tuple) -> None:
     """Record shapes on every node of every graph in `traced`.
 
@@ -71,13 +80,18 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
 
     was = traced.module.training
     traced.module.eval()
+    small = sum(p.numel() for p in traced.module.parameters()) <= SMALL_MODEL_PARAMS
     try:
         try:
+            if small:  # real tensors are faster here and cost little memory
+                raise _UseReal
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             with mode:
                 fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
                 _run(traced, fake)
             return
+        except _UseReal:
+            pass
         except Exception as exc:  # an op without a fake kernel: real tensors are exact, only slower
             log.debug("shapes: fake tensors failed (%s: %s); using real CPU tensors", type(exc).__name__, exc)
         try:
