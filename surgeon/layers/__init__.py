@@ -3,11 +3,28 @@
     from surgeon.layers import CBAM
     block = nn.Sequential(conv, bn, act, CBAM(256))
 """
-from surgeon.layers.channel import EcaModule, SEModule
+from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, GlobalContext, SEModule,
+                                    SelectiveKernel)
+from surgeon.layers.drop import ADL
 from surgeon.layers.gate import GatedReplacement, GatedResidual, gated
-from surgeon.layers.mixed import BAM, CBAM, ChannelAttn
+from surgeon.layers.mixed import BAM, CBAM, SCSE, ChannelAttn, TripletAttention
 from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
-from surgeon.layers.spatial import SpatialAttn
+from surgeon.layers.self_attention import CrissCrossAttn, DualAttention, EMAUnit, NonLocal2d
+from surgeon.layers.sequence import (AdditiveScore, ConcatScore, CosineScore, DotScore, GeneralScore,
+                                     HardAttnPool, InputAttn, LocalAttnPool, LocalSelfAttn, MultiHeadSelfAttn,
+                                     ScaledDotScore, SeqAttnPool, StructuredSelfAttn)
+from surgeon.layers.spatial import CoordAttn, SpatialAttn, SpatialTransformer
 
-__all__ = ["SEModule", "EcaModule", "CBAM", "BAM", "ChannelAttn", "SpatialAttn", "AttentionPool2d",
-           "PoolReplacement", "GatedResidual", "GatedReplacement", "gated"]
+__all__ = [
+    # channel
+    "SEModule", "EcaModule", "SelectiveKernel", "GatherExcite", "GlobalContext", "SRM", "FcaModule",
+    # spatial and mixed
+    "SpatialAttn", "CoordAttn", "SpatialTransformer", "CBAM", "BAM", "ChannelAttn", "TripletAttention", "SCSE",
+    # self-attention on feature maps
+    "NonLocal2d", "DualAttention", "CrissCrossAttn", "EMAUnit",
+    # pooling, drops, gates
+    "AttentionPool2d", "PoolReplacement", "ADL", "GatedResidual", "GatedReplacement", "gated",
+    # sequences
+    "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
+    "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",
+]
