@@ -52,13 +52,14 @@ def unet():
 class ToyCNN(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
         self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
         self.fc = nn.Linear(32, 10)
 
     def forward(self, x):
-        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv1(F.relu(self.stem(x))))
         x = F.relu(self.dw(F.relu(self.conv2(x))))
         return self.fc(x.mean((2, 3)))
 
@@ -80,12 +81,13 @@ def _diff(a, b):
 # -- aaconv ---------------------------------------------------------------------------------------------
 def test_conv_sites_toy_and_resnet50(resnet50):
     sites = surgeon.sites(ToyCNN(), kind="conv", input_size=(3, 16, 16))
-    assert [s.name for s in sites] == ["conv1", "conv2"]  # the depthwise conv is grouped: no site
+    # the stem reads the image and the depthwise conv is grouped: neither is a site
+    assert [s.name for s in sites] == ["conv1", "conv2"]
     s = sites[1]
     assert s.action == "replace" and s.shape == (2, 16, 16, 16) and s.out_shape == (2, 32, 8, 8)
     assert s.info["stride"] == (2, 2) and s.info["path"] == "conv2" and isinstance(s.info["module"], nn.Conv2d)
     r50 = surgeon.sites(resnet50, kind="conv", input_size=(3, 64, 64))
-    assert len(r50) == 53 and r50[0].name == "conv1"
+    assert len(r50) == 52 and r50[0].name == "layer1.0.conv1"  # every conv but the stem
 
 
 def _reference_attention(m: AAConv2d, x):
@@ -157,7 +159,7 @@ def test_aaconv_paper_init_shape_and_backward():
 
 def test_aaconv_identity_resnet50(resnet50):
     x = _x(1, 3, 64, 64)
-    at = ["conv1", "layer1.0.conv2", "layer2.0.conv2", "layer3.1.conv1"]
+    at = ["layer1.0.conv2", "layer2.0.conv2", "layer2.0.downsample.0", "layer3.1.conv1"]
     patched = surgeon.add(resnet50, "aaconv", at=at, example_input=x)
     assert _diff(patched(x), resnet50(x)) <= 1e-5
     assert {e["site"] for e in patched._surgeon["edits"]} == set(at)

@@ -7,7 +7,8 @@ Defaults are the paper's ResNet setting κ = 2υ = 0.2 (d_k = 0.2·C_out, d_v = 
 relative logits on. NOTE: d_k and d_v are rounded to multiples of N_h (at least N_h). For a strided conv,
 attention runs on the conv's output grid: the 1×1 q/k/v projections are average-pooled (adaptively) to it,
 which equals projecting the pooled input. Attention uses `scaled_dot_product_attention`; relative logits
-go in as its additive mask.
+go in as W + H extra query/key features (one-hot key positions) rather than an N×N additive mask, so memory
+stays O(N·(d + H + W)) instead of O(N²).
 """
 from __future__ import annotations
 
@@ -26,24 +27,32 @@ def _depth(ratio: float, explicit: int | None, out_channels: int, heads: int, na
     return max(heads, int(round(ratio * out_channels / heads)) * heads)
 
 
-def relative_logits(q: torch.Tensor, rel_w: torch.Tensor, rel_h: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """2-D relative position logits, (B, heads, N, N) with N = height·width.
+def relative_features(q: torch.Tensor, rel_w: torch.Tensor, rel_h: torch.Tensor, height: int,
+                      width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-D relative position logits as extra query and key features, so that no N×N mask is built.
 
-    logit[(i, j), (k, l)] = q_ij · rel_w[l − j + W − 1] + q_ij · rel_h[k − i + H − 1].
+    logit[(i, j), (k, l)] = q_ij · rel_w[l − j + W − 1] + q_ij · rel_h[k − i + H − 1] equals the dot product
+    of the query features (q_ij · rel_w[l' − j + W − 1] for l' < W, q_ij · rel_h[k' − i + H − 1] for k' < H)
+    with the key features (one-hot of l, one-hot of k).
+
     Args:
-        q: (B, heads, N, d) queries (already scaled as the content logits are).
+        q: (B, heads, N, d) queries (already scaled as the content logits are), N = height·width.
         rel_w: (2W − 1, d); rel_h: (2H − 1, d).
+    Returns:
+        ((B, heads, N, W + H) query features, (N, W + H) key features).
     """
-    b, nh, _, d = q.shape
+    b, nh, n, d = q.shape
     q = q.reshape(b, nh, height, width, d)
     jw = torch.arange(width, device=q.device)
     ih = torch.arange(height, device=q.device)
-    # logits against every relative offset, then pick offset (key − query) per query/key pair
+    # logits against every relative offset, then per query the offsets to each key column / row
     lw = (q @ rel_w.transpose(0, 1))[:, :, :, jw[:, None], jw[None, :] - jw[:, None] + width - 1]
     lh = (q @ rel_h.transpose(0, 1)).transpose(2, 3)[:, :, :, ih[:, None], ih[None, :] - ih[:, None] + height - 1]
     lh = lh.transpose(2, 3)  # (B, nh, H, W, H_key)
-    logits = lh[..., :, None] + lw[..., None, :]  # (B, nh, H, W, H_key, W_key)
-    return logits.reshape(b, nh, height * width, height * width)
+    q_rel = torch.cat([lw, lh], dim=-1).reshape(b, nh, n, width + height)
+    pos = torch.arange(n, device=q.device)
+    k_rel = torch.cat([F.one_hot(pos % width, width), F.one_hot(pos // width, height)], dim=-1).to(q.dtype)
+    return q_rel, k_rel
 
 
 class AAConv2d(nn.Module):
@@ -88,7 +97,7 @@ class AAConv2d(nn.Module):
         self.proj = nn.Conv2d(dv, dv, 1)  # W^O
         if relative:
             self.rel_std = (dk // heads) ** -0.5
-        # relative embeddings are sized lazily to the first input's grid (no hard-coded sizes)
+        # relative embeddings are sized to `size`, else to the first input's grid (no hard-coded sizes)
         self.rel_w: nn.Parameter | None = None
         self.rel_h: nn.Parameter | None = None
         if relative and size is not None:
@@ -113,13 +122,16 @@ class AAConv2d(nn.Module):
         q = q.reshape(b, nh, self.dk // nh, n).transpose(-1, -2)
         k = k.reshape(b, nh, self.dk // nh, n).transpose(-1, -2)
         v = v.reshape(b, nh, self.dv // nh, n).transpose(-1, -2)
-        mask = None
         if self.relative:
             if self.rel_w is None or self.rel_w.shape[0] != 2 * w - 1 or self.rel_h.shape[0] != 2 * h - 1:
                 raise RuntimeError(f"relative embeddings are sized for another grid; call init_relative({h}, {w})")
-            scale = (self.dk // nh) ** -0.5
-            mask = relative_logits(q * scale, self.rel_w, self.rel_h, h, w).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, N, dv/nh)
+            q = q * (self.dk // nh) ** -0.5
+            q_rel, k_rel = relative_features(q, self.rel_w, self.rel_h, h, w)
+            q = torch.cat([q, q_rel], dim=-1)
+            k = torch.cat([k, k_rel.expand(b, nh, n, w + h)], dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, nh, N, dv/nh)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(-1, -2).reshape(b, self.dv, h, w)
         return self.proj(out)
 
