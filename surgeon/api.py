@@ -147,6 +147,9 @@ def _edit_flops(site: Site, module: nn.Module) -> int:
     x = torch.zeros(1, *site.shape[1:])
     args = (x,) if site.action == "insert" else (x, torch.zeros(1, *site.out_shape[1:]))
     arity = rw._positional_arity(module)
+    picks, arg_shapes = getattr(module, "site_args", None), site.info.get("arg_shapes")
+    if picks is not None and arg_shapes is not None:  # the module reads chosen site args (see rewrite)
+        args, arity = tuple(torch.zeros(1, *arg_shapes[i][1:]) for i in picks), len(picks)
     try:
         return count_flops(module.eval(), args[:arity])
     except Exception as exc:  # FLOPs are informative; never fail a plan on them

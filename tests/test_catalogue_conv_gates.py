@@ -271,6 +271,7 @@ def test_attention_gate_named_gating_and_paper_init():
     plan = surgeon.plan(m, "attention_gate", init="paper", example_input=x,
                         gating={"enc1": "site:interpolate", "enc2": "up3"})
     gates = {e.site.name: e.module for e in plan.edits}
+    assert all(e.flops > 0 for e in plan.edits)  # counted with the chosen gating signal's shape
     assert gates["enc1"].phi.in_channels == 16 and gates["enc2"].phi.in_channels == 16
     patched = plan.apply(verify=False)
     assert patched(x).shape == (2, 2, 32, 32)

@@ -11,7 +11,8 @@
   is the concat; the encoder's own use of the feature is untouched). The module receives (skip,
   *candidates): the candidates are the gating signals it may read, named in `info["extra"]` as
   'site:NAME' (module outputs on the decoder side, computed before the concat); `info["gating"]` is
-  the paper's default, the coarser feature the decoder input was upsampled from.
+  the paper's default, the coarser feature the decoder input was upsampled from; `info["arg_shapes"]`
+  the shapes of all args (the plan counts FLOPs with the ones a module picks by its `site_args`).
 """
 from __future__ import annotations
 
@@ -122,5 +123,6 @@ def find_skip(view: GraphView) -> list[Site]:
                               owner=owner, slot=skip_name.replace(".", "_"),
                               info={"concat": view.full_name(view.site_name(cat)), "extra": roles,
                                     "extra_shapes": tuple(view.shape(c) for c in cands.values()),
+                                    "arg_shapes": (view.shape(skip), *(view.shape(c) for c in cands.values())),
                                     "gating": gating}))
     return sites
