@@ -315,3 +315,27 @@ def test_listed_and_dry_run():
 def test_aaconv_dry_run_resnet50_full_size():
     r = CliRunner().invoke(cli, ["add", "aaconv", "resnet50", "--dry-run", "--at", "layer4.*"])
     assert r.exit_code == 0, r.output
+
+
+def _nudge(model, seed=1):
+    """Non-trivial values in the inserted modules (small: a dozen stacked residual units must not overflow)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for e in model._surgeon["edits"]:
+            for p in model.get_submodule(e["module"]).parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.01 + 0.01)
+    return model
+
+
+@pytest.mark.parametrize("attention, options", [
+    ("aaconv", {"heads": 4}), ("residual_attention", {}), ("attention_gate", {"gating": {"enc1": "interpolate",
+                                                                                         "enc2": "enc3"}}),
+])
+def test_save_load_round_trip(tmp_path, attention, options):
+    base = ToyCNN().eval() if attention == "aaconv" else unet() if attention == "attention_gate" else TinyResNet().eval()
+    x = _x(2, 3, 32, 32)
+    patched = _nudge(surgeon.add(base, attention, example_input=x, **options))
+    surgeon.save(patched, tmp_path / "out")
+    again = surgeon.load(tmp_path / "out", base=base)
+    with torch.no_grad():
+        assert torch.equal(again(x), patched(x))
