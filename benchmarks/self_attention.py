@@ -29,7 +29,7 @@ import torch
 
 CHANNELS, BATCH, THREADS = 256, 2, 2
 SIZES = (32, 64, 96)
-MODULES = ("nl", "danet", "ccnet", "ema")
+MODULES = ("nl", "danet", "ccnet", "ema", "aaconv")
 REPEATS = {32: 5, 64: 3, 96: 2}
 
 
@@ -77,12 +77,37 @@ def plain_ema(m, x):
     return x + m.norm(m.conv_out(y))
 
 
-PLAIN = {"nl": plain_nl, "danet": plain_danet, "ccnet": plain_ccnet, "ema": plain_ema}
+def plain_aaconv(m, x):
+    # the paper's formulation: per head an (N, N) content + relative-position logit matrix (relative logits
+    # gathered into N×N as in the paper's rel_to_abs), softmax, bmm with the values
+    b, _, h, w = x.shape
+    if m.rel_w is None:  # sized on the first forward, as the module itself does
+        m.init_relative(h, w)
+    q, k, v = torch.split(m.qkv(x), [m.dk, m.dk, m.dv], dim=1)
+    dkh, dvh, n = m.dk // m.heads, m.dv // m.heads, h * w
+    rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    dr = rows[None, :] - rows[:, None] + h - 1  # (N, N): key row − query row, shifted
+    dc = cols[None, :] - cols[:, None] + w - 1
+    outs = []
+    for i in range(m.heads):
+        qi = q[:, i * dkh:(i + 1) * dkh].flatten(2).transpose(1, 2) * dkh ** -0.5  # (B, N, d)
+        logits = torch.bmm(qi, k[:, i * dkh:(i + 1) * dkh].flatten(2))  # (B, N, N)
+        logits = logits + torch.gather(qi @ m.rel_h.T, 2, dr.expand(b, n, n))
+        logits = logits + torch.gather(qi @ m.rel_w.T, 2, dc.expand(b, n, n))
+        vi = v[:, i * dvh:(i + 1) * dvh].flatten(2)
+        outs.append(torch.bmm(vi, torch.softmax(logits, -1).transpose(1, 2)).view(b, dvh, h, w))
+    return torch.cat([m.conv(x), m.proj(torch.cat(outs, 1))], 1)
+
+
+PLAIN = {"nl": plain_nl, "danet": plain_danet, "ccnet": plain_ccnet, "ema": plain_ema, "aaconv": plain_aaconv}
 
 
 def build(name: str):
+    from surgeon.layers.augmented import AAConv2d
     from surgeon.layers.self_attention import CrissCrossAttn, DualAttention, EMAUnit, NonLocal2d
 
+    if name == "aaconv":  # C_out = C, the paper's κ = 2υ = 0.2, 8 heads, relative logits
+        return AAConv2d(CHANNELS).eval()
     m = {"nl": NonLocal2d, "danet": DualAttention, "ccnet": CrissCrossAttn, "ema": EMAUnit}[name](CHANNELS)
     with torch.no_grad():  # every path contributes, as after training
         for pname, p in m.named_parameters():

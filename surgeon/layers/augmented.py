@@ -55,6 +55,21 @@ def relative_features(q: torch.Tensor, rel_w: torch.Tensor, rel_h: torch.Tensor,
     return q_rel, k_rel
 
 
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """scaled_dot_product_attention with q/k and v padded to one head size.
+
+    NOTE: torch's fused CPU kernel needs equal q/k and v head sizes; otherwise it falls back to the math
+    path, which materialises the (B, heads, N, N) matrix. Zero padding changes neither the logits nor
+    the kept value channels.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    if dq > dv:
+        v = F.pad(v, (0, dq - dv))
+    elif dv > dq:
+        q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :dv]
+
+
 class AAConv2d(nn.Module):
     """Attention-augmented 2-D convolution (replaces an `nn.Conv2d`; same output shape).
 
@@ -129,9 +144,9 @@ class AAConv2d(nn.Module):
             q_rel, k_rel = relative_features(q, self.rel_w, self.rel_h, h, w)
             q = torch.cat([q, q_rel], dim=-1)
             k = torch.cat([k, k_rel.expand(b, nh, n, w + h)], dim=-1)
-            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, nh, N, dv/nh)
+            out = _attention(q, k, v, scale=1.0)  # (B, nh, N, dv/nh)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = _attention(q, k, v, scale=(self.dk // nh) ** -0.5)
         out = out.transpose(-1, -2).reshape(b, self.dv, h, w)
         return self.proj(out)
 
