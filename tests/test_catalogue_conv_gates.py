@@ -240,6 +240,32 @@ def test_skip_sites_and_default_gating():
     assert by_name["enc1"].user and by_name["enc1"].out_shape == by_name["enc1"].shape == (2, 8, 32, 32)
 
 
+class CropUNet(nn.Module):
+    """The original U-Net's form: unpadded convs, the skip cropped to the upsampled size (read from its shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3)
+        self.down = nn.Conv2d(8, 16, 3, stride=2)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.dec = nn.Conv2d(16, 4, 3)
+
+    def forward(self, x):
+        e = self.enc(x)
+        d = self.up(self.down(e))
+        h, w = d.shape[-2:]
+        return self.dec(torch.cat([d, e[:, :, 1:1 + h, 1:1 + w]], 1))
+
+
+def test_attention_gate_cropped_skip():
+    m = CropUNet().eval()
+    x = _x(2, 3, 36, 36)
+    (site,) = surgeon.sites(m, kind="skip", example_input=x)
+    assert site.name == "enc" and site.shape == (2, 8, 32, 32) and site.info["gating"] == "site:down"
+    patched = surgeon.add(m, "attention_gate", example_input=x)
+    assert _diff(patched(x), m(x)) <= 1e-5
+
+
 def test_attention_gate_identity_and_training():
     m = unet()
     x = _x(4, 3, 32, 32)
@@ -312,8 +338,9 @@ def test_listed_and_dry_run():
 
 
 @pytest.mark.slow
-def test_aaconv_dry_run_resnet50_full_size():
-    r = CliRunner().invoke(cli, ["add", "aaconv", "resnet50", "--dry-run", "--at", "layer4.*"])
+@pytest.mark.parametrize("name", ["aaconv", "residual_attention"])
+def test_dry_run_resnet50_full_size(name):
+    r = CliRunner().invoke(cli, ["add", name, "resnet50", "--dry-run"])
     assert r.exit_code == 0, r.output
 
 

@@ -84,6 +84,29 @@ def _upsampled_from(view: GraphView, node: fx.Node, size: tuple) -> fx.Node | No
     return None
 
 
+def _feature_ancestors(view: GraphView, node: fx.Node) -> set[fx.Node]:
+    """`node` and its ancestors through feature maps only: a crop sized by `d.shape` does not make the
+    decoder feature `d` an ancestor of the cropped skip."""
+    seen, todo = {node}, [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and (_spatial(view.shape(a)) is not None or a.op == "placeholder"):
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _skip_name(view: GraphView, skip: fx.Node) -> str:
+    """The module whose feature is skipped: through a crop or other ops on it ('enc1', not 'getitem')."""
+    cur = skip
+    while isinstance(cur, fx.Node) and not (view.name_for(cur) in view.modules and view.name_for(cur)):
+        ins = [a for a in cur.all_input_nodes if _spatial(view.shape(a)) is not None]
+        if len(ins) != 1:
+            return view.site_name(skip)
+        cur = ins[0]
+    return view.name_for(cur)
+
+
 def find_skip(view: GraphView) -> list[Site]:
     """U-Net skip connections: concat inputs other than the upsampled decoder feature (see module doc)."""
     sites = []
@@ -95,16 +118,17 @@ def find_skip(view: GraphView) -> list[Site]:
         if len(ins) < 2 or any(_spatial(s) is None for s in shapes) or len({_spatial(s) for s in shapes}) != 1:
             continue
         size = _spatial(shapes[0])
-        decoder = max(ins, key=lambda a: view.order[a])  # the path computed last feeds the concat
-        coarse = _upsampled_from(view, decoder, size)
-        if coarse is None:
+        # the decoder input: upsampled from a coarser feature (the latest such input when several are)
+        ups = [(a, c) for a in ins if (c := _upsampled_from(view, a, size)) is not None]
+        if not ups:
             log.debug("site %s: no skip site, no input of the concat is upsampled", view.site_name(cat))
             continue
+        decoder, coarse = max(ups, key=lambda ac: view.order[ac[0]])
         dec_anc = view.ancestors(decoder) | {decoder}
         for skip in ins:
             if skip is decoder:
                 continue
-            before = view.ancestors(skip) | {skip}
+            before = _feature_ancestors(view, skip)
             cands: dict[str, fx.Node] = {}
             for c in sorted(dec_anc - before, key=lambda a: -view.order[a]):  # nearest first
                 sp = _spatial(view.shape(c))
@@ -115,7 +139,7 @@ def find_skip(view: GraphView) -> list[Site]:
                     cands.setdefault(view.full_name(view.site_name(c)), c)
             roles = tuple(f"site:{k}" for k in cands)
             gating = next(f"site:{k}" for k, c in cands.items() if c is coarse)
-            skip_name = view.site_name(skip)
+            skip_name = _skip_name(view, skip)
             owner = view.enclosing(cat)
             sites.append(Site(name=view.full_name(skip_name), kind="skip", shape=view.shape(skip), layout="nchw",
                               graph=view.prefix, node=skip.name, user=cat.name, action="replace",
