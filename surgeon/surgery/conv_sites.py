@@ -1,11 +1,11 @@
 """Site finders for convolutions and skip connections: kinds `conv` and `skip`.
 
-- conv: one 'replace' site per 2-D convolution module (nn.Conv2d, groups == 1) with a spatial output
-  bigger than 1×1; args = (conv input, conv output), so a replacement can read both; `info` holds the
+- conv: one 'replace' site per 2-D convolution module (a plain zero-padded nn.Conv2d, groups == 1) with a
+  spatial output bigger than 1×1; args = (conv input, conv output), so a replacement can read both; `info` holds the
   conv's geometry, its module path and the nn.Conv2d itself (`info["module"]`), so a builder can copy it.
   NOTE: a conv that reads a model input directly (the stem) is not a site: self-attention over every input
-  pixel costs N² at full resolution (12,544² logits per head for ResNet's 112×112 stem output, several GB
-  and ~570 GFLOPs) and the paper augments feature maps, not the stem.
+  pixel costs N² at full resolution (12,544² logits per head for ResNet's 112×112 stem output, hundreds of
+  GFLOPs) and the paper augments feature maps, not the stem.
 - skip: a U-Net skip connection: a feature map concatenated along channels with a decoder feature
   that was upsampled from a coarser one. The site replaces the skip input of that concat only (`user`
   is the concat; the encoder's own use of the feature is untouched). The module receives (skip,
@@ -46,6 +46,10 @@ def find_conv(view: GraphView) -> list[Site]:
             continue
         if x.op == "placeholder":
             log.debug("site %s: no conv site, it reads the model input (a stem)", n.target)
+            continue
+        if type(m).forward is not nn.Conv2d.forward or m.padding_mode != "zeros":
+            # timm's Conv2dSame / StdConv2d pad or standardise in forward: a copy would not compute the same
+            log.debug("site %s: no conv site, %s is not a plain zero-padded Conv2d", n.target, type(m).__name__)
             continue
         if m.groups != 1:
             log.debug("site %s: no conv site, a grouped conv (groups=%d)", n.target, m.groups)
