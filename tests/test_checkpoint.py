@@ -45,7 +45,7 @@ def scramble(model, seed=1):
     with torch.no_grad():
         for path in paths:
             for p in model.get_submodule(path).parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1 + 0.2)
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 + 0.05)
     return model
 
 
