@@ -1,6 +1,5 @@
 """Surgery time for cbam on timm resnet50 (trace + shapes + sites + plan + rewrite; model loading
 excluded), against timm.create_model("resnet50") in the same run. Median of repeated runs, CPU."""
-import copy
 
 import timm
 import torch

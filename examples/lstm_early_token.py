@@ -88,7 +88,7 @@ def main() -> None:
     print(f"retrofitted with attnpool, step 0   accuracy {step0_acc:.3f}  (max |logit diff| {same:.2g})")
     print(f"after fine-tuning                   accuracy {tuned_acc:.3f}  (gate γ = {float(module.gamma.detach()):.3f})")
     print("attention points at steps " + ", ".join(f"{int(i)} ({float(w):.2f})" for w, i in zip(*top)) +
-          f"; the answer is at step 0")
+          "; the answer is at step 0")
     print(f"done in {time.time() - start:.0f}s")
     assert step0_acc == base_acc and same <= 1e-5
 

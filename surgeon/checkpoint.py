@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from surgeon.errors import SurgeonError, WeightsError, preview
+from surgeon.errors import SurgeonError, WeightsError
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
 
@@ -176,20 +176,11 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
     Raises:
         WeightsError: missing, unexpected or misshapen keys, named in one line.
     """
+    from surgeon.models import key_problems
+
     own = model.state_dict()
     want = list(own) if expected is None else list(expected)
-    tied = _tied(own)
-    missing = [k for k in want if k not in sd and not (tied.get(k, set()) & set(sd))]
-    unexpected = [k for k in sd if k not in want]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in want
-             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing ({preview(missing, 3)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({preview(unexpected, 3)})")
-    if wrong:
-        problems.append(f"{len(wrong)} of another shape ({preview(wrong, 2)})")
+    problems = key_problems(own, sd, want, tied=_tied(own))
     if problems:
         raise WeightsError(f"Weights {source!r} do not fit the model: " + "; ".join(problems) +
                            " keys. Are they for another model, recipe or --model-arg?")

@@ -233,16 +233,19 @@ def load_weights(model, path: str | Path, *, allow_pickle: bool = False, strict:
     fit_state_dict(model, sd, source=str(path), strict=strict)
 
 
-def fit_state_dict(model, sd: dict[str, Any], *, source: str, strict: bool = True) -> None:
-    """Load `sd` into `model`, explaining any mismatch in one line."""
+def key_problems(own: dict[str, Any], sd: dict[str, Any], want: list[str] | None = None, *, strict: bool = True,
+                 tied: dict[str, set[str]] | None = None) -> list[str]:
+    """What keeps `sd` from loading into a model whose state dict is `own`: missing, unexpected and
+    misshapen keys, each with a short preview ([] when it fits). `want`: the keys required (default all);
+    `tied`: keys that share a tensor, any one of which may stand for the others."""
     from surgeon.errors import preview
 
-    own = model.state_dict()
-    sd = _strip_prefixes(sd, set(own))
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
-             if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    want = list(own) if want is None else want
+    tied = tied or {}
+    missing = [k for k in want if k not in sd and not (tied.get(k, set()) & set(sd))]
+    unexpected = [k for k in sd if k not in want]
+    wrong = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in want
+             if k in sd and k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
     problems = []
     if strict and missing:
         problems.append(f"{len(missing)} missing ({preview(missing, 3)})")
@@ -250,6 +253,14 @@ def fit_state_dict(model, sd: dict[str, Any], *, source: str, strict: bool = Tru
         problems.append(f"{len(unexpected)} unexpected ({preview(unexpected, 3)})")
     if wrong:
         problems.append(f"{len(wrong)} of another shape ({preview(wrong, 2)})")
+    return problems
+
+
+def fit_state_dict(model, sd: dict[str, Any], *, source: str, strict: bool = True) -> None:
+    """Load `sd` into `model`, explaining any mismatch in one line."""
+    own = model.state_dict()
+    sd = _strip_prefixes(sd, set(own))
+    problems = key_problems(own, sd, strict=strict)
     if problems:
         raise WeightsError(f"Weights {source!r} do not fit {type(model).__name__}: " + "; ".join(problems) +
                            " keys. Is the file for another model or another --model-arg (e.g. num_classes)?")

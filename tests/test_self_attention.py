@@ -63,7 +63,7 @@ def ref_nonlocal(m: NonLocal2d, x):
 
 
 def ref_danet(m: DualAttention, x):
-    pam, b, c = m.position, x.shape[0], x.shape[1]
+    pam = m.position
     q, k, v = pam.query(x).flatten(2), pam.key(x).flatten(2), pam.value(x).flatten(2)
     attn = torch.softmax(q.transpose(1, 2) @ k, -1)  # (B, N, N)
     p = (v @ attn.transpose(1, 2)).view_as(x)

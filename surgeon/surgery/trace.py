@@ -235,19 +235,19 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
-        gm = fx.GraphModule(module, _copy_graph(module), class_name=type(module).__name__)
-        _restore_unused(gm, module)
-        gm.train(module.training)
-        for attr in _KEEP_ATTRS:
-            if attr in module.__dict__:
-                setattr(gm, attr, copy.deepcopy(module.__dict__[attr]))
-        return gm
+        return _graph_module(module, _copy_graph(module))
     g_eval = _trace_graph(module, leaf_paths, training=False)
     g_train = _trace_graph(module, leaf_paths, training=True)
     dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
-    gm = fx.GraphModule(module, g_eval, class_name=type(module).__name__)
-    _restore_unused(gm, module)
+    gm = _graph_module(module, g_eval)
     _modularise_dropouts(gm, dropouts)
+    return gm
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes."""
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    _restore_unused(gm, module)
     gm.train(module.training)
     for attr in _KEEP_ATTRS:
         if attr in module.__dict__:
