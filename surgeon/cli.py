@@ -269,6 +269,11 @@ def _verification_table(v, init: str):
     t.add_row("max |patched − original|", f"{v.max_abs_diff:.3g}{bound}")
     t.add_row("new parameter tensors reached by backward", f"{v.with_grad}/{v.new_params}"
               f" ({v.nonzero_grad} with non-zero gradient)")
+    if v.nonzero_grad == 0 and v.tolerance is not None:
+        t.caption = ("At identity init only the zero gates can get a gradient, and it is zero where a branch "
+                     "outputs zeros (the zero-initialised last norms of an untrained timm ResNet); trained "
+                     "weights give the gates a gradient.")
+        t.caption_justify = "left"
     t.add_row("parameters added", f"{v.params_added:,}")
     t.add_row("FLOPs (per sample) before → after", f"{human(v.flops_before)} → {human(v.flops_after)} "
               f"(+{human(v.flops_added)}, {100 * v.flops_added / max(v.flops_before, 1):.2f}%)")
