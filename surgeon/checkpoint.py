@@ -86,6 +86,16 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def normal_permissions(path: Path) -> None:
+    """Give a folder (made private by mkdtemp) and its files the permissions a plain mkdir/open would
+    have under the current umask, so what surgeon writes is as readable as any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    for f in path.iterdir() if path.is_dir() else ():
+        f.chmod(0o666 & ~umask)
+
+
 def save(model, directory: str | os.PathLike, *, adapter: bool = False, include: Sequence[str] = (),
          force: bool = False) -> Path:
     """Write a (patched) model into `directory`, atomically: `recipe.json` plus `model.safetensors`,
@@ -139,6 +149,7 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
                                  "params": full["model_params"], "bytes": full["model_bytes"], **full}
         # NOTE: params count parameters only; bytes also cover buffers (batch-norm statistics...)
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+        normal_permissions(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

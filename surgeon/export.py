@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from surgeon.checkpoint import normal_permissions
 from surgeon.errors import ExportError, SurgeonError
 
 log = logging.getLogger("surgeon")
@@ -231,5 +232,6 @@ def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> E
         if not diff <= tolerance:
             raise ExportError(f"The {format} export ({method}) differs from the patched model by {diff:.3g} "
                               f"(> {tolerance:g}) on the example input; nothing written")
+        normal_permissions(Path(tmp))
         os.replace(tmp_file, out)
     return Exported(path=out, format=format, method=method, max_abs_diff=diff, tolerance=tolerance)

@@ -100,3 +100,17 @@ def test_mismatched_weights_file(tmp_path):
 def test_bad_input_size():
     result = runner.invoke(cli, ["sites", "resnet18", "--input-size", "3,a,2"])
     assert result.exit_code == 2 and "is not a list of integers" in result.output
+
+
+def test_saved_files_are_as_readable_as_any_file(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        out = tmp_path / "o"
+        assert run("add", "se", "toy_models:tiny_resnet", "--input-size", "3,32,32", "--out", str(out)).exit_code == 0
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"recipe.json": 0o644,
+                                                                        "model.safetensors": 0o644}
