@@ -14,6 +14,7 @@ from torch import nn
 
 from surgeon import models, registry
 from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
+from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
@@ -23,7 +24,6 @@ from surgeon.surgery.verify import Verification, verify
 
 log = logging.getLogger("surgeon")
 
-INITS = ("identity", "paper")
 EXAMPLE_BATCH = 2
 
 

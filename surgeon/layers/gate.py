@@ -49,10 +49,16 @@ class GatedReplacement(nn.Module):
         return orig + self.gamma * (self.attn(x) - orig)
 
 
+INITS = ("identity", "paper")
+
+
+def check_init(init: str) -> str:
+    """`init` itself when it is 'identity' or 'paper'; ValueError otherwise."""
+    if init not in INITS:
+        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+    return init
+
+
 def gated(module: nn.Module, init: str) -> nn.Module:
     """`module` itself for init='paper'; wrapped in `GatedResidual` for init='identity'."""
-    if init == "paper":
-        return module
-    if init == "identity":
-        return GatedResidual(module)
-    raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+    return GatedResidual(module) if check_init(init) == "identity" else module

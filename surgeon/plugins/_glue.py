@@ -1,7 +1,8 @@
 """Helpers that turn a plain attention layer into a surgeon `build` function.
 
 Third-party plugins may use them too: `feature_map(MyLayer)` gives a build whose options are the
-layer's keyword-only constructor parameters, with identity init by a zero gate.
+layer's keyword-only constructor parameters, with identity init by a zero gate (or none, for layers that
+already start as the identity).
 """
 from __future__ import annotations
 
@@ -28,12 +29,31 @@ def with_options(build: Callable[..., Any], cls: type) -> Callable[..., Any]:
     return build
 
 
-def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5)) -> Callable[..., Any]:
-    """A build for a shape-preserving layer `cls(channels, **options)` on channels-first feature maps."""
+def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
+                natural_identity: bool | Callable[[Any], bool] = False, feat_size: bool = False) -> Callable[..., Any]:
+    """A build for a shape-preserving layer `cls(channels, **options)` on channels-first feature maps.
+
+    Args:
+        natural_identity: the layer is already the identity as constructed (a zero-initialised last
+            layer, or no parameters and identity in eval), so init='identity' needs no gate; a callable
+            decides per built module.
+        feat_size: pass the site's spatial size as the layer's `feat_size` (not a user option).
+    """
     def build(site, *, init: str = "identity", **options):
-        from surgeon.layers.gate import gated
+        from surgeon.layers.gate import check_init, gated
 
         require_feature_map(site, name, ranks)
-        return gated(cls(site.channels, **options), init)
+        if feat_size:
+            options["feat_size"] = tuple(site.shape[2:])
+        module = cls(site.channels, **options)
+        natural = natural_identity(module) if callable(natural_identity) else natural_identity
+        if natural:
+            check_init(init)
+            return module
+        return gated(module, init)
 
-    return with_options(build, cls)
+    with_options(build, cls)
+    if feat_size:
+        sig = build.__signature__
+        build.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "feat_size"])
+    return build

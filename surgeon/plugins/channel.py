@@ -8,7 +8,6 @@ KINDS = ("residual", "stage", "after_conv")
 def register_attentions(register):
     from surgeon.layers.channel import (EcaModule, FcaModule, GatherExcite, GlobalContext, SelectiveKernel, SEModule,
                                         SRM)
-    from surgeon.plugins._builds import site_build
     from surgeon.plugins._glue import feature_map
 
     register("se", feature_map(SEModule, name="se"), kinds=KINDS,
@@ -21,18 +20,18 @@ def register_attentions(register):
              aliases=("selective_kernel",),
              summary="selective kernel: dilated grouped-conv branches mixed by softmax channel attention",
              paper="Li et al., Selective Kernel Networks, CVPR 2019 (arXiv:1903.06586)")
-    register("ge", site_build(GatherExcite, name="ge", ranks=(4,), feat_size=True), kinds=KINDS,
+    register("ge", feature_map(GatherExcite, name="ge", ranks=(4,), feat_size=True), kinds=KINDS,
              aliases=("gather_excite",),
              summary="gather-excite: x·σ(upsample(gather over an extent)); parameter-free or parametric",
              paper="Hu et al., Gather-Excite, NeurIPS 2018 (arXiv:1810.12348)")
-    register("gc", site_build(GlobalContext, name="gc", natural_identity=lambda m: m.fusion == "add"), kinds=KINDS,
+    register("gc", feature_map(GlobalContext, name="gc", natural_identity=lambda m: m.fusion == "add"), kinds=KINDS,
              aliases=("global_context",),
              summary="global context: softmax attention pooling, bottleneck transform with LayerNorm, add",
              paper="Cao et al., GCNet, ICCVW 2019 (arXiv:1904.11492)")
     register("srm", feature_map(SRM, name="srm"), kinds=KINDS,
              summary="style-based recalibration: mean+std pooling, channel-wise FC, BN, sigmoid",
              paper="Lee et al., SRM: A Style-based Recalibration Module, ICCV 2019 (arXiv:1903.10829)")
-    register("fca", site_build(FcaModule, name="fca", ranks=(4,), feat_size=True), kinds=KINDS,
+    register("fca", feature_map(FcaModule, name="fca", ranks=(4,), feat_size=True), kinds=KINDS,
              aliases=("fcanet",),
              summary="frequency channel attention: SE squeezed by 2-D DCT components (top16)",
              paper="Qin et al., FcaNet: Frequency Channel Attention Networks, ICCV 2021 (arXiv:2012.11879)")

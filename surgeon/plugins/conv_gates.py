@@ -19,8 +19,9 @@ GATE_PAPER = ("Oktay et al., Attention U-Net: Learning Where to Look for the Pan
 
 
 def _check_init(init: str) -> None:
-    if init not in ("identity", "paper"):
-        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+    from surgeon.layers.gate import check_init  # torch stays out of plugin import time
+
+    check_init(init)
 
 
 def build_aaconv(site, *, init: str = "identity", heads: int = 8, key_ratio: float = 0.2,

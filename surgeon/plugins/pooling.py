@@ -13,7 +13,7 @@ def build_attnpool(site, *, init: str = "identity", num_heads: int = 1, score: s
         return build_rnn_pool(site, init=init, score=score or "additive", query=query or "learned", hidden=hidden)
     if (score, query, hidden) != (None, None, None):
         raise ValueError("score, query and hidden apply to rnn sites; pool sites use num_heads")
-    from surgeon.layers.gate import GatedReplacement
+    from surgeon.layers.gate import GatedReplacement, check_init
     from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
     from surgeon.plugins._glue import require_feature_map
 
@@ -35,8 +35,7 @@ def build_attnpool(site, *, init: str = "identity", num_heads: int = 1, score: s
     # zero scores give the plain average: exact for average pooling that does not count padding
     if init == "identity" and (info.get("pool") != "avg" or padded or dilated):
         return GatedReplacement(module)
-    if init not in ("identity", "paper"):
-        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+    check_init(init)
     return module
 
 

@@ -18,8 +18,9 @@ def _require(site, attention: str, kinds: tuple[str, ...]) -> None:
 
 
 def _check_init(init: str) -> None:
-    if init not in ("identity", "paper"):
-        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
+    from surgeon.layers.gate import check_init  # torch stays out of plugin import time
+
+    check_init(init)
 
 
 def _external(site, query: str) -> tuple[int, int]:

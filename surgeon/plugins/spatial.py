@@ -5,7 +5,6 @@ from surgeon.hookspecs import hookimpl
 @hookimpl
 def register_attentions(register):
     from surgeon.layers.spatial import CoordAttn, SpatialAttn, SpatialTransformer
-    from surgeon.plugins._builds import site_build
     from surgeon.plugins._glue import feature_map
 
     register("spatial", feature_map(SpatialAttn, name="spatial", ranks=(4,)),
@@ -17,7 +16,7 @@ def register_attentions(register):
              summary="coordinate attention: pooled H and W strips, shared 1×1 conv, two direction gates",
              paper="Hou et al., Coordinate Attention for Efficient Mobile Network Design, CVPR 2021 "
                    "(arXiv:2103.02907)")
-    register("stn", site_build(SpatialTransformer, name="stn", ranks=(4,), natural_identity=True),
+    register("stn", feature_map(SpatialTransformer, name="stn", ranks=(4,), natural_identity=True),
              kinds=("stage", "after_conv", "residual"), aliases=("spatial_transformer",),
              summary="spatial transformer: localisation net → affine θ → grid sample (starts as identity θ)",
              paper="Jaderberg et al., Spatial Transformer Networks, NeurIPS 2015 (arXiv:1506.02025)")
