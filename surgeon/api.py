@@ -144,14 +144,13 @@ class Edit:
 def _edit_flops(site: Site, module: nn.Module) -> int:
     from surgeon.surgery.verify import count_flops
 
-    x = torch.zeros(1, *site.shape[1:])
-    args = (x,) if site.action == "insert" else (x, torch.zeros(1, *site.out_shape[1:]))
-    arity = rw._positional_arity(module)
-    picks, arg_shapes = getattr(module, "site_args", None), site.info.get("arg_shapes")
-    if picks is not None and arg_shapes is not None:  # the module reads chosen site args (see rewrite)
-        args, arity = tuple(torch.zeros(1, *arg_shapes[i][1:]) for i in picks), len(picks)
+    if site.action == "insert":
+        shapes_in = [site.shape]
+    else:  # the module gets the site's args it reads (see rewrite.arg_indices)
+        every = site.info.get("arg_shapes") or [site.shape, site.out_shape]
+        shapes_in = [every[i] for i in rw.arg_indices(module, len(every)) if i < len(every)]
     try:
-        return count_flops(module.eval(), args[:arity])
+        return count_flops(module.eval(), tuple(torch.zeros(1, *s[1:]) for s in shapes_in))
     except Exception as exc:  # FLOPs are informative; never fail a plan on them
         log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
         return 0

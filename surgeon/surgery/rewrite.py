@@ -58,6 +58,15 @@ def _positional_arity(module: nn.Module) -> int:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
+def arg_indices(module: nn.Module, available: int) -> list[int]:
+    """Which of a 'replace' site's args the module receives: the indices it names in `site_args` (e.g. one
+    of several candidate gating signals), else the first ones, as many as its forward takes."""
+    picks = getattr(module, "site_args", None)
+    if picks is not None:
+        return list(picks)
+    return list(range(min(available, _positional_arity(module))))
+
+
 def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
            replaced: dict[str, fx.Node] | None = None) -> str:
     """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm.
@@ -86,11 +95,7 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             replaced[site.node] = new
     elif site.action == "replace":
-        args = tuple(resolve(a) for a in site.args)
-        # a module may pick which of the site's args it reads (`site_args`: indices), e.g. one of several
-        # candidate gating signals; else it gets as many as its forward takes
-        picks = getattr(module, "site_args", None)
-        args = tuple(args[i] for i in picks) if picks is not None else args[: _positional_arity(module)]
+        args = tuple(resolve(site.args[i]) for i in arg_indices(module, len(site.args)))
         user = resolve(site.user) if site.user is not None else None
         # with a `user`, only that use is replaced, and the call goes just before it: the module may read
         # nodes computed after `node` (a skip connection gated by a decoder feature)
