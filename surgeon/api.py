@@ -16,10 +16,11 @@ from surgeon import models, registry
 from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
 from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
+from surgeon.surgery import scope
 from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
-from surgeon.surgery.trace import Traced, trace
+from surgeon.surgery.trace import Traced, trace, trace_alone
 from surgeon.surgery.verify import Verification, verify
 
 log = logging.getLogger("surgeon")
@@ -92,7 +93,10 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         raise SurgeonError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
     inputs = example_inputs(model, input_size=input_size, example_input=example_input)
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
-    traced = trace(model, leaf_paths=leaf_paths)
+    # tracing runs the model's Python code on proxies, and that code may store what it computes on the
+    # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
+    traced = trace(scope.structural_copy(model), leaf_paths=leaf_paths)
+    traced.extra_leaves = set(leaf_paths)
     shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
     return _Prepared(model, traced, inputs, views)
@@ -261,8 +265,8 @@ class Plan:
             self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views)
         self._applied = True
         traced = self._prep.traced
-        paths = rw.rewrite(traced, [(e.site, e.module, e.attention) for e in self.edits])
-        patched = traced.module
+        patched, paths, owners = scope.rewrite(self.model, traced, [(e.site, e.module, e.attention) for e in self.edits],
+                                               trace_alone, rw.insert)
         rec = rw.record(patched)
         if rec is self.model.__dict__.get(rw.RECORD_ATTR):  # never share the record with the input model
             rec = copy.deepcopy(rec)
@@ -273,8 +277,9 @@ class Plan:
         # edits of one apply() share a step: a recipe replays each step as one plan, in order
         step = 1 + max((e.get("step", 0) for e in rec["edits"]), default=0)
         for e in self.edits:
-            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name], "step": step})
-        _check_shapes(traced, self._prep.inputs, self.edits, paths)
+            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name], "owner": owners[e.site.name],
+                                 "step": step})
+        _check_shapes(patched, self._prep.inputs, self.edits, paths)
         if verify:
             inits = {e.init for e in self.edits}
             self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
@@ -282,17 +287,14 @@ class Plan:
         return patched
 
 
-def _check_shapes(traced: Traced, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
-    """Re-run shape propagation; every edited site must keep its shape."""
-    shapes.propagate(traced, inputs)
+def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
+    """Run the patched model once; every inserted module must return the shape its site had."""
+    got = shapes.module_outputs(patched, inputs, [paths[e.site.name] for e in edits])
     for e in edits:
-        gm = traced.graphs[e.site.graph]
-        local = paths[e.site.name][len(e.site.graph) + 1:] if e.site.graph else paths[e.site.name]
-        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == local)
         want = e.site.shape if e.site.action == "insert" else e.site.out_shape
-        got = shapes.shape(node)
-        if got != tuple(want):
-            raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {got}")
+        have = got.get(paths[e.site.name])
+        if have is not None and have != tuple(want):
+            raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {have}")
 
 
 def verify_model(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,

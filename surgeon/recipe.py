@@ -30,7 +30,7 @@ _NONE = type(None)
 _MODEL = {"ref": (str, True), "args": (dict, False), "pretrained": (bool, False), "weights": ((str, _NONE), False)}
 _EDIT = {"site": (str, True), "attention": (str, True), "kind": ((str, _NONE), False), "options": (dict, False),
          "init": (str, False), "shape": (list, False), "params": (int, False), "flops": (int, False),
-         "module": (str, False), "step": (int, False)}
+         "module": (str, False), "owner": (str, False), "step": (int, False)}
 _WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, False), "tensors": (int, False),
             "params": (int, False), "bytes": (int, False), "model_params": (int, False),
             "model_bytes": (int, False)}

@@ -68,11 +68,12 @@ def arg_indices(module: nn.Module, available: int) -> list[int]:
 
 
 def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
-           replaced: dict[str, fx.Node] | None = None) -> str:
+           replaced: dict[str, fx.Node] | None = None, path: str | None = None) -> str:
     """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm.
 
     `replaced` maps node names to the nodes that took their place in earlier edits of the same graph,
     so edits at neighbouring sites chain (a pool replaced, then the mean after it replaced too).
+    `path`: where to attach the module (default: next to the site's owner, see `attach_path`).
     """
     replaced = {} if replaced is None else replaced
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -83,7 +84,7 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
         return replaced.get(name, nodes[name])
 
     node = resolve(site.node)
-    path = attach_path(gm, site, attention)
+    path = path or attach_path(gm, site, attention)
     module._surgeon_leaf = True  # stays one call when the model is traced again
     gm.add_submodule(path, module)
     if site.action == "insert":

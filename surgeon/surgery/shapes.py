@@ -112,3 +112,32 @@ def shape(node: fx.Node) -> tuple | None:
     if isinstance(s, tuple) and all(isinstance(d, int) for d in s):
         return s
     return None
+
+
+def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple]:
+    """The output shape of each module at `paths` in one forward of `model` (eval mode, no grad; fake
+    tensors for big models as in `propagate`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    got: dict[str, tuple] = {}
+    handles = []
+    for p in paths:
+        def hook(_m, _args, out, p=p):
+            if isinstance(out, torch.Tensor):
+                got[p] = tuple(out.shape)
+        handles.append(model.get_submodule(p).register_forward_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if sum(p.numel() for p in model.parameters()) > SMALL_MODEL_PARAMS:
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                with mode:
+                    model(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
+            else:
+                model(*inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return got

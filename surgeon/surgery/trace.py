@@ -44,6 +44,7 @@ class Traced:
     module: nn.Module
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> why it is not traced
+    extra_leaves: set[str] = field(default_factory=set)  # paths asked to stay leaves (inserted modules)
 
 
 def _timm_notrace() -> tuple[set[type], set]:
@@ -244,6 +245,11 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
     return gm
 
 
+def trace_alone(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
+    """One module traced whole, in both modes (see the module docstring); raises when it does not trace."""
+    return _trace_whole(module, leaf_paths)
+
+
 def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes."""
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -337,4 +343,4 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
 
-__all__ = ["Traced", "SurgeonTracer", "trace", "unique_path"]
+__all__ = ["Traced", "SurgeonTracer", "trace", "trace_alone", "unique_path"]

@@ -1,0 +1,667 @@
+"""Scoped surgery: each site is edited inside the smallest module whose own forward holds it.
+
+The whole-model trace (see `trace`) is only a map for finding sites. Rewriting happens per *owner*:
+1. For each edit, the owner is the innermost module call (from the nodes' module stacks) that holds the
+   site's node and every use the edit rewires, or returns the node, is called once, and holds no
+   hooked submodule inside its traced body. The root is the last resort.
+2. Owners are rewritten innermost first. An owner is traced alone (owners inside it stay leaves), its
+   nodes are matched one to one with its part of the big graph, and the edits are inserted there.
+3. The owner is replaced by a copy of itself: the same object state (attributes, hooks, children),
+   an instance of a subclass of its class whose `forward` is the rewritten graph's code, with the
+   inserted modules as children. Its ancestors up to the root become shallow copies with the new child:
+   the root keeps its class, methods, attributes and hooks, and the user's model is never changed.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import keyword
+import logging
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.errors import TraceError
+from surgeon.surgery.sites import Site
+
+log = logging.getLogger("surgeon")
+
+ROOT = None  # the scope key of a graph's own root
+
+
+# -- scopes of one traced graph ------------------------------------------------------------------------
+def _stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(scope key, module path) of the module calls a node was created in, outermost first.
+
+    A leaf module's own call node carries its module last; that is not a scope of the node."""
+    entries = [(k, v[0]) for k, v in (node.meta.get("nn_module_stack") or {}).items()]
+    if entries and node.op == "call_module" and entries[-1][1] == node.target:
+        entries = entries[:-1]
+    return entries
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+@dataclass
+class Scopes:
+    """The module calls of one traced graph: each call's nodes, in order."""
+
+    gm: fx.GraphModule
+    root: nn.Module  # the module the graph was traced from (for hooks)
+    nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+    calls: Counter = field(default_factory=Counter)
+    stacks: dict[fx.Node, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, root: nn.Module) -> Scopes:
+        sc = cls(gm, root)
+        for n in gm.graph.nodes:
+            st = _stack(n)
+            sc.stacks[n] = st
+            for key, path in st:
+                if key not in sc.nodes:
+                    sc.nodes[key] = []
+                    sc.paths[key] = path
+                    sc.calls[path] += 1
+                sc.nodes[key].append(n)
+        return sc
+
+    def members(self, key: str | None) -> set[fx.Node]:
+        if key is ROOT:
+            return set(self.gm.graph.nodes)
+        return set(self.nodes[key])
+
+    def path(self, key: str | None) -> str:
+        return "" if key is ROOT else self.paths[key]
+
+    def hooked_inside(self, key: str | None) -> str | None:
+        """A module with hooks whose forward is inlined in this scope's body (it would stop firing)."""
+        depth = 0 if key is ROOT else None
+        for n in (self.gm.graph.nodes if key is ROOT else self.nodes[key]):
+            st = self.stacks[n]
+            if depth is None:
+                depth = next(i for i, (k, _) in enumerate(st) if k == key) + 1
+            for _, p in st[depth:]:
+                try:
+                    if _has_hooks(self.root.get_submodule(p)):
+                        return p
+                except AttributeError:
+                    continue
+        return None
+
+
+def _candidates(sc: Scopes, site: Site, nodes: dict[str, fx.Node]) -> list[str | None]:
+    """Scope keys that could own the edit, innermost first, the root last."""
+    seen: list[str | None] = []
+    for name in (site.user, site.node):
+        if name is None:
+            continue
+        for key, _ in reversed(sc.stacks[nodes[name]]):
+            if key not in seen:
+                seen.append(key)
+    # the module the site is named after (a stage's `layer1`) comes first when it can hold the edit
+    named = [k for k in seen if k is not ROOT and sc.paths[k] == site.owner]
+    return named + [k for k in seen if k not in named] + [ROOT]
+
+
+def _fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> str | None:
+    """Why scope `key` cannot own the edit at `site` (None: it can, pending the match of its graph)."""
+    if key is ROOT:
+        return None
+    path = sc.paths[key]
+    if sc.calls[path] > 1:
+        return f"{path!r} is called {sc.calls[path]} times"
+    inside = sc.members(key)
+    node = nodes[site.node]
+
+    def available(n: fx.Node) -> bool:  # computed inside, or one of the scope's inputs
+        return n in inside or any(u in inside for u in n.users)
+
+    if site.user is not None:
+        if nodes[site.user] not in inside:
+            return "the rewired use is outside it"
+        if not available(node):
+            return "the site's value is not one of its inputs"
+    elif node not in inside:
+        return "the site is outside it"
+    if site.action == "replace" and not all(available(nodes[a]) for a in site.args):
+        return "the module's inputs are not available in it"
+    hooked = sc.hooked_inside(key)
+    if hooked is not None:
+        return f"it runs {hooked!r}, which has hooks, inside its own forward"
+    return None
+
+
+# -- matching the big graph with an owner's own graph ------------------------------------------------
+def _strip(target: str, prefix: str) -> str | None:
+    if not prefix:
+        return target
+    return target[len(prefix) + 1:] if target.startswith(prefix + ".") else None
+
+
+def _sig(n: fx.Node, prefix: str) -> tuple:
+    if n.op in ("call_module", "get_attr"):
+        local = _strip(n.target, prefix)
+        return (n.op, local if local is not None else "?")
+    return (n.op, n.target)
+
+
+def _flat_nodes(args) -> list:
+    out: list = []
+    fx.node.map_aggregate(args, out.append)
+    return out
+
+
+def match(sc: Scopes, key: str | None, own: fx.GraphModule,
+          inner: dict[str, str]) -> dict[fx.Node, fx.Node] | None:
+    """Map the nodes of scope `key` in the big graph (and the inputs they read) to the nodes of `own`, the
+    scope's module traced alone; scopes in `inner` ({key: local path}) are single leaf calls in `own`.
+
+    Returns None when the two graphs differ.
+    """
+    prefix = sc.path(key)
+    body = [n for n in (sc.gm.graph.nodes if key is ROOT else sc.nodes[key])
+            if n.op not in ("placeholder", "output")]
+    inside = set(body)
+    units: list[tuple[str, object]] = []  # ("node", n) or ("call", inner key)
+    for n in body:
+        st = [k for k, _ in sc.stacks[n]]
+        hit = next((k for k in st if k in inner), None)
+        if hit is not None:
+            if not units or units[-1] != ("call", hit):
+                units.append(("call", hit))
+        else:
+            units.append(("node", n))
+    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output")]
+    if len(units) != len(mine):
+        log.debug("scope %r: %d nodes in the model's graph, %d traced alone", prefix, len(units), len(mine))
+        return None
+    mapping: dict[fx.Node, fx.Node] = {}
+    if key is ROOT:  # the same module traced twice: the same inputs
+        big_in = [n for n in sc.gm.graph.nodes if n.op == "placeholder"]
+        own_in = [n for n in own.graph.nodes if n.op == "placeholder"]
+        if len(big_in) != len(own_in):
+            return None
+        mapping.update(zip(big_in, own_in))
+    for (what, item), m in zip(units, mine):
+        if what == "call":
+            if m.op != "call_module" or m.target != inner[item]:
+                return None
+            seg = set(sc.nodes[item])
+            outs = [n for n in sc.nodes[item] if any(u not in seg for u in n.users)]
+            if len(outs) > 1:
+                return None
+            if outs:
+                mapping[outs[0]] = m
+            continue
+        n = item
+        if _sig(n, prefix) != _sig(m, ""):
+            if not (n.op == m.op == "get_attr"):  # tensor constants are named per graph
+                log.debug("scope %r: %s differs from %s", prefix, n.format_node(), m.format_node())
+                return None
+        mapping[n] = m
+        a_args, m_args = _flat_nodes((n.args, n.kwargs)), _flat_nodes((m.args, m.kwargs))
+        if len(a_args) != len(m_args):
+            return None
+        for a, b in zip(a_args, m_args):
+            if isinstance(a, fx.Node) != isinstance(b, fx.Node):
+                return None
+            if isinstance(a, fx.Node) and a not in inside:
+                if b.op != "placeholder" or mapping.setdefault(a, b) is not b:
+                    return None
+    return mapping
+
+
+# -- owners ------------------------------------------------------------------------------------------
+@dataclass
+class Owner:
+    """One module to rewrite: its scope in a graph, the edits inside it and the graph it was traced to."""
+
+    graph: str  # prefix of the big graph
+    key: str | None
+    path: str  # relative to the graph's module
+    edits: list = field(default_factory=list)  # (site, module, attention)
+    why_not: list[str] = field(default_factory=list)
+
+    @property
+    def full(self) -> str:
+        return _join(self.graph, self.path)
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}.{b}" if a and b else (a or b)
+
+
+def _returns(own: fx.GraphModule, node: fx.Node) -> bool:
+    out = next(n for n in own.graph.nodes if n.op == "output")
+    return node in _flat_nodes(out.args)
+
+
+def _uses_leave(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> bool:
+    """Whether the edit rewires uses outside the scope (which then must read the scope's output)."""
+    if key is ROOT or site.user is not None:
+        return False
+    inside = sc.members(key)
+    return any(u not in inside for u in nodes[site.node].users)
+
+
+class _Tracing:
+    """Traces of single modules, on structural copies so that tracing never changes the user's model."""
+
+    def __init__(self, trace_module):
+        self._trace = trace_module
+        self._cache: dict[tuple, tuple[nn.Module, fx.GraphModule]] = {}
+
+    def __call__(self, module: nn.Module, leaves: frozenset[str]) -> tuple[nn.Module, fx.GraphModule]:
+        k = (id(module), leaves)
+        if k not in self._cache:
+            twin = structural_copy(module)
+            self._cache[k] = (twin, self._trace(twin, set(leaves)))
+        return self._cache[k]
+
+
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of the module tree that shares every parameter and buffer with the original."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        memo[id(t)] = t
+    return copy.deepcopy(module, memo)
+
+
+def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.Module, graph: str,
+                  leaf_paths: set[str]) -> list[tuple[Owner, tuple]]:
+    """The owner of each edit: the innermost scope that fits and whose module traces alone to the same graph."""
+    nodes = {n.name: n for n in sc.gm.graph.nodes}
+    chosen = []
+    for edit in edits:
+        site = edit[0]
+        why: list[str] = []
+        if _swappable(sc, site, edit[1], nodes):
+            chosen.append((Owner(graph, SWAP, nodes[site.node].target), edit))
+            continue
+        for key in _candidates(sc, site, nodes):
+            path = sc.path(key)
+            reason = _fits(sc, key, site, nodes)
+            if reason is None:
+                reason = _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths)
+            if reason is None:
+                chosen.append((Owner(graph, key, path, why_not=why), edit))
+                if why:
+                    log.debug("site %s: rewritten in %r (%s)", site.name, _join(graph, path) or "the root",
+                              "; ".join(why))
+                break
+            why.append(f"not in {_join(graph, path) or 'the root'!r}: {reason}")
+        else:
+            raise TraceError(f"Site {site.name!r} cannot be rewritten: " + "; ".join(why))
+    return chosen
+
+
+SWAP = "<swap>"  # the owner is a stateless leaf module that the inserted module replaces outright
+
+
+def _swappable(sc: Scopes, site: Site, module: nn.Module, nodes: dict[str, fx.Node]) -> bool:
+    """Whether the edit replaces exactly one call of a stateless leaf module (a pooling layer) with the
+    same input: then the new module simply takes the leaf's place in the tree."""
+    from surgeon.surgery.rewrite import arg_indices
+
+    node = nodes[site.node]
+    if site.action != "replace" or site.user is not None or node.op != "call_module":
+        return False
+    leaf = sc.gm.get_submodule(node.target)
+    if any(True for _ in leaf.parameters()) or any(True for _ in leaf.buffers()) or leaf._forward_hooks \
+            or leaf._forward_pre_hooks:
+        return False
+    if sum(n.op == "call_module" and n.target == node.target for n in sc.gm.graph.nodes) != 1:
+        return False
+    if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return False
+    picked = [site.args[i] for i in arg_indices(module, len(site.args))]
+    return picked in ([node.args[0].name], [node.args[0].name, node.name])
+
+
+class LeafReplacement(nn.Module):
+    """Takes the place of a stateless leaf module: runs `original` and hands its output to `attn`
+    beside the input (for modules that start as the identity of the original's output)."""
+
+    def __init__(self, original: nn.Module, attn: nn.Module):
+        super().__init__()
+        self.original = original
+        self.attn = attn
+        self._surgeon_leaf = True
+
+    def forward(self, x):
+        return self.attn(x, self.original(x))
+
+
+def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
+    if not path:
+        return frozenset(leaf_paths)
+    return frozenset(p[len(path) + 1:] for p in leaf_paths if p.startswith(path + "."))
+
+
+def _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths) -> str | None:
+    path = sc.path(key)
+    module = graph_module.get_submodule(path) if path else graph_module
+    try:
+        _, own = tracing(module, _local_leaves(leaf_paths, path))
+    except Exception as exc:  # noqa: BLE001 - any failure means: not this scope
+        return f"it does not trace alone ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    mapping = match(sc, key, own, {})
+    if mapping is None:
+        return "traced alone it gives a different graph"
+    if _uses_leave(sc, key, site, nodes) and not _returns(own, mapping[nodes[site.node]]):
+        return "the site's value leaves it other than as its output"
+    return None
+
+
+# -- rewriting one owner -----------------------------------------------------------------------------
+def _sanitize(name: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    if not name or name[0].isdigit():
+        name = f"_{name}"
+    return f"{name}_" if keyword.iskeyword(name) else name
+
+
+def _unique_name(module: nn.Module, name: str, taken: set[str]) -> str:
+    base, i = name, 0
+    while name in taken or (hasattr(module, name) and module.__dict__.get(name, 0) is not None):
+        # an attribute set to None is an empty slot (timm blocks' `self.se = None`): the module may take it
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def local_name(site: Site, owner_path: str, attention: str) -> str:
+    """The inserted module's name inside its owner: what it would be called next to the site's owner
+    (`conv1_se`, `cbam`), relative to the module that holds it."""
+    wanted = site.module_path(attention)
+    if owner_path and wanted.startswith(owner_path + "."):
+        rest = wanted[len(owner_path) + 1:]
+    elif not owner_path:
+        rest = wanted
+    else:  # the owner is deeper than the site's nominal owner (a pooling module replaced inside itself)
+        rest = attention
+    return _sanitize(rest.replace(".", "_"))
+
+
+class _PatchedMixin:
+    """Marks classes surgeon derived from a user's class."""
+
+
+def _filtered(self) -> list[tuple[str, nn.Module]]:
+    added = self.__dict__.get("_surgeon_added", ())
+    return [(k, m) for k, m in self._modules.items() if k not in added]
+
+
+def _seq_iter(self):
+    return iter(m for _, m in _filtered(self))
+
+
+def _seq_len(self) -> int:
+    return len(_filtered(self))
+
+
+def _seq_getitem(self, idx):
+    items = _filtered(self)
+    if isinstance(idx, slice):
+        return nn.Sequential(OrderedDict(items[idx]))
+    return items[idx][1]
+
+
+def patched_class(cls: type, forward) -> type:
+    """A subclass of the user's class `cls` whose forward is `forward`; containers keep their indexing."""
+    base = cls.__dict__.get("_surgeon_base", cls)
+    ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+          "_surgeon_base": base, "__doc__": base.__doc__}
+    if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
+        ns.update(__iter__=_seq_iter, __len__=_seq_len, __getitem__=_seq_getitem)
+    return type(base.__name__, (base,), ns)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters, buffers, children and hooks, whose own tables can change independently."""
+    new = copy.copy(module)
+    for attr in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
+                 "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_pre_hooks"):
+        if attr in module.__dict__:
+            new.__dict__[attr] = copy.copy(module.__dict__[attr])
+    for attr in ("_surgeon_added",):
+        if attr in module.__dict__:
+            new.__dict__[attr] = set(module.__dict__[attr])
+    return new
+
+
+def set_child(root: nn.Module, path: str, child: nn.Module, copies: dict[str, nn.Module]) -> nn.Module:
+    """Install `child` at `path` under a copy of `root`, copying each ancestor once (`copies` by path)."""
+    if not path:
+        return child
+    parts = path.split(".")
+    if "" not in copies:
+        copies[""] = shallow_copy(root)
+    parent = copies[""]
+    for i, part in enumerate(parts[:-1]):
+        p = ".".join(parts[: i + 1])
+        if p not in copies:
+            copies[p] = shallow_copy(parent._modules[part])
+            parent._modules[part] = copies[p]
+        parent = copies[p]
+    parent._modules[parts[-1]] = child
+    copies[path] = child
+    return copies[""]
+
+
+def _resolves(module: nn.Module, target: str) -> bool:
+    obj = module
+    for part in target.split("."):
+        if isinstance(obj, nn.Module) and part in obj._modules:
+            obj = obj._modules[part]
+        elif hasattr(obj, part):
+            obj = getattr(obj, part)
+        else:
+            return False
+    return obj is not None
+
+
+def _get(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pure_module(m: nn.Module) -> bool:
+    """A stateless torch.nn layer that draws no random numbers (a pooling or flatten layer)."""
+    return (type(m).__module__.startswith("torch.nn.modules") and not isinstance(m, nn.modules.dropout._DropoutNd)
+            and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()))
+
+
+def prune(owner: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase replaced nodes that lost every use, and what only they used, except for calls that may have
+    side effects (in-place methods and functions, module calls): dead-code elimination would remove
+    `out.add_(x)` whose result is not reassigned."""
+    graph = owner.graph
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if n.users or n.graph is not graph or n.op not in ("call_function", "call_method", "get_attr", "call_module"):
+            continue
+        if n.op == "call_module" and not _pure_module(owner.get_submodule(n.target)):
+            continue
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            continue
+        if n.op == "call_function" and n.is_impure():
+            continue
+        ins = [a for a in n.all_input_nodes]
+        graph.erase_node(n)
+        todo.extend(ins)
+
+
+def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits: list,
+                  mapping: dict[fx.Node, fx.Node], owner_path: str, insert) -> tuple[nn.Module, dict[str, str]]:
+    """Insert `edits` into `own` (the owner's graph, traced from `twin`, a structural copy of `module`)
+    and return the owner's replacement and {site name: path of the inserted module relative to the owner}.
+
+    `module` is the owner as it stands in the patched model being built (inner owners already replaced).
+    """
+    by_name = {n.name: m for n, m in mapping.items()}
+    taken: set[str] = set()
+    replaced: dict[str, fx.Node] = {}
+    paths: dict[str, str] = {}
+    dead: list[fx.Node] = []
+    added: list[str] = []
+    for site, mod, attention in edits:
+        local_site = _localize(site, by_name)
+        name = _unique_name(module, local_name(site, owner_path, attention), taken)
+        gone = replaced.get(local_site.node, by_name[site.node])
+        insert(own, local_site, mod, attention, replaced, path=name)
+        if site.action == "replace":
+            dead.append(gone)
+        paths[site.name] = name
+        added.append(name)
+    prune(own, dead)
+    own.graph.lint()
+    new = shallow_copy(module)
+    # every module or attribute the graph reads that the user's module does not have goes on the copy
+    for n in own.graph.nodes:
+        if n.op not in ("call_module", "get_attr") or _resolves(twin, n.target):
+            continue
+        obj = _get(own, n.target)
+        name = n.target if "." not in n.target and n.target in added else _unique_name(
+            module, _sanitize(n.target.replace(".", "_")), taken)
+        if new.__dict__.get(name, 0) is None:
+            del new.__dict__[name]
+        if isinstance(obj, nn.Module):
+            new.add_module(name, obj)
+        elif isinstance(obj, nn.Parameter):
+            new.register_parameter(name, obj)
+        else:
+            new.__dict__[name] = obj
+        if name != n.target:
+            n.target = name
+        added.append(name)
+    own.recompile()
+    new.__class__ = patched_class(type(module), type(own).forward)
+    new.__dict__["_surgeon_added"] = set(new.__dict__.get("_surgeon_added", ())) | set(added)
+    new.__dict__["_surgeon_graph"] = own.graph
+    return new, paths
+
+
+def rewritten(module: nn.Module) -> fx.Graph | None:
+    """The graph whose code is the forward of a module surgery rewrote (None for any other module)."""
+    return module.__dict__.get("_surgeon_graph")
+
+
+def _localize(site: Site, by_name: dict[str, fx.Node]) -> Site:
+    import dataclasses
+
+    def loc(name: str | None) -> str | None:
+        return None if name is None else by_name[name].name
+
+    return dataclasses.replace(site, graph="", node=loc(site.node), user=loc(site.user),
+                               args=tuple(loc(a) for a in site.args), owner="", slot="")
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tuple[nn.Module, dict[str, str], dict[str, str]]:
+    """Apply (site, module, attention) edits to a copy of `model`, each inside its owner.
+
+    Args:
+        traced: the `Traced` map of `model` the sites were found in.
+        trace_module: (module, leaf paths) -> GraphModule, how one module is traced alone.
+        insert: the graph insertion of one edit (`rewrite.insert`).
+
+    Returns:
+        (patched model, {site name: full path of its inserted module}, {site name: full path of the owner}).
+    """
+    tracing = _Tracing(trace_module)
+    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
+    by_graph: dict[str, list] = {}
+    for e in edits:
+        by_graph.setdefault(e[0].graph, []).append(e)
+    owners: dict[str, Owner] = {}
+    scopes: dict[str, Scopes] = {}
+    for g, group in by_graph.items():
+        user_module = model.get_submodule(g) if g else model
+        sc = scopes[g] = Scopes.of(traced.graphs[g], user_module)
+        local_leaves = set(_local_leaves(leaf_paths, g)) if g else set(leaf_paths)
+        local_leaves.discard("")
+        for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
+            owners.setdefault(owner.full, owner).edits.append(edit)
+    done: dict[str, nn.Module] = {}  # full owner path -> its replacement, not yet placed in an outer one
+    paths: dict[str, str] = {}
+    owner_of: dict[str, str] = {}
+    for full in sorted(owners, key=lambda p: (-(p.count(".") + 1) if p else 0)):
+        o = owners[full]
+        g = o.graph
+        if o.key == SWAP:
+            (site, module, _), = o.edits
+            leaf = (model.get_submodule(full))
+            module._surgeon_leaf = True
+            if _arity(module) >= 2:
+                module = LeafReplacement(leaf, module)
+            done[full] = module
+            paths[site.name] = owner_of[site.name] = full
+            log.debug("site %s: %s takes the place of %r", site.name, type(module).__name__, full)
+            continue
+        sc = scopes[g]
+        original = model.get_submodule(full) if full else model
+        inner_full = [p for p in done if _inside(p, full)]
+        same_graph = {}
+        for p in inner_full:
+            io = owners.get(p)
+            if io is not None and io.graph == g and io.key != SWAP:
+                same_graph[io.key] = p[len(full) + 1:] if full else p
+        leaves = set(_local_leaves(leaf_paths, full)) | set(same_graph.values())
+        leaves.discard("")
+        twin, own = tracing(original, frozenset(leaves))
+        own = _fresh(own)
+        mapping = match(sc, o.key, own, same_graph)
+        if mapping is None:
+            raise TraceError(f"{full or 'the root'!r} cannot be rewritten: traced alone, with the modules edited "
+                             f"inside it kept whole, it gives a different graph")
+        current = original
+        copies: dict[str, nn.Module] = {}
+        for p in inner_full:
+            current = set_child(original, p[len(full) + 1:] if full else p, done.pop(p), copies)
+        new, local = rewrite_owner(current, twin, own, o.edits, mapping, o.path, insert)
+        done[full] = new
+        for site_name, rel in local.items():
+            paths[site_name] = _join(full, rel)
+            owner_of[site_name] = full
+    if "" in done:
+        return done[""], paths, owner_of
+    copies = {}
+    result = model
+    for full, new in done.items():
+        result = set_child(model, full, new, copies)
+    return result, paths, owner_of
+
+
+def _arity(module: nn.Module) -> int:
+    from surgeon.surgery.rewrite import arg_indices
+
+    return len(arg_indices(module, 2))
+
+
+def _inside(path: str, outer: str) -> bool:
+    return path != outer and (not outer or path.startswith(outer + "."))
+
+
+def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own copy of the graph (a cached trace may serve several owners' checks)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
+    return new
