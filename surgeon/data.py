@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from torch.utils.data import Dataset
 
 from surgeon.errors import DataError
+from surgeon.training.record import input_size_of
 
 DIGITS = "digits"
 SPLITS = ("train", "test")
@@ -38,8 +39,7 @@ def data_config(model=None, *, input_size: Sequence[int] | None = None) -> dict[
 
     cfg = (resolve_data_config({}, model=model) if model is not None
            else resolve_data_config({"input_size": DEFAULT_INPUT_SIZE}))
-    rec = model.__dict__.get("_surgeon") if model is not None else None
-    size = input_size or (rec or {}).get("input_size")
+    size = input_size or input_size_of(model)
     if size:
         size = tuple(int(d) for d in size)
         if len(size) != 3 or any(d <= 0 for d in size):
