@@ -22,17 +22,24 @@ DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 MAX_SEED = 2**32 - 1
 # recorded with the options, but derived from the data: they must match on resume too
 DERIVED_RUN_KEYS = ("steps_per_epoch",)
+# CLI flags that are not the field's name with dashes
+CLI_FLAGS = {"num_workers": "--workers"}
 
 
 # -- validators --------------------------------------------------------------------------------------
+def flag_of(name: str) -> str:
+    """The CLI flag of option `name`."""
+    return CLI_FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
 def _label(name: str) -> str:
-    return f"{name} (--{name.replace('_', '-')})"
+    return f"{name} ({flag_of(name)})"
 
 
 def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
         return f"{'>' if low_open else '≥'} {low:g}"
-    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def check_int(name: str, value: Any, low: int, high: int) -> int:
@@ -61,10 +68,10 @@ def check_choice(name: str, value: Any, valid: Sequence[str]) -> str:
     return value
 
 
-def _option(help: str, *, flag: str | None = None, choices: Sequence[str] | None = None, metavar: str | None = None,
+def _option(help: str, *, choices: Sequence[str] | None = None, metavar: str | None = None,
             same_run: bool = True) -> dict[str, Any]:
-    """Field metadata: the CLI's help text and flag, and whether `resume` requires the same value."""
-    return {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "same_run": same_run}
+    """Field metadata: the CLI's help text (choices, metavar), and whether `resume` requires the same value."""
+    return {"help": help, "choices": choices, "metavar": metavar, "same_run": same_run}
 
 
 # -- the options -------------------------------------------------------------------------------------
@@ -105,7 +112,7 @@ class FinetuneConfig:
     compile: bool = field(default=False, metadata=_option("Train through torch.compile.", same_run=False))
     amp: bool = field(default=False, metadata=_option(
         "Mixed precision (bfloat16 on CPU / recent GPUs, float16 otherwise).", same_run=False))
-    num_workers: int = field(default=0, metadata=_option("DataLoader workers.", flag="workers", same_run=False))
+    num_workers: int = field(default=0, metadata=_option("DataLoader workers.", same_run=False))
 
     def __post_init__(self) -> None:
         check_choice("freeze", self.freeze, FREEZE)
@@ -173,7 +180,7 @@ def cli_options() -> list[dict[str, Any]]:
         meta = f.metadata
         kind = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type).split(" |")[0]]
         required = f.default is dataclasses.MISSING
-        out.append({"flag": "--" + (meta["flag"] or f.name).replace("_", "-"), "name": f.name, "type": kind,
+        out.append({"flag": flag_of(f.name), "name": f.name, "type": kind,
                     "default": None if required else f.default, "required": required, "help": meta["help"],
                     "choices": meta["choices"], "metavar": meta["metavar"]})
     return out
