@@ -523,3 +523,33 @@ def test_a_patched_model_trained_at_another_size_loads_and_exports_at_it(tmp_pat
     assert shapes and [16, 16] in shapes  # stage1 at 32×32 input: was 8×8 at 16×16
     accuracy = surgeon.evaluate(loaded, digits("test", model=loaded, limit=48))["accuracy"]
     assert accuracy == pytest.approx(val_acc)
+
+
+# -- files in data folders that are not (readable) images -------------------------------------------
+def _two_classes(root, n: int = 3):
+    for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        for i in range(n):
+            _png(root / c / f"{i}.png", colour)
+
+
+def test_cli_non_image_files_are_skipped_with_a_count(tmp_path):
+    root = tmp_path / "d"
+    _two_classes(root)
+    (root / "red" / "README.txt").write_text("about the reds")
+    (root / "blue" / "notes.md").write_text("about the blues")
+    (root / "blue" / ".DS_Store").write_bytes(b"\0")  # dotfiles are not worth a warning
+    result = run("evaluate", REF, "--model-arg", "num_classes=2", "--data", root, "--input-size", "3,16,16")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 non-image file(s) ('blue/notes.md', 'red/README.txt')" in result.stderr
+    assert "/6)" in result.stdout  # the six images, nothing else
+
+
+def test_cli_corrupt_image_is_one_line_naming_the_file(tmp_path):
+    root = tmp_path / "d"
+    _two_classes(root)
+    (root / "blue" / "9.png").write_bytes(b"not a png")
+    bad = str(root / "blue" / "9.png")
+    one_line_error(run("evaluate", REF, "--model-arg", "num_classes=2", "--data", root, "--input-size", "3,16,16"),
+                   f"Cannot read image {bad!r} (UnidentifiedImageError)")
+    one_line_error(run("finetune", REF, "--model-arg", "num_classes=2", "--data", root, *TRAIN, "--batch-size", 64,
+                       "--out", tmp_path / "o"), f"Cannot read image {bad!r}")
