@@ -493,7 +493,8 @@ def _history_table(history: list[dict[str, Any]], title: str):
 @click.argument("model")
 @click.option("--data", required=True, metavar="PATH|digits", help="A folder of class sub-folders (with train/ and "
               "val/ inside, or --val-data), or 'digits' (built in, no download).")
-@click.option("--val-data", type=click.Path(file_okay=False), help="Validation folder (default: DATA/val when present).")
+@click.option("--val-data", type=click.Path(file_okay=False),
+              help="Validation folder (default: DATA/val when present).")
 @finetune_options
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of each digits split.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,

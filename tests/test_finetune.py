@@ -488,7 +488,7 @@ def test_config_checks_options_and_misspelt_names():
 
 
 def test_config_overrides_and_run_record(data, tmp_path):
-    base = training.FinetuneConfig(epochs=1, lr=1e-3, batch_size=32)
+    base = surgeon.FinetuneConfig(epochs=1, lr=1e-3, batch_size=32)
     result = surgeon.finetune(patched(), data[0], config=base, lr=2e-3, out=tmp_path / "r", progress=False)
     state = json.loads((tmp_path / "r" / "trainer_state.json").read_text())
     assert state["config"]["lr"] == 2e-3 and state["config"]["batch_size"] == 32

@@ -239,7 +239,7 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
                                  pin=pin)
                 task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=0.0, acc=0.0,
                                     rate=0.0, val="")
-                rec, step = _train_epoch(loop, loader, step, lambda **kw: bar.update(task, advance=1, **kw))
+                rec, step = _train_epoch(loop, loader, step, lambda task=task, **kw: bar.update(task, advance=1, **kw))
                 size = rec.pop("input_size")
                 if size is not None:  # what it was trained at is what it is evaluated, loaded and exported at
                     set_input_size(model, size)
@@ -328,7 +328,8 @@ def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any]
         seen += len(y)
         report(loss=loss_sum / seen, acc=correct / seen, rate=seen / max(time.perf_counter() - t0, 1e-9))
     seconds = time.perf_counter() - t0
-    return {"factor": factor, "input_size": size, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-            "seconds": round(seconds, 3), "throughput": round(seen / max(seconds, 1e-9), 1)}, step
+    return {"factor": factor, "input_size": size, "train_loss": loss_sum / max(seen, 1),
+            "train_acc": correct / max(seen, 1), "seconds": round(seconds, 3),
+            "throughput": round(seen / max(seconds, 1e-9), 1)}, step
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from surgeon.errors import OptionError
 from surgeon.heads import under
 
+
 # -- freezing ----------------------------------------------------------------------------------------
 def trainable_prefixes(freeze: str, *, new: Sequence[str], head: str | None, epoch: int = 0,
                        unfreeze_after: int | None = None) -> list[str] | None:
