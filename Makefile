@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo lint test test-slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ demo: $(STAMP)
 	$(BIN)/surgeon add cbam resnet50 --out demo-out
 	@echo
 	@echo "Written:" && ls -l demo-out
+
+lint: $(STAMP)
+	$(BIN)/ruff check surgeon tests examples benchmarks
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

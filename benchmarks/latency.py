@@ -19,7 +19,7 @@ times = {}
 with torch.no_grad():
     for _round in range(2):  # interleave rounds so drift in machine load hits every model alike
         for name, m in models.items():
-            t, _ = median_time(lambda: m(x), repeat=7, warmup=2)
+            t, _ = median_time(lambda m=m: m(x), repeat=7, warmup=2)
             times[name] = min(times.get(name, float("inf")), t)
 ref = times["timm seresnet50 (hand-written)"]
 report("forward latency, batch 8, 224x224, CPU, 2 threads", [

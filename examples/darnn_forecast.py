@@ -120,8 +120,8 @@ def main() -> None:
     top = step_w.topk(3)
     print("temporal attention peaks at steps " +
           ", ".join(f"t−{WINDOW - 1 - int(i)} ({float(w):.2f})" for w, i in zip(*top)) +
-          f"   (the drivers act at t−{min(l for l, _ in DRIVERS.values())} and "
-          f"t−{max(l for l, _ in DRIVERS.values())})")
+          f"   (the drivers act at t−{min(lag for lag, _ in DRIVERS.values())} and "
+          f"t−{max(lag for lag, _ in DRIVERS.values())})")
     print(f"done in {time.time() - start:.0f}s")
     assert same <= 1e-5
 

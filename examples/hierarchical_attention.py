@@ -88,7 +88,8 @@ def main() -> None:
     control = copy.deepcopy(base)  # the same extra training without attention, for a fair comparison
     train(control, x_train, y_train, steps=FINETUNE, lr=1e-2, gen=torch.Generator().manual_seed(1))
     example = x_train[:2]  # (2, 10, 25) documents: the first layer alone cannot tell surgeon this shape
-    print([f"{s.name}: {s.info['form']} of {s.describe_shape()}" for s in surgeon.sites(base, kind="rnn", example_input=example)])
+    print([f"{s.name}: {s.info['form']} of {s.describe_shape()}"
+           for s in surgeon.sites(base, kind="rnn", example_input=example)])
     # identity init: the plain model's output, exactly, at step 0
     ident = surgeon.add(base, "attnpool", kind="rnn", at=["word_gru"], example_input=example)  # word attention
     ident = surgeon.add(ident, "attnpool", kind="rnn", at=["sent_gru"], example_input=example)  # sentence attention

@@ -86,7 +86,8 @@ def main() -> None:
 
     print(f"base LSTM (last-state readout)      accuracy {base_acc:.3f}")
     print(f"retrofitted with attnpool, step 0   accuracy {step0_acc:.3f}  (max |logit diff| {same:.2g})")
-    print(f"after fine-tuning                   accuracy {tuned_acc:.3f}  (gate γ = {float(module.gamma.detach()):.3f})")
+    print(f"after fine-tuning                   accuracy {tuned_acc:.3f}  "
+          f"(gate γ = {float(module.gamma.detach()):.3f})")
     print("attention points at steps " + ", ".join(f"{int(i)} ({float(w):.2f})" for w, i in zip(*top)) +
           "; the answer is at step 0")
     print(f"done in {time.time() - start:.0f}s")

@@ -119,11 +119,13 @@ def main() -> None:
 
     # 4. The table.
     print()
-    print(f"Held-out accuracy (%) and loss on digits ({len(test)} images), {MODEL} pretrained {PRETRAIN['epochs']} epochs; "
+    print(f"Held-out accuracy (%) and loss on digits ({len(test)} images), {MODEL} pretrained "
+          f"{PRETRAIN['epochs']} epochs; "
           f"budget {args.budget} epochs (AdamW lr {FINETUNE['lr']:g}, cosine, freeze {FINETUNE['freeze']}, "
           f"new modules x{NEW_LR_MULT:g}); mean ± std over seeds {args.seeds}")
     print()
-    print(f"| model | accuracy, step 0 | accuracy, +{args.budget} epochs | loss, step 0 | loss, +{args.budget} epochs |")
+    print(f"| model | accuracy, step 0 | accuracy, +{args.budget} epochs | loss, step 0 | "
+          f"loss, +{args.budget} epochs |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row.cells()) + " |")

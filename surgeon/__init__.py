@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _API = {"add", "plan", "sites", "attentions", "example_inputs", "verify_model", "Plan", "Edit"}
 _CHECKPOINT = {"save", "load", "summary"}
 _RECIPE = {"replay"}
-_FINETUNE = {"finetune", "evaluate"}
+_FINETUNE = {"finetune", "evaluate", "FinetuneConfig"}
 
 
 def __getattr__(name: str) -> Any:
@@ -55,4 +55,4 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "replay", "summary", "export_model",
-           "finetune", "evaluate", "hookimpl", "SurgeonError", "__version__"]
+           "finetune", "evaluate", "FinetuneConfig", "hookimpl", "SurgeonError", "__version__"]

@@ -57,7 +57,7 @@ def recipe_of(model) -> dict[str, Any]:
 
 # -- which tensors an adapter holds ------------------------------------------------------------------
 def _resolve_include(model, include: Sequence[str]) -> list[str]:
-    from surgeon.training import find_head  # the classifier, skipping modules surgery inserted
+    from surgeon.heads import find_head  # the classifier, skipping modules surgery inserted
 
     names = [n for n, _ in model.named_modules() if n]
     out: list[str] = []

@@ -451,7 +451,19 @@ def show_cmd(directory: str, as_json: bool) -> None:
 
 
 # -- fine-tuning (issue 6) -----------------------------------------------------------------------------
-FREEZE_CHOICES = ("none", "base", "two-phase")  # surgeon.training.FREEZE, without importing torch here
+def finetune_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of `surgeon.training.FinetuneConfig`, one per field; the config validates them."""
+    from surgeon.training.config import cli_options
+
+    for opt in reversed(cli_options()):
+        kw: dict[str, Any] = {"help": opt["help"], "metavar": opt["metavar"]}
+        if opt["type"] is bool:
+            kw["is_flag"] = True
+        else:
+            kw.update(type=click.Choice(opt["choices"]) if opt["choices"] else opt["type"], required=opt["required"],
+                      default=opt["default"], show_default=opt["default"] is not None)
+        fn = click.option(opt["flag"], opt["name"], **kw)(fn)
+    return fn
 
 
 def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust_code):
@@ -481,31 +493,9 @@ def _history_table(history: list[dict[str, Any]], title: str):
 @click.argument("model")
 @click.option("--data", required=True, metavar="PATH|digits", help="A folder of class sub-folders (with train/ and "
               "val/ inside, or --val-data), or 'digits' (built in, no download).")
-@click.option("--val-data", type=click.Path(file_okay=False), help="Validation folder (default: DATA/val when present).")
-@click.option("--epochs", type=click.IntRange(min=1), required=True, help="Training epochs.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), required=True, help="Peak learning rate.")
-@click.option("--freeze", type=click.Choice(FREEZE_CHOICES), default="none", show_default=True,
-              help="base: train only the inserted modules and the head; two-phase: base first, then everything.")
-@click.option("--unfreeze-after", type=int, metavar="K", help="With --freeze two-phase: epochs before everything "
-              "trains (default: half).")
-@click.option("--new-lr-mult", type=float, default=1.0, show_default=True,
-              help="Learning-rate multiplier for the inserted modules (and a replaced head).")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--weight-decay", type=float, help="Default 0.05 (adamw) / 1e-4 (sgd); never on norms, biases, gates.")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD (Nesterov) momentum.")
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True, help="Linear warm-up, then cosine.")
-@click.option("--min-lr", type=float, default=0.0, show_default=True, help="Learning rate at the end of the cosine.")
-@click.option("--clip-grad", type=float, help="Clip the gradient norm to this value.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--num-classes", type=click.IntRange(min=2), help="Replace the head with a new one of N outputs.")
-@click.option("--bn-stats", type=click.Choice(["auto", "frozen", "train"]), default="auto", show_default=True,
-              help="auto: frozen BatchNorms keep their running statistics; frozen: all do; train: none do.")
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--compile", "compile_", is_flag=True, help="Train through torch.compile.")
-@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16 on CPU / recent GPUs, float16 otherwise).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="DataLoader workers.")
+@click.option("--val-data", type=click.Path(file_okay=False),
+              help="Validation folder (default: DATA/val when present).")
+@finetune_options
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N images of each digits split.")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
               help="Run folder: checkpoint every epoch (loadable by surgeon load), metrics.jsonl, curves.png.")
@@ -516,13 +506,9 @@ def _history_table(history: list[dict[str, Any]], title: str):
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-epoch metrics as JSON.")
 @handle_errors
-def finetune_cmd(model: str, data: str, val_data: str | None, epochs: int, lr: float, freeze: str,
-                 unfreeze_after: int | None, new_lr_mult: float, optimizer: str, weight_decay: float | None,
-                 momentum: float, warmup_epochs: float, min_lr: float, clip_grad: float | None, batch_size: int,
-                 num_classes: int | None, bn_stats: str, label_smoothing: float, seed: int, device: str,
-                 compile_: bool, amp: bool, workers: int, limit: int | None, out: str, resume: bool, force: bool,
+def finetune_cmd(model: str, data: str, val_data: str | None, limit: int | None, out: str, resume: bool, force: bool,
                  trust_code: bool, model_args, pretrained, weights, allow_pickle, input_size, no_progress: bool,
-                 as_json: bool) -> None:
+                 as_json: bool, **options: Any) -> None:
     """Fine-tune MODEL (a folder from `surgeon add --out`, or a model reference) on DATA.
 
     \b
@@ -533,15 +519,12 @@ def finetune_cmd(model: str, data: str, val_data: str | None, epochs: int, lr: f
     from surgeon import data as data_mod
     from surgeon import training
 
-    training.check_output(out, resume=resume, force=force)  # before anything is built
+    config = training.FinetuneConfig(**options)  # every option checked before anything is built
+    training.check_output(out, resume=resume, force=force)
     m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
     train, val = data_mod.resolve(data, m, input_size=input_size, val=val_data, limit=limit)
-    result = surgeon.finetune(m, train, val, epochs=epochs, lr=lr, freeze=freeze, unfreeze_after=unfreeze_after,
-                              new_lr_mult=new_lr_mult, weight_decay=weight_decay, optimizer=optimizer,
-                              momentum=momentum, warmup_epochs=warmup_epochs, min_lr=min_lr, clip_grad=clip_grad,
-                              batch_size=batch_size, num_classes=num_classes, bn_stats=bn_stats,
-                              label_smoothing=label_smoothing, seed=seed, device=device, compile=compile_, amp=amp,
-                              num_workers=workers, out=out, resume=resume, force=force, progress=not no_progress)
+    result = surgeon.finetune(m, train, val, config=config, out=out, resume=resume, force=force,
+                              progress=not no_progress)
     if as_json:
         click.echo(json.dumps({"out": out, "head": result.head, "history": result.history}, indent=2))
         return

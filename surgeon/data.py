@@ -9,13 +9,18 @@ Any PyTorch Dataset or DataLoader of (image, label) works through the API as wel
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch.utils.data import Dataset
 
 from surgeon.errors import DataError
+from surgeon.training.record import input_size_of
+
+log = logging.getLogger("surgeon")
 
 DIGITS = "digits"
 SPLITS = ("train", "test")
@@ -38,8 +43,7 @@ def data_config(model=None, *, input_size: Sequence[int] | None = None) -> dict[
 
     cfg = (resolve_data_config({}, model=model) if model is not None
            else resolve_data_config({"input_size": DEFAULT_INPUT_SIZE}))
-    rec = model.__dict__.get("_surgeon") if model is not None else None
-    size = input_size or (rec or {}).get("input_size")
+    size = input_size or input_size_of(model)
     if size:
         size = tuple(int(d) for d in size)
         if len(size) != 3 or any(d <= 0 for d in size):
@@ -163,6 +167,34 @@ def _check_folder(path: Path) -> None:
                         f"needs at least two class sub-folders")
 
 
+def _warn_non_images(path: Path) -> None:
+    """Log how many files in the class folders are not images (ImageFolder skips them); dotfiles are ignored."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from surgeon.errors import preview
+
+    skipped = [f for c in _class_dirs(path) for f in sorted(c.rglob("*"))
+               if f.is_file() and not f.name.startswith(".") and f.suffix.lower() not in IMG_EXTENSIONS]
+    if skipped:
+        log.warning("Data folder %r: skipped %d non-image file(s) (%s); images end in %s", str(path), len(skipped),
+                    preview([str(f.relative_to(path)) for f in skipped], 3), ", ".join(sorted(IMG_EXTENSIONS)))
+
+
+def read_image(path: str):
+    """An image file as RGB (torchvision's loader), or one line naming the file that cannot be read.
+
+    Raises:
+        DataError: the file is corrupt, truncated or not an image.
+    """
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for unreadable files
+        raise DataError(f"Cannot read image {path!r} ({type(exc).__name__}): corrupt, truncated or not an "
+                        f"image; remove or replace the file") from exc
+
+
 def image_folder(path: str | os.PathLike, *, model=None, train: bool = False,
                  input_size: Sequence[int] | None = None):
     """A torchvision ImageFolder with the model's own preprocessing (timm `create_transform`).
@@ -172,17 +204,19 @@ def image_folder(path: str | os.PathLike, *, model=None, train: bool = False,
         train: use the training transform (random resized crop, flip) instead of the eval transform.
 
     Raises:
-        DataError: the folder is missing, empty, or not laid out as one sub-folder per class.
+        DataError: the folder is missing, empty, or not laid out as one sub-folder per class. Files
+        that are not images are skipped with a warning; a corrupt image fails when read, naming the file.
     """
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
     path = Path(path)
     _check_folder(path)
+    _warn_non_images(path)
     cfg = data_config(model, input_size=input_size)
     transform = create_transform(**{k: cfg[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")
                                     if k in cfg}, is_training=train)
-    return ImageFolder(str(path), transform=transform)
+    return ImageFolder(str(path), transform=transform, loader=read_image)
 
 
 def split_folders(path: Path) -> tuple[Path, Path | None]:

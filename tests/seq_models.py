@@ -101,7 +101,8 @@ class QuestionPassage(nn.Module):
 class Packed(nn.Module):
     """A GRU over a packed sequence: reads h_n (`form='h_n'`) or the mean of the padded output ('mean')."""
 
-    def __init__(self, form: str = "h_n", vocab: int = 40, dim: int = 12, hidden: int = 16, bidirectional: bool = False):
+    def __init__(self, form: str = "h_n", vocab: int = 40, dim: int = 12, hidden: int = 16,
+                 bidirectional: bool = False):
         super().__init__()
         self.form = form
         self.emb = nn.Embedding(vocab, dim)

@@ -360,7 +360,8 @@ def _nudge(model, seed=1):
                                                                                          "enc2": "enc3"}}),
 ])
 def test_save_load_round_trip(tmp_path, attention, options):
-    base = ToyCNN().eval() if attention == "aaconv" else unet() if attention == "attention_gate" else TinyResNet().eval()
+    base = (ToyCNN().eval() if attention == "aaconv" else unet() if attention == "attention_gate"
+            else TinyResNet().eval())
     x = _x(2, 3, 32, 32)
     patched = _nudge(surgeon.add(base, attention, example_input=x, **options))
     surgeon.save(patched, tmp_path / "out")

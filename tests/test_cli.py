@@ -80,7 +80,7 @@ def test_bad_input_one_line_exit_2(tmp_path, args, message):
     out = tmp_path / "out"
     result = runner.invoke(cli, args + ["--input-size", "3,32,32", "--out", str(out)])
     assert result.exit_code == 2, result.output
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("Error: ") and message in lines[-1]
     assert "Traceback" not in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []

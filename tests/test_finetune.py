@@ -445,3 +445,111 @@ def test_digits_and_folder_preprocessing_follow_the_model():
     cfg = surgeon.data.data_config(model, input_size=(3, 40, 40))
     assert cfg["input_size"] == (3, 40, 40) and len(cfg["mean"]) == 3
     assert not math.isnan(digits("test", model=model, input_size=(3, 40, 40), limit=1)[0][0].sum().item())
+
+
+# -- options (FinetuneConfig) ------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, message", [
+    ("--min-lr", -1, "min_lr (--min-lr) must be a finite number in [0, 0.001], got -1.0"),
+    ("--min-lr", 0.01, "min_lr (--min-lr) must be a finite number in [0, 0.001], got 0.01"),
+    ("--weight-decay", -1, "weight_decay (--weight-decay) must be a finite number in [0, 1], got -1.0"),
+    ("--momentum", 5, "momentum (--momentum) must be a finite number in [0, 1), got 5.0"),
+    ("--warmup-epochs", "nan", "warmup_epochs (--warmup-epochs) must be a finite number in [0, 1], got nan"),
+    ("--label-smoothing", 2, "label_smoothing (--label-smoothing) must be a finite number in [0, 1), got 2.0"),
+    ("--seed", 2**70, f"seed (--seed) must be an integer in [0, 4294967295], got {2**70}"),
+    ("--seed", -1, "seed (--seed) must be an integer in [0, 4294967295], got -1"),
+    ("--lr", "inf", "lr (--lr) must be a finite number > 0, got inf"),
+    ("--clip-grad", 0, "clip_grad (--clip-grad) must be a finite number > 0, got 0.0"),
+    ("--new-lr-mult", -2, "new_lr_mult (--new-lr-mult) must be a finite number ≥ 0, got -2.0"),
+    ("--batch-size", 0, "batch_size (--batch-size) must be an integer in [1, 1000000], got 0"),
+    ("--epochs", 0, "epochs (--epochs) must be an integer in [1, 1000000], got 0"),
+    ("--workers", -1, "num_workers (--workers) must be an integer in [0, 1024], got -1"),
+    ("--num-classes", 1, "num_classes (--num-classes) must be an integer in [2, 10000000], got 1"),
+    ("--unfreeze-after", 3, "unfreeze_after (--unfreeze-after) applies to freeze='two-phase'"),
+])
+def test_cli_option_out_of_range_is_one_line(tmp_path, flag, value, message):
+    args = ["finetune", REF, "--data", "digits", "--limit", 16, *TRAIN, "--out", tmp_path / "o"]
+    where = args.index(flag) if flag in args else len(args)
+    args[where:where + 2] = [flag, value]
+    one_line_error(run(*args), message)
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_checks_options_and_misspelt_names():
+    cfg = training.FinetuneConfig(epochs=4, lr=1e-3, freeze="two-phase", optimizer="sgd")
+    assert cfg.unfreeze_after == 2 and cfg.weight_decay == 1e-4  # defaults that depend on other options
+    with pytest.raises(OptionError, match=r"Unknown fine-tuning option 'weight_decy'. Did you mean 'weight_decay'"):
+        surgeon.finetune(patched(), [], epochs=1, lr=1e-3, weight_decy=0.1)
+    with pytest.raises(OptionError, match=r"Unknown freeze \(--freeze\) 'bse'. Did you mean 'base'"):
+        training.FinetuneConfig(epochs=1, lr=1e-3, freeze="bse")
+    with pytest.raises(OptionError, match=r"amp \(--amp\) must be true or false, got 'yes'"):
+        training.FinetuneConfig(epochs=1, lr=1e-3, amp="yes")
+    with pytest.raises(OptionError, match="needs epochs"):
+        surgeon.finetune(patched(), [], lr=1e-3)
+
+
+def test_config_overrides_and_run_record(data, tmp_path):
+    base = surgeon.FinetuneConfig(epochs=1, lr=1e-3, batch_size=32)
+    result = surgeon.finetune(patched(), data[0], config=base, lr=2e-3, out=tmp_path / "r", progress=False)
+    state = json.loads((tmp_path / "r" / "trainer_state.json").read_text())
+    assert state["config"]["lr"] == 2e-3 and state["config"]["batch_size"] == 32
+    assert state["config"]["steps_per_epoch"] == 2 and result.history[0]["step"] == 2
+
+
+# -- the input size a run was trained at --------------------------------------------------------------
+def test_cli_run_is_evaluated_at_its_training_input_size(tmp_path):
+    result = run("finetune", REF, "--data", "digits", "--limit", 48, "--epochs", 1, "--lr", 1e-3, "--batch-size", 16,
+                 "--input-size", "3,32,32", "--no-progress", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    val_acc = json.loads(result.stdout)["history"][-1]["val_acc"]
+    assert json.loads((tmp_path / "o" / "recipe.json").read_text())["input_size"] == [3, 32, 32]
+    result = run("evaluate", tmp_path / "o", "--trust-code", "--data", "digits", "--limit", 48, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(val_acc)
+
+
+def test_a_patched_model_trained_at_another_size_loads_and_exports_at_it(tmp_path, data):
+    from surgeon.api import example_inputs
+
+    saved = tmp_path / "se"
+    assert run("add", "cbam", REF, "--input-size", "3,16,16", "--out", saved).exit_code == 0
+    result = run("finetune", saved, "--trust-code", "--data", "digits", "--limit", 48, "--epochs", 1, "--lr", 1e-3,
+                 "--batch-size", 16, "--input-size", "3,32,32", "--no-progress", "--out", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    val_acc = json.loads(result.stdout)["history"][-1]["val_acc"]
+    loaded = surgeon.load(tmp_path / "o", trust_code=True)  # sites found again at 32×32, shapes checked
+    assert training.input_size_of(loaded) == (3, 32, 32)
+    assert example_inputs(loaded)[0].shape[1:] == (3, 32, 32)
+    shapes = [e["shape"][2:] for e in json.loads((tmp_path / "o" / "recipe.json").read_text())["edits"]]
+    assert shapes and [16, 16] in shapes  # stage1 at 32×32 input: was 8×8 at 16×16
+    accuracy = surgeon.evaluate(loaded, digits("test", model=loaded, limit=48))["accuracy"]
+    assert accuracy == pytest.approx(val_acc)
+
+
+# -- files in data folders that are not (readable) images -------------------------------------------
+def _two_classes(root, n: int = 3):
+    for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        for i in range(n):
+            _png(root / c / f"{i}.png", colour)
+
+
+def test_cli_non_image_files_are_skipped_with_a_count(tmp_path):
+    root = tmp_path / "d"
+    _two_classes(root)
+    (root / "red" / "README.txt").write_text("about the reds")
+    (root / "blue" / "notes.md").write_text("about the blues")
+    (root / "blue" / ".DS_Store").write_bytes(b"\0")  # dotfiles are not worth a warning
+    result = run("evaluate", REF, "--model-arg", "num_classes=2", "--data", root, "--input-size", "3,16,16")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 non-image file(s) ('blue/notes.md', 'red/README.txt')" in result.stderr
+    assert "/6)" in result.stdout  # the six images, nothing else
+
+
+def test_cli_corrupt_image_is_one_line_naming_the_file(tmp_path):
+    root = tmp_path / "d"
+    _two_classes(root)
+    (root / "blue" / "9.png").write_bytes(b"not a png")
+    bad = str(root / "blue" / "9.png")
+    one_line_error(run("evaluate", REF, "--model-arg", "num_classes=2", "--data", root, "--input-size", "3,16,16"),
+                   f"Cannot read image {bad!r} (UnidentifiedImageError)")
+    one_line_error(run("finetune", REF, "--model-arg", "num_classes=2", "--data", root, *TRAIN, "--batch-size", 64,
+                       "--out", tmp_path / "o"), f"Cannot read image {bad!r}")

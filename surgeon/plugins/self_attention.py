@@ -14,13 +14,16 @@ def register_attentions(register):
     from surgeon.plugins._glue import feature_map
 
     # "nl" as in timm; also a safe attribute name, where the keyword `nonlocal` would break fx's codegen
-    register("nl", feature_map(NonLocal2d, name="nl", ranks=(4,), natural_identity=True), kinds=KINDS, aliases=("nonlocal", "non_local"),
+    register("nl", feature_map(NonLocal2d, name="nl", ranks=(4,), natural_identity=True), kinds=KINDS,
+             aliases=("nonlocal", "non_local"),
              summary="non-local block: every position attends to all (embedded Gaussian, dot, concat)",
              paper="Wang et al., Non-local Neural Networks, CVPR 2018 (arXiv:1711.07971)")
-    register("danet", feature_map(DualAttention, name="danet", ranks=(4,), natural_identity=True), kinds=KINDS, aliases=("dual_attention",),
+    register("danet", feature_map(DualAttention, name="danet", ranks=(4,), natural_identity=True), kinds=KINDS,
+             aliases=("dual_attention",),
              summary="position + channel self-attention, each with a learned γ from 0, summed",
              paper="Fu et al., Dual Attention Network for Scene Segmentation, CVPR 2019 (arXiv:1809.02983)")
-    register("ccnet", feature_map(CrissCrossAttn, name="ccnet", ranks=(4,), natural_identity=True), kinds=KINDS, aliases=("criss_cross", "cca"),
+    register("ccnet", feature_map(CrissCrossAttn, name="ccnet", ranks=(4,), natural_identity=True), kinds=KINDS,
+             aliases=("criss_cross", "cca"),
              summary="criss-cross attention over each position's row and column, applied twice",
              paper="Huang et al., CCNet: Criss-Cross Attention for Semantic Segmentation, ICCV 2019 "
                    "(arXiv:1811.11721)")
