@@ -20,7 +20,6 @@ import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
