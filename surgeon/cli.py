@@ -267,6 +267,10 @@ def _verification_table(v, init: str):
     t.add_column("value", justify="right")
     bound = f" (≤ {v.tolerance:g} required at identity init)" if v.tolerance is not None else f" ({init} init)"
     t.add_row("max |patched − original|", f"{v.max_abs_diff:.3g}{bound}")
+    if v.train_max_abs_diff is not None:
+        t.add_row("train mode: max |diff| (outputs, running stats)", f"{v.train_max_abs_diff:.3g}")
+    elif v.train_note:
+        t.add_row("train mode", v.train_note)
     t.add_row("new parameter tensors reached by backward", f"{v.with_grad}/{v.new_params}"
               f" ({v.nonzero_grad} with non-zero gradient)")
     if v.nonzero_grad == 0 and v.tolerance is not None:

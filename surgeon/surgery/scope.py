@@ -80,20 +80,23 @@ class Scopes:
     def path(self, key: str | None) -> str:
         return "" if key is ROOT else self.paths[key]
 
-    def hooked_inside(self, key: str | None) -> str | None:
-        """A module with hooks whose forward is inlined in this scope's body (it would stop firing)."""
-        depth = 0 if key is ROOT else None
-        for n in (self.gm.graph.nodes if key is ROOT else self.nodes[key]):
-            st = self.stacks[n]
-            if depth is None:
-                depth = next(i for i, (k, _) in enumerate(st) if k == key) + 1
-            for _, p in st[depth:]:
-                try:
-                    if _has_hooks(self.root.get_submodule(p)):
-                        return p
-                except AttributeError:
-                    continue
-        return None
+    def hooked_inside(self, key: str | None) -> dict[str, str]:
+        """{scope key: path relative to `key`} of the module calls inside `key` whose module has hooks: they
+        stay whole calls when `key` is rewritten, so their hooks keep firing."""
+        outer = self.path(key)
+        found = {}
+        for k, p in self.paths.items():
+            if k == key or (outer and not p.startswith(outer + ".")):
+                continue
+            try:
+                mod = self.root.get_submodule(p)
+            except AttributeError:
+                continue
+            if _has_hooks(mod):
+                found[k] = p[len(outer) + 1:] if outer else p
+        # only the outermost hooked calls: those inside them are inside the collapsed call anyway
+        return {k: r for k, r in found.items()
+                if not any(r != o and r.startswith(o + ".") for o in found.values())}
 
 
 def _candidates(sc: Scopes, site: Site, nodes: dict[str, fx.Node]) -> list[str | None]:
@@ -132,9 +135,10 @@ def _fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) ->
         return "the site is outside it"
     if site.action == "replace" and not all(available(nodes[a]) for a in site.args):
         return "the module's inputs are not available in it"
-    hooked = sc.hooked_inside(key)
-    if hooked is not None:
-        return f"it runs {hooked!r}, which has hooks, inside its own forward"
+    for hk, rel in sc.hooked_inside(key).items():
+        seg = sc.members(hk)
+        if node in seg or (site.user is not None and nodes[site.user] in seg):
+            return f"the site is inside {rel!r}, which has hooks"
     return None
 
 
@@ -348,11 +352,12 @@ def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
 def _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths) -> str | None:
     path = sc.path(key)
     module = graph_module.get_submodule(path) if path else graph_module
+    hooked = sc.hooked_inside(key)
     try:
-        _, own = tracing(module, _local_leaves(leaf_paths, path))
+        _, own = tracing(module, _local_leaves(leaf_paths, path) | frozenset(hooked.values()))
     except Exception as exc:  # noqa: BLE001 - any failure means: not this scope
         return f"it does not trace alone ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    mapping = match(sc, key, own, {})
+    mapping = match(sc, key, own, hooked)
     if mapping is None:
         return "traced alone it gives a different graph"
     if _uses_leave(sc, key, site, nodes) and not _returns(own, mapping[nodes[site.node]]):
@@ -362,9 +367,8 @@ def _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths) -> str
 
 # -- rewriting one owner -----------------------------------------------------------------------------
 def _sanitize(name: str) -> str:
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-    if not name or name[0].isdigit():
-        name = f"_{name}"
+    """A child name: no dots; not a Python keyword (fx writes `self.<name>` for identifiers)."""
+    name = name.replace(".", "_") or "_"
     return f"{name}_" if keyword.iskeyword(name) else name
 
 
@@ -621,6 +625,7 @@ def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tupl
             io = owners.get(p)
             if io is not None and io.graph == g and io.key != SWAP:
                 same_graph[io.key] = p[len(full) + 1:] if full else p
+        same_graph.update(sc.hooked_inside(o.key))
         leaves = set(_local_leaves(leaf_paths, full)) | set(same_graph.values())
         leaves.discard("")
         twin, own = tracing(original, frozenset(leaves))

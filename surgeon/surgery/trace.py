@@ -55,6 +55,23 @@ def _timm_notrace() -> tuple[set[type], set]:
     return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
 
 
+_GRAD_MODE = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode")
+
+
+@functools.lru_cache(maxsize=None)
+def changes_grad_mode(cls: type) -> bool:
+    """Whether a module class's forward switches autograd on or off (`with torch.no_grad():`): fx records
+    no such region, so that forward must stay Python."""
+    forward = getattr(cls, "forward", None)
+    if forward is None or cls.__module__.startswith("torch.nn"):
+        return False
+    try:
+        src = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return any(word in src for word in _GRAD_MODE)
+
+
 @functools.lru_cache(maxsize=None)
 def _reads_training(cls: type) -> bool:
     """Whether a module class's forward reads `self.training` (its behaviour depends on the mode)."""
@@ -101,7 +118,7 @@ class SurgeonTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if module_qualified_name and _reads_training(type(m)):
+        if module_qualified_name and (_reads_training(type(m)) or changes_grad_mode(type(m))):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -131,7 +148,10 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool) -> fx.
 def _node_key(node: fx.Node) -> tuple:
     def norm(a):
         return fx.node.map_arg(a, lambda n: n.name)
-    return node.op, node.target, norm(node.args), norm({k: v for k, v in node.kwargs.items() if k != "training"})
+    # only functional dropout may differ in its training flag (it becomes a module); any other op that
+    # takes `training=self.training` (F.batch_norm, F.rrelu...) makes the two modes' graphs differ
+    skip = "training" if node.target in _DROPOUT_FUNCTIONS else None
+    return node.op, node.target, norm(node.args), norm({k: v for k, v in node.kwargs.items() if k != skip})
 
 
 def _mode_dependent_dropouts(g_eval: fx.Graph, g_train: fx.Graph, owner: str) -> list[str]:
@@ -237,6 +257,9 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
         return _graph_module(module, _copy_graph(module))
+    if changes_grad_mode(type(module)):
+        raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
+                         f"graph would lose")
     g_eval = _trace_graph(module, leaf_paths, training=False)
     g_train = _trace_graph(module, leaf_paths, training=True)
     dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)

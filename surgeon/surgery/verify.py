@@ -27,6 +27,9 @@ class Verification:
     new_params: int
     with_grad: int
     nonzero_grad: int
+    train_max_abs_diff: float | None = None
+    train_note: str = ""
+    same_grad_structure: bool = True
 
     @property
     def flops_added(self) -> int:
@@ -34,8 +37,24 @@ class Verification:
 
     @property
     def ok(self) -> bool:
+        # written as `<=` so that NaN fails
         exact = self.tolerance is None or self.max_abs_diff <= self.tolerance
-        return exact and self.with_grad == self.new_params
+        train = self.tolerance is None or self.train_max_abs_diff is None or self.train_max_abs_diff <= self.tolerance
+        return exact and train and self.same_grad_structure and self.with_grad == self.new_params
+
+    def problem(self) -> str | None:
+        """What failed, in one sentence (None when the check passed)."""
+        if self.tolerance is not None and not self.max_abs_diff <= self.tolerance:
+            return f"Identity init changed the output by {self.max_abs_diff:.3g} (> {self.tolerance:g})"
+        if self.tolerance is not None and self.train_max_abs_diff is not None \
+                and not self.train_max_abs_diff <= self.tolerance:
+            return (f"In train mode the patched model differs from the original by {self.train_max_abs_diff:.3g} "
+                    f"(outputs or running statistics; > {self.tolerance:g})")
+        if not self.same_grad_structure:
+            return "The patched model's outputs require gradients where the original's do not (or the reverse)"
+        if self.with_grad != self.new_params:
+            return f"A backward pass reached only {self.with_grad} of {self.new_params} new parameters"
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "flops_added": self.flops_added, "ok": self.ok}
@@ -77,9 +96,91 @@ def count_flops(model: nn.Module, inputs: tuple) -> int:
     return int(counter.get_total_flops())
 
 
+def _copy_inputs(inputs: tuple) -> tuple:
+    """A fresh copy of the inputs for each run: a model that changes its input in place must not change
+    what the other model sees."""
+    return tuple(torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
+                                              list(inputs)))
+
+
+def _finite(out: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(out) if t.is_floating_point())
+
+
+def _grad_structure(out: Any) -> list[bool]:
+    return [t.requires_grad for t in _tensors(out)]
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: b for k, b in model.named_buffers()}
+
+
+def _rng_neutral(model: nn.Module, new_modules: list[str]):
+    """Hooks that make the inserted modules draw no random numbers from the global generator as seen by the
+    rest of the model (its generator state is put back after each of them), so that dropout after an
+    inserted module draws what it drew in the original model."""
+    handles = []
+    for path in new_modules:
+        mod = model.get_submodule(path)
+        state: list = []
+        handles.append(mod.register_forward_pre_hook(lambda m, a, state=state: state.append(torch.get_rng_state())))
+        handles.append(mod.register_forward_hook(lambda m, a, o, state=state: torch.set_rng_state(state.pop())))
+    return handles
+
+
+def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str]) -> tuple[
+        float | None, str]:
+    """Both models in train mode under one seed: max |diff| over outputs and the original's buffers (running
+    statistics), or None and why when the original cannot run in train mode on these inputs."""
+    shared = _buffers(original)
+    saved = {k: b.clone() for k, b in shared.items()}
+    rng = torch.get_rng_state()
+
+    def restore():
+        with torch.no_grad():
+            for k, b in shared.items():
+                b.copy_(saved[k])
+
+    handles = _rng_neutral(patched, new_modules)
+    try:
+        original.train(), patched.train()
+        try:
+            torch.manual_seed(0)
+            with torch.no_grad():
+                expected = original(*_copy_inputs(inputs))
+        except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
+            return None, f"the model does not run in train mode on the example input ({type(exc).__name__})"
+        after = {k: b.clone() for k, b in shared.items()}
+        restore()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            got = patched(*_copy_inputs(inputs))
+        diff = max_abs_diff(expected, got)
+        for k, b in shared.items():
+            if b.is_floating_point():
+                diff = max(diff, float((after[k].double() - b.double()).abs().max()) if b.numel() else 0.0)
+            elif not torch.equal(after[k], b):
+                diff = float("inf")
+        if not _finite(got) and _finite(expected):
+            diff = float("nan")
+        return diff, ""
+    finally:
+        restore()
+        torch.set_rng_state(rng)
+        for h in handles:
+            h.remove()
+
+
 def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
            tolerance: float | None = 1e-5) -> Verification:
     """Run `inputs` through both models on CPU and compare; backward through the patched one.
+
+    1. Eval mode, autograd on for both (like with like), each on its own copy of the inputs: max |diff|,
+       NaN/inf where the original is finite, and which outputs require grad.
+    2. A backward pass from the patched output: which new parameters it reaches.
+    3. Train mode under one seed, inserted modules made neutral to the random generator: outputs and
+       the running statistics the original updates (restored afterwards).
+    4. FLOPs of one sample through each.
 
     Args:
         new_modules: module paths (in `patched`) the edits inserted.
@@ -89,20 +190,29 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     original.eval(), patched.eval()
     saved = {p: p.grad for p in patched.parameters()}
     try:
-        with torch.no_grad():
-            expected = original(*inputs)
+        expected = original(*_copy_inputs(inputs))
+        structure = _grad_structure(expected)
+        expected = [t.detach() for t in _tensors(expected)]
         new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
         for p in saved:
             p.grad = None
-        out = patched(*inputs)  # one forward serves both the comparison and the backward pass
+        out = patched(*_copy_inputs(inputs))  # one forward serves both the comparison and the backward pass
         diff = max_abs_diff(expected, [t.detach() for t in _tensors(out)])
+        if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
+            diff = float("nan")
+        same_grad = structure == _grad_structure(out)
         loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point())
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             loss.backward()
         with_grad = sum(p.grad is not None for p in new_params)
         nonzero = sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in new_params)
+        for p in saved:
+            p.grad = None
+        train_diff, train_note = (_train_check(original, patched, inputs, new_modules) if tolerance is not None
+                                  else (None, "not compared: the edits change the output by design"))
+        original.eval(), patched.eval()
         one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
-        flops_before, flops_after = count_flops(original, one), count_flops(patched, one)
+        flops_before, flops_after = count_flops(original, _copy_inputs(one)), count_flops(patched, _copy_inputs(one))
     finally:
         for p, g in saved.items():
             p.grad = g
@@ -110,4 +220,5 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
-                        nonzero_grad=nonzero)
+                        nonzero_grad=nonzero, train_max_abs_diff=train_diff, train_note=train_note,
+                        same_grad_structure=same_grad)
