@@ -168,6 +168,24 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
                               f"Valid options: {valid}")
 
 
+def _reaches_output(prep: _Prepared, site: Site) -> bool:
+    """Whether the site's value reaches its graph's output: an edit on a value the model computes and then
+    drops (an encoder stage its decoder does not read) would be an edit that does nothing."""
+    view = next(v for v in prep.views if v.prefix == site.graph)
+    live = view.__dict__.get("_live")
+    if live is None:
+        import networkx as nx
+
+        outs = [n for n in view.nodes if n.op == "output"]
+        live = set(outs).union(*(nx.ancestors(view.nx, o) for o in outs))
+        view.__dict__["_live"] = live
+    node = next((n for n in view.nodes if n.name == site.node), None)
+    if node is None or node in live:
+        return True
+    log.info("site %s: skipped, its value does not reach the output", site.name)
+    return False
+
+
 def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at: Sequence[str] | None) -> list[Site]:
     if kind is not None:
         registry.check_kind(kind)
@@ -179,7 +197,8 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at:
     unmatched: NoSitesError | None = None
     for k in candidates:
         try:
-            found = [s for s in find_sites(prep.views, [k], list(at) if at else None) if s.layout in att.layouts]
+            found = [s for s in find_sites(prep.views, [k], list(at) if at else None)
+                     if s.layout in att.layouts and _reaches_output(prep, s)]
         except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
             unmatched = unmatched or exc
             continue

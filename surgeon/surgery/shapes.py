@@ -44,12 +44,13 @@ class _Recorder(fx.Interpreter):
 
 
 def _run(traced: Traced, inputs: tuple) -> None:
-    nested = [gm for path, gm in traced.graphs.items() if gm is not traced.module]
     handles = []
-    for gm in nested:
-        def pre_hook(mod, args, kwargs):
-            _Recorder(mod).run(*args, *kwargs.values())
-        handles.append(gm.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    for path, gm in traced.graphs.items():
+        if gm is traced.module:
+            continue
+        def pre_hook(mod, args, kwargs, gm=gm):
+            _Recorder(gm).run(*args, *kwargs.values())
+        handles.append(traced.module.get_submodule(path).register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             if isinstance(traced.module, fx.GraphModule):

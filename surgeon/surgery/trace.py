@@ -281,6 +281,10 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     for attr in _KEEP_ATTRS:
         if attr in module.__dict__:
             setattr(gm, attr, copy.deepcopy(module.__dict__[attr]))
+    # plain attributes (smp's `encoder.output_stride`): the Python code around a traced part reads them
+    for attr, value in module.__dict__.items():
+        if not attr.startswith("_") and attr not in gm.__dict__ and attr != "training":
+            gm.__dict__[attr] = value
     return gm
 
 
@@ -334,32 +338,22 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     for path, reason in culprits.items():
         full = _join(prefix, path)
         result.leaves[full] = reason
-        sub = gm.get_submodule(path)
-        inner = _trace_children(sub, full, leaf_paths, result, reason)
-        if inner is not sub:
-            parent, _, name = path.rpartition(".")
-            gm.get_submodule(parent).add_module(name, inner) if parent else gm.add_module(name, inner)
+        _trace_children(gm.get_submodule(path), full, leaf_paths, result, reason)
     return gm
 
 
 def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result: Traced, reason: str) -> nn.Module:
-    """Keep `module` as Python; trace each of its children piecewise."""
+    """Keep `module` as Python; trace each of its children piecewise (their graphs go to `result.graphs`;
+    the module tree itself is left as it is, so the Python code around the graphs keeps every attribute,
+    property and method it reads)."""
     result.leaves[prefix] = reason
-    children = list(module.named_children())
-    if not children:
-        return module
-    new = _shallow_copy(module)
-    changed = False
-    for name, child in children:
+    for name, child in module.named_children():
         full = _join(prefix, name)
         builtin_leaf = type(child).__module__.startswith("torch.nn") and not isinstance(child, nn.Sequential)
         if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or builtin_leaf:
             continue
-        traced = _trace_into(child, full, leaf_paths, result)
-        if traced is not child:
-            new._modules[name] = traced
-            changed = True
-    return new if changed else module
+        _trace_into(child, full, leaf_paths, result)
+    return module
 
 
 def _join(prefix: str, path: str) -> str:
