@@ -39,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from surgeon import training
 
         return getattr(training, name)
+    if name in ("edits", "EditRecord"):
+        from surgeon import record
+
+        return getattr(record, name)
     if name == "data":
         import surgeon.data as data
 
@@ -54,5 +58,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'surgeon' has no attribute {name!r}")
 
 
-__all__ = ["add", "plan", "sites", "attentions", "save", "load", "load_model", "replay", "summary", "export_model",
-           "finetune", "evaluate", "FinetuneConfig", "hookimpl", "SurgeonError", "__version__"]
+__all__ = ["add", "plan", "edits", "EditRecord", "sites", "attentions", "save", "load", "load_model", "replay",
+           "summary", "export_model", "finetune", "evaluate", "FinetuneConfig", "hookimpl", "SurgeonError",
+           "__version__"]

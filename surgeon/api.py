@@ -4,7 +4,6 @@ Every CLI command is one of these calls plus rendering.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -12,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from surgeon import models, registry
+from surgeon import models, record, registry
 from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
 from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
@@ -30,9 +29,8 @@ EXAMPLE_BATCH = 2
 
 # -- inputs ------------------------------------------------------------------------------------------
 def _configured_size(model: nn.Module) -> tuple[int, ...] | None:
-    rec = model.__dict__.get(rw.RECORD_ATTR)
-    if rec and rec.get("input_size"):
-        return tuple(rec["input_size"])
+    if record.input_size(model):
+        return record.input_size(model)
     for attr in ("pretrained_cfg", "default_cfg"):
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and cfg.get("input_size"):
@@ -97,6 +95,10 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
     traced = trace(scope.structural_copy(model), leaf_paths=leaf_paths)
     traced.extra_leaves = set(leaf_paths)
+    if not isinstance(traced.module, torch.fx.GraphModule):
+        # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
+        # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
+        traced.module = scope.structural_copy(model)
     shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
     return _Prepared(model, traced, inputs, views)
@@ -166,6 +168,19 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
             valid = ", ".join(att.options) or "none"
             raise OptionError(f"Unknown option {key!r} for {att.name}.{did_you_mean(key, att.options)} "
                               f"Valid options: {valid}")
+
+
+def _library_reference(model: nn.Module) -> dict[str, Any] | None:
+    """How to rebuild a model its library built, when the model says (timm's `pretrained_cfg`), so a saved
+    model loads without `base=`; None when it cannot be known."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not arch or not type(model).__module__.startswith("timm."):
+        return None
+    args: dict[str, Any] = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        args["num_classes"] = model.num_classes
+    return {"ref": arch, "args": args, "pretrained": False, "weights": None}
 
 
 def _reaches_output(prep: _Prepared, site: Site) -> bool:
@@ -240,8 +255,7 @@ class Plan:
         return sum(e.flops for e in self.edits)
 
     def to_dict(self) -> dict[str, Any]:
-        rec = self.model.__dict__.get(rw.RECORD_ATTR) or {}
-        return {"model": (rec.get("model") or {}).get("ref") or type(self.model).__name__,
+        return {"model": (record.base(self.model) or {}).get("ref") or type(self.model).__name__,
                 "edits": [e.to_dict() for e in self.edits], "params_added": self.params,
                 "flops_added": self.flops}
 
@@ -286,23 +300,24 @@ class Plan:
         traced = self._prep.traced
         patched, paths, owners = scope.rewrite(self.model, traced, [(e.site, e.module, e.attention) for e in self.edits],
                                                trace_alone, rw.insert)
-        rec = rw.record(patched)
-        if rec is self.model.__dict__.get(rw.RECORD_ATTR):  # never share the record with the input model
-            rec = copy.deepcopy(rec)
-            patched.__dict__[rw.RECORD_ATTR] = rec
+        rec = record.detach(patched, self.model)  # never share the record with the input model
+        if rec["model"] is None:
+            record.set_base(patched, _library_reference(self.model))
         x = self._prep.inputs[0]
-        if rec.get("input_size") is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            rec["input_size"] = list(x.shape[1:])
+        if rec["input_size"] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
+            record.set_input_size(patched, x.shape[1:])
         # edits of one apply() share a step: a recipe replays each step as one plan, in order
-        step = 1 + max((e.get("step", 0) for e in rec["edits"]), default=0)
-        for e in self.edits:
-            rec["edits"].append({**e.to_dict(), "module": paths[e.site.name], "owner": owners[e.site.name],
-                                 "step": step})
+        step = 1 + max((e.step for e in record.edits(patched)), default=0)
+        record.add_edits(patched, [record.EditRecord(
+            site=e.site.name, kind=e.site.kind, shape=tuple(e.site.shape), attention=e.attention,
+            options=dict(e.options), init=e.init, module=paths[e.site.name], owner=owners[e.site.name],
+            params=e.params, flops=e.flops, step=step) for e in self.edits])
         _check_shapes(patched, self._prep.inputs, self.edits, paths)
         if verify:
             inits = {e.init for e in self.edits}
             self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
                                              tolerance=tolerance if inits == {"identity"} else None)
+            record.set_verification(patched, self.verification)
         return patched
 
 

@@ -17,13 +17,14 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from surgeon import record as _record
 from surgeon.errors import ShapeError
 from surgeon.surgery.sites import Site
 from surgeon.surgery.trace import Traced, unique_path
 
 log = logging.getLogger("surgeon")
 
-RECORD_ATTR = "_surgeon"
+RECORD_ATTR = _record.ATTR
 
 
 def _is_fresh(module: nn.Module) -> bool:
@@ -137,15 +138,10 @@ def rewrite(traced: Traced, edits: list[tuple[Site, nn.Module, str]]) -> dict[st
 
 
 def record(model: nn.Module) -> dict[str, Any]:
-    """The surgery record of a model (edits, base model reference, input size); created when missing."""
-    rec = model.__dict__.get(RECORD_ATTR)
-    if rec is None:
-        rec = {"model": None, "input_size": None, "edits": []}
-        model.__dict__[RECORD_ATTR] = rec
-    return rec
+    """The surgery record of a model as its JSON-like dict (see `surgeon.record`); created when missing."""
+    return _record.ensure(model)
 
 
 def edits_of(model: nn.Module) -> list[dict[str, Any]]:
-    """The edits recorded on a patched model ([] for a plain model)."""
-    rec = model.__dict__.get(RECORD_ATTR)
-    return list(rec["edits"]) if rec else []
+    """The edits recorded on a patched model, as dicts ([] for a plain model); `surgeon.edits` for the typed form."""
+    return [e.to_dict() for e in _record.edits(model)]

@@ -12,11 +12,10 @@ from typing import Any
 
 log = logging.getLogger("surgeon")
 
-_RECORD_ATTR = "_surgeon"  # surgeon.surgery.rewrite.RECORD_ATTR, without importing torch
-
-
 def _record(model) -> dict[str, Any] | None:
-    return model.__dict__.get(_RECORD_ATTR) if model is not None else None
+    from surgeon import record
+
+    return record._raw(model)
 
 
 def input_size_of(model) -> tuple[int, ...] | None:

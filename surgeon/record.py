@@ -1,0 +1,122 @@
+"""What surgery did to a model: a typed record kept on the model, read with `surgeon.edits(model)`.
+
+The record holds the base model's reference (how to rebuild it), the input size it was patched or
+trained at, one `EditRecord` per inserted module, and the verification of the last `add`. It lives in
+the model's `__dict__` (so copies of the model carry it, and it never shows in the state dict); this
+module is the only code that touches it. Recipes (`recipe.json`) are its JSON form.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+ATTR = "_surgeon"
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One inserted module.
+
+    site: the site's name; kind: its kind; shape: the tensor shape there (example batch first);
+    attention, options, init: what was inserted; module: the inserted module's path in the model;
+    owner: the module whose forward was rewritten to call it ('' for the root; equal to `module` when
+    the inserted module took the place of a stateless layer); params, flops: what it adds;
+    step: which `add` call made it (a recipe replays each step as one plan).
+    """
+
+    site: str
+    attention: str
+    kind: str | None = None
+    shape: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    init: str = "identity"
+    module: str = ""
+    owner: str = ""
+    params: int = 0
+    flops: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EditRecord:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "shape" in d:
+            d["shape"] = tuple(d["shape"] or ())
+        return cls(**d)
+
+
+def _raw(model) -> dict[str, Any] | None:
+    return model.__dict__.get(ATTR) if model is not None else None
+
+
+def ensure(model) -> dict[str, Any]:
+    """The model's own record, created when missing (never one shared with another model object)."""
+    rec = _raw(model)
+    if rec is None:
+        rec = {"model": None, "input_size": None, "edits": [], "verification": None}
+        model.__dict__[ATTR] = rec
+    return rec
+
+
+def detach(model, source) -> dict[str, Any]:
+    """Give `model` its own copy of `source`'s record (a patched copy must not share its original's)."""
+    rec = copy.deepcopy({k: v for k, v in (_raw(source) or {}).items() if k != "verification"})
+    rec.setdefault("model", None), rec.setdefault("input_size", None), rec.setdefault("edits", [])
+    rec["verification"] = None
+    model.__dict__[ATTR] = rec
+    return rec
+
+
+def edits(model) -> list[EditRecord]:
+    """The edits surgery made to `model`, in order ([] for a model surgery never touched).
+
+    Example:
+        >>> [(e.site, e.attention, e.module) for e in surgeon.edits(patched)]
+        [('layer1.0', 'cbam', 'layer1.0.cbam'), ...]
+    """
+    rec = _raw(model)
+    return [EditRecord.from_dict(e) for e in (rec or {}).get("edits", [])]
+
+
+def add_edits(model, records: list[EditRecord]) -> None:
+    ensure(model)["edits"].extend(r.to_dict() for r in records)
+
+
+def base(model) -> dict[str, Any] | None:
+    """How to rebuild the model before surgery: {'ref', 'args', 'pretrained', 'weights'} or None."""
+    return copy.deepcopy((_raw(model) or {}).get("model"))
+
+
+def set_base(model, spec: dict[str, Any] | None) -> None:
+    ensure(model)["model"] = copy.deepcopy(spec)
+
+
+def input_size(model) -> tuple[int, ...] | None:
+    size = (_raw(model) or {}).get("input_size")
+    return tuple(size) if size else None
+
+
+def set_input_size(model, size) -> None:
+    ensure(model)["input_size"] = list(size) if size else None
+
+
+def verification(model):
+    """The verification of the last `add` on this model (a `surgery.verify.Verification`), or None."""
+    return (_raw(model) or {}).get("verification")
+
+
+def set_verification(model, v) -> None:
+    ensure(model)["verification"] = v
+
+
+def set_edit_shapes(model, shapes: dict[str, tuple]) -> None:
+    """Update the recorded site shapes ({site: shape}), e.g. after training at another input size."""
+    for e in ensure(model)["edits"]:
+        if e["site"] in shapes:
+            e["shape"] = list(shapes[e["site"]])
