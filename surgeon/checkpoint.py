@@ -4,7 +4,8 @@ An adapter (DIR/adapter.safetensors) holds only the parameters and buffers the e
 when asked, re-trained modules such as the head); `load(DIR, base=model)` puts it on a freshly built
 base. Loading rebuilds the base from the recipe, replays the edits (`surgeon.recipe.replay`) and loads
 the weights; missing, unexpected or misshapen keys fail loudly. Writes are atomic: everything goes to
-a temporary folder beside DIR, renamed into place at the end, so a failure never leaves a half-written DIR.
+a temporary folder beside DIR, renamed into place at the end (`surgeon.outputs.publish`), so a failure or
+a kill never leaves a half-written DIR nor loses the previous save; `force` replaces only a previous save.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from surgeon import outputs
 from surgeon.errors import SurgeonError, WeightsError
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
@@ -104,14 +105,16 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
     Args:
         adapter: store only the parameters and buffers of the inserted modules (plus `include`).
         include: with `adapter`, modules whose weights go in too: paths ('fc'), globs, or 'head'.
-        force: replace `directory` when it exists.
+        force: replace `directory` when it exists and is a previous surgeon save (or empty); the old
+            save is deleted only once the new one is in place.
 
     Returns:
         Path: the folder. Its recipe's `weights` field says what the file holds and its size against
         the full model (`surgeon.summary(DIR)`).
 
     Raises:
-        SurgeonError: `directory` exists and force is False; an adapter of a model without edits.
+        OutputError: `directory` exists and force is False, is not a surgeon save, or may not be
+            written (see `surgeon.outputs.check_folder`). SurgeonError: an adapter of a model without edits.
 
     Example:
         >>> surgeon.save(surgeon.add("resnet50", "cbam"), "out/cbam-r50")
@@ -122,17 +125,17 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
     from surgeon.surgery.rewrite import edits_of
 
     target = Path(directory)
-    if target.exists() and not force:
-        raise SurgeonError(f"Output folder {str(target)!r} exists; pass --force (force=True) to replace it")
     if include and not adapter:
         raise SurgeonError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
     if adapter and not edits_of(model):
         raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
+    outputs.recover(target)
+    outputs.check_folder(target, force=force)
     recipe = recipe_of(model)
     state = model.state_dict()
     full = {"model_params": sum(p.numel() for p in model.parameters()), "model_bytes": _nbytes(state.values())}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    made = outputs.make_parents(target)
+    tmp = outputs.temporary_folder(target)
     try:
         if adapter:
             included = _resolve_include(model, include)
@@ -148,13 +151,12 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
             recipe["weights"] = {"file": WEIGHTS, "adapter": False, "tensors": len(state),
                                  "params": full["model_params"], "bytes": full["model_bytes"], **full}
         # NOTE: params count parameters only; bytes also cover buffers (batch-norm statistics...)
-        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")  # written last: it marks a save
         normal_permissions(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        outputs.publish(tmp, target, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_empty(made)
         raise
     return target
 

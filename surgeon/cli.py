@@ -41,10 +41,32 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """A usage error printed as one 'Error: ...' line (click prints the usage and a hint above it)."""
+    if exc.ctx is None:
+        return exc
+    one = click.UsageError(f"{exc.format_message().rstrip('.')}. Run '{exc.ctx.command_path} --help' for usage")
+    one.exit_code = exc.exit_code
+    return one
+
+
 class SurgeonGroup(click.Group):
-    """A click group that lets plugins add commands, loaded on first use."""
+    """A click group that lets plugins add commands, loaded on first use, and reports usage errors
+    in one line, as every other error."""
 
     _plugins_loaded = False
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc
 
     def _load_plugin_commands(self) -> None:
         if not self._plugins_loaded:
@@ -91,15 +113,15 @@ def cli(verbose: bool) -> None:
 
 
 def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
-    if not value:
+    from surgeon.recipe import check_input_size
+
+    if value is None:
         return None
     try:
-        size = tuple(int(v) for v in value.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a list of integers like 3,224,224") from None
-    if not size or any(d <= 0 for d in size):
-        raise click.BadParameter(f"{value!r} must be positive integers like 3,224,224")
-    return size
+        size = [int(v) if v.strip().isdigit() else v for v in value.replace("x", ",").split(",")]
+        return check_input_size(size, what=repr(value))
+    except SurgeonError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -125,6 +147,20 @@ def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: st
     with _stderr().status(f"Loading {model}…"):
         return models.load(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
                            model_args=models.parse_assignments(model_args, "--model-arg"))
+
+
+def _inputs(*paths: str | None) -> list[str]:
+    """The local files and folders among a command's inputs (model references that are paths, a
+    'file.py:factory' reference's file): an output may not replace them."""
+    import os
+
+    found = []
+    for p in paths:
+        if p and p.rpartition(":")[0].endswith(".py"):
+            p = p.rpartition(":")[0]
+        if p and os.path.lexists(p):
+            found.append(p)
+    return found
 
 
 @cli.command("list")
@@ -210,10 +246,8 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
 
     With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
     """
-    from pathlib import Path
-
     import surgeon
-    from surgeon import models
+    from surgeon import models, outputs
 
     if recipe:
         return _add_recipe(recipe, attention, model, kind=kind, at=at, options=options, model_args=model_args,
@@ -225,10 +259,10 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
             raise click.MissingParameter(param_hint=f"'{name}'", param_type="argument")
     if trust_code:
         raise click.UsageError("--trust-code only applies with --recipe")
-    if out and Path(out).exists() and not force and not dry_run:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
     if (adapter or include) and not out and not dry_run:
         raise click.UsageError("--adapter and --include apply to --out")
+    if out and not dry_run:
+        outputs.check_folder(out, force=force, reading=_inputs(model, weights))
     opts = models.parse_assignments(options, "--option")
     m = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status("Tracing and planning…"):
@@ -339,9 +373,8 @@ def _echo_saved(out: str) -> None:
 def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at, options, model_args, pretrained,
                 weights, allow_pickle, input_size, dry_run, out, force, as_json, trust_code, adapter, include) -> None:
     """`surgeon add --recipe FILE [MODEL]`: replay a recipe (see `surgeon.replay`)."""
-    from pathlib import Path
-
     import surgeon
+    from surgeon import outputs
 
     ctx = click.get_current_context()
     if second:
@@ -352,8 +385,8 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
         raise click.UsageError("--weights, --pretrained and --model-arg need MODEL with --recipe")
     if (adapter or include) and not out:
         raise click.UsageError("--adapter and --include apply to --out")
-    if out and Path(out).exists() and not force and not dry_run:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    if out and not dry_run:
+        outputs.check_folder(out, force=force, reading=_inputs(first, weights, recipe))
     info = surgeon.summary(recipe)
     if dry_run:
         if as_json:
@@ -387,12 +420,11 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
 def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow_pickle, input_size,
               out: str | None, force: bool, as_json: bool) -> None:
     """Put the adapter (or saved model) in DIRECTORY on a freshly built MODEL."""
-    from pathlib import Path
-
     import surgeon
+    from surgeon import outputs
 
-    if out and Path(out).exists() and not force:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    if out:
+        outputs.check_folder(out, force=force, reading=_inputs(model, weights, directory))
     info = surgeon.summary(directory)
     base = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status(f"Applying {directory}…"):
@@ -533,6 +565,13 @@ def finetune_cmd(model: str, data: str, val_data: str | None, epochs: int, lr: f
     from surgeon import data as data_mod
     from surgeon import training
 
+    from surgeon import outputs
+
+    reading = _inputs(model, weights, val_data, None if data == "digits" else data)
+    if force:  # --force may replace only a previous surgeon save; --resume keeps the run in --out
+        outputs.check_folder(out, force=True, reading=reading)
+    else:
+        outputs.check_place(out, reading=reading)
     training.check_output(out, resume=resume, force=force)  # before anything is built
     m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
     train, val = data_mod.resolve(data, m, input_size=input_size, val=val_data, limit=limit)

@@ -45,6 +45,34 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "an
 
 
 # -- validation --------------------------------------------------------------------------------------
+MAX_INPUT_DIMS = 5
+MAX_INPUT_VALUES = 1 << 27  # per sample: 512 MB of float32, e.g. 3x4096x4096 fits; more is a typo
+
+
+def check_input_size(size: Any, *, what: str = "input_size") -> tuple[int, ...]:
+    """A per-sample input shape: 1 to 5 positive integers with at most `MAX_INPUT_VALUES` values.
+
+    Raises:
+        OptionError: one line with the value and what is valid.
+    """
+    from surgeon.errors import OptionError
+
+    example = "e.g. 3,224,224"
+    if not isinstance(size, (list, tuple)) or not size or any(not _type_ok(d, int) for d in size):
+        raise OptionError(f"input size {what} must be integers separated by commas, {example}")
+    if len(size) > MAX_INPUT_DIMS:
+        raise OptionError(f"input size {what} has {len(size)} dimensions; at most {MAX_INPUT_DIMS} are allowed")
+    if any(d <= 0 for d in size):
+        raise OptionError(f"input size {what} must be positive integers, {example}")
+    values = 1
+    for d in size:
+        values *= d
+    if values > MAX_INPUT_VALUES:
+        raise OptionError(f"input size {what} has {values:,} values per sample; at most {MAX_INPUT_VALUES:,} "
+                          f"are allowed, {example}")
+    return tuple(size)
+
+
 def _type_ok(value: Any, kind: Any) -> bool:
     if isinstance(kind, dict):
         return isinstance(value, dict)
@@ -113,9 +141,11 @@ def validate(recipe: Any, *, source: str = "recipe") -> dict[str, Any]:
         if key in _FILE_ARGS:
             raise RecipeError(f"Recipe {source!r}: model argument {key!r} reads files from outside the recipe; "
                               f"put the base weights in the recipe's folder and name them in model.weights")
-    size = recipe.get("input_size")
-    if size is not None and (not size or any(not _type_ok(d, int) or d <= 0 for d in size)):
-        raise RecipeError(f"Recipe {source!r}: input_size must be positive integers, got {size}")
+    if recipe.get("input_size") is not None:
+        try:
+            check_input_size(recipe["input_size"], what=json.dumps(recipe["input_size"])[:40])
+        except SurgeonError as exc:
+            raise RecipeError(f"Recipe {source!r}: {exc}") from exc
     weights = recipe.get("weights")
     if weights and any(not isinstance(p, str) for p in weights.get("include", [])):
         raise RecipeError(f"Recipe {source!r}: weights.include must list module paths")

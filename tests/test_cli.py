@@ -97,9 +97,18 @@ def test_mismatched_weights_file(tmp_path):
     assert result.exit_code == 2 and "do not fit ResNet" in result.output and not (tmp_path / "o").exists()
 
 
-def test_bad_input_size():
-    result = runner.invoke(cli, ["sites", "resnet18", "--input-size", "3,a,2"])
-    assert result.exit_code == 2 and "is not a list of integers" in result.output
+@pytest.mark.parametrize("size, message", [
+    ("3,a,2", "must be integers separated by commas"),
+    ("0,1", "must be positive integers"),
+    ("3,,4", "must be integers separated by commas"),
+    ("1,2,3,4,5,6", "has 6 dimensions; at most 5"),
+    ("3,100000,100000", "has 30,000,000,000 values per sample"),
+    ("9" * 30, "values per sample"),
+])
+def test_bad_input_size(size, message):
+    result = runner.invoke(cli, ["sites", "resnet18", "--input-size", size])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
 
 
 def test_saved_files_are_as_readable_as_any_file(tmp_path):
