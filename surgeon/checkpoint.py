@@ -87,6 +87,22 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _copy_model_file(recipe: dict[str, Any], folder: Path) -> None:
+    """A base model built by a 'file.py:factory' travels with the save: the file is copied into the
+    folder and the recipe names the copy, so loading works from any working directory, after the
+    original moves or changes, and on another machine."""
+    base = recipe.get("model") or {}
+    target, _, attr = (base.get("ref") or "").rpartition(":")
+    if not target.endswith(".py"):
+        return
+    source = Path(target)
+    if not source.is_file():
+        raise SurgeonError(f"The base model's file {target!r} no longer exists, so the saved recipe could not "
+                           f"rebuild it; restore the file and save again")
+    shutil.copyfile(source, folder / source.name)
+    base["ref"] = f"{source.name}:{attr}"
+
+
 def normal_permissions(path: Path) -> None:
     """Give a folder (made private by mkdtemp) and its files the permissions a plain mkdir/open would
     have under the current umask, so what surgeon writes is as readable as any other file."""
@@ -151,6 +167,7 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
             recipe["weights"] = {"file": WEIGHTS, "adapter": False, "tensors": len(state),
                                  "params": full["model_params"], "bytes": full["model_bytes"], **full}
         # NOTE: params count parameters only; bytes also cover buffers (batch-norm statistics...)
+        _copy_model_file(recipe, tmp)
         (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")  # written last: it marks a save
         normal_permissions(tmp)
         outputs.publish(tmp, target, force=force)
@@ -187,9 +204,9 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
     """Load `sd` into `model` in place; it must hold exactly the `expected` keys (default: all).
 
     Raises:
-        WeightsError: missing, unexpected or misshapen keys, named in one line.
+        WeightsError: missing, unexpected or misshapen keys, or tensors of another type, named in one line.
     """
-    from surgeon.models import key_problems
+    from surgeon.models import check_dtypes, key_problems
 
     own = model.state_dict()
     want = list(own) if expected is None else list(expected)
@@ -197,6 +214,7 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
     if problems:
         raise WeightsError(f"Weights {source!r} do not fit the model: " + "; ".join(problems) +
                            " keys. Are they for another model, recipe or --model-arg?")
+    check_dtypes(own, sd, source=source)
     model.load_state_dict(sd, strict=False)
 
 

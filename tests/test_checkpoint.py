@@ -312,7 +312,7 @@ def test_factory_recipe_needs_trust_and_stays_in_its_folder(tmp_path):
     ({"edits": [{"site": "a", "attention": "se", "init": "zeros"}]}, "init must be 'identity' or 'paper'"),
     ({"edits": [{"site": "a", "attention": "se", "params": True}]}, "must be an integer"),
     ({"model": {"ref": "resnet18", "pretrained": "yes"}}, "'model.pretrained' must be true/false"),
-    ({"input_size": [3, -1, 2]}, "input_size must be positive integers"),
+    ({"input_size": [3, -1, 2]}, "input_size \\[3, -1, 2\\] must be positive integers"),
     ({"version": 2}, "this surgeon reads versions up to 1"),
     ({"version": "1"}, "unreadable version '1'"),
     ({"format": "other"}, "is not a surgeon recipe"),
