@@ -145,7 +145,6 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
         raise SurgeonError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
     if adapter and not edits_of(model):
         raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
-    outputs.recover(target)
     outputs.check_folder(target, force=force)
     recipe = recipe_of(model)
     state = model.state_dict()

@@ -80,7 +80,8 @@ def check_place(path: str | os.PathLike, *, reading: Iterable[str | os.PathLike]
 
 def check_folder(path: str | os.PathLike, *, force: bool = False, reading: Iterable[str | os.PathLike] = (),
                  what: str = "Output folder") -> Path:
-    """Refuse an output folder that cannot or may not be written, before any work is done.
+    """Refuse an output folder that cannot or may not be written, before any work is done (after
+    tidying what an interrupted save left beside it, see `recover`).
 
     Args:
         force: allow replacing an existing folder, when it is a previous surgeon save or empty.
@@ -91,6 +92,7 @@ def check_folder(path: str | os.PathLike, *, force: bool = False, reading: Itera
     """
     target = Path(path)
     check_place(target, reading=reading, what=what)
+    recover(target)
     if not os.path.lexists(target):
         return target
     if not target.is_dir():
