@@ -115,11 +115,16 @@ def cli(verbose: bool) -> None:
 def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
     from surgeon.recipe import check_input_size
 
+    def number(text: str) -> int | str:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
     if value is None:
         return None
     try:
-        size = [int(v) if v.strip().isdigit() else v for v in value.replace("x", ",").split(",")]
-        return check_input_size(size, what=repr(value))
+        return check_input_size([number(v) for v in value.lower().replace("x", ",").split(",")], what=repr(value))
     except SurgeonError as exc:
         raise click.BadParameter(str(exc)) from None
 

@@ -256,7 +256,8 @@ def check_names(recipe: dict[str, Any], *, source: str = "recipe") -> None:
 # -- the base model ----------------------------------------------------------------------------------
 def base_reference(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool, source: str) -> str:
     """The base model reference, checked: user factories need `trust_code`; a `file.py:factory` is
-    resolved inside the recipe's folder."""
+    resolved inside the recipe's folder (a recipe dict with no folder may name an absolute path, as
+    `surgeon.recipe_of` records it)."""
     from surgeon import models
 
     model = recipe.get("model")
@@ -272,6 +273,8 @@ def base_reference(recipe: dict[str, Any], folder: Path | None, *, trust_code: b
                           f"imports and runs code; pass --trust-code (trust_code=True) if you trust it")
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py"):
+        if folder is None and os.path.isabs(target):  # a recipe dict from Python (recipe_of): no folder
+            return ref
         if folder is None:
             raise RecipeError(f"Recipe {source!r}: {target!r} is relative to a recipe folder; read the "
                               f"recipe from its file")

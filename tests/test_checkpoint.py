@@ -509,6 +509,11 @@ def test_a_file_factory_base_loads_from_any_folder_after_saving(tmp_path, monkey
     result = run("add", "se", "src/nets.py:tiny_resnet", "--input-size", "3,32,32", "--out", "saved")
     assert result.exit_code == 0, result.output
     expected = surgeon.load(out, trust_code=True)
+    from surgeon.checkpoint import recipe_of  # a recipe dict from Python names the file by its absolute path
+
+    in_memory = recipe_of(surgeon.add("src/nets.py:tiny_resnet", "se", input_size=(3, 32, 32)))
+    assert in_memory["model"]["ref"] == f"{src / 'nets.py'}:tiny_resnet"
+    assert len(edits_of(surgeon.replay(in_memory, trust_code=True))) == 6
     (src / "nets.py").unlink()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
