@@ -154,20 +154,6 @@ def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: st
                            model_args=models.parse_assignments(model_args, "--model-arg"))
 
 
-def _inputs(*paths: str | None) -> list[str]:
-    """The local files and folders among a command's inputs (model references that are paths, a
-    'file.py:factory' reference's file): an output may not replace them."""
-    import os
-
-    found = []
-    for p in paths:
-        if p and p.rpartition(":")[0].endswith(".py"):
-            p = p.rpartition(":")[0]
-        if p and os.path.lexists(p):
-            found.append(p)
-    return found
-
-
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
@@ -267,7 +253,7 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
     if (adapter or include) and not out and not dry_run:
         raise click.UsageError("--adapter and --include apply to --out")
     if out and not dry_run:
-        outputs.check_folder(out, force=force, reading=_inputs(model, weights))
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights))
     opts = models.parse_assignments(options, "--option")
     m = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status("Tracing and planning…"):
@@ -391,7 +377,7 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
     if (adapter or include) and not out:
         raise click.UsageError("--adapter and --include apply to --out")
     if out and not dry_run:
-        outputs.check_folder(out, force=force, reading=_inputs(first, weights, recipe))
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(first, weights, recipe))
     info = surgeon.summary(recipe)
     if dry_run:
         if as_json:
@@ -429,7 +415,7 @@ def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow
     from surgeon import outputs
 
     if out:
-        outputs.check_folder(out, force=force, reading=_inputs(model, weights, directory))
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights, directory))
     info = surgeon.summary(directory)
     base = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status(f"Applying {directory}…"):
@@ -568,11 +554,9 @@ def finetune_cmd(model: str, data: str, val_data: str | None, epochs: int, lr: f
     """
     import surgeon
     from surgeon import data as data_mod
-    from surgeon import training
+    from surgeon import outputs, training
 
-    from surgeon import outputs
-
-    reading = _inputs(model, weights, val_data, None if data == "digits" else data)
+    reading = outputs.local_inputs(model, weights, val_data, data)
     if force:  # --force may replace only a previous surgeon save; --resume keeps the run in --out
         outputs.check_folder(out, force=True, reading=reading)
     else:

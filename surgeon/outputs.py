@@ -78,6 +78,19 @@ def check_place(path: str | os.PathLike, *, reading: Iterable[str | os.PathLike]
         raise OutputError(f"{shown}: cannot write in {str(parent)!r} (permission denied)")
 
 
+def local_inputs(*items: str | os.PathLike | None) -> list[str]:
+    """The files and folders among a command's inputs, for `reading`: paths that exist, and the file
+    of a 'path/to/file.py:factory' model reference (model names and 'digits' are skipped)."""
+    found = []
+    for item in items:
+        path = os.fspath(item) if item else ""
+        if path.rpartition(":")[0].endswith(".py"):
+            path = path.rpartition(":")[0]
+        if path and "\0" not in path and os.path.lexists(path):
+            found.append(path)
+    return found
+
+
 def check_folder(path: str | os.PathLike, *, force: bool = False, reading: Iterable[str | os.PathLike] = (),
                  what: str = "Output folder") -> Path:
     """Refuse an output folder that cannot or may not be written, before any work is done (after
