@@ -41,9 +41,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
 def _one_line(exc: click.UsageError) -> click.UsageError:
-    """A usage error printed as one 'Error: ...' line (click prints the usage and a hint above it)."""
-    if exc.ctx is None:
+    """A usage error printed as one 'Error: ...' line (click prints the usage and a hint above it);
+    a command given no arguments at all still shows its help."""
+    if exc.ctx is None or isinstance(exc, _NO_ARGS_IS_HELP):
         return exc
     one = click.UsageError(f"{exc.format_message().rstrip('.')}. Run '{exc.ctx.command_path} --help' for usage")
     one.exit_code = exc.exit_code

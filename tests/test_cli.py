@@ -21,6 +21,16 @@ def test_help(cmd):
     assert result.exit_code == 0 and "Usage: " in result.output
 
 
+def test_no_arguments_shows_the_help():
+    result = runner.invoke(cli, [])
+    assert "Usage: " in result.output and "Commands:" in result.output and "Error" not in result.output
+
+
+def test_usage_errors_are_one_line():
+    result = runner.invoke(cli, ["add", "se"])
+    assert result.exit_code == 2 and result.stderr == "Error: Missing argument 'MODEL'. Run 'cli add --help' for usage\n"
+
+
 def test_cli_import_does_not_import_torch():
     code = "import sys, surgeon.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
