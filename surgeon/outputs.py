@@ -34,7 +34,7 @@ log = logging.getLogger("surgeon")
 MARKER = "recipe.json"  # what makes a folder a surgeon save (checkpoint.RECIPE)
 # folders of the operating system: nothing of surgeon's belongs under them
 SYSTEM = tuple(Path(p) for p in ("/proc", "/sys", "/dev", "/boot", "/etc", "/bin", "/sbin", "/lib", "/lib64",
-                                 "/usr", "/run", "/var/run", "/var/lib"))
+                                 "/usr", "/run"))
 
 
 def is_save(folder: Path) -> bool:

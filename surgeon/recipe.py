@@ -209,7 +209,7 @@ def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not raw or "\0" in raw:
         raise RecipeError(f"No recipe at {raw!r}: not a usable path")
     p = Path(raw)
-    if not os.path.lexists(p) and not p.suffix:
+    if not os.path.lexists(p) and p.suffix != ".json":
         from surgeon.outputs import recover
 
         recover(p)  # a save killed between its renames leaves the previous save aside
