@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,48 @@ def test_a_save_killed_midway_loads_as_the_previous_or_the_new_save(tmp_path, po
         assert marker(target) == expected, point
         surgeon.save(tiny(3.0), target, force=True)
         assert marker(target) == 3.0 and hidden(parent) == [], point
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from surgeon import outputs
+from surgeon.errors import OutputError
+
+target, name, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+outputs.check_folder(target)  # both pass: the folder does not exist yet
+tmp = outputs.temporary_folder(target)
+(tmp / "weights").write_text(name)
+(tmp / "recipe.json").write_text("{}")
+(go.parent / f"ready-{name}").touch()
+while not go.exists():
+    time.sleep(0.01)
+try:
+    outputs.publish(tmp, target, force=False)
+except OutputError as exc:
+    import shutil
+
+    shutil.rmtree(tmp)
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_concurrent_saves_to_one_folder_one_wins_the_other_fails_cleanly(tmp_path):
+    """Two processes save to the same new folder, both having checked that it does not exist: the
+    first rename wins, the second fails in one line, and the winner's save is complete."""
+    driver, target, go = tmp_path / "racer.py", tmp_path / "work" / "o", tmp_path / "go"
+    driver.write_text(RACER)
+    target.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    procs = [subprocess.Popen([sys.executable, str(driver), str(target), name, str(go)], env=env,
+                              stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    while not all((tmp_path / f"ready-{n}").exists() for n in "ab"):
+        assert all(p.poll() is None for p in procs), "a racer ended early"
+        time.sleep(0.01)
+    go.touch()
+    codes = sorted(p.wait(timeout=60) for p in procs)
+    outs = "".join(p.stdout.read() for p in procs)
+    assert codes == [0, 2] and "appeared while saving" in outs, outs
+    assert (target / "weights").read_text() in ("a", "b") and (target / "recipe.json").is_file()
+    assert hidden(target.parent) == []
