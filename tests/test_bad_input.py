@@ -81,12 +81,16 @@ CASES = {
                ["export", "saved", "--format", "exported", "--out", "a-file/m.pt2"]],
     "finetune": [["finetune", "missing", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "o"],
                  ["finetune", "saved", "--data", "digits", "--epochs", "0", "--lr", "1e-3", "--out", "o"],
+                 ["finetune", REF, *SIZE, "--weights", "empty.pth", "--data", "digits", "--epochs", "1", "--lr",
+                  "1e-3", "--out", "o"],
+                 ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "a-file/o"],
                  ["finetune", "saved", "--data", "missing", "--trust-code", "--epochs", "1", "--lr", "1e-3",
                   "--out", "o"],
                  ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "mine", "--force"],
                  ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "saved",
                   "--force", "--trust-code"]],
     "evaluate": [["evaluate", "missing", "--data", "digits"], ["evaluate", "version-str", "--data", "digits"],
+                 ["evaluate", REF, *SIZE, "--weights", "not-weights.safetensors", "--data", "digits"],
                  ["evaluate", "saved", "--trust-code", "--data", "missing"]],
 }
 PARAMS = [(cmd, args) for cmd, cases in CASES.items() for args in cases]
