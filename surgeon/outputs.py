@@ -8,13 +8,14 @@ deletes anything else.
 
 `publish` moves a completely written temporary folder into place with renames only, so a process
 killed at any moment leaves either the previous save or the new one:
-1. rename TMP -> DIR: atomic, and it fails when DIR is a non-empty folder (another process saved
-   there meanwhile), so without force nothing is ever deleted;
+1. rename TMP -> DIR: atomic, and it fails when DIR is a non-empty folder or a file (another process
+   saved there meanwhile), so without force nothing is ever deleted (an empty folder is replaced);
 2. with force: rename DIR -> .DIR.old, rename TMP -> DIR, then delete .DIR.old (its recipe.json
    first, so a half-deleted folder is never mistaken for a save).
 `recover` tidies what a killed process left: a complete .DIR.old without DIR is renamed back (the
 previous save), anything else beside a complete DIR is deleted; temporary folders of dead
 processes (.DIR.tmp-PID-*) are deleted by the next save.
+NOTE: nothing is fsync'ed: this survives a killed process, not a power cut mid-write.
 """
 from __future__ import annotations
 
