@@ -4,7 +4,8 @@ An adapter (DIR/adapter.safetensors) holds only the parameters and buffers the e
 when asked, re-trained modules such as the head); `load(DIR, base=model)` puts it on a freshly built
 base. Loading rebuilds the base from the recipe, replays the edits (`surgeon.recipe.replay`) and loads
 the weights; missing, unexpected or misshapen keys fail loudly. Writes are atomic: everything goes to
-a temporary folder beside DIR, renamed into place at the end, so a failure never leaves a half-written DIR.
+a temporary folder beside DIR, renamed into place at the end (`surgeon.outputs.publish`), so a failure or
+a kill never leaves a half-written DIR nor loses the previous save; `force` replaces only a previous save.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from surgeon import outputs
 from surgeon.errors import SurgeonError, WeightsError
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
@@ -43,15 +44,15 @@ def versions() -> dict[str, str]:
 
 def recipe_of(model) -> dict[str, Any]:
     """The recipe of a patched model: base model reference, input size, edits, versions."""
-    from surgeon.surgery.rewrite import RECORD_ATTR
+    from surgeon import record
 
-    rec = model.__dict__.get(RECORD_ATTR) or {"model": None, "input_size": None, "edits": []}
-    base = copy.deepcopy(rec.get("model"))
+    base = record.base(model)
     if base and base.get("weights"):
         # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
         base["weights"] = Path(base["weights"]).name
+    size = record.input_size(model)
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
-            "input_size": rec.get("input_size"), "edits": copy.deepcopy(rec.get("edits", [])),
+            "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
             "versions": versions()}
 
 
@@ -86,6 +87,22 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _copy_model_file(recipe: dict[str, Any], folder: Path) -> None:
+    """A base model built by a 'file.py:factory' travels with the save: the file is copied into the
+    folder and the recipe names the copy, so loading works from any working directory, after the
+    original moves or changes, and on another machine."""
+    base = recipe.get("model") or {}
+    target, _, attr = (base.get("ref") or "").rpartition(":")
+    if not target.endswith(".py"):
+        return
+    source = Path(target)
+    if not source.is_file():
+        raise SurgeonError(f"The base model's file {target!r} no longer exists, so the saved recipe could not "
+                           f"rebuild it; restore the file and save again")
+    shutil.copyfile(source, folder / source.name)
+    base["ref"] = f"{source.name}:{attr}"
+
+
 def normal_permissions(path: Path) -> None:
     """Give a folder (made private by mkdtemp) and its files the permissions a plain mkdir/open would
     have under the current umask, so what surgeon writes is as readable as any other file."""
@@ -104,14 +121,16 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
     Args:
         adapter: store only the parameters and buffers of the inserted modules (plus `include`).
         include: with `adapter`, modules whose weights go in too: paths ('fc'), globs, or 'head'.
-        force: replace `directory` when it exists.
+        force: replace `directory` when it exists and is a previous surgeon save (or empty); the old
+            save is deleted only once the new one is in place.
 
     Returns:
         Path: the folder. Its recipe's `weights` field says what the file holds and its size against
         the full model (`surgeon.summary(DIR)`).
 
     Raises:
-        SurgeonError: `directory` exists and force is False; an adapter of a model without edits.
+        OutputError: `directory` exists and force is False, is not a surgeon save, or may not be
+            written (see `surgeon.outputs.check_folder`). SurgeonError: an adapter of a model without edits.
 
     Example:
         >>> surgeon.save(surgeon.add("resnet50", "cbam"), "out/cbam-r50")
@@ -122,17 +141,16 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
     from surgeon.surgery.rewrite import edits_of
 
     target = Path(directory)
-    if target.exists() and not force:
-        raise SurgeonError(f"Output folder {str(target)!r} exists; pass --force (force=True) to replace it")
     if include and not adapter:
         raise SurgeonError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
     if adapter and not edits_of(model):
         raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
+    outputs.check_folder(target, force=force)
     recipe = recipe_of(model)
     state = model.state_dict()
     full = {"model_params": sum(p.numel() for p in model.parameters()), "model_bytes": _nbytes(state.values())}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    made = outputs.make_parents(target)
+    tmp = outputs.temporary_folder(target)
     try:
         if adapter:
             included = _resolve_include(model, include)
@@ -148,13 +166,13 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
             recipe["weights"] = {"file": WEIGHTS, "adapter": False, "tensors": len(state),
                                  "params": full["model_params"], "bytes": full["model_bytes"], **full}
         # NOTE: params count parameters only; bytes also cover buffers (batch-norm statistics...)
-        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+        _copy_model_file(recipe, tmp)
+        (tmp / RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")  # written last: it marks a save
         normal_permissions(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        outputs.publish(tmp, target, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_empty(made)
         raise
     return target
 
@@ -185,9 +203,9 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
     """Load `sd` into `model` in place; it must hold exactly the `expected` keys (default: all).
 
     Raises:
-        WeightsError: missing, unexpected or misshapen keys, named in one line.
+        WeightsError: missing, unexpected or misshapen keys, or tensors of another type, named in one line.
     """
-    from surgeon.models import key_problems
+    from surgeon.models import check_dtypes, key_problems
 
     own = model.state_dict()
     want = list(own) if expected is None else list(expected)
@@ -195,6 +213,7 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
     if problems:
         raise WeightsError(f"Weights {source!r} do not fit the model: " + "; ".join(problems) +
                            " keys. Are they for another model, recipe or --model-arg?")
+    check_dtypes(own, sd, source=source)
     model.load_state_dict(sd, strict=False)
 
 

@@ -41,10 +41,36 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
+
+
+def _one_line(exc: click.UsageError) -> click.UsageError:
+    """A usage error printed as one 'Error: ...' line (click prints the usage and a hint above it);
+    a command given no arguments at all still shows its help."""
+    if exc.ctx is None or isinstance(exc, _NO_ARGS_IS_HELP):
+        return exc
+    one = click.UsageError(f"{exc.format_message().rstrip('.')}. Run '{exc.ctx.command_path} --help' for usage")
+    one.exit_code = exc.exit_code
+    return one
+
+
 class SurgeonGroup(click.Group):
-    """A click group that lets plugins add commands, loaded on first use."""
+    """A click group that lets plugins add commands, loaded on first use, and reports usage errors
+    in one line, as every other error."""
 
     _plugins_loaded = False
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from exc
 
     def _load_plugin_commands(self) -> None:
         if not self._plugins_loaded:
@@ -91,15 +117,20 @@ def cli(verbose: bool) -> None:
 
 
 def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
-    if not value:
+    from surgeon.recipe import check_input_size
+
+    def number(text: str) -> int | str:
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
+    if value is None:
         return None
     try:
-        size = tuple(int(v) for v in value.replace("x", ",").split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a list of integers like 3,224,224") from None
-    if not size or any(d <= 0 for d in size):
-        raise click.BadParameter(f"{value!r} must be positive integers like 3,224,224")
-    return size
+        return check_input_size([number(v) for v in value.lower().replace("x", ",").split(",")], what=repr(value))
+    except SurgeonError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -210,10 +241,8 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
 
     With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
     """
-    from pathlib import Path
-
     import surgeon
-    from surgeon import models
+    from surgeon import models, outputs
 
     if recipe:
         return _add_recipe(recipe, attention, model, kind=kind, at=at, options=options, model_args=model_args,
@@ -225,10 +254,10 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
             raise click.MissingParameter(param_hint=f"'{name}'", param_type="argument")
     if trust_code:
         raise click.UsageError("--trust-code only applies with --recipe")
-    if out and Path(out).exists() and not force and not dry_run:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
     if (adapter or include) and not out and not dry_run:
         raise click.UsageError("--adapter and --include apply to --out")
+    if out and not dry_run:
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights))
     opts = models.parse_assignments(options, "--option")
     m = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status("Tracing and planning…"):
@@ -343,9 +372,8 @@ def _echo_saved(out: str) -> None:
 def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at, options, model_args, pretrained,
                 weights, allow_pickle, input_size, dry_run, out, force, as_json, trust_code, adapter, include) -> None:
     """`surgeon add --recipe FILE [MODEL]`: replay a recipe (see `surgeon.replay`)."""
-    from pathlib import Path
-
     import surgeon
+    from surgeon import outputs
 
     ctx = click.get_current_context()
     if second:
@@ -356,8 +384,8 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
         raise click.UsageError("--weights, --pretrained and --model-arg need MODEL with --recipe")
     if (adapter or include) and not out:
         raise click.UsageError("--adapter and --include apply to --out")
-    if out and Path(out).exists() and not force and not dry_run:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    if out and not dry_run:
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(first, weights, recipe))
     info = surgeon.summary(recipe)
     if dry_run:
         if as_json:
@@ -391,12 +419,11 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
 def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow_pickle, input_size,
               out: str | None, force: bool, as_json: bool) -> None:
     """Put the adapter (or saved model) in DIRECTORY on a freshly built MODEL."""
-    from pathlib import Path
-
     import surgeon
+    from surgeon import outputs
 
-    if out and Path(out).exists() and not force:
-        raise SurgeonError(f"Output folder {out!r} exists; pass --force to replace it")
+    if out:
+        outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights, directory))
     info = surgeon.summary(directory)
     base = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status(f"Applying {directory}…"):
@@ -521,10 +548,15 @@ def finetune_cmd(model: str, data: str, val_data: str | None, limit: int | None,
     """
     import surgeon
     from surgeon import data as data_mod
-    from surgeon import training
+    from surgeon import outputs, training
 
     config = training.FinetuneConfig(**options)  # every option checked before anything is built
-    training.check_output(out, resume=resume, force=force)
+    reading = outputs.local_inputs(model, weights, val_data, data)
+    if force:  # --force may replace only a previous surgeon save; --resume keeps the run in --out
+        outputs.check_folder(out, force=True, reading=reading)
+    else:
+        outputs.check_place(out, reading=reading)
+    training.check_output(out, resume=resume, force=force)  # before anything is built
     m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
     train, val = data_mod.resolve(data, m, input_size=input_size, val=val_data, limit=limit)
     result = surgeon.finetune(m, train, val, config=config, out=out, resume=resume, force=force,

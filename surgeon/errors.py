@@ -93,3 +93,8 @@ class ExportError(SurgeonError):
 class DataError(SurgeonError):
     """Data that cannot serve as classification data: a missing, empty or mis-laid-out folder, or
     classes that do not fit the model's head."""
+
+
+class OutputError(SurgeonError):
+    """An output that cannot or may not be written: under a file, a symbolic link, a system folder,
+    the working directory, an input being read, or an existing folder that is not a surgeon save."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from surgeon.checkpoint import normal_permissions
-from surgeon.errors import ExportError, SurgeonError
+from surgeon.errors import ExportError, OptionError, SurgeonError
 
 log = logging.getLogger("surgeon")
 
@@ -157,9 +158,9 @@ def _culprit(model, fmt: str, inputs: tuple, folder: Path) -> str:
 
 def _name(model) -> str:
     """The model's reference ('resnet18') when surgeon built it, else its class name."""
-    from surgeon.surgery.rewrite import RECORD_ATTR
+    from surgeon import record
 
-    base = (model.__dict__.get(RECORD_ATTR) or {}).get("model") or {}
+    base = record.base(model) or {}
     return repr(base["ref"]) if base.get("ref") else type(model).__name__
 
 
@@ -182,23 +183,28 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
 
     Raises:
         ExportError: the format cannot serve a module (named, with the reason), or the export's
-        output differs by more than `tolerance`.
+        output differs by more than `tolerance`. OutputError: `out` exists (without force), is a
+        folder, or may not be written (see `surgeon.outputs.check_file`). OptionError: a tolerance
+        that is negative or not a finite number.
 
     Example:
         >>> surgeon.export_model("out/cbam-r50", "onnx").max_abs_diff
     """
-    from surgeon import api, checkpoint
+    from surgeon import api, checkpoint, outputs
 
     if format not in FORMATS:
         from surgeon.errors import unknown
 
         raise unknown("export format", format, FORMATS, f"Valid formats: {', '.join(FORMATS)}.")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise OptionError(f"tolerance must be a number ≥ 0 (the largest |export − model| allowed), got {tolerance!r}")
     folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
     if out is None and folder is None:
         raise SurgeonError("Pass out= (the file to write) when exporting a model object")
     out = Path(out) if out is not None else folder / f"model{FORMATS[format]}"
-    if out.exists() and not force:
-        raise SurgeonError(f"Output file {str(out)!r} exists; pass --force (force=True) to replace it")
+    # the folder's own files (recipe, weights, model code) are inputs; earlier exports may be replaced
+    reading = [p for p in folder.iterdir() if p.suffix not in FORMATS.values()] if folder and folder.is_dir() else []
+    outputs.check_file(out, force=force, reading=reading)
     if folder is not None:
         model = checkpoint.load(folder, trust_code=trust_code)
     training = model.training
@@ -212,11 +218,21 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
 def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> Exported:
     import torch
 
-    from surgeon.surgery.verify import max_abs_diff
+    from surgeon import outputs
 
     with torch.no_grad():
         expected = model(*inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    made = outputs.make_parents(out)
+    try:
+        return _write_checked(model, format, out, inputs, tolerance, expected)
+    except BaseException:
+        outputs.remove_empty(made)
+        raise
+
+
+def _write_checked(model, format: str, out: Path, inputs: tuple, tolerance: float, expected) -> Exported:
+    import torch
+
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         tmp_file = Path(tmp) / f"model{FORMATS[format]}"  # torch.export.save wants its own suffix
         try:
@@ -228,6 +244,8 @@ def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> E
         except Exception as exc:
             why = _culprit(model, format, inputs, Path(tmp)) or f"the model cannot be exported: {_reason(exc)}"
             raise ExportError(f"{format} export of {_name(model)} failed: {why}") from exc
+        from surgeon.surgery.verify import max_abs_diff
+
         diff = max_abs_diff(expected, got)
         if not diff <= tolerance:
             raise ExportError(f"The {format} export ({method}) differs from the patched model by {diff:.3g} "

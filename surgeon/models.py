@@ -149,10 +149,16 @@ def load(ref: str, *, pretrained: bool = False, weights: str | Path | None = Non
         raise ModelError(f"{ref!r} returned {type(model).__name__}, not a torch.nn.Module")
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
-    # the reference travels with the model, so a recipe can rebuild it
-    model.__dict__["_surgeon"] = {"model": {"ref": ref, "args": dict(model_args or {}), "pretrained": pretrained,
-                                            "weights": str(weights) if weights else None},
-                                  "input_size": None, "edits": []}
+    # the reference travels with the model, so a recipe can rebuild it; a model file's path is made
+    # absolute, so saving from another working directory still finds it (checkpoint.save copies it)
+    target, _, attr = ref.rpartition(":")
+    if scheme == "factory" and target.endswith(".py"):
+        ref = f"{Path(target).resolve()}:{attr}"
+    from surgeon import record
+
+    record.ensure(model)
+    record.set_base(model, {"ref": ref, "args": dict(model_args or {}), "pretrained": pretrained,
+                            "weights": str(weights) if weights else None})
     return model.eval()
 
 
@@ -256,6 +262,41 @@ def key_problems(own: dict[str, Any], sd: dict[str, Any], want: list[str] | None
     return problems
 
 
+def check_dtypes(own: dict[str, Any], sd: dict[str, Any], *, source: str) -> None:
+    """Refuse tensors whose dtype would change meaning when copied into the model: anything but one
+    floating-point type into another (float16/bfloat16 into float32 is logged, not refused). An
+    integer or bool tensor copied into a float parameter, or a float into an integer buffer, is
+    silently cast by `load_state_dict`.
+
+    Raises:
+        WeightsError: names the first keys and both dtypes.
+    """
+    from surgeon.errors import preview
+
+    def name(dtype) -> str:
+        return str(dtype).removeprefix("torch.")
+
+    import torch
+
+    wrong, cast = [], {}
+    for k, t in sd.items():
+        mine = own.get(k)
+        if mine is None or t.dtype == mine.dtype:
+            continue
+        if t.dtype.is_floating_point and mine.dtype.is_floating_point:
+            cast.setdefault((t.dtype, mine.dtype), []).append(k)
+        else:
+            wrong.append(f"{k} {name(t.dtype)} vs {name(mine.dtype)}")
+    if wrong:
+        raise WeightsError(f"Weights {source!r} hold {len(wrong)} tensors of another type than the model's "
+                           f"({preview(wrong, 2)}): they would be converted silently. Save the weights "
+                           f"with the model's own types")
+    for (have, want), keys in cast.items():
+        lossy = torch.finfo(have).bits > torch.finfo(want).bits
+        log.log(logging.WARNING if lossy else logging.INFO, "weights %s: %d %s tensors converted to the model's %s%s",
+                source, len(keys), name(have), name(want), " (precision is lost)" if lossy else "")
+
+
 def fit_state_dict(model, sd: dict[str, Any], *, source: str, strict: bool = True) -> None:
     """Load `sd` into `model`, explaining any mismatch in one line."""
     own = model.state_dict()
@@ -264,4 +305,5 @@ def fit_state_dict(model, sd: dict[str, Any], *, source: str, strict: bool = Tru
     if problems:
         raise WeightsError(f"Weights {source!r} do not fit {type(model).__name__}: " + "; ".join(problems) +
                            " keys. Is the file for another model or another --model-arg (e.g. num_classes)?")
+    check_dtypes(own, sd, source=source)
     model.load_state_dict(sd, strict=strict)

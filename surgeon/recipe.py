@@ -5,7 +5,8 @@ size, the edits (site, kind, attention, options, init; `step` groups the edits o
 versions that wrote it and, in a saved folder, which weights file holds what. It is validated against
 `SCHEMA` before anything is built; paths in it are relative to its folder and cannot leave it; a base
 model that is a user factory (`package.module:factory`, `file.py:factory`) imports code and needs
-`trust_code=True` (`--trust-code`).
+`trust_code=True` (`--trust-code`). A saved folder holds a copy of its base's model file (see
+`surgeon.checkpoint.save`), so the recipe names it by its file name.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from surgeon import record
 from surgeon.errors import RecipeError, SurgeonError
 
 log = logging.getLogger("surgeon")
@@ -45,6 +47,35 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "an
 
 
 # -- validation --------------------------------------------------------------------------------------
+MAX_INPUT_DIMS = 5
+MAX_INPUT_VALUES = 1 << 27  # per sample: 512 MB of float32, e.g. 3x4096x4096 fits; more is a typo
+
+
+def check_input_size(size: Any, *, what: str = "input size") -> tuple[int, ...]:
+    """A per-sample input shape: 1 to 5 positive integers with at most `MAX_INPUT_VALUES` values.
+
+    Raises:
+        OptionError: one line with the value and what is valid.
+    """
+    from surgeon.errors import OptionError
+
+    example = "e.g. 3,224,224"
+    if not isinstance(size, (list, tuple)) or not size or any(not _type_ok(d, int) for d in size):
+        raise OptionError(f"{what} must be integers separated by commas, {example}")
+    if len(size) > MAX_INPUT_DIMS:
+        raise OptionError(f"{what} has {len(size)} dimensions; at most {MAX_INPUT_DIMS} are allowed")
+    if any(d <= 0 for d in size):
+        raise OptionError(f"{what} must be positive integers, {example}")
+    values = 1
+    for d in size:
+        values *= d
+    if values > MAX_INPUT_VALUES:
+        count = f"{values:,}" if values < 10**18 else "more than 10^18"
+        raise OptionError(f"{what} has {count} values per sample; at most {MAX_INPUT_VALUES:,} "
+                          f"are allowed, {example}")
+    return tuple(size)
+
+
 def _type_ok(value: Any, kind: Any) -> bool:
     if isinstance(kind, dict):
         return isinstance(value, dict)
@@ -104,6 +135,11 @@ def validate(recipe: Any, *, source: str = "recipe") -> dict[str, Any]:
         raise RecipeError(f"Recipe {source!r} has version {version}; this surgeon reads versions up to "
                           f"{FORMAT_VERSION}. Upgrade surgeon to read it")
     _check_object(recipe, SCHEMA, "", source)
+    bad = next((t for t in _strings(recipe) if "\0" in t), None)
+    if bad is not None:
+        raise RecipeError(f"Recipe {source!r}: the text {bad!r} holds a NUL character; names and paths cannot")
+    if any(not isinstance(v, str) for v in (recipe.get("versions") or {}).values()):
+        raise RecipeError(f"Recipe {source!r}: field 'versions' must map library names to version strings")
     for i, edit in enumerate(recipe["edits"]):
         _check_object(edit, _EDIT, f"edits[{i}]", source)
         if edit.get("init", "identity") not in ("identity", "paper"):
@@ -113,13 +149,41 @@ def validate(recipe: Any, *, source: str = "recipe") -> dict[str, Any]:
         if key in _FILE_ARGS:
             raise RecipeError(f"Recipe {source!r}: model argument {key!r} reads files from outside the recipe; "
                               f"put the base weights in the recipe's folder and name them in model.weights")
-    size = recipe.get("input_size")
-    if size is not None and (not size or any(not _type_ok(d, int) or d <= 0 for d in size)):
-        raise RecipeError(f"Recipe {source!r}: input_size must be positive integers, got {size}")
+    if recipe.get("input_size") is not None:
+        try:
+            check_input_size(recipe["input_size"], what=f"input_size {json.dumps(recipe['input_size'])[:40]}")
+        except SurgeonError as exc:
+            raise RecipeError(f"Recipe {source!r}: {exc}") from exc
     weights = recipe.get("weights")
     if weights and any(not isinstance(p, str) for p in weights.get("include", [])):
         raise RecipeError(f"Recipe {source!r}: weights.include must list module paths")
     return recipe
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"field {twice!r} appears twice in one object")
+    return out
+
+
+def _strings(value: Any):
+    """Every string in a parsed JSON value, keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
 
 
 def inside(folder: Path, relative: str, *, what: str) -> Path:
@@ -142,7 +206,14 @@ def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     Raises:
         RecipeError: missing, not JSON (e.g. truncated), or not valid against the schema.
     """
-    p = Path(path)
+    raw = os.fspath(path)
+    if not raw or "\0" in raw:
+        raise RecipeError(f"No recipe at {raw!r}: not a usable path")
+    p = Path(raw)
+    if not os.path.lexists(p) and p.suffix != ".json":
+        from surgeon.outputs import recover
+
+        recover(p)  # a save killed between its renames leaves the previous save aside
     file = p / RECIPE if p.is_dir() else p
     if not file.is_file():
         hint = " (a folder written by 'surgeon add --out' or surgeon.save)" if not p.suffix else ""
@@ -150,12 +221,19 @@ def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if file.stat().st_size > MAX_BYTES:
         raise RecipeError(f"Recipe {str(file)!r} is {file.stat().st_size:,} bytes; a recipe is a small JSON file")
     try:
-        recipe = json.loads(file.read_text(encoding="utf-8"))
+        recipe = json.loads(file.read_text(encoding="utf-8-sig"), parse_constant=_no_constant,
+                            object_pairs_hook=_no_duplicates)
+    except OSError as exc:
+        raise RecipeError(f"Cannot read recipe {str(file)!r}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise RecipeError(f"Recipe {str(file)!r} is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:
         raise RecipeError(f"Recipe {str(file)!r} is not valid JSON (truncated?): {exc.msg} at line "
                           f"{exc.lineno}, column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise RecipeError(f"Recipe {str(file)!r} is nested too deeply to be a recipe") from exc
+    except ValueError as exc:  # _no_constant, _no_duplicates, integers of thousands of digits
+        raise RecipeError(f"Recipe {str(file)!r} is not valid JSON: {str(exc).split(';')[0]}") from exc
     return file.parent, validate(recipe, source=str(file))
 
 
@@ -179,7 +257,8 @@ def check_names(recipe: dict[str, Any], *, source: str = "recipe") -> None:
 # -- the base model ----------------------------------------------------------------------------------
 def base_reference(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool, source: str) -> str:
     """The base model reference, checked: user factories need `trust_code`; a `file.py:factory` is
-    resolved inside the recipe's folder."""
+    resolved inside the recipe's folder (a recipe dict with no folder may name an absolute path, as
+    `surgeon.recipe_of` records it)."""
     from surgeon import models
 
     model = recipe.get("model")
@@ -195,6 +274,8 @@ def base_reference(recipe: dict[str, Any], folder: Path | None, *, trust_code: b
                           f"imports and runs code; pass --trust-code (trust_code=True) if you trust it")
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py"):
+        if folder is None and os.path.isabs(target):  # a recipe dict from Python (recipe_of): no folder
+            return ref
         if folder is None:
             raise RecipeError(f"Recipe {source!r}: {target!r} is relative to a recipe folder; read the "
                               f"recipe from its file")
@@ -221,7 +302,8 @@ def build_base(recipe: dict[str, Any], folder: Path | None, *, trust_code: bool,
                               f"(surgeon apply DIR MODEL --weights FILE)")
     model = models.load(ref, pretrained=bool(with_weights and spec.get("pretrained")), weights=weights,
                         model_args=spec.get("args") or {}, allow_pickle=allow_pickle)
-    model.__dict__["_surgeon"]["model"] = dict(spec)  # keep the recipe's own reference
+    # keep the recipe's own reference, with a model file's resolved path (a save copies the file)
+    record.set_base(model, {**spec, "ref": ref})
     return model
 
 

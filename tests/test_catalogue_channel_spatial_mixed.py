@@ -76,7 +76,7 @@ def _add(model, name, x, **kw):
     the output equals the original's within 1e-5 and a backward pass reaches every new parameter."""
     patched = surgeon.add(model, name, example_input=x, verify=False, **kw)
     _assert_same(model, patched, x)
-    paths = [e["module"] for e in patched.__dict__["_surgeon"]["edits"]]
+    paths = [e.module for e in surgeon.edits(patched)]
     assert paths
     new = [p for path in paths for p in patched.get_submodule(path).parameters()]
     if new:
@@ -170,7 +170,7 @@ def test_identity_init_model_wide_on_resnet18(resnet18, name):
     x = _x(1, 3, 81, 67)
     patched = _add(resnet18, name, x)
     kind = registry.get_attention(name).default_kind
-    assert len(patched.__dict__["_surgeon"]["edits"]) == {"residual": 8, "stage": 3}[kind]
+    assert len(surgeon.edits(patched)) == {"residual": 8, "stage": 3}[kind]
 
 
 # -- options out of range ------------------------------------------------------------------------------

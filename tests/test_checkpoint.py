@@ -312,7 +312,7 @@ def test_factory_recipe_needs_trust_and_stays_in_its_folder(tmp_path):
     ({"edits": [{"site": "a", "attention": "se", "init": "zeros"}]}, "init must be 'identity' or 'paper'"),
     ({"edits": [{"site": "a", "attention": "se", "params": True}]}, "must be an integer"),
     ({"model": {"ref": "resnet18", "pretrained": "yes"}}, "'model.pretrained' must be true/false"),
-    ({"input_size": [3, -1, 2]}, "input_size must be positive integers"),
+    ({"input_size": [3, -1, 2]}, "input_size \\[3, -1, 2\\] must be positive integers"),
     ({"version": 2}, "this surgeon reads versions up to 1"),
     ({"version": "1"}, "unreadable version '1'"),
     ({"format": "other"}, "is not a surgeon recipe"),
@@ -496,3 +496,55 @@ def test_help(cmd):
     assert result.exit_code == 0 and "Usage: " in result.output
     if cmd == "add":
         assert "--recipe" in result.output and "--trust-code" in result.output
+
+
+def test_a_file_factory_base_loads_from_any_folder_after_saving(tmp_path, monkeypatch):
+    """`path/to/file.py:factory`: the file is copied into the save, so it loads (and exports) from
+    another working directory, after the original is deleted."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "nets.py").write_text((HERE / "toy_models.py").read_text())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "saved"
+    result = run("add", "se", "src/nets.py:tiny_resnet", "--input-size", "3,32,32", "--out", "saved")
+    assert result.exit_code == 0, result.output
+    expected = surgeon.load(out, trust_code=True)
+    from surgeon.checkpoint import recipe_of  # a recipe dict from Python names the file by its absolute path
+
+    in_memory = recipe_of(surgeon.add("src/nets.py:tiny_resnet", "se", input_size=(3, 32, 32)))
+    assert in_memory["model"]["ref"] == f"{src / 'nets.py'}:tiny_resnet"
+    assert len(edits_of(surgeon.replay(in_memory, trust_code=True))) == 6
+    (src / "nets.py").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert json.loads((out / "recipe.json").read_text())["model"]["ref"] == "nets.py:tiny_resnet"
+    with pytest.raises(RecipeError, match="--trust-code"):
+        surgeon.load(out)
+    model = surgeon.load(out, trust_code=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), expected(x))
+    again = surgeon.save(model, tmp_path / "again")  # a model loaded from a save saves again
+    assert (again / "nets.py").is_file() and torch.equal(surgeon.load(again, trust_code=True)(x), expected(x))
+    result = run("export", out, "--format", "torchscript", "--trust-code", "--out", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"format": "surgeon.recipe", "version": 1, "edits": [], "input_size": [NaN]}', "NaN is not a JSON value"),
+    ('{"format": "surgeon.recipe", "version": 1, "edits": [], "edits": 3}', "field 'edits' appears twice"),
+    ('{"format": "surgeon.recipe", "version": 1' + "0" * 5000 + ', "edits": []}', "not valid JSON"),
+    ('{"format": "surgeon.recipe", "version": 1, "edits": [{"site": "a\\u0000", "attention": "se"}]}',
+     "holds a NUL character"),
+    ('{"format": "surgeon.recipe", "version": 1, "edits": [], "input_size": [3, 1000000, 1000000]}',
+     "3,000,000,000,000 values per sample"),
+    ('{"format": "surgeon.recipe", "version": 1, "edits": [], "versions": {"torch": [2]}}', "version strings"),
+], ids=["nested", "nan", "duplicate-field", "huge-integer", "nul", "huge-input-size", "versions-not-strings"])
+def test_malformed_recipe_files_fail_in_one_line(tmp_path, text, message):
+    (tmp_path / "recipe.json").write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        surgeon.summary(tmp_path)
+    result = run("show", tmp_path)
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert message in result.stderr.replace("\\\\", "")

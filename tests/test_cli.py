@@ -21,6 +21,17 @@ def test_help(cmd):
     assert result.exit_code == 0 and "Usage: " in result.output
 
 
+def test_no_arguments_shows_the_help():
+    result = runner.invoke(cli, [])
+    assert "Usage: " in result.output and "Commands:" in result.output and "Error" not in result.output
+
+
+def test_usage_errors_are_one_line():
+    result = runner.invoke(cli, ["add", "se"])
+    assert result.exit_code == 2
+    assert result.stderr == "Error: Missing argument 'MODEL'. Run 'cli add --help' for usage\n"
+
+
 def test_cli_import_does_not_import_torch():
     code = "import sys, surgeon.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -97,9 +108,18 @@ def test_mismatched_weights_file(tmp_path):
     assert result.exit_code == 2 and "do not fit ResNet" in result.output and not (tmp_path / "o").exists()
 
 
-def test_bad_input_size():
-    result = runner.invoke(cli, ["sites", "resnet18", "--input-size", "3,a,2"])
-    assert result.exit_code == 2 and "is not a list of integers" in result.output
+@pytest.mark.parametrize("size, message", [
+    ("3,a,2", "must be integers separated by commas"),
+    ("0,1", "must be positive integers"),
+    ("3,,4", "must be integers separated by commas"),
+    ("1,2,3,4,5,6", "has 6 dimensions; at most 5"),
+    ("3,100000,100000", "has 30,000,000,000 values per sample"),
+    ("9" * 30, "values per sample"),
+])
+def test_bad_input_size(size, message):
+    result = runner.invoke(cli, ["sites", "resnet18", "--input-size", size])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
 
 
 def test_saved_files_are_as_readable_as_any_file(tmp_path):

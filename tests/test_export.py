@@ -15,7 +15,7 @@ from torch import nn
 import surgeon
 from surgeon import models
 from surgeon.cli import cli
-from surgeon.errors import ExportError, SurgeonError, UnknownNameError
+from surgeon.errors import ExportError, OptionError, OutputError, SurgeonError, UnknownNameError
 from surgeon.export import export
 from surgeon.surgery.rewrite import edits_of
 
@@ -175,6 +175,29 @@ def test_export_errors(cbam_dir, tmp_path):
     assert (tmp_path / "x.pt2").read_text() == "keep me"
     result = run("export", tmp_path / "nowhere", "--format", "onnx")
     assert result.exit_code == 2 and "No recipe at" in result.stderr
+
+
+@pytest.mark.parametrize("tolerance", [float("nan"), -1.0, float("inf"), "1e-5", True])
+def test_tolerance_must_be_a_number_at_least_zero(tmp_path, tolerance):
+    """Refused before anything is loaded or exported (nan would compare false and pass nothing)."""
+    model = nn.Linear(2, 2)
+    with pytest.raises(OptionError, match=r"tolerance must be a number ≥ 0"):
+        export(model, "torchscript", tmp_path / "m.pt", example_input=torch.zeros(1, 2), tolerance=tolerance)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("out, message", [
+    ("a-file/m.pt", "which is a file, not a folder"),
+    ("folder", "is a folder; name the file to write in it"),
+    ("/proc/m.pt", "is in the system folder '/proc'"),
+])
+def test_export_output_is_checked_first(tmp_path, monkeypatch, out, message):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=message):
+        export(nn.Linear(2, 2), "torchscript", out, example_input=torch.zeros(1, 2), force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder"]
 
 
 def test_missing_onnxruntime_is_a_clear_error(tmp_path, monkeypatch):

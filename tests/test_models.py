@@ -113,3 +113,26 @@ def test_full_unpickle_is_refused_by_default(tmp_path):
         pickle.dump({"weights": Evil()}, f)
     with pytest.raises(WeightsError, match="needs full unpickling.*--allow-pickle"):
         models.read_state_dict(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_weights_of_integer_or_bool_type_are_refused(tmp_path, dtype):
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in TinyResNet().state_dict().items()}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    model = TinyResNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError, match=rf"tensors of another type .*{str(dtype)[6:]} vs float32"):
+        models.load_weights(model, tmp_path / "w.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_float_weights_of_another_precision_load_with_a_log_line(tmp_path, caplog, dtype):
+    trained = TinyResNet()
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in trained.state_dict().items()},
+              str(tmp_path / "w.safetensors"))
+    model = TinyResNet()
+    with caplog.at_level("INFO", logger="surgeon"):
+        models.load_weights(model, tmp_path / "w.safetensors")
+    assert f"{str(dtype)[6:]} tensors converted to the model's float32" in caplog.text
+    assert torch.allclose(model.fc.weight, trained.fc.weight, atol=1e-2)
