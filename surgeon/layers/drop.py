@@ -19,6 +19,9 @@ class ADL(nn.Module):
     1[A < gamma·max A] (per sample), else the importance map σ(A). No parameters; identity in eval.
     """
 
+    # it drops in training by design: only in eval mode does it start as the identity
+    identity_in_train = False
+
     def __init__(self, channels: int | None = None, *, drop_rate: float = 0.75, gamma: float = 0.9):
         super().__init__()
         self.drop_rate = _check_fraction("drop_rate", drop_rate)

@@ -270,11 +270,22 @@ class _Tracing:
         return self._cache[k]
 
 
-def structural_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of the module tree that shares every parameter and buffer with the original."""
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_state_dict_pre_hooks")
+
+
+def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module:
+    """A deep copy of the module tree that shares every parameter and buffer with the original (and, with
+    `keep_hooks`, the very hook functions, so hooks that write into the user's objects keep doing so)."""
     memo: dict[int, object] = {}
     for t in itertools.chain(module.parameters(), module.buffers()):
         memo[id(t)] = t
+    if keep_hooks:
+        for m in module.modules():
+            for attr in _HOOK_DICTS:
+                for fn in (m.__dict__.get(attr) or {}).values():
+                    memo[id(fn)] = fn
     return copy.deepcopy(module, memo)
 
 
@@ -444,25 +455,6 @@ def shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def set_child(root: nn.Module, path: str, child: nn.Module, copies: dict[str, nn.Module]) -> nn.Module:
-    """Install `child` at `path` under a copy of `root`, copying each ancestor once (`copies` by path)."""
-    if not path:
-        return child
-    parts = path.split(".")
-    if "" not in copies:
-        copies[""] = shallow_copy(root)
-    parent = copies[""]
-    for i, part in enumerate(parts[:-1]):
-        p = ".".join(parts[: i + 1])
-        if p not in copies:
-            copies[p] = shallow_copy(parent._modules[part])
-            parent._modules[part] = copies[p]
-        parent = copies[p]
-    parent._modules[parts[-1]] = child
-    copies[path] = child
-    return copies[""]
-
-
 def _resolves(module: nn.Module, target: str) -> bool:
     obj = module
     for part in target.split("."):
@@ -601,55 +593,56 @@ def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tupl
         local_leaves.discard("")
         for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
             owners.setdefault(owner.full, owner).edits.append(edit)
-    done: dict[str, nn.Module] = {}  # full owner path -> its replacement, not yet placed in an outer one
+    # the patched model is a structural copy: its own modules, attributes and training flags, the user's
+    # parameter and buffer tensors (no copy of the weights) and the user's hook functions
+    result = structural_copy(model, keep_hooks=True)
+    done: set[str] = set()
     paths: dict[str, str] = {}
     owner_of: dict[str, str] = {}
-    for full in sorted(owners, key=lambda p: (-(p.count(".") + 1) if p else 0)):
+    for full in sorted(owners, key=lambda p: (-(p.count(".") + 1) if p else 0)):  # innermost first
         o = owners[full]
         g = o.graph
         if o.key == SWAP:
             (site, module, _), = o.edits
-            leaf = (model.get_submodule(full))
             module._surgeon_leaf = True
             if _arity(module) >= 2:
-                module = LeafReplacement(leaf, module)
-            done[full] = module
+                module = LeafReplacement(result.get_submodule(full), module)
+            result = _install(result, full, module)
+            done.add(full)
             paths[site.name] = owner_of[site.name] = full
             log.debug("site %s: %s takes the place of %r", site.name, type(module).__name__, full)
             continue
         sc = scopes[g]
-        original = model.get_submodule(full) if full else model
-        inner_full = [p for p in done if _inside(p, full)]
-        same_graph = {}
-        for p in inner_full:
-            io = owners.get(p)
-            if io is not None and io.graph == g and io.key != SWAP:
-                same_graph[io.key] = p[len(full) + 1:] if full else p
+        same_graph = {owners[p].key: (p[len(full) + 1:] if full else p) for p in done
+                      if _inside(p, full) and owners[p].graph == g and owners[p].key != SWAP}
         same_graph.update(sc.hooked_inside(o.key))
         leaves = set(_local_leaves(leaf_paths, full)) | set(same_graph.values())
         leaves.discard("")
-        twin, own = tracing(original, frozenset(leaves))
+        current = result.get_submodule(full) if full else result
+        # with nothing replaced inside it, the owner is still the user's module as traced while choosing owners
+        source = current if any(_inside(p, full) for p in done) else (model.get_submodule(full) if full else model)
+        twin, own = tracing(source, frozenset(leaves))
         own = _fresh(own)
         mapping = match(sc, o.key, own, same_graph)
         if mapping is None:
             raise TraceError(f"{full or 'the root'!r} cannot be rewritten: traced alone, with the modules edited "
                              f"inside it kept whole, it gives a different graph")
-        current = original
-        copies: dict[str, nn.Module] = {}
-        for p in inner_full:
-            current = set_child(original, p[len(full) + 1:] if full else p, done.pop(p), copies)
         new, local = rewrite_owner(current, twin, own, o.edits, mapping, o.path, insert)
-        done[full] = new
+        result = _install(result, full, new)
+        done.add(full)
         for site_name, rel in local.items():
             paths[site_name] = _join(full, rel)
             owner_of[site_name] = full
-    if "" in done:
-        return done[""], paths, owner_of
-    copies = {}
-    result = model
-    for full, new in done.items():
-        result = set_child(model, full, new, copies)
     return result, paths, owner_of
+
+
+def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put `module` at `path` in `root` (surgery's own copy); returns the root (`module` itself for path '')."""
+    if not path:
+        return module
+    parent, _, name = path.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[name] = module
+    return root
 
 
 def _arity(module: nn.Module) -> int:

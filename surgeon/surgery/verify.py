@@ -208,8 +208,14 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         nonzero = sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in new_params)
         for p in saved:
             p.grad = None
-        train_diff, train_note = (_train_check(original, patched, inputs, new_modules) if tolerance is not None
-                                  else (None, "not compared: the edits change the output by design"))
+        train_only = [p for p in new_modules
+                      if any(getattr(m, "identity_in_train", True) is False for m in patched.get_submodule(p).modules())]
+        if tolerance is None:
+            train_diff, train_note = None, "not compared: the edits change the output by design"
+        elif train_only:
+            train_diff, train_note = None, f"not compared: {train_only[0]!r} acts in training by design"
+        else:
+            train_diff, train_note = _train_check(original, patched, inputs, new_modules)
         original.eval(), patched.eval()
         one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
         flops_before, flops_after = count_flops(original, _copy_inputs(one)), count_flops(patched, _copy_inputs(one))

@@ -1,0 +1,343 @@
+"""Scoped surgery: the patched model stays the user's model (class, methods, attributes, hooks, outputs),
+on real timm, segmentation_models_pytorch and torchvision detection models."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import surgeon
+from surgeon.surgery.scope import rewritten
+
+SIZE = (3, 64, 64)
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def _unchanged(model, snap):
+    sd, mods = snap
+    now = model.state_dict()
+    return list(now) == list(sd) and all(torch.equal(now[k], v) for k, v in sd.items()) \
+        and [(n, type(m)) for n, m in model.named_modules()] == mods
+
+
+# -- timm: the model keeps its class and its methods ----------------------------------------------------
+TIMM = ["resnet18", "resnet50d", "efficientnet_b0", "mobilenetv3_small_100", "regnety_002", "convnext_atto",
+        "densenet121", "resnext26ts", "seresnet18", "mixnet_s"]
+
+
+def _timm_methods(model, x):
+    """Which of timm's model methods work on `model` and agree with its forward."""
+    ok = {}
+    with torch.no_grad():
+        y = model(x)
+        try:
+            ok["forward_features/forward_head"] = torch.allclose(model.forward_head(model.forward_features(x)), y,
+                                                                 atol=1e-5)
+        except Exception:  # noqa: BLE001 - the table records what breaks
+            ok["forward_features/forward_head"] = False
+        for name, call in (("get_classifier", lambda m: isinstance(m.get_classifier(), nn.Module)),
+                           ("pretrained_cfg", lambda m: m.pretrained_cfg["architecture"] is not None),
+                           ("resolve_data_config", lambda m: timm.data.resolve_data_config(model=m)["input_size"]),
+                           ("feature_info", lambda m: len(m.feature_info) > 0),
+                           ("forward_intermediates", lambda m: len(m.forward_intermediates(x)[1]) > 0),
+                           ("set_grad_checkpointing", lambda m: m.set_grad_checkpointing(False) or True)):
+            try:
+                ok[name] = bool(call(model))
+            except Exception:  # noqa: BLE001
+                ok[name] = False
+    return ok
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto"])
+def test_timm_model_keeps_class_methods_and_identity(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7).eval()
+    snap = _snapshot(model)
+    x = _x(2, *SIZE)
+    before = _timm_methods(model, x)
+    patched = surgeon.add(model, "se", input_size=SIZE)
+    assert type(patched) is type(model) and isinstance(patched, type(model))
+    assert _timm_methods(patched, x) == before
+    with torch.no_grad():
+        assert torch.allclose(patched(x), model(x), atol=1e-5)
+    # the edits are really there: forward_features runs the inserted modules
+    calls = []
+    for e in surgeon.edits(patched):
+        patched.get_submodule(e.module).register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        patched.forward_features(x)
+    assert len(calls) == len(surgeon.edits(patched)) > 0
+    # reset_classifier replaces the head of the patched model only
+    patched.reset_classifier(3)
+    with torch.no_grad():
+        assert patched(x).shape == (2, 3) and model(x).shape == (2, 7)
+    assert _unchanged(model, snap)
+
+
+def test_edits_record_says_where_each_module_went():
+    model = timm.create_model("resnet18").eval()
+    patched = surgeon.add(model, "cbam", input_size=SIZE, at=["layer1.*"])
+    patched = surgeon.add(patched, "attnpool", input_size=SIZE, at=["global_pool"])
+    edits = surgeon.edits(patched)
+    assert [(e.site, e.attention, e.module, e.owner, e.step) for e in edits] == [
+        ("layer1.0", "cbam", "layer1.0.cbam", "layer1.0", 1),
+        ("layer1.1", "cbam", "layer1.1.cbam", "layer1.1", 1),
+        ("global_pool", "attnpool", "global_pool.attnpool", "global_pool", 2),
+    ]
+    assert all(isinstance(e, surgeon.EditRecord) and e.kind in ("residual", "pool") for e in edits)
+    assert surgeon.edits(model) == []
+    # only the owners changed class; every module keeps the user's parameter tensors (no copy of the weights)
+    originals = dict(model.named_modules())
+    for name, mod in patched.named_modules():
+        if "cbam" in name or "attnpool" in name:
+            continue
+        rewritten_owner = name in ("layer1.0", "layer1.1", "global_pool")
+        assert isinstance(mod, type(originals[name])) and (type(mod) is type(originals[name])) != rewritten_owner
+        assert all(p is q for p, q in zip(mod.parameters(recurse=False), originals[name].parameters(recurse=False)))
+    # the patched model is its own object tree: switching it to train mode leaves the user's model in eval
+    patched.train()
+    assert not any(m.training for m in model.modules())
+    assert rewritten(patched.layer1[0]) is not None and rewritten(patched.layer2[0]) is None
+
+
+def test_sequential_owner_keeps_its_indexing():
+    model = timm.create_model("resnet18").eval()
+    patched = surgeon.add(model, "bam", input_size=SIZE)  # stage sites: the end of layer1, layer2...
+    assert [e.module for e in surgeon.edits(patched)][:1] == ["layer1.bam"]
+    assert isinstance(patched.layer1, nn.Sequential) and len(patched.layer1) == len(model.layer1) == 2
+    assert patched.layer1[-1] is model.layer1[-1] and list(patched.layer1) == list(model.layer1)
+    assert "layer1.bam.attn.channel.fc1.weight" in patched.state_dict() or any(
+        k.startswith("layer1.bam.") for k in patched.state_dict())
+
+
+def test_hooks_on_the_model_and_inside_owners_keep_firing():
+    model = timm.create_model("resnet18").eval()
+    fired = []
+    model.register_forward_hook(lambda *a: fired.append("root"))
+    model.layer1.register_forward_hook(lambda *a: fired.append("layer1"))
+    model.layer1[0].bn2.register_forward_pre_hook(lambda *a: fired.append("bn2"))
+    patched = surgeon.add(model, "bam", input_size=SIZE)  # rewrites layer1 itself
+    fired.clear()
+    with torch.no_grad():
+        patched(_x(1, *SIZE))
+    assert sorted(fired) == ["bn2", "layer1", "root"]
+
+
+class _SharedBlockNet(nn.Module):
+    """One block called twice, plus plain attributes the forward reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+        self.scale = 0.5
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        x = x + self.block(x) * self.scale
+        return self.head(x.mean((2, 3)))
+
+    def describe(self):
+        return f"scale={self.scale}"
+
+
+def test_a_module_called_twice_is_edited_in_its_caller_and_attributes_stay():
+    model = _SharedBlockNet().eval()
+    patched = surgeon.add(model, "se", example_input=_x(2, 3, 16, 16))
+    assert isinstance(patched, _SharedBlockNet) and patched.describe() == "scale=0.5"
+    owners = {e.owner for e in surgeon.edits(patched)}
+    assert owners == {""}  # the block runs twice: only the root's forward can hold the two edits
+    with torch.no_grad():
+        assert torch.equal(patched(_x(2, 3, 16, 16)), model(_x(2, 3, 16, 16)))
+
+
+# -- segmentation_models_pytorch ---------------------------------------------------------------------
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "PSPNet"])
+def test_smp_models_patch_with_their_encoders_intact(arch):
+    torch.manual_seed(0)
+    model = getattr(smp, arch)(encoder_name="resnet18", encoder_weights=None, classes=2).eval()
+    x = _x(2, 3, 64, 64)
+    for attention in ("se", "cbam"):
+        patched = surgeon.add(model, attention, example_input=x)
+        assert type(patched) is type(model) and type(patched.encoder) is type(model.encoder)
+        assert patched.encoder.output_stride == model.encoder.output_stride
+        edits = surgeon.edits(patched)
+        assert edits and all(e.module.startswith("encoder.layer") for e in edits)
+        with torch.no_grad():
+            assert torch.allclose(patched(x), model(x), atol=1e-5)
+
+
+def test_smp_unet_skips_take_attention_gates():
+    torch.manual_seed(0)
+    model = smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=2, encoder_depth=3,
+                     decoder_channels=(32, 16, 8)).eval()
+    x = _x(2, 3, 64, 64)
+    plan = surgeon.plan(model, "attention_gate", example_input=x)
+    patched = plan.apply()
+    assert len(plan.edits) >= 2 and type(patched) is type(model)
+    with torch.no_grad():
+        assert torch.allclose(patched(x), model(x), atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "PSPNet"])
+@pytest.mark.parametrize("encoder", ["efficientnet-b0", "mobilenet_v2"])
+def test_smp_other_encoders(arch, encoder):
+    torch.manual_seed(0)
+    model = getattr(smp, arch)(encoder_name=encoder, encoder_weights=None, classes=2).eval()
+    x = _x(2, 3, 64, 64)
+    for attention in ("se", "cbam", "eca"):
+        patched = surgeon.add(model, attention, example_input=x)
+        assert type(patched) is type(model)
+        with torch.no_grad():
+            assert torch.allclose(patched(x), model(x), atol=1e-5)
+
+
+# -- torchvision detection ---------------------------------------------------------------------------
+def _detector(name, size=128):
+    from torchvision.models import detection
+
+    torch.manual_seed(0)
+    model = getattr(detection, name)(weights=None, weights_backbone=None, num_classes=3)
+    if hasattr(model, "transform"):
+        model.transform.min_size, model.transform.max_size = (size,), size
+    return model.eval()
+
+
+def _targets():
+    return [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 90.0]]), "labels": torch.tensor([1])}]
+
+
+def _check_detector(name, attention="cbam"):
+    model = _detector(name)
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    snap = _snapshot(model)
+    patched = surgeon.add(model, attention, example_input=(images,))
+    assert type(patched) is type(model) and type(patched.backbone) is type(model.backbone)
+    assert all(e.module.startswith("backbone.") for e in surgeon.edits(patched))
+    with torch.no_grad():
+        got, want = patched(images), model(images)
+    assert [sorted(d) for d in got] == [sorted(d) for d in want]
+    for g, w in zip(got, want):
+        assert all(torch.allclose(g[k], w[k], atol=1e-4) for k in w)
+    # train mode: the same losses under the same seed (the model still calls its own heads' methods)
+    model.train(), patched.train()
+    torch.manual_seed(0)
+    want_loss = model([i.clone() for i in images], _targets())
+    torch.manual_seed(0)
+    got_loss = patched([i.clone() for i in images], _targets())
+    assert set(got_loss) == set(want_loss)
+    assert all(torch.allclose(got_loss[k], want_loss[k], atol=1e-4) for k in want_loss)
+    sum(got_loss.values()).backward()
+    new = [p for e in surgeon.edits(patched) for p in patched.get_submodule(e.module).parameters()]
+    assert new and all(p.grad is not None for p in new)
+    model.eval()
+    assert _unchanged(model, snap)
+    return patched
+
+
+def test_faster_rcnn_patches_inside_its_backbone():
+    patched = _check_detector("fasterrcnn_mobilenet_v3_large_fpn")
+    assert surgeon.edits(patched)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
+                                  "retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+def test_detectors(name):
+    _check_detector(name)
+
+
+def test_surgery_never_changes_the_users_model_even_when_it_fails():
+    model = _detector("fasterrcnn_mobilenet_v3_large_fpn")
+    pooler = model.roi_heads.box_roi_pool
+    before = copy.copy(pooler.__dict__)
+    with pytest.raises(surgeon.SurgeonError):
+        surgeon.add(model, "cbam", example_input=([torch.rand(3, 128, 128)],), at=["no.such.site"])
+    assert pooler.__dict__.keys() == before.keys()
+    assert pooler.scales is None or not isinstance(pooler.scales, torch.fx.Proxy)
+    with torch.no_grad():
+        model([torch.rand(3, 128, 128)])  # still runs
+
+
+# -- what the original computes, in both modes ----------------------------------------------------------
+class _Quirky(nn.Module):
+    """In-place ops whose result is not reassigned, a functional norm with training=, a no-grad branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.frozen = nn.Conv2d(8, 8, 1)
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x):
+        x.sub_(0.5).div_(2.0)  # normalises the caller's tensor in place
+        y = self.a(x)
+        z = self.b(y)
+        out = self.c(z)
+        out.add_(z)
+        out = F.batch_norm(out, self.rm, self.rv, training=self.training, momentum=0.1)
+        with torch.no_grad():
+            f = self.frozen(out)
+        return (out + f).mean((2, 3))
+
+
+def test_in_place_ops_functional_norms_and_no_grad_survive():
+    torch.manual_seed(0)
+    model = _Quirky().eval()
+    x = _x(2, 3, 16, 16)
+    plan = surgeon.plan(model, "se", example_input=x.clone())
+    patched = plan.apply()
+    v = plan.verification
+    assert v.max_abs_diff <= 1e-5 and v.train_max_abs_diff is not None and v.train_max_abs_diff <= 1e-5
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(patched, mode)()
+        rm = model.rm.clone()
+        a, b = x.clone(), x.clone()
+        want = model(a)
+        model.rm.copy_(rm)
+        got = patched(b)
+        assert torch.allclose(got, want, atol=1e-5) and torch.equal(a, b)  # the input is normalised in both
+        model.rm.copy_(rm)
+    assert surgeon.edits(patched)
+
+
+def test_verification_fails_on_nan():
+    from surgeon.surgery.verify import Verification
+
+    v = Verification(max_abs_diff=float("nan"), tolerance=1e-5, params_added=1, flops_before=1, flops_after=1,
+                     new_params=1, with_grad=1, nonzero_grad=0)
+    assert not v.ok and "changed the output" in v.problem()
+    v = Verification(max_abs_diff=0.0, tolerance=1e-5, params_added=1, flops_before=1, flops_after=1,
+                     new_params=1, with_grad=1, nonzero_grad=0, train_max_abs_diff=float("nan"))
+    assert not v.ok and "train mode" in v.problem()
+
+
+def test_timm_model_saved_by_the_user_loads_without_base(tmp_path):
+    model = timm.create_model("resnet18", num_classes=5).eval()
+    patched = surgeon.add(model, "eca", input_size=SIZE)
+    surgeon.save(patched, tmp_path / "out")
+    loaded = surgeon.load(tmp_path / "out")
+    x = _x(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), patched(x))
+    assert type(loaded) is type(model) and [e.module for e in surgeon.edits(loaded)] == [
+        e.module for e in surgeon.edits(patched)]
