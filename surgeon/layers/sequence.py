@@ -327,6 +327,13 @@ class StructuredSelfAttn(nn.Module):
         self.attn_weights = a.detach()
         return (a @ x).flatten(1)
 
+    def __getstate__(self):
+        # NOTE: the penalty of the latest forward is part of an autograd graph, which deepcopy (EMA
+        # copies, `load(base=...)`) and pickle refuse; a copy keeps its value without the graph.
+        state = super().__getstate__()
+        state["penalty"] = state["penalty"].detach()
+        return state
+
 
 def structured_penalty(model: nn.Module) -> torch.Tensor:
     """The sum of every `StructuredSelfAttn` penalty in `model` from its latest forward."""
