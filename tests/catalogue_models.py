@@ -43,13 +43,14 @@ def _with_lengths():
     return WithLengths().eval(), (_tokens(), torch.tensor([10, 6]), torch.randn(2, 6))
 
 
-def target(name: str) -> tuple[torch.nn.Module, tuple, dict]:
-    """(model, example input, add() keyword arguments) where attention `name` can be patched in."""
+def target(name: str, kind: str | None = None) -> tuple[torch.nn.Module, tuple, dict]:
+    """(model, example input, add() keyword arguments) where attention `name` can be patched in (at sites of
+    `kind`, default: its first kind one of the models has)."""
     att = registry.get_attention(name)
     if name == "cross":
         model, x = _with_lengths()
         return model, x, {"kind": "rnn", **REQUIRED[name]}
-    kind = next(k for k in att.kinds if k in MODELS)
+    kind = kind or next(k for k in att.kinds if k in MODELS)
     model, x = MODELS[kind]()
     return model, x, {"kind": kind, **REQUIRED.get(name, {})}
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgeon.layers._util import check_choice
+
 
 class GatedResidual(nn.Module):
     """Wraps an attention so it starts as the identity: y = x + γ·(attn(x) − x).
@@ -53,10 +55,8 @@ INITS = ("identity", "paper")
 
 
 def check_init(init: str) -> str:
-    """`init` itself when it is 'identity' or 'paper'; ValueError otherwise."""
-    if init not in INITS:
-        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
-    return init
+    """`init` itself when it is 'identity' or 'paper'; OptionError (a ValueError) otherwise."""
+    return check_choice("init", init, INITS)
 
 
 def gated(module: nn.Module, init: str) -> nn.Module:

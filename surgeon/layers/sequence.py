@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from surgeon.layers._util import check_positive_int
+from surgeon.errors import OptionError
+from surgeon.layers._util import check_bool, check_choice, check_divisible, check_positive, check_positive_int
 
 
 # -- score functions -----------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ class DotScore(nn.Module):
     def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
         super().__init__()
         if q_dim != k_dim:
-            raise ValueError(f"score '{self.name}' needs query and keys of one size, got {q_dim} and {k_dim}; "
+            raise OptionError(f"score '{self.name}' needs query and keys of one size, got {q_dim} and {k_dim}; "
                              f"use score='general' or 'additive'")
 
     name = "dot"
@@ -121,10 +122,7 @@ SCORES: dict[str, type[nn.Module]] = {
 
 def make_score(name: str, q_dim: int, k_dim: int, *, hidden: int | None = None) -> nn.Module:
     """A score module by name (see `SCORES`)."""
-    if name not in SCORES:
-        from surgeon.errors import did_you_mean
-
-        raise ValueError(f"score {name!r} is not known.{did_you_mean(name, SCORES)} Valid: {', '.join(SCORES)}")
+    check_choice("score", name, tuple(SCORES))
     return SCORES[name](q_dim, k_dim, hidden=hidden)
 
 
@@ -169,6 +167,7 @@ def last_valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 # -- pooling over time steps ----------------------------------------------------------------------------
 _QUERIES = ("learned", "last", "external")
+LOCAL_MODES = ("m", "p")  # monotonic (the last step), predicted
 
 
 class SeqAttnPool(nn.Module):
@@ -188,8 +187,7 @@ class SeqAttnPool(nn.Module):
                  query_dim: int | None = None, hidden: int | None = None):
         super().__init__()
         check_positive_int("channels", channels)
-        if query not in _QUERIES:
-            raise ValueError(f"query must be one of {', '.join(_QUERIES)}, got {query!r}")
+        check_choice("query", query, _QUERIES)
         q_dim = channels if query != "external" else check_positive_int("query_dim", query_dim)
         self.query_mode = query
         self.score = make_score(score, q_dim, channels, hidden=hidden)
@@ -235,9 +233,7 @@ class HardAttnPool(SeqAttnPool):
     def __init__(self, channels: int, *, score: str = "additive", query: str = "learned",
                  query_dim: int | None = None, hidden: int | None = None, temperature: float = 1.0):
         super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive("temperature", temperature)
 
     @property
     def uniform_at_init(self) -> bool:
@@ -280,9 +276,7 @@ class LocalAttnPool(SeqAttnPool):
                  query_dim: int | None = None, hidden: int | None = None, window: int = 8, mode: str = "m"):
         super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
         self.window = check_positive_int("window", window)
-        if mode not in ("m", "p"):
-            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, LOCAL_MODES)
         if mode == "p":
             q_dim = channels if query != "external" else query_dim
             self.predict = nn.Sequential(nn.Linear(q_dim, channels), nn.Tanh(), nn.Linear(channels, 1))
@@ -403,8 +397,8 @@ class MultiHeadSelfAttn(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         check_positive_int("heads", heads)
-        if channels % heads:
-            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        check_divisible("channels", channels, "heads", heads)
+        check_bool("qkv_bias", qkv_bias)
         self.heads = heads
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
@@ -429,9 +423,7 @@ class LocalSelfAttn(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         self.window = check_positive_int("window", window)
-        if mode not in ("m", "p"):
-            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, LOCAL_MODES)
         self.norm = nn.LayerNorm(channels)
         self.score = make_score(score, channels, channels)
         self.proj = nn.Linear(channels, channels)

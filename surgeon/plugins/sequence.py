@@ -31,8 +31,8 @@ def _external(site, query: str) -> tuple[int, int]:
     names = {r: r for r in roles} | {r.split(":", 1)[1]: r for r in roles}
     if query not in names:
         valid = ", ".join(repr(r) for r in roles) or "none (the model has no other input, and no earlier RNN)"
-        raise OptionError(f"cross at {site.name!r}: unknown query {query!r}.{did_you_mean(query, names)} "
-                          f"Valid: {valid}")
+        hint = did_you_mean(query, names) if isinstance(query, str) else ""
+        raise OptionError(f"cross at {site.name!r}: unknown query {query!r}.{hint} Valid: {valid}")
     idx = list(site.info["extra"]).index(names[query])
     shape = site.info["extra_shapes"][idx]
     if shape is None or len(shape) not in (2, 3):  # 3: another RNN's h_n stack, read as h_n[-1]
