@@ -32,8 +32,9 @@ class GatedResidual(nn.Module):
             return self.gamma
         return self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self._gamma(x) * (self.attn(x) - x)
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        # `extra` (e.g. a padding mask) goes to the attention unchanged
+        return x + self._gamma(x) * (self.attn(x, *extra) - x)
 
 
 class GatedReplacement(nn.Module):

@@ -404,10 +404,12 @@ class MultiHeadSelfAttn(nn.Module):
         self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); mask (B, N) booleans, True on real tokens: padded ones are never attended to."""
         b, n, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -430,26 +432,47 @@ class LocalSelfAttn(nn.Module):
         if mode == "p":
             self.predict = nn.Sequential(nn.Linear(channels, channels), nn.Tanh(), nn.Linear(channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); mask (B, N) booleans, True on real tokens: padded ones are never attended to."""
         h = self.norm(x)
         n = x.shape[1]
         if self.mode == "m":
             centers = torch.arange(n, device=x.device, dtype=x.dtype).expand(x.shape[0], n)
         else:
             centers = (n - 1) * torch.sigmoid(self.predict(h)[..., 0])
-        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", None)
+        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", mask)
         return x + self.proj(a @ h)
 
 
 class SequenceFirst(nn.Module):
-    """Runs a (B, T, C) module on a (T, B, C) sequence."""
+    """Runs a (B, T, C) module on a (T, B, C) sequence (extra arguments, e.g. a (B, T) mask, pass as they are)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.transpose(0, 1)).transpose(0, 1)
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self.module(x.transpose(0, 1), *extra).transpose(0, 1)
+
+
+class TokenMask(nn.Module):
+    """Gives a token attention the padding mask of its sequence: `forward(x, source)` turns the model's own
+    padding information (`source`: lengths, a mask or token ids, see `key_mask`) into a (B, T) mask and
+    calls `module(x, mask)`.
+
+    Args:
+        module: takes (x, mask). form, pad_id: as `key_mask`. batch_first: x is (B, T, C), else (T, B, C).
+    """
+
+    def __init__(self, module: nn.Module, *, form: str, pad_id: int | None = None, batch_first: bool = True):
+        super().__init__()
+        self.module = module
+        self.form = check_choice("mask form", form, MASK_FORMS)
+        self.pad_id, self.batch_first = pad_id, batch_first
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        steps = x.shape[1] if self.batch_first else x.shape[0]
+        return self.module(x, key_mask(source, self.form, steps, pad_id=self.pad_id))
 
 
 class InputAttn(nn.Module):
@@ -474,8 +497,10 @@ class InputAttn(nn.Module):
         self.prior = nn.Parameter(torch.zeros(channels))
         self.attn_weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.tanh(self.u(x.transpose(1, 2))) @ self.v + self.prior  # (B, n)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, n); mask (B, T) booleans, True on real steps: padded steps do not shape the weights."""
+        series = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        e = torch.tanh(self.u(series.transpose(1, 2))) @ self.v + self.prior  # (B, n)
         a = e.softmax(-1)
         self.attn_weights = a.detach()
         return x * (a * x.shape[-1]).unsqueeze(1)
