@@ -13,6 +13,7 @@ transformer-like residual block over the tokens, a second input (a context vecto
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import linecache
 
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+
+import seq_models
 
 ADD_STYLES = ("plus", "iadd", "torch_add", "add_")
 CNN_BLOCKS = ("res", "cat", "shared", "pool_module", "pool_functional", "bn_functional", "dropout_module",
@@ -209,19 +212,7 @@ def seq_source(spec: dict, name: str) -> str:
     return _class(name, init, ", ".join(args), fwd)
 
 
-BLOCK_SOURCE = '''class Block(nn.Module):
-    """A transformer-like residual block over (B, T, C) or (T, B, C) tokens."""
-
-    def __init__(self, c):
-        super().__init__()
-        self.norm = nn.LayerNorm(c)
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
-
-
-'''
+BLOCK_SOURCE = inspect.getsource(seq_models.Block) + "\n\n"  # written into the source: reproducers stand alone
 
 
 def _class(name: str, init: list[str], args: str, fwd: list[str]) -> str:

@@ -7,15 +7,7 @@ from torch import nn
 import surgeon
 from surgeon.layers.sequence import MultiHeadSelfAttn
 
-
-class Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.norm = nn.LayerNorm(c)
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
-
-    def forward(self, x):
-        return x + self.mlp(self.norm(x))
+from seq_models import Block
 
 
 class PaddedEncoder(nn.Module):
