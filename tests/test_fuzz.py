@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import surgeon
@@ -30,7 +30,9 @@ TRAIN_STOCHASTIC = {"adl"}  # (their train-mode output, and the batch-norm stati
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("fuzz-fast", max_examples=8, derandomize=True, **_COMMON)
+# no shrinking in the fast profile: a failure reports its (small) model as drawn, within the time budget
+settings.register_profile("fuzz-fast", max_examples=8, derandomize=True, phases=(Phase.explicit, Phase.generate),
+                          report_multiple_bugs=True, **_COMMON)
 settings.register_profile("fuzz-slow", max_examples=150, **_COMMON)
 
 
