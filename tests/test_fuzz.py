@@ -178,3 +178,50 @@ def test_generator_covers_its_features():
     assert "pack_padded_sequence" in src and "padding_idx=0" in src and "self.blk" in src
     model, xs, _ = fuzz_models.build(seq)
     assert model(*xs).shape == (2, 3)
+
+
+# -- save / load in a new process ------------------------------------------------------------------------
+# A generated CNN, fixed so the test is deterministic. NOTE: generated sequence models and models with two
+# inputs do not load yet: `load` re-traces with one guessed input (32 steps, one tensor) instead of the
+# recipe's inputs (checkpoint.py, reported in the issue)
+ROUND_TRIP = [
+    ({"family": "cnn", "width": 8, "input_op": True, "two_inputs": False, "stem_bn": True,
+      "blocks": [("res", "iadd"), ("cat", "plus"), ("pool_module", "plus"), ("res", "torch_add")],
+      "hook": "none", "head": "module", "aux_no_grad": False}, "cbam", "residual"),
+    ({"family": "cnn", "width": 4, "input_op": False, "two_inputs": False, "stem_bn": False,
+      "blocks": [("shared", "plus"), ("res", "add_"), ("dropout_module", "plus"), ("pool_functional", "plus")],
+      "hook": "none", "head": "mean", "aux_no_grad": False}, "attnpool", "pool"),
+]
+
+_LOADER = """
+import importlib.util, sys, torch, surgeon
+for i, folder in enumerate(sys.argv[1:]):
+    spec = importlib.util.spec_from_file_location(f"fuzz_model_{i}", f"{folder}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    xs, expected = torch.load(f"{folder}.io.pt")
+    loaded = surgeon.load(folder, base=mod.Fuzz()).eval()
+    with torch.no_grad():
+        diff = (loaded(*xs) - expected).abs().max().item()
+    print(i, diff)
+    assert diff <= 1e-6, (folder, diff)
+"""
+
+
+def test_generated_models_save_and_load_in_a_new_process(tmp_path):
+    import subprocess
+    import sys
+
+    folders = []
+    for i, (spec, attention, kind) in enumerate(ROUND_TRIP):
+        model, xs, src = fuzz_models.build(spec)
+        patched = surgeon.add(model, attention, kind=kind, init="paper", example_input=xs, verify=False).eval()
+        folder = tmp_path / f"m{i}"
+        (tmp_path / f"m{i}.py").write_text(src)
+        surgeon.save(patched, folder)
+        with torch.no_grad():
+            torch.save((xs, patched(*xs)), tmp_path / f"m{i}.io.pt")
+        folders.append(str(folder))
+    out = subprocess.run([sys.executable, "-c", _LOADER, *folders], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(out.stdout.splitlines()) == len(ROUND_TRIP)

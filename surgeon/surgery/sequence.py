@@ -248,11 +248,31 @@ def _block_mask_source(view: GraphView, node: fx.Node) -> tuple[fx.Node | None, 
     return found[0] if len(found) == 1 else (None, {"mask": None})
 
 
+def _layout_by_batch(shape: tuple | None, source: tuple | None, layout: str) -> str | None:
+    """The tokens' layout told by the batch size of their padding information (lengths (B,), or (B, T) ids or
+    masks): 'nlc' when it is dim 0 of the tokens, 'lnc' when dim 1 (a time-first block with no torch
+    transformer layer to say so); None when it is neither."""
+    if shape is None or source is None or len(shape) != 3 or not source:
+        return None
+    b = source[0]
+    if b == (shape[0] if layout == "nlc" else shape[1]):
+        return layout
+    if b == (shape[1] if layout == "nlc" else shape[0]):
+        return "lnc" if layout == "nlc" else "nlc"
+    return None
+
+
 def _tokens_site(view: GraphView, name: str, node: fx.Node, layout: str, owner: str, slot: str,
                  info: dict[str, Any], mask: fx.Node | None, mask_info: dict[str, Any]) -> Site:
     """A tokens site: 'insert' without padding information; with it, 'replace' with args (node, mask source)
     so the module can leave padded steps out."""
     shape = view.shape(node)
+    if mask is not None:
+        layout = _layout_by_batch(shape, view.shape(mask), layout)
+        if layout is None:
+            log.info("site %s: the batch size of %s fits neither dim of the tokens %s; padding is attended",
+                     name, mask.name, shape)
+            mask, mask_info, layout = None, {"mask": None}, "nlc"
     info = {**info, **mask_info, "padding_known": mask is not None}
     if mask is None:
         return Site(name=name, kind="tokens", shape=shape, layout=layout, graph=view.prefix, node=node.name,
