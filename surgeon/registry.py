@@ -217,11 +217,17 @@ def check_options(attention: str, option_types: dict[str, tuple[str, ...]], opti
 
 
 def _checked(attention: str, build: Callable[..., Any], option_types: dict[str, tuple[str, ...]]) -> Callable[..., Any]:
-    """`build`, checking its options' types first (the same signature, so options still read from it)."""
+    """`build`, checking its options' types first (the same signature, so options still read from it); a layer's
+    OptionError gets the attention's name in front, as the type checks have it."""
     @functools.wraps(build)
     def checked(*args: Any, **options: Any) -> Any:
         check_options(attention, option_types, {k: v for k, v in options.items() if k != "init"})
-        return build(*args, **options)
+        try:
+            return build(*args, **options)
+        except OptionError as exc:
+            if str(exc).startswith(attention):
+                raise
+            raise OptionError(f"{attention}: {exc}") from exc
 
     return checked
 
