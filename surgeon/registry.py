@@ -6,16 +6,20 @@ names (comma-separated; empty means none). Names registered twice are errors nam
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pluggy
 
 from surgeon import hookspecs
-from surgeon.errors import PluginError, did_you_mean, unknown
+from surgeon.errors import OptionError, PluginError, did_you_mean, unknown
 
 DEFAULT_PLUGINS = (
     "surgeon.plugins.channel",
@@ -49,6 +53,7 @@ class Attention:
     layouts: tuple[str, ...] = ("nchw",)
     plugin: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    option_types: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def default_kind(self) -> str:
@@ -144,17 +149,102 @@ def _make_attention(name: str, build: Callable[..., Any], *, kinds: tuple[str, .
                     plugin: str = "") -> Attention:
     if not kinds:
         raise PluginError(f"Plugin {plugin!r}: attention {name!r} lists no kinds")
-    return Attention(name=name, build=build, kinds=tuple(kinds), summary=summary, paper=paper,
-                     aliases=tuple(aliases), layouts=tuple(layouts), plugin=plugin, options=build_options(build))
+    option_types = build_option_types(build)
+    return Attention(name=name, build=_checked(name, build, option_types), kinds=tuple(kinds), summary=summary,
+                     paper=paper, aliases=tuple(aliases), layouts=tuple(layouts), plugin=plugin,
+                     options=build_options(build), option_types=option_types)
+
+
+def _option_params(build: Callable[..., Any]) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(build).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init"]
 
 
 def build_options(build: Callable[..., Any]) -> dict[str, Any]:
     """The options of a build function: its keyword-only parameters other than `init`, with defaults."""
-    opts = {}
-    for p in inspect.signature(build).parameters.values():
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "init":
-            opts[p.name] = None if p.default is inspect.Parameter.empty else p.default
-    return opts
+    return {p.name: None if p.default is inspect.Parameter.empty else p.default for p in _option_params(build)}
+
+
+# -- option types ----------------------------------------------------------------------------------------
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", type(None): "None"}
+_VALID = {"bool": "true or false", "int": "an integer", "float": "a finite number", "None": "None (the default)"}
+
+
+def _type_names(annotation: Any, default: Any) -> tuple[str, ...]:
+    """The checked types an option's annotation names ('int | None' -> ('int', 'None')); () = unchecked.
+    Without an annotation, the default's type (a None default says nothing)."""
+    if annotation is inspect.Parameter.empty:
+        name = _TYPE_NAMES.get(type(default))
+        return (name,) if name in ("bool", "int", "float") else ()
+    if isinstance(annotation, str):  # `from __future__ import annotations`
+        parts = tuple(a.strip() for a in annotation.replace("Optional[", "").rstrip("]").split("|"))
+    elif isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        parts = tuple(_TYPE_NAMES.get(a, "?") for a in typing.get_args(annotation))
+    else:
+        parts = (_TYPE_NAMES.get(annotation, "?"),)
+    # a type we do not check (a str, a class, a mapping) leaves the option to the layer's own checks
+    return parts if all(p in ("bool", "int", "float", "None") for p in parts) else ()
+
+
+def build_option_types(build: Callable[..., Any]) -> dict[str, tuple[str, ...]]:
+    """The checked types of a build function's options, from its signature's annotations (or defaults)."""
+    return {p.name: names for p in _option_params(build) if (names := _type_names(p.annotation, p.default))}
+
+
+def _fits(value: Any, type_name: str) -> bool:
+    if type_name == "None":
+        return value is None
+    if type_name == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    if type_name == "int":
+        return isinstance(value, int)
+    return isinstance(value, (int, float)) and math.isfinite(value)  # float: ints are fine, nan/inf are not
+
+
+def check_options(attention: str, option_types: dict[str, tuple[str, ...]], options: dict[str, Any]) -> None:
+    """Check option values against the types their signature names.
+
+    Raises:
+        OptionError: one line naming the attention, the option, its value and what is valid.
+    """
+    for key, value in options.items():
+        names = option_types.get(key)
+        if names and not any(_fits(value, t) for t in names):
+            valid = " or ".join(_VALID[t] for t in names)
+            raise OptionError(f"{attention}: option {key}={value!r} is not valid; {key} must be {valid}")
+
+
+def _checked(attention: str, build: Callable[..., Any], option_types: dict[str, tuple[str, ...]]) -> Callable[..., Any]:
+    """`build`, checking its options' types first (the same signature, so options still read from it); a layer's
+    OptionError gets the attention's name in front, as the type checks have it."""
+    @functools.wraps(build)
+    def checked(*args: Any, **options: Any) -> Any:
+        check_options(attention, option_types, {k: v for k, v in options.items() if k != "init"})
+        try:
+            return build(*args, **options)
+        except OptionError as exc:
+            if str(exc).startswith(attention):
+                raise
+            raise OptionError(f"{attention}: {exc}") from exc
+
+    return checked
+
+
+def parse_cli_options(attention: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Options as `--option k=v` parsed them, with the command line's forms of a bool ('true'/'false'/'1'/'0',
+    parsed as True/False/1/0) turned into bools for options whose type is bool; anything else unchanged, for
+    `check_options` to judge."""
+    types_ = get_attention(attention).option_types
+    forms = {1: True, 0: False, "1": True, "0": False, "true": True, "false": False}
+    out = dict(options)
+    for key, value in options.items():
+        if types_.get(key) == ("bool",) and not isinstance(value, bool):
+            lowered = value.lower() if isinstance(value, str) else value
+            if isinstance(lowered, (str, int)) and lowered in forms:
+                out[key] = forms[lowered]
+    return out
 
 
 def attentions() -> dict[str, Attention]:
@@ -205,4 +295,5 @@ def check_kind(kind: str) -> None:
 
 
 __all__ = ["Attention", "SiteFinder", "ModelSource", "get_plugin_manager", "attentions", "get_attention",
-           "site_finders", "model_sources", "check_kind", "did_you_mean", "DEFAULT_PLUGINS"]
+           "site_finders", "model_sources", "check_kind", "check_options", "parse_cli_options", "did_you_mean",
+           "DEFAULT_PLUGINS"]

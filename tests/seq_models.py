@@ -72,6 +72,18 @@ class WithLengths(nn.Module):
         return self.fc(h[-1]) + self.ctx_proj(ctx)
 
 
+class Block(nn.Module):
+    """A transformer-like residual block over (B, T, C) or (T, B, C) tokens."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
 def readout(**kwargs) -> nn.Module:
     torch.manual_seed(0)
     return Readout(**kwargs).eval()

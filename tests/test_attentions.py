@@ -159,7 +159,7 @@ def test_default_kind_falls_back_when_model_has_none():
     (dict(attention="cbma"), UnknownNameError, "Unknown attention 'cbma'. Did you mean 'cbam'"),
     (dict(attention="se", rd_ratoi=0.5), OptionError, "Unknown option 'rd_ratoi' for se. Did you mean 'rd_ratio'"),
     (dict(attention="se", rd_ratio=-3), OptionError, "rd_ratio must be a number in \\(0, 1\\], got -3"),
-    (dict(attention="eca", kernel_size=4), OptionError, "kernel_size must be odd, got 4"),
+    (dict(attention="eca", kernel_size=4), OptionError, "kernel_size must be a positive odd integer, got 4"),
     (dict(attention="cbam", act_layer="relu9"), OptionError, "act_layer 'relu9' is not known. Did you mean 'relu'"),
     (dict(attention="se", kind="pool"), ShapeError, "se cannot serve kind 'pool'"),
     (dict(attention="se", kind="residul"), UnknownNameError, "Did you mean 'residual'"),

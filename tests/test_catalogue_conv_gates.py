@@ -169,8 +169,8 @@ def test_aaconv_identity_resnet50(resnet50):
 
 @pytest.mark.parametrize("options, match", [
     ({"heads": 0}, "heads must be a positive integer, got 0"),
-    ({"key_ratio": 1.5}, r"key_ratio must be in \(0, 1\], got 1.5"),
-    ({"value_channels": 6}, "value_channels must be a positive multiple of heads"),
+    ({"key_ratio": 1.5}, r"key_ratio must be a number in \(0, 1\], got 1.5"),
+    ({"value_channels": 6}, r"value_channels \(6\) must be divisible by heads \(8\)"),
     ({"value_ratio": 1.0}, "leave no convolution channels"),
     ({"relative": "yes"}, "relative must be true or false"),
 ])
@@ -208,7 +208,7 @@ def test_residual_attention_mask_in_unit_interval_and_params():
 
 @pytest.mark.parametrize("options, match", [
     ({"t": 0}, "t must be a positive integer, got 0"), ({"p": -1}, "p must be a non-negative integer"),
-    ({"depth": 1.5}, "depth must be a positive integer"), ({"rr": 1}, "Unknown option 'rr'.*Did you mean 'r'"),
+    ({"depth": 1.5}, "depth=1.5 is not valid; depth must be an integer or None"), ({"rr": 1}, "Unknown option 'rr'.*Did you mean 'r'"),
 ])
 def test_residual_attention_bad_options(options, match):
     with pytest.raises(OptionError, match=match):

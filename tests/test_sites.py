@@ -134,3 +134,45 @@ def test_fake_tensor_shapes_match_real(monkeypatch):
     fake = surgeon.sites(model, input_size=(3, 64, 64))
     assert calls, "the fake-tensor path was not taken"
     assert [(s.name, s.kind, s.shape) for s in fake] == [(s.name, s.kind, s.shape) for s in real]
+
+
+class BroadcastContextConcat(torch.nn.Module):
+    """A concat whose inputs both descend from a broadcast add of a (B, C, 1, 1) mean: no upsampling, no skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        f = self.a(x)
+        h = f + f.mean((2, 3), keepdim=True)
+        return self.c(torch.cat([h, self.b(h)], 1))
+
+
+def test_skip_finder_ignores_broadcast_means():
+    m = BroadcastContextConcat().eval()
+    assert names(m, "skip", input_size=(3, 16, 16)) == []
+    # the CLI-facing listing of every kind does not crash on it either
+    for kind in ("residual", "after_conv", "pool", "stage", "conv"):
+        names(m, kind, input_size=(3, 16, 16))
+
+
+class SharedCoarseConcat(torch.nn.Module):
+    """Both concat inputs descend from the same upsampled coarse feature: the skip is not an encoder's."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.down = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        f = self.a(x)
+        u = torch.nn.functional.interpolate(self.down(f), scale_factor=2.0)
+        return torch.cat([f + u, self.b(u)], 1)
+
+
+def test_skip_finder_needs_a_skip_apart_from_the_decoder():
+    assert names(SharedCoarseConcat().eval(), "skip", input_size=(3, 16, 16)) == []

@@ -1,9 +1,16 @@
-"""Small helpers shared by the attention layers: option checks, reductions, activations."""
+"""Small helpers shared by the attention layers: option checks, reductions, activations.
+
+The checks raise `OptionError` (a ValueError, so hand-written models may catch either) with one line:
+the option, the value, what is valid.
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 from torch import nn
+
+from surgeon.errors import OptionError, did_you_mean
 
 _ACTS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU,
@@ -13,32 +20,121 @@ _ACTS: dict[str, type[nn.Module]] = {
 }
 
 
-def get_act(layer: str | type[nn.Module] | None, what: str = "act_layer") -> nn.Module:
-    """An activation module from a name ('relu', 'sigmoid', ...) or a module class."""
+def check_act(layer: Any, what: str = "act_layer") -> type[nn.Module] | None:
+    """The activation class a name ('relu', 'sigmoid', ...) or module class stands for (None: none)."""
     if layer is None:
-        return nn.Identity()
+        return None
     if isinstance(layer, str):
         key = layer.lower()
         if key not in _ACTS:
-            from surgeon.errors import did_you_mean
-
-            raise ValueError(f"{what} {layer!r} is not known.{did_you_mean(key, _ACTS)} Valid: {', '.join(_ACTS)}")
-        return _ACTS[key]()
+            raise OptionError(f"{what} {layer!r} is not known.{did_you_mean(key, _ACTS)} Valid: {', '.join(_ACTS)}")
+        return _ACTS[key]
     if isinstance(layer, type) and issubclass(layer, nn.Module):
-        return layer()
-    raise ValueError(f"{what} must be a name or an nn.Module class, got {layer!r}")
+        return layer
+    raise OptionError(f"{what} must be a name or an nn.Module class, got {layer!r}")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def get_act(layer: str | type[nn.Module] | None, what: str = "act_layer") -> nn.Module:
+    """An activation module from a name ('relu', 'sigmoid', ...) or a module class."""
+    cls = check_act(layer, what)
+    return nn.Identity() if cls is None else cls()
+
+
+def _bad(name: str, value: Any, valid: str) -> OptionError:
+    return OptionError(f"{name} must be {valid}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(name: str, value: Any, *, low: int = 1) -> int:
+    """`value` as an int of at least `low` (1: a positive integer; 0: a non-negative one)."""
+    if not _is_int(value) or value < low:
+        valid = {1: "a positive integer", 0: "a non-negative integer"}.get(low, f"an integer >= {low}")
+        raise _bad(name, value, valid)
     return value
 
 
-def check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+def check_positive_int(name: str, value: Any) -> int:
+    return check_int(name, value, low=1)
+
+
+def check_optional_int(name: str, value: Any, *, low: int = 1) -> int | None:
+    """None, or an int of at least `low`."""
+    return None if value is None else check_int(name, value, low=low)
+
+
+def check_odd_kernel(name: str, value: Any) -> int:
+    """A positive odd kernel size (the padding k // 2 keeps the size only for odd k)."""
+    if not _is_int(value) or value < 1 or value % 2 == 0:
+        raise _bad(name, value, "a positive odd integer")
+    return value
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """`value` as a finite float within [low, high] (open ends where told)."""
+    ok = _is_number(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        if low is not None and high is not None:
+            valid = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            valid = f"a number {'>' if low_open else '>='} {low:g}"
+        else:
+            valid = "a finite number"
+        raise _bad(name, value, valid)
     return float(value)
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """A fraction of channels: a number in (0, 1]."""
+    return check_number(name, value, low=0, high=1, low_open=True)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A probability or fraction: a number in [0, 1]."""
+    return check_number(name, value, low=0, high=1)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """A positive finite number."""
+    return check_number(name, value, low=0, low_open=True)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(name, value, "true or false")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of `choices`, with a "did you mean" for a near miss."""
+    if not isinstance(value, str) or value not in choices:
+        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+        raise OptionError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}"
+                          + (f".{hint}" if hint else ""))
+    return value
+
+
+def check_feat_size(value: Any, name: str = "feat_size") -> tuple[int, int]:
+    """The (H, W) of a feature map: two positive integers."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(_is_int(v) and v > 0 for v in value):
+        raise _bad(name, value, "two positive integers (H, W)")
+    return tuple(value)
+
+
+def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
+    if value % by:
+        raise OptionError(f"{name} ({value}) must be divisible by {by_name} ({by})")
 
 
 def make_divisible(v: float, divisor: int = 1, min_value: int | None = None, round_limit: float = 0.9) -> int:

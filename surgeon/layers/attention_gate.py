@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.layers._util import check_choice, check_optional_int, check_positive_int
+
 
 class AttentionGate(nn.Module):
     """Additive attention gate: forward(x, g) -> x·α, α of shape (N, 1, H, W).
@@ -27,12 +29,10 @@ class AttentionGate(nn.Module):
     def __init__(self, channels: int, *, gating_channels: int | None = None, inter_channels: int | None = None,
                  mode: str = "bilinear", identity: bool = False):
         super().__init__()
-        for name, v in (("channels", channels), ("gating_channels", gating_channels),
-                        ("inter_channels", inter_channels)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if mode not in ("bilinear", "nearest"):
-            raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+        check_positive_int("channels", channels)
+        check_optional_int("gating_channels", gating_channels)
+        check_optional_int("inter_channels", inter_channels)
+        check_choice("mode", mode, ("bilinear", "nearest"))
         gating_channels = gating_channels or channels
         inter = inter_channels or max(channels // 2, 1)
         self.mode = mode

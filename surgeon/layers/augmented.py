@@ -16,14 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.errors import OptionError
+from surgeon.layers._util import check_bool, check_divisible, check_positive_int, check_ratio
+
 
 def _depth(ratio: float, explicit: int | None, out_channels: int, heads: int, name: str) -> int:
     if explicit is not None:
-        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1 or explicit % heads:
-            raise ValueError(f"{name}_channels must be a positive multiple of heads ({heads}), got {explicit!r}")
+        check_positive_int(f"{name}_channels", explicit)
+        check_divisible(f"{name}_channels", explicit, "heads", heads)
         return explicit
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"{name}_ratio must be in (0, 1], got {ratio!r}")
+    check_ratio(f"{name}_ratio", ratio)
     return max(heads, int(round(ratio * out_channels / heads)) * heads)
 
 
@@ -92,14 +94,12 @@ class AAConv2d(nn.Module):
         super().__init__()
         out_channels = channels if out_channels is None else out_channels
         for name, v in (("channels", channels), ("out_channels", out_channels), ("heads", heads)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(relative, bool):
-            raise ValueError(f"relative must be true or false, got {relative!r}")
+            check_positive_int(name, v)
+        check_bool("relative", relative)
         dk = _depth(key_ratio, key_channels, out_channels, heads, "key")
         dv = _depth(value_ratio, value_channels, out_channels, heads, "value")
         if dv >= out_channels:
-            raise ValueError(f"value channels d_v={dv} (heads={heads}) leave no convolution channels of "
+            raise OptionError(f"value channels d_v={dv} (heads={heads}) leave no convolution channels of "
                              f"out_channels={out_channels}; lower value_ratio or heads")
         k = kernel_size if isinstance(kernel_size, tuple) else (kernel_size, kernel_size)
         if padding is None:

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers._util import check_positive_int, check_ratio, get_act, reduced_channels, spatial_dims
+from surgeon.errors import OptionError
+from surgeon.layers._util import (check_act, check_bool, check_choice, check_feat_size, check_int, check_number,
+                                  check_odd_kernel, check_positive, check_positive_int, check_ratio, get_act,
+                                  reduced_channels, spatial_dims)
 
 
 class SEModule(nn.Module):
@@ -54,13 +57,11 @@ class EcaModule(nn.Module):
                  gate_layer: str = "sigmoid"):
         super().__init__()
         check_positive_int("channels", channels)
+        check_positive("gamma", gamma)
+        check_number("beta", beta)
         if kernel_size is None:
-            if gamma <= 0:
-                raise ValueError(f"gamma must be positive, got {gamma!r}")
             kernel_size = eca_kernel_size(channels, gamma, beta)
-        check_positive_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        check_odd_kernel("kernel_size", kernel_size)
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.gate = get_act(gate_layer, "gate_layer")
@@ -89,16 +90,12 @@ class SelectiveKernel(nn.Module):
                  rd_ratio: float = 1 / 16, min_channels: int = 32, act_layer: str = "relu"):
         super().__init__()
         check_positive_int("channels", channels)
-        check_positive_int("num_branches", num_branches)
-        if num_branches < 2:
-            raise ValueError(f"num_branches must be at least 2, got {num_branches}")
-        check_positive_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        check_int("num_branches", num_branches, low=2)
+        check_odd_kernel("kernel_size", kernel_size)
         check_positive_int("groups", groups)
         if channels % groups:
-            raise ValueError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "
-                             f"or a divisor of {channels}")
+            raise OptionError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "
+                              f"or a divisor of {channels}")
         check_ratio("rd_ratio", rd_ratio)
         check_positive_int("min_channels", min_channels)
         d = max(int(channels * rd_ratio), min_channels)
@@ -150,20 +147,20 @@ class GatherExcite(nn.Module):
                  rd_ratio: float = 1 / 16, feat_size: tuple[int, int] | None = None, act_layer: str = "relu"):
         super().__init__()
         check_positive_int("channels", channels)
-        if isinstance(extent, bool) or not isinstance(extent, int) or extent < 0:
-            raise ValueError(f"extent must be a non-negative integer (0 = global), got {extent!r}")
+        check_int("extent", extent, low=0)
+        check_bool("param", param)
+        check_bool("mlp", mlp)
+        check_ratio("rd_ratio", rd_ratio)  # checked even where unused (mlp=False): a wrong value is a mistake
+        check_act(act_layer)
         self.extent = extent
         self.gather: nn.Module | None = None
         if param:
             if extent == 0:
-                if feat_size is None or len(feat_size) != 2 or any(
-                        isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in feat_size):
-                    raise ValueError(f"feat_size must be the (H, W) of the feature map for a parametric global "
-                                     f"gather, got {feat_size!r}")
+                check_feat_size(feat_size)
                 self.gather = nn.Sequential(_GlobalDepthwise(channels, tuple(feat_size)), nn.BatchNorm2d(channels))
             else:
                 if extent & (extent - 1) or extent < 2:
-                    raise ValueError(f"extent must be 0 or a power of two >= 2 with param=True, got {extent}")
+                    raise OptionError(f"extent must be 0 or a power of two >= 2 with param=True, got {extent}")
                 layers: list[nn.Module] = []
                 for i in range(extent.bit_length() - 1):
                     if i:
@@ -204,8 +201,7 @@ class GlobalContext(nn.Module):
                  rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu"):
         super().__init__()
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
-        if fusion not in ("add", "mul"):
-            raise ValueError(f"fusion must be 'add' or 'mul', got {fusion!r}")
+        check_choice("fusion", fusion, ("add", "mul"))
         self.fusion = fusion
         self.conv_attn = nn.Linear(channels, 1)
         self.transform = nn.Sequential(nn.Linear(channels, rd), nn.LayerNorm(rd), get_act(act_layer),
@@ -237,9 +233,7 @@ class SRM(nn.Module):
     def __init__(self, channels: int, *, eps: float = 1e-5, gate_layer: str = "sigmoid"):
         super().__init__()
         check_positive_int("channels", channels)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        self.eps = float(eps)
+        self.eps = check_number("eps", eps, low=0)
         self.cfc = nn.Parameter(torch.zeros(channels, 2))
         self.bn = nn.BatchNorm1d(channels)
         self.gate = get_act(gate_layer, "gate_layer")
@@ -297,13 +291,8 @@ class FcaModule(nn.Module):
                  act_layer: str = "relu", gate_layer: str = "sigmoid"):
         super().__init__()
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
-        if freq_sel not in FCA_FREQ_SEL:
-            from surgeon.errors import did_you_mean
-
-            raise ValueError(f"freq_sel {freq_sel!r} is not known.{did_you_mean(freq_sel, FCA_FREQ_SEL)} "
-                             f"Valid: top/low/bot followed by 1, 2, 4, 8, 16 or 32")
-        if len(feat_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in feat_size):
-            raise ValueError(f"feat_size must be two positive integers (H, W), got {feat_size!r}")
+        check_choice("freq_sel", freq_sel, FCA_FREQ_SEL)
+        check_feat_size(feat_size)
         self.freqs = list(_FCA_FREQS[freq_sel[:3]][: int(freq_sel[3:])])
         # channel c pools with frequency c·F // C: equal groups when F divides C, as the paper
         self.register_buffer("group", torch.arange(channels) * len(self.freqs) // channels, persistent=False)

@@ -4,11 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _check_fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
+from surgeon.layers._util import check_fraction
 
 
 class ADL(nn.Module):
@@ -24,8 +20,8 @@ class ADL(nn.Module):
 
     def __init__(self, channels: int | None = None, *, drop_rate: float = 0.75, gamma: float = 0.9):
         super().__init__()
-        self.drop_rate = _check_fraction("drop_rate", drop_rate)
-        self.gamma = _check_fraction("gamma", gamma)
+        self.drop_rate = check_fraction("drop_rate", drop_rate)
+        self.gamma = check_fraction("gamma", gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:

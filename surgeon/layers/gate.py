@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from surgeon.layers._util import check_choice
+
 
 class GatedResidual(nn.Module):
     """Wraps an attention so it starts as the identity: y = x + γ·(attn(x) − x).
@@ -30,8 +32,9 @@ class GatedResidual(nn.Module):
             return self.gamma
         return self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self._gamma(x) * (self.attn(x) - x)
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        # `extra` (e.g. a padding mask) goes to the attention unchanged
+        return x + self._gamma(x) * (self.attn(x, *extra) - x)
 
 
 class GatedReplacement(nn.Module):
@@ -53,10 +56,8 @@ INITS = ("identity", "paper")
 
 
 def check_init(init: str) -> str:
-    """`init` itself when it is 'identity' or 'paper'; ValueError otherwise."""
-    if init not in INITS:
-        raise ValueError(f"init must be 'identity' or 'paper', got {init!r}")
-    return init
+    """`init` itself when it is 'identity' or 'paper'; OptionError (a ValueError) otherwise."""
+    return check_choice("init", init, INITS)
 
 
 def gated(module: nn.Module, init: str) -> nn.Module:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from surgeon.layers._util import check_positive_int, get_act, reduced_channels
+from surgeon.layers._util import (check_bool, check_choice, check_int, check_odd_kernel, check_positive_int, get_act,
+                                  reduced_channels)
 from surgeon.layers.spatial import SpatialAttn
 
 
@@ -59,8 +60,7 @@ class BAM(nn.Module):
         super().__init__()
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         check_positive_int("dilation", dilation)
-        if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 0:
-            raise ValueError(f"num_convs must be a non-negative integer, got {num_convs!r}")
+        check_int("num_convs", num_convs, low=0)
         self.channel = nn.Sequential(nn.Linear(channels, rd), nn.BatchNorm1d(rd), get_act(act_layer),
                                      nn.Linear(rd, channels))
         layers: list[nn.Module] = [nn.Conv2d(channels, rd, 1), nn.BatchNorm2d(rd), get_act(act_layer)]
@@ -98,9 +98,8 @@ class TripletAttention(nn.Module):
 
     def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False):
         super().__init__()
-        check_positive_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        check_odd_kernel("kernel_size", kernel_size)
+        check_bool("no_spatial", no_spatial)
         self.cw = _ZPoolGate(kernel_size)  # H pooled away: attends over (C, W)
         self.hc = _ZPoolGate(kernel_size)  # W pooled away: attends over (H, C)
         self.hw = None if no_spatial else _ZPoolGate(kernel_size)
@@ -125,8 +124,7 @@ class SCSE(nn.Module):
                  rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu", gate_layer: str = "sigmoid"):
         super().__init__()
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
-        if fusion not in ("add", "max", "mul"):
-            raise ValueError(f"fusion must be 'add', 'max' or 'mul', got {fusion!r}")
+        check_choice("fusion", fusion, ("add", "max", "mul"))
         self.fusion = fusion
         self.fc1 = nn.Linear(channels, rd)
         self.act = get_act(act_layer)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers._util import check_positive_int
+from surgeon.layers._util import check_divisible, check_positive_int
 
 
 class AttentionPool2d(nn.Module):
@@ -37,8 +37,7 @@ class AttentionPool2d(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         check_positive_int("num_heads", num_heads)
-        if channels % num_heads:
-            raise ValueError(f"channels ({channels}) must be divisible by num_heads ({num_heads})")
+        check_divisible("channels", channels, "num_heads", num_heads)
         self.num_heads = num_heads
         # a raw parameter (not a Conv2d), so global conv re-initialisation leaves the zero init alone
         self.score = nn.Parameter(torch.zeros(num_heads, channels))

@@ -17,13 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _positive_int(name: str, value, *, zero: bool = False) -> int:
-    low = 0 if zero else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        kind = "non-negative" if zero else "positive"
-        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
-    return value
+from surgeon.layers._util import check_int, check_positive_int
 
 
 class PreActUnit(nn.Module):
@@ -66,11 +60,11 @@ class ResidualAttention(nn.Module):
 
     def __init__(self, channels: int, *, p: int = 1, t: int = 2, r: int = 1, depth: int = 1):
         super().__init__()
-        _positive_int("channels", channels)
-        _positive_int("p", p, zero=True)
-        _positive_int("t", t)
-        _positive_int("r", r)
-        _positive_int("depth", depth)
+        check_positive_int("channels", channels)
+        check_int("p", p, low=0)
+        check_positive_int("t", t)
+        check_positive_int("r", r)
+        check_positive_int("depth", depth)
         self.depth = depth
         self.pre = _units(channels, p)
         self.trunk = _units(channels, t)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers._util import check_positive_int, reduced_channels
+from surgeon.layers._util import check_bool, check_choice, check_number, check_positive_int, reduced_channels
 
 NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
@@ -48,10 +48,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return y.transpose(1, 2).reshape(b, n, heads * dq)[..., :dv]
 
 
-def _check_momentum(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"momentum must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _concat_attention(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -89,10 +85,8 @@ class NonLocal2d(nn.Module):
     def __init__(self, channels: int, *, mode: str = "embedded_gaussian", rd_ratio: float = 1 / 2,
                  rd_channels: int | None = None, rd_divisor: int = 1, sub_sample: bool = False):
         super().__init__()
-        if mode not in NONLOCAL_MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, NONLOCAL_MODES))}, got {mode!r}")
-        if not isinstance(sub_sample, bool):
-            raise ValueError(f"sub_sample must be True or False, got {sub_sample!r}")
+        check_choice("mode", mode, NONLOCAL_MODES)
+        check_bool("sub_sample", sub_sample)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.mode = mode
         if mode != "gaussian":
@@ -241,7 +235,7 @@ class EMAUnit(nn.Module):
         check_positive_int("channels", channels)
         self.num_bases = check_positive_int("num_bases", num_bases)
         self.num_iters = check_positive_int("num_iters", num_iters)
-        self.momentum = _check_momentum(momentum)
+        self.momentum = check_number("momentum", momentum, low=0, high=1, high_open=True)
         self.conv_in = nn.Conv2d(channels, channels, 1)
         self.conv_out = nn.Conv2d(channels, channels, 1, bias=False)
         self.norm = nn.BatchNorm2d(channels)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from surgeon.layers._util import check_positive_int
+from surgeon.errors import OptionError
+from surgeon.layers._util import check_bool, check_choice, check_divisible, check_positive, check_positive_int
 
 
 # -- score functions -----------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ class DotScore(nn.Module):
     def __init__(self, q_dim: int, k_dim: int, *, hidden: int | None = None):
         super().__init__()
         if q_dim != k_dim:
-            raise ValueError(f"score '{self.name}' needs query and keys of one size, got {q_dim} and {k_dim}; "
+            raise OptionError(f"score '{self.name}' needs query and keys of one size, got {q_dim} and {k_dim}; "
                              f"use score='general' or 'additive'")
 
     name = "dot"
@@ -121,10 +122,7 @@ SCORES: dict[str, type[nn.Module]] = {
 
 def make_score(name: str, q_dim: int, k_dim: int, *, hidden: int | None = None) -> nn.Module:
     """A score module by name (see `SCORES`)."""
-    if name not in SCORES:
-        from surgeon.errors import did_you_mean
-
-        raise ValueError(f"score {name!r} is not known.{did_you_mean(name, SCORES)} Valid: {', '.join(SCORES)}")
+    check_choice("score", name, tuple(SCORES))
     return SCORES[name](q_dim, k_dim, hidden=hidden)
 
 
@@ -169,6 +167,7 @@ def last_valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 # -- pooling over time steps ----------------------------------------------------------------------------
 _QUERIES = ("learned", "last", "external")
+LOCAL_MODES = ("m", "p")  # monotonic (the last step), predicted
 
 
 class SeqAttnPool(nn.Module):
@@ -188,8 +187,7 @@ class SeqAttnPool(nn.Module):
                  query_dim: int | None = None, hidden: int | None = None):
         super().__init__()
         check_positive_int("channels", channels)
-        if query not in _QUERIES:
-            raise ValueError(f"query must be one of {', '.join(_QUERIES)}, got {query!r}")
+        check_choice("query", query, _QUERIES)
         q_dim = channels if query != "external" else check_positive_int("query_dim", query_dim)
         self.query_mode = query
         self.score = make_score(score, q_dim, channels, hidden=hidden)
@@ -235,9 +233,7 @@ class HardAttnPool(SeqAttnPool):
     def __init__(self, channels: int, *, score: str = "additive", query: str = "learned",
                  query_dim: int | None = None, hidden: int | None = None, temperature: float = 1.0):
         super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive("temperature", temperature)
 
     @property
     def uniform_at_init(self) -> bool:
@@ -280,9 +276,7 @@ class LocalAttnPool(SeqAttnPool):
                  query_dim: int | None = None, hidden: int | None = None, window: int = 8, mode: str = "m"):
         super().__init__(channels, score=score, query=query, query_dim=query_dim, hidden=hidden)
         self.window = check_positive_int("window", window)
-        if mode not in ("m", "p"):
-            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, LOCAL_MODES)
         if mode == "p":
             q_dim = channels if query != "external" else query_dim
             self.predict = nn.Sequential(nn.Linear(q_dim, channels), nn.Tanh(), nn.Linear(channels, 1))
@@ -326,6 +320,13 @@ class StructuredSelfAttn(nn.Module):
         self.penalty = (a @ a.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean()
         self.attn_weights = a.detach()
         return (a @ x).flatten(1)
+
+    def __getstate__(self):
+        # NOTE: the penalty of the latest forward is part of an autograd graph, which deepcopy (EMA
+        # copies, `load(base=...)`) and pickle refuse; a copy keeps its value without the graph.
+        state = super().__getstate__()
+        state["penalty"] = state["penalty"].detach()
+        return state
 
 
 def structured_penalty(model: nn.Module) -> torch.Tensor:
@@ -396,17 +397,19 @@ class MultiHeadSelfAttn(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         check_positive_int("heads", heads)
-        if channels % heads:
-            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        check_divisible("channels", channels, "heads", heads)
+        check_bool("qkv_bias", qkv_bias)
         self.heads = heads
         self.norm = nn.LayerNorm(channels)
         self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
         self.proj = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); mask (B, N) booleans, True on real tokens: padded ones are never attended to."""
         b, n, c = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -422,35 +425,54 @@ class LocalSelfAttn(nn.Module):
         super().__init__()
         check_positive_int("channels", channels)
         self.window = check_positive_int("window", window)
-        if mode not in ("m", "p"):
-            raise ValueError(f"mode must be 'm' (monotonic) or 'p' (predicted), got {mode!r}")
-        self.mode = mode
+        self.mode = check_choice("mode", mode, LOCAL_MODES)
         self.norm = nn.LayerNorm(channels)
         self.score = make_score(score, channels, channels)
         self.proj = nn.Linear(channels, channels)
         if mode == "p":
             self.predict = nn.Sequential(nn.Linear(channels, channels), nn.Tanh(), nn.Linear(channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, C); mask (B, N) booleans, True on real tokens: padded ones are never attended to."""
         h = self.norm(x)
         n = x.shape[1]
         if self.mode == "m":
             centers = torch.arange(n, device=x.device, dtype=x.dtype).expand(x.shape[0], n)
         else:
             centers = (n - 1) * torch.sigmoid(self.predict(h)[..., 0])
-        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", None)
+        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", mask)
         return x + self.proj(a @ h)
 
 
 class SequenceFirst(nn.Module):
-    """Runs a (B, T, C) module on a (T, B, C) sequence."""
+    """Runs a (B, T, C) module on a (T, B, C) sequence (extra arguments, e.g. a (B, T) mask, pass as they are)."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.transpose(0, 1)).transpose(0, 1)
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
+        return self.module(x.transpose(0, 1), *extra).transpose(0, 1)
+
+
+class TokenMask(nn.Module):
+    """Gives a token attention the padding mask of its sequence: `forward(x, source)` turns the model's own
+    padding information (`source`: lengths, a mask or token ids, see `key_mask`) into a (B, T) mask and
+    calls `module(x, mask)`.
+
+    Args:
+        module: takes (x, mask). form, pad_id: as `key_mask`. batch_first: x is (B, T, C), else (T, B, C).
+    """
+
+    def __init__(self, module: nn.Module, *, form: str, pad_id: int | None = None, batch_first: bool = True):
+        super().__init__()
+        self.module = module
+        self.form = check_choice("mask form", form, MASK_FORMS)
+        self.pad_id, self.batch_first = pad_id, batch_first
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        steps = x.shape[1] if self.batch_first else x.shape[0]
+        return self.module(x, key_mask(source, self.form, steps, pad_id=self.pad_id))
 
 
 class InputAttn(nn.Module):
@@ -475,8 +497,10 @@ class InputAttn(nn.Module):
         self.prior = nn.Parameter(torch.zeros(channels))
         self.attn_weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = torch.tanh(self.u(x.transpose(1, 2))) @ self.v + self.prior  # (B, n)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, n); mask (B, T) booleans, True on real steps: padded steps do not shape the weights."""
+        series = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        e = torch.tanh(self.u(series.transpose(1, 2))) @ self.v + self.prior  # (B, n)
         a = e.softmax(-1)
         self.attn_weights = a.detach()
         return x * (a * x.shape[-1]).unsqueeze(1)

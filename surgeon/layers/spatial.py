@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surgeon.layers._util import check_positive_int, check_ratio, get_act, reduced_channels
+from surgeon.layers._util import check_bool, check_choice, check_odd_kernel, check_positive_int, check_ratio, get_act, \
+    reduced_channels
 
 
 class SpatialAttn(nn.Module):
@@ -19,9 +20,8 @@ class SpatialAttn(nn.Module):
     def __init__(self, channels: int | None = None, *, kernel_size: int = 7, norm: bool = True,
                  gate_layer: str = "sigmoid"):
         super().__init__()
-        check_positive_int("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        check_odd_kernel("kernel_size", kernel_size)
+        check_bool("norm", norm)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not norm)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01) if norm else nn.Identity()
         self.gate = get_act(gate_layer, "gate_layer")
@@ -81,10 +81,8 @@ class SpatialTransformer(nn.Module):
         check_positive_int("hidden_channels", hidden_channels)
         check_positive_int("hidden_features", hidden_features)
         check_positive_int("pool_size", pool_size)
-        if padding_mode not in ("zeros", "border", "reflection"):
-            raise ValueError(f"padding_mode must be 'zeros', 'border' or 'reflection', got {padding_mode!r}")
-        self.padding_mode = padding_mode
-        self.align_corners = bool(align_corners)
+        self.padding_mode = check_choice("padding_mode", padding_mode, ("zeros", "border", "reflection"))
+        self.align_corners = check_bool("align_corners", align_corners)
         self.loc = nn.Sequential(
             nn.Conv2d(channels, hidden_channels, 3, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(pool_size), nn.Flatten(),

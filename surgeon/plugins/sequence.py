@@ -31,8 +31,8 @@ def _external(site, query: str) -> tuple[int, int]:
     names = {r: r for r in roles} | {r.split(":", 1)[1]: r for r in roles}
     if query not in names:
         valid = ", ".join(repr(r) for r in roles) or "none (the model has no other input, and no earlier RNN)"
-        raise OptionError(f"cross at {site.name!r}: unknown query {query!r}.{did_you_mean(query, names)} "
-                          f"Valid: {valid}")
+        hint = did_you_mean(query, names) if isinstance(query, str) else ""
+        raise OptionError(f"cross at {site.name!r}: unknown query {query!r}.{hint} Valid: {valid}")
     idx = list(site.info["extra"]).index(names[query])
     shape = site.info["extra_shapes"][idx]
     if shape is None or len(shape) not in (2, 3):  # 3: another RNN's h_n stack, read as h_n[-1]
@@ -77,10 +77,21 @@ def build_hard(site, *, init: str = "identity", score: str = "additive", query: 
     return rnn_replacement(site, pool, init)
 
 
+def tokens_module(site, module):
+    """A module for a tokens site: (B, T, C) or time-first, gated for identity init, and given the padding
+    mask where the site has padding information (a 'replace' site with args (tokens, mask source))."""
+    from surgeon.layers.sequence import SequenceFirst, TokenMask
+
+    module = SequenceFirst(module) if site.layout == "lnc" else module
+    if not site.info.get("mask"):
+        return module
+    return TokenMask(module, form=site.info["mask"], pad_id=site.info.get("pad_id"), batch_first=site.layout != "lnc")
+
+
 def build_local(site, *, init: str = "identity", window: int = 8, mode: str = "m", score: str | None = None,
                 query: str = "last"):
     from surgeon.layers.gate import GatedResidual
-    from surgeon.layers.sequence import LocalAttnPool, LocalSelfAttn, SequenceFirst
+    from surgeon.layers.sequence import LocalAttnPool, LocalSelfAttn
 
     _require(site, "local", ("rnn", "tokens"))
     if site.kind == "rnn":
@@ -88,13 +99,12 @@ def build_local(site, *, init: str = "identity", window: int = 8, mode: str = "m
         return rnn_replacement(site, pool, init)
     _check_init(init)
     module = LocalSelfAttn(site.channels, window=window, mode=mode, score=score or "scaled_dot")
-    module = SequenceFirst(module) if site.layout == "lnc" else module
-    return GatedResidual(module) if init == "identity" else module
+    return tokens_module(site, GatedResidual(module) if init == "identity" else module)
 
 
 def build_mhsa(site, *, init: str = "identity", heads: int | None = None, qkv_bias: bool = True):
     from surgeon.layers.gate import GatedResidual
-    from surgeon.layers.sequence import MultiHeadSelfAttn, SequenceFirst
+    from surgeon.layers.sequence import MultiHeadSelfAttn
 
     _require(site, "mhsa", ("tokens",))
     _check_init(init)
@@ -102,8 +112,7 @@ def build_mhsa(site, *, init: str = "identity", heads: int | None = None, qkv_bi
     if heads is None:  # the most heads with at least 32 channels each
         heads = next((h for h in (8, 4, 2) if c % h == 0 and c // h >= 32), 1)
     module = MultiHeadSelfAttn(c, heads=heads, qkv_bias=qkv_bias)
-    module = SequenceFirst(module) if site.layout == "lnc" else module
-    return GatedResidual(module) if init == "identity" else module
+    return tokens_module(site, GatedResidual(module) if init == "identity" else module)
 
 
 def build_structured(site, *, init: str = "identity", hops: int = 4, hidden: int = 64):
@@ -130,13 +139,12 @@ def build_cross(site, *, init: str = "identity", query: str | None = None, score
 
 
 def build_inputattn(site, *, init: str = "identity", hidden: int = 32):
-    from surgeon.layers.sequence import InputAttn, SequenceFirst
+    from surgeon.layers.sequence import InputAttn
 
     _require(site, "inputattn", ("rnn_input", "tokens"))
     _check_init(init)
     steps = site.shape[1] if site.layout == "nlc" else site.shape[0]
-    module = InputAttn(site.channels, steps=steps, hidden=hidden)
-    return SequenceFirst(module) if site.layout == "lnc" else module
+    return tokens_module(site, InputAttn(site.channels, steps=steps, hidden=hidden))
 
 
 @hookimpl

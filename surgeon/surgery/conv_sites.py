@@ -73,18 +73,24 @@ def _is_channel_cat(n: fx.Node) -> bool:
 
 
 def _upsampled_from(view: GraphView, node: fx.Node, size: tuple) -> fx.Node | None:
-    """Walk back from `node` along tensor inputs at `size` to the first coarser feature map."""
+    """Walk back from `node` along tensor inputs at `size` to the coarser feature map it was upsampled
+    from: an op whose every feature-map input is coarser (interpolate, transposed conv). A broadcast
+    (`x + x.mean((2, 3), keepdim=True)`) keeps an input at `size` and is walked through; a global
+    (1×1) feature is a broadcast context, never an upsampling source."""
     cur, seen = node, set()
     while isinstance(cur, fx.Node) and cur not in seen:
         seen.add(cur)
         ins = [a for a in cur.all_input_nodes if _spatial(view.shape(a)) is not None]
         if not ins:
             return None
-        coarser = [a for a in ins if _spatial(view.shape(a)) != size]
-        if coarser:
-            sp = _spatial(view.shape(coarser[0]))
-            return coarser[0] if all(a <= b for a, b in zip(sp, size)) else None
-        cur = ins[0]
+        same = [a for a in ins if _spatial(view.shape(a)) == size]
+        if same:
+            cur = same[0]
+            continue
+        sp = _spatial(view.shape(ins[0]))
+        if all(d == 1 for d in sp) or not all(a <= b for a, b in zip(sp, size)):
+            return None
+        return ins[0]
     return None
 
 
@@ -141,8 +147,12 @@ def find_skip(view: GraphView) -> list[Site]:
                 name = view.name_for(c)
                 if (c is coarse or c is decoder or (name in view.modules and name)) and c.op != "placeholder":
                     cands.setdefault(view.full_name(view.site_name(c)), c)
+            gating = next((f"site:{k}" for k, c in cands.items() if c is coarse), None)
+            if gating is None:  # the skip itself descends from the coarse feature: not an encoder's skip
+                log.debug("site %s: no skip site, %s also feeds the decoder input", view.site_name(skip),
+                          coarse.name)
+                continue
             roles = tuple(f"site:{k}" for k in cands)
-            gating = next(f"site:{k}" for k, c in cands.items() if c is coarse)
             skip_name = _skip_name(view, skip)
             owner = view.enclosing(cat)
             sites.append(Site(name=view.full_name(skip_name), kind="skip", shape=view.shape(skip), layout="nchw",

@@ -8,7 +8,10 @@
   ('mask'), then the model's other inputs ('input:NAME') and earlier RNN selections ('site:NAME'),
   which an attention with an external query can use.
 - tokens: a (B, N, C) sequence: the output of each transformer block (a module whose own code holds a
-  residual add), and an RNN output used per step (e.g. by a per-step linear layer).
+  residual add), and an RNN output used per step (e.g. by a per-step linear layer). Where the model has
+  padding information (a lengths/mask input, pack_padded_sequence's lengths, token ids through an
+  embedding with padding_idx), the site is a 'replace' site with args (sequence, mask source) and
+  `info["mask"]` its form, as for rnn sites; otherwise an 'insert' site.
 - rnn_input: the input sequence of an RNN (the place of DA-RNN's input attention).
 
 Selections of an RNN's output that fit no known form make an `rnn` site whose `info["error"]` says so;
@@ -198,6 +201,22 @@ def _mask_source(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, dict[st
     lengths = _arg(pack, 1, "lengths", None) if pack is not None else None
     if isinstance(lengths, fx.Node):
         return lengths, {"mask": "lengths", "mask_input": lengths.name, "packed": True}
+    named = _named_mask_input(view)
+    if named[0] is not None:
+        return named
+    # token ids through an embedding with a padding index
+    cur = rnn.args[0] if rnn.args and isinstance(rnn.args[0], fx.Node) else None
+    while cur is not None and cur.op != "placeholder":
+        m = view.module(cur)
+        if isinstance(m, nn.Embedding):
+            return _embedding_mask(view, cur)
+        ins = [a for a in cur.all_input_nodes if view.shape(a) is not None]
+        cur = ins[0] if len(ins) == 1 else None
+    return None, {"mask": None}
+
+
+def _named_mask_input(view: GraphView) -> tuple[fx.Node | None, dict[str, Any]]:
+    """A model input named as lengths (B,) or a mask / padding mask (B, T)."""
     for p in (n for n in view.nodes if n.op == "placeholder"):
         name, s = p.name.lower(), view.shape(p)
         if s is None:
@@ -207,18 +226,61 @@ def _mask_source(view: GraphView, rnn: fx.Node) -> tuple[fx.Node | None, dict[st
         if any(k in name for k in _MASK_NAMES + _PADDING_NAMES) and len(s) == 2:
             form = "padding" if any(k in name for k in _PADDING_NAMES) else "valid"
             return p, {"mask": form, "mask_input": p.name}
-    # token ids through an embedding with a padding index
-    cur = rnn.args[0] if rnn.args and isinstance(rnn.args[0], fx.Node) else None
-    while cur is not None and cur.op != "placeholder":
-        m = view.module(cur)
-        if isinstance(m, nn.Embedding):
-            src = cur.args[0]
-            if m.padding_idx is not None and isinstance(src, fx.Node) and src.op == "placeholder":
-                return src, {"mask": "tokens", "pad_id": int(m.padding_idx), "mask_input": src.name}
-            break
-        ins = [a for a in cur.all_input_nodes if view.shape(a) is not None]
-        cur = ins[0] if len(ins) == 1 else None
     return None, {"mask": None}
+
+
+def _embedding_mask(view: GraphView, emb: fx.Node) -> tuple[fx.Node | None, dict[str, Any]]:
+    """The token ids of an embedding call with a padding index, when they are a model input."""
+    m, src = view.module(emb), emb.args[0] if emb.args else None
+    if m.padding_idx is not None and isinstance(src, fx.Node) and src.op == "placeholder":
+        return src, {"mask": "tokens", "pad_id": int(m.padding_idx), "mask_input": src.name}
+    return None, {"mask": None}
+
+
+def _block_mask_source(view: GraphView, node: fx.Node) -> tuple[fx.Node | None, dict[str, Any]]:
+    """Padding information for tokens computed at `node`: a lengths/mask input of the model, or the token
+    ids of the one embedding with a padding index that the tokens come from."""
+    named = _named_mask_input(view)
+    if named[0] is not None:
+        return named
+    embs = [a for a in view.ancestors(node) if isinstance(view.module(a), nn.Embedding)]
+    found = [r for r in (_embedding_mask(view, e) for e in embs) if r[0] is not None]
+    return found[0] if len(found) == 1 else (None, {"mask": None})
+
+
+def _layout_by_batch(shape: tuple | None, source: tuple | None, layout: str) -> str | None:
+    """The tokens' layout told by the batch size of their padding information (lengths (B,), or (B, T) ids or
+    masks): 'nlc' when it is dim 0 of the tokens, 'lnc' when dim 1 (a time-first block with no torch
+    transformer layer to say so); None when it is neither."""
+    if shape is None or source is None or len(shape) != 3 or not source:
+        return None
+    b = source[0]
+    if b == (shape[0] if layout == "nlc" else shape[1]):
+        return layout
+    if b == (shape[1] if layout == "nlc" else shape[0]):
+        return "lnc" if layout == "nlc" else "nlc"
+    return None
+
+
+def _tokens_site(view: GraphView, name: str, node: fx.Node, layout: str, owner: str, slot: str,
+                 info: dict[str, Any], mask: fx.Node | None, mask_info: dict[str, Any]) -> Site:
+    """A tokens site: 'insert' without padding information; with it, 'replace' with args (node, mask source)
+    so the module can leave padded steps out."""
+    shape = view.shape(node)
+    if mask is not None:
+        layout = _layout_by_batch(shape, view.shape(mask), layout)
+        if layout is None:
+            log.info("site %s: the batch size of %s fits neither dim of the tokens %s; padding is attended",
+                     name, mask.name, shape)
+            mask, mask_info, layout = None, {"mask": None}, "nlc"
+    info = {**info, **mask_info, "padding_known": mask is not None}
+    if mask is None:
+        return Site(name=name, kind="tokens", shape=shape, layout=layout, graph=view.prefix, node=node.name,
+                    owner=owner, slot=slot, info=info)
+    log.debug("site %s: tokens attention masks padding from input %s", name, mask.name)
+    return Site(name=name, kind="tokens", shape=shape, layout=layout, graph=view.prefix, node=node.name,
+                action="replace", args=(node.name, mask.name), out_shape=shape, owner=owner, slot=slot,
+                info={**info, "extra": ("mask",), "extra_shapes": (view.shape(mask),)})
 
 
 def _extras(view: GraphView, rnn: fx.Node, before: fx.Node, mask: fx.Node | None,
@@ -342,9 +404,9 @@ def find_tokens(view: GraphView) -> list[Site]:
         time_first = isinstance(m, _BLOCK_LEAVES) and mha is not None and not mha.batch_first
         layout = "lnc" if time_first else "nlc"
         owner, slot = (path, "") if node.op != "call_module" else _placement(view, node)
-        sites.append(Site(name=view.full_name(path), kind="tokens", shape=view.shape(node), layout=layout,
-                          graph=view.prefix, node=node.name, owner=owner, slot=slot,
-                          info={"block": type(m).__name__}))
+        mask, mask_info = _block_mask_source(view, node)
+        sites.append(_tokens_site(view, view.full_name(path), node, layout, owner, slot,
+                                  {"block": type(m).__name__}, mask, mask_info))
     for rnn in (n for n in view.nodes if view.is_(is_rnn, n)):
         m = view.module(rnn)
         _, per_step, _ = _selections(view, rnn)
@@ -352,14 +414,9 @@ def find_tokens(view: GraphView) -> list[Site]:
         if not per_step or out is None:
             continue
         mask, mask_info = _mask_source(view, rnn)
-        if mask is not None:
-            log.info("site %s: tokens attention cannot see the model's %s input; padded steps are attended",
-                     view.full_name(rnn.target), mask_info.get("mask_input"))
         owner, slot = _placement(view, rnn)
-        sites.append(Site(name=view.full_name(rnn.target), kind="tokens", shape=view.shape(out),
-                          layout="nlc" if batch_first else "lnc", graph=view.prefix, node=out.name,
-                          owner=owner, slot=slot,
-                          info={**_rnn_info(m), "padding_known": False, "mask_ignored": mask is not None}))
+        sites.append(_tokens_site(view, view.full_name(rnn.target), out, "nlc" if batch_first else "lnc", owner,
+                                  slot, _rnn_info(m), mask, mask_info))
     return sites
 
 
