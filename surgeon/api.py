@@ -194,7 +194,19 @@ def _reaches_output(prep: _Prepared, site: Site) -> bool:
         outs = [n for n in view.nodes if n.op == "output"]
         live = set(outs).union(*(nx.ancestors(view.nx, o) for o in outs))
         view.__dict__["_live"] = live
+    no_grad = view.__dict__.get("_no_grad")
+    if no_grad is None:  # nodes between a recorded `set grad enabled(False)` and the restore after it
+        no_grad, depth = set(), 0
+        for n in view.nodes:
+            if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
+                depth += 1 if n.args[0] is False else -1 if isinstance(n.args[0], torch.fx.Node) else 0
+            elif depth > 0:
+                no_grad.add(n)
+        view.__dict__["_no_grad"] = no_grad
     node = next((n for n in view.nodes if n.name == site.node), None)
+    if node is not None and node in no_grad:
+        log.info("site %s: skipped, it is computed without gradients (torch.no_grad)", site.name)
+        return False
     if node is None or node in live:
         return True
     log.info("site %s: skipped, its value does not reach the output", site.name)

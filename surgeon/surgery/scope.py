@@ -115,13 +115,17 @@ def _candidates(sc: Scopes, site: Site, nodes: dict[str, fx.Node]) -> list[str |
 
 def _fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> str | None:
     """Why scope `key` cannot own the edit at `site` (None: it can, pending the match of its graph)."""
+    node = nodes[site.node]
+    for hk, rel in sc.hooked_inside(key).items():
+        seg = sc.members(hk)
+        if node in seg or (site.user is not None and nodes[site.user] in seg):
+            return f"the site is inside {rel!r}, which has hooks"
     if key is ROOT:
         return None
     path = sc.paths[key]
     if sc.calls[path] > 1:
         return f"{path!r} is called {sc.calls[path]} times"
     inside = sc.members(key)
-    node = nodes[site.node]
 
     def available(n: fx.Node) -> bool:  # computed inside, or one of the scope's inputs
         return n in inside or any(u in inside for u in n.users)
@@ -135,10 +139,6 @@ def _fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) ->
         return "the site is outside it"
     if site.action == "replace" and not all(available(nodes[a]) for a in site.args):
         return "the module's inputs are not available in it"
-    for hk, rel in sc.hooked_inside(key).items():
-        seg = sc.members(hk)
-        if node in seg or (site.user is not None and nodes[site.user] in seg):
-            return f"the site is inside {rel!r}, which has hooks"
     return None
 
 

@@ -11,6 +11,7 @@ Plugins add kinds through the `register_site_finders` hook.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -96,6 +97,11 @@ def find_residual(view: GraphView) -> list[Site]:
             log.debug("site %s: skipped, both branches of the add have %d layers", view.full_name(n.name), wa)
             continue
         branch, user = (a, n) if wa > wb else (b, n)
+        if _mutates(n) and branch is a and any(view.order[u] > view.order[n] for u in a.users if u is not n):
+            # `out.add_(z)`: the add changes `out` itself and later code reads `out`, not the add's result;
+            # a module put in front of the add would leave what later code reads without attention
+            log.debug("site %s: skipped, the in-place add changes a tensor read after it", view.full_name(n.name))
+            continue
         # step back over dropout / drop-path / identity so the module sees the branch's features
         while view.is_(is_dropout, branch) and len(branch.users) == 1 and isinstance(branch.args[0], fx.Node):
             user, branch = branch, branch.args[0]
@@ -104,6 +110,11 @@ def find_residual(view: GraphView) -> list[Site]:
                           layout=view.layout(branch), graph=view.prefix, node=branch.name, user=user.name,
                           owner=block, slot="" if block else n.name))
     return sites
+
+
+def _mutates(n: fx.Node) -> bool:
+    """An in-place add (`a.add_(b)`, `a += b`) that changes its first operand."""
+    return (n.op == "call_method" and n.target == "add_") or (n.op == "call_function" and n.target is operator.iadd)
 
 
 def _spatial(s: tuple | None) -> tuple | None:

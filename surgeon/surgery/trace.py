@@ -55,7 +55,9 @@ def _timm_notrace() -> tuple[set[type], set]:
     return set(timm_fx.get_notrace_modules()), set(timm_fx.get_notrace_functions())
 
 
-_GRAD_MODE = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode")
+# `with torch.no_grad():` / `torch.enable_grad()` regions are recorded in graphs (see SurgeonTracer.trace);
+# these other ways of switching autograd are not, and keep their module Python
+_GRAD_MODE = ("set_grad_enabled", "inference_mode")
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,6 +85,12 @@ def _reads_training(cls: type) -> bool:
     except (OSError, TypeError):
         return False
     return "self.training" in src
+
+
+def has_hooks(m: nn.Module) -> bool:
+    """Whether forward or backward hooks are registered on this module itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
 
 
 def pack_padded_sequence(*args, **kwargs):
@@ -118,9 +126,42 @@ class SurgeonTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if module_qualified_name and (_reads_training(type(m)) or changes_grad_mode(type(m))):
+        if module_qualified_name and (_reads_training(type(m)) or changes_grad_mode(type(m)) or has_hooks(m)):
+            # a module with hooks stays one call, so its hooks keep firing; it is traced as a graph of its own
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def trace(self, root, concrete_args=None):
+        """Trace `root`; `with torch.no_grad():` and `torch.enable_grad()` blocks become graph nodes that save
+        the grad mode, set it, and restore it, so the traced code switches autograd exactly where the
+        original does (plain fx would drop the blocks and compute gradients the original never did)."""
+        tracer = self
+        patched = {}
+
+        def wrap(cm: type, mode: bool) -> None:
+            enter, exit_ = cm.__enter__, cm.__exit__
+
+            def recording_enter(cm_self):
+                cm_self._surgeon_prev = tracer.create_proxy("call_function", torch.is_grad_enabled, (), {})
+                tracer.create_proxy("call_function", torch._C._set_grad_enabled, (mode,), {})
+                return enter(cm_self)
+
+            def recording_exit(cm_self, *exc):
+                prev = cm_self.__dict__.pop("_surgeon_prev", None)
+                if prev is not None:
+                    tracer.create_proxy("call_function", torch._C._set_grad_enabled, (prev,), {})
+                return exit_(cm_self, *exc)
+
+            patched[cm] = (enter, exit_)
+            cm.__enter__, cm.__exit__ = recording_enter, recording_exit
+
+        wrap(torch.no_grad, False)
+        wrap(torch.enable_grad, True)
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for cm, (enter, exit_) in patched.items():
+                cm.__enter__, cm.__exit__ = enter, exit_
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
@@ -334,6 +375,16 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     else:
         raise TraceError(f"Tracing {type(module).__name__} did not converge after {_MAX_RETRIES} leaves")
     result.graphs[prefix] = gm
+    # modules kept whole for their hooks get graphs of their own (surgery then rewrites them, hooks kept)
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or n.target in culprits:
+            continue
+        sub = gm.get_submodule(n.target)
+        full = _join(prefix, n.target)
+        builtin_leaf = type(sub).__module__.startswith("torch.nn") and not isinstance(sub, nn.Sequential)
+        if has_hooks(sub) and not builtin_leaf and full not in result.graphs \
+                and full not in leaf_paths and not getattr(sub, "_surgeon_leaf", False):
+            _trace_into(sub, full, leaf_paths, result)
     # trace inside the modules that had to become leaves, so their own sites are found
     for path, reason in culprits.items():
         full = _join(prefix, path)
