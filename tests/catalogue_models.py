@@ -34,7 +34,8 @@ MODELS = {
     "rnn_input": lambda: (readout(), (_tokens(),)),
     "tokens": lambda: (tagger(), (_tokens(),)),
 }
-# attentions that need an option to be built at all (at width 8: aaconv's 8 heads leave no conv channels, sk's 32 groups do not divide)
+# attentions that need an option to be built at all (at width 8: aaconv's 8 heads leave no conv channels,
+# sk's 32 groups do not divide)
 REQUIRED = {"cross": {"query": "ctx"}, "aaconv": {"heads": 2}, "sk": {"groups": 8}}
 
 

@@ -18,7 +18,6 @@ import itertools
 import linecache
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
 

@@ -208,7 +208,8 @@ def test_residual_attention_mask_in_unit_interval_and_params():
 
 @pytest.mark.parametrize("options, match", [
     ({"t": 0}, "t must be a positive integer, got 0"), ({"p": -1}, "p must be a non-negative integer"),
-    ({"depth": 1.5}, "depth=1.5 is not valid; depth must be an integer or None"), ({"rr": 1}, "Unknown option 'rr'.*Did you mean 'r'"),
+    ({"depth": 1.5}, "depth=1.5 is not valid; depth must be an integer or None"),
+    ({"rr": 1}, "Unknown option 'rr'.*Did you mean 'r'"),
 ])
 def test_residual_attention_bad_options(options, match):
     with pytest.raises(OptionError, match=match):

@@ -17,7 +17,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import surgeon
-from surgeon import registry
 from surgeon.errors import SurgeonError, VerificationError
 
 import fuzz_models
