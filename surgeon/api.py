@@ -249,6 +249,7 @@ class Plan:
         self.edits = edits
         self.verification: Verification | None = None
         self._applied = False
+        self._owners: dict[str, str] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -257,6 +258,13 @@ class Plan:
     @property
     def example_inputs(self) -> tuple:
         return self._prep.inputs
+
+    def owners(self) -> dict[str, str]:
+        """{site name: the module whose forward the edit rewrites ('' = the model's own forward)}."""
+        if self._owners is None:
+            self._owners = scope.owners_of(self.model, self._prep.traced,
+                                           [(e.site, e.module, e.attention) for e in self.edits], trace_alone)
+        return self._owners
 
     @property
     def params(self) -> int:
@@ -267,8 +275,10 @@ class Plan:
         return sum(e.flops for e in self.edits)
 
     def to_dict(self) -> dict[str, Any]:
+        owners = self.owners()
         return {"model": (record.base(self.model) or {}).get("ref") or type(self.model).__name__,
-                "edits": [e.to_dict() for e in self.edits], "params_added": self.params,
+                "edits": [{**e.to_dict(), "owner": owners.get(e.site.name, "")} for e in self.edits],
+                "params_added": self.params,
                 "flops_added": self.flops}
 
     def table(self):
@@ -276,13 +286,21 @@ class Plan:
         from rich.table import Table
 
         t = Table(title=f"Plan: {len(self.edits)} edits", title_justify="left")
+        try:
+            owners = self.owners()
+        except SurgeonError as exc:  # the table still shows the plan; apply() will raise the same error
+            owners = {e.site.name: f"cannot rewrite: {exc}" for e in self.edits}
         for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("shape", "left"),
-                          ("attention", "left"), ("params", "right"), ("FLOPs", "right")):
+                          ("attention", "left"), ("rewrites", "left"), ("params", "right"), ("FLOPs", "right")):
             t.add_column(col, justify=just)
         for i, e in enumerate(self.edits, 1):
-            t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(),
-                      f"{e.attention} ({e.init})", f"{e.params:,}", human(e.flops))
-        t.add_row("", "total", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
+            owner = owners.get(e.site.name, "")
+            t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(), f"{e.attention} ({e.init})",
+                      owner if owner else f"{type(self.model).__name__}.forward", f"{e.params:,}", human(e.flops))
+        t.add_row("", "total", "", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
+        t.caption = ("rewrites: the module whose forward now calls the inserted module; every other module, the "
+                     "model's class and methods are kept")
+        t.caption_justify = "left"
         return t
 
     def __rich__(self):
@@ -298,8 +316,9 @@ class Plan:
         return console.file.getvalue()
 
     def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
-        """Perform the edits. Returns the patched model (a torch.fx.GraphModule when the model traced
-        whole), which shares its original parameters with the model it was made from.
+        """Perform the edits. Returns the patched model: an instance of the model's own class in which only
+        the modules whose forward holds a site are rewritten (see `surgery.scope`), sharing the original's
+        parameter and buffer tensors. The model it was made from is not changed.
 
         Raises:
             VerificationError: identity init changed the output beyond `tolerance`, or gradients do
@@ -404,10 +423,10 @@ def add(model: nn.Module | str, attention: str, *, kind: str | None = None, at: 
         verify: bool = True, **options: Any) -> nn.Module:
     """Insert `attention` into `model` and return the patched model.
 
-    The result is a torch.fx.GraphModule (or, for a model fx cannot trace whole, the model with its
-    traceable parts as GraphModules). It shares the original's parameters: every original
-    state-dict key is kept, the new modules sit next to their owners (`layer1.0.cbam`), and with
-    init='identity' it computes exactly what the original computed.
+    The result is the user's model: the same class, methods, attributes and hooks, with only the modules
+    whose own forward holds a site rewritten (`surgeon.edits(patched)` says which). It shares the
+    original's parameters: every original state-dict key is kept, the new modules sit next to their
+    owners (`layer1.0.cbam`), and with init='identity' it computes exactly what the original computed.
 
     Args: as `plan`; verify: check the result against the original (see `verify_model`).
 

@@ -277,7 +277,7 @@ def test_attention_gate_identity_and_training():
     assert set(gates) == {"enc1_attention_gate", "enc2_attention_gate"}
     assert gates["enc1_attention_gate"].phi.in_channels == 16  # gated by dec2 (16 channels)
     # the encoder's own path still reads the ungated feature: only the concat input is replaced
-    code = rewritten(patched).python_code("self").src
+    code = rewritten(patched)
     assert "pool = self.pool(enc1_2)" in code and "enc1_attention_gate(enc1_2, dec2_2)" in code
     # a few steps on a toy task move the gates and change the output
     target = torch.randn(4, 2, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -430,14 +430,36 @@ def _seq_getitem(self, idx):
     return items[idx][1]
 
 
-def patched_class(cls: type, forward) -> type:
-    """A subclass of the user's class `cls` whose forward is `forward`; containers keep their indexing."""
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def patched_class(cls: type, forward, source: str) -> type:
+    """A subclass of the user's class `cls` whose forward is `forward` (compiled from `source`, which pickling
+    keeps); containers keep their indexing. One class per (user's class, source)."""
     base = cls.__dict__.get("_surgeon_base", cls)
-    ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
-          "_surgeon_base": base, "__doc__": base.__doc__}
-    if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
-        ns.update(__iter__=_seq_iter, __len__=_seq_len, __getitem__=_seq_getitem)
-    return type(base.__name__, (base,), ns)
+    key = (base, source)
+    if key not in _CLASSES:
+        ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+              "_surgeon_base": base, "_surgeon_source": source, "__doc__": base.__doc__,
+              "__reduce_ex__": _reduce}
+        if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
+            ns.update(__iter__=_seq_iter, __len__=_seq_len, __getitem__=_seq_getitem)
+        _CLASSES[key] = type(base.__name__, (base,), ns)
+    return _CLASSES[key]
+
+
+def _reduce(self, protocol):
+    """Pickle and deepcopy a rewritten module by its user's class and its forward's source (the class itself
+    is made at run time and cannot be found by name)."""
+    return _rebuild, (type(self)._surgeon_base, type(self)._surgeon_source), dict(self.__dict__)
+
+
+def _rebuild(base: type, source: str) -> nn.Module:
+    from torch.fx.graph_module import _forward_from_src
+
+    key = (base, source)
+    cls = _CLASSES.get(key) or patched_class(base, _forward_from_src(source, {}), source)
+    return cls.__new__(cls)
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:
@@ -546,15 +568,23 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
             n.target = name
         added.append(name)
     own.recompile()
-    new.__class__ = patched_class(type(module), type(own).forward)
+    new.__class__ = patched_class(type(module), type(own).forward, _source(own))
     new.__dict__["_surgeon_added"] = set(new.__dict__.get("_surgeon_added", ())) | set(added)
-    new.__dict__["_surgeon_graph"] = own.graph
     return new, paths
 
 
-def rewritten(module: nn.Module) -> fx.Graph | None:
-    """The graph whose code is the forward of a module surgery rewrote (None for any other module)."""
-    return module.__dict__.get("_surgeon_graph")
+def _source(gm: fx.GraphModule) -> str:
+    """The forward's code with the imports it needs, as GraphModule pickles it."""
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    code = gm.graph.python_code(root_module="self")
+    return _format_import_block(code.globals, sys_importer) + code.src
+
+
+def rewritten(module: nn.Module) -> str | None:
+    """The source of the forward surgery wrote for a module it rewrote (None for any other module)."""
+    return type(module).__dict__.get("_surgeon_source")
 
 
 def _localize(site: Site, by_name: dict[str, fx.Node]) -> Site:
@@ -581,18 +611,7 @@ def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tupl
     """
     tracing = _Tracing(trace_module)
     leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
-    by_graph: dict[str, list] = {}
-    for e in edits:
-        by_graph.setdefault(e[0].graph, []).append(e)
-    owners: dict[str, Owner] = {}
-    scopes: dict[str, Scopes] = {}
-    for g, group in by_graph.items():
-        user_module = model.get_submodule(g) if g else model
-        sc = scopes[g] = Scopes.of(traced.graphs[g], user_module)
-        local_leaves = set(_local_leaves(leaf_paths, g)) if g else set(leaf_paths)
-        local_leaves.discard("")
-        for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
-            owners.setdefault(owner.full, owner).edits.append(edit)
+    owners, scopes = _owners(model, traced, edits, tracing, leaf_paths)
     # the patched model is a structural copy: its own modules, attributes and training flags, the user's
     # parameter and buffer tensors (no copy of the weights) and the user's hook functions
     result = structural_copy(model, keep_hooks=True)
@@ -634,6 +653,30 @@ def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tupl
             paths[site_name] = _join(full, rel)
             owner_of[site_name] = full
     return result, paths, owner_of
+
+
+def _owners(model, traced, edits, tracing, leaf_paths) -> tuple[dict[str, Owner], dict[str, Scopes]]:
+    by_graph: dict[str, list] = {}
+    for e in edits:
+        by_graph.setdefault(e[0].graph, []).append(e)
+    owners: dict[str, Owner] = {}
+    scopes: dict[str, Scopes] = {}
+    for g, group in by_graph.items():
+        user_module = model.get_submodule(g) if g else model
+        sc = scopes[g] = Scopes.of(traced.graphs[g], user_module)
+        local_leaves = set(_local_leaves(leaf_paths, g)) if g else set(leaf_paths)
+        local_leaves.discard("")
+        for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
+            owners.setdefault(owner.full, owner).edits.append(edit)
+    return owners, scopes
+
+
+def owners_of(model: nn.Module, traced, edits: list, trace_module) -> dict[str, str]:
+    """{site name: path of the module whose forward will be rewritten for it} ('' for the root), without
+    changing anything: what `surgeon add --dry-run` shows."""
+    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
+    owners, _ = _owners(model, traced, edits, _Tracing(trace_module), leaf_paths)
+    return {e[0].name: full for full, o in owners.items() for e in o.edits}
 
 
 def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:

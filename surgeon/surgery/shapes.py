@@ -62,6 +62,16 @@ def _run(traced: Traced, inputs: tuple) -> None:
             h.remove()
 
 
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors_in(v)]
+    return []
+
+
 # Below this many parameters a real CPU forward (no grad) is faster than fake tensors and its
 # activations are small; above it, fake tensors keep big models from allocating anything.
 SMALL_MODEL_PARAMS = 50_000_000
@@ -98,10 +108,12 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
         try:
             _run(traced, example_inputs)
         except Exception as exc:
-            shapes = ", ".join(str(tuple(x.shape)) for x in example_inputs if isinstance(x, torch.Tensor))
+            shapes = ", ".join(str(tuple(x.shape)) for x in _tensors_in(example_inputs))
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
             raise ShapeError(
-                f"The example input {shapes} does not go through {type(traced.module).__name__}: "
-                f"{type(exc).__name__}: {exc}. Pass the right size with --input-size C,H,W or example_input="
+                f"The example input {shapes or '(no tensors)'} does not go through {type(traced.module).__name__} "
+                f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
+                f"command line, example_input= in Python"
             ) from exc
     finally:
         traced.module.train(was)
