@@ -34,7 +34,7 @@ for attention in ("se", "cbam"):
             assert torch.equal(scoped(x), flat(x))
             for _ in range(ROUNDS):  # interleaved: drift in machine load hits every model alike
                 for name, m in models.items():
-                    t, _ = median_time(lambda m=m: m(x), repeat=REPEAT, warmup=1)
+                    t, _ = median_time(lambda m=m, x=x: m(x), repeat=REPEAT, warmup=1)
                     times[name] = min(times.get(name, float("inf")), t)
         ref = times["resnet50 (eager)"]
         for name in list(models)[1:]:
