@@ -5,6 +5,7 @@ Every CLI command is one of these calls plus rendering.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -126,7 +127,22 @@ def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at
     """
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     kinds = [kind] if isinstance(kind, str) else list(kind or registry.site_finders())
-    return find_sites(prep.views, kinds, list(at) if at else None)
+    found = Sites(find_sites(prep.views, kinds, list(at) if at else None))
+    found.untraced = dict(prep.traced.leaves)
+    if not found and found.untraced:
+        warnings.warn(f"No sites found; {found.why_few()}", stacklevel=2)
+    return found
+
+
+class Sites(list):
+    """The sites of a model (a list of `Site`), with `untraced`: the modules fx could not trace, and why
+    (their own code stays Python; sites inside them exist only where their children traced)."""
+
+    untraced: dict[str, str]
+
+    def why_few(self) -> str:
+        parts = [f"{p or 'the model itself'!r} does not trace ({why})" for p, why in self.untraced.items()]
+        return "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")
 
 
 @dataclass
@@ -168,6 +184,8 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
             valid = ", ".join(att.options) or "none"
             raise OptionError(f"Unknown option {key!r} for {att.name}.{did_you_mean(key, att.options)} "
                               f"Valid options: {valid}")
+    # value types before any tracing: a wrong option fails in a moment, not after the model is traced
+    registry.check_options(att.name, att.option_types, options)
 
 
 def _library_reference(model: nn.Module) -> dict[str, Any] | None:
@@ -213,7 +231,14 @@ def _reaches_output(prep: _Prepared, site: Site) -> bool:
     return False
 
 
-def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at: Sequence[str] | None) -> list[Site]:
+def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
+                 at: Sequence[str] | None) -> tuple[list[Site], str]:
+    """The sites to edit, and a note when they are not of the attention's first kind (why, and what instead).
+
+    Raises:
+        NoSitesError: no site fits; or the only fallback is a single site (a transformer's patch-embedding
+        convolution), which would be an edit in name only.
+    """
     if kind is not None:
         registry.check_kind(kind)
         if kind not in att.kinds:
@@ -230,9 +255,18 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared, at:
             unmatched = unmatched or exc
             continue
         if found:
-            if k != candidates[0]:
-                log.info("%s: no %s sites in this model; using %s sites", att.name, candidates[0], k)
-            return found
+            if k == candidates[0]:
+                return found, ""
+            model_name = type(prep.model).__name__
+            tried = "/".join(candidates[:candidates.index(k)])
+            if len(found) == 1:
+                raise NoSitesError(
+                    f"{att.name} found no {tried} site in {model_name}, and its only {k} site is "
+                    f"{found[0].name!r}: one edit there would not be a meaningful retrofit. Pass --kind {k} "
+                    f"(kind={k!r}) to insert it anyway, or run 'surgeon sites MODEL' to see the model's sites")
+            note = f"{att.name}: {model_name} has no {tried} site; using its {len(found)} {k} sites instead"
+            log.info(note)
+            return found, note
     if unmatched is not None:
         raise unmatched
     model_name = type(prep.model).__name__
@@ -250,6 +284,7 @@ class Plan:
         self.verification: Verification | None = None
         self._applied = False
         self._owners: dict[str, str] | None = None
+        self.note = ""  # why the sites are not of the attention's first kind, when they are not
 
     @property
     def model(self) -> nn.Module:
@@ -298,7 +333,8 @@ class Plan:
             t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(), f"{e.attention} ({e.init})",
                       owner if owner else f"{type(self.model).__name__}.forward", f"{e.params:,}", human(e.flops))
         t.add_row("", "total", "", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
-        t.caption = ("rewrites: the module whose forward now calls the inserted module; every other module, the "
+        t.caption = ((f"{self.note}.\n" if self.note else "") +
+                     "rewrites: the module whose forward now calls the inserted module; every other module, the "
                      "model's class and methods are kept")
         t.caption_justify = "left"
         return t
@@ -404,7 +440,9 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
         raise OptionError(f"Unknown init {init!r}.{did_you_mean(init, INITS)} Valid: {', '.join(INITS)}")
     _check_options(att, options)
     prep = _prepare(model, example_input=example_input, input_size=input_size)
-    chosen = _choose_kind(att, kind, prep, at)
+    chosen, note = _choose_kind(att, kind, prep, at)
+    if note:
+        warnings.warn(note, stacklevel=2)
     edits = []
     for site in chosen:
         try:
@@ -415,7 +453,9 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
             raise OptionError(f"{att.name}: {exc}") from exc
         edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
                           params=sum(p.numel() for p in module.parameters()), flops=_edit_flops(site, module)))
-    return Plan(prep, edits)
+    plan = Plan(prep, edits)
+    plan.note = note
+    return plan
 
 
 def add(model: nn.Module | str, attention: str, *, kind: str | None = None, at: Sequence[str] | None = None,

@@ -207,6 +207,9 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
         t.add_column(col)
     for s in found:
         t.add_row(s.name, s.kind, s.describe_shape(), s.layout)
+    if found.untraced:
+        t.caption = "Kept as Python (not traced): " + found.why_few()
+        t.caption_justify = "left"
     _stdout().print(t)
 
 
@@ -258,7 +261,10 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
         raise click.UsageError("--adapter and --include apply to --out")
     if out and not dry_run:
         outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights))
-    opts = models.parse_assignments(options, "--option")
+    from surgeon import registry
+
+    # the command line's forms of a bool (--option bias=false) become bools; the API judges the rest
+    opts = registry.parse_cli_options(attention, models.parse_assignments(options, "--option"))
     m = _load(model, model_args, pretrained, weights, allow_pickle)
     with _stderr().status("Tracing and planning…"):
         plan = surgeon.plan(m, attention, kind=kind, at=list(at) or None, init=init, input_size=input_size, **opts)

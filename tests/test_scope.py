@@ -361,3 +361,53 @@ def test_timm_model_saved_by_the_user_loads_without_base(tmp_path):
         assert torch.equal(loaded(x), patched(x))
     assert type(loaded) is type(model) and [e.module for e in surgeon.edits(loaded)] == [
         e.module for e in surgeon.edits(patched)]
+
+
+# -- saying what was chosen, and why nothing was ----------------------------------------------------------
+class _PatchEmbedNet(nn.Module):
+    """A transformer-like model: one patch-embedding convolution, then token mixing with linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 16, 4, stride=4)
+        self.mix = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(torch.relu(self.mix(t)).mean(1))
+
+
+def test_a_lone_fallback_site_is_refused_and_a_fallback_is_said():
+    x = _x(2, 3, 16, 16)
+    with pytest.raises(surgeon.errors.NoSitesError, match="only after_conv site is 'embed'.*--kind after_conv"):
+        surgeon.plan(_PatchEmbedNet(), "se", example_input=x)
+    assert len(surgeon.plan(_PatchEmbedNet(), "se", kind="after_conv", example_input=x).edits) == 1
+    dense = timm.create_model("densenet121").eval()
+    with pytest.warns(UserWarning, match="no residual site; using its 3 stage sites"):
+        plan = surgeon.plan(dense, "se", input_size=SIZE)
+    assert "using its 3 stage sites" in str(plan)
+
+
+def test_sites_say_what_did_not_trace():
+    with pytest.warns(UserWarning, match="does not trace .*train\\(\\) and eval\\(\\)"):
+        found = surgeon.sites(_ModeDependent(), example_input=_x(2, 3, 16, 16))
+    assert found == [] and list(found.untraced) == [""]
+    from click.testing import CliRunner
+
+    from surgeon.cli import cli
+
+    result = CliRunner().invoke(cli, ["sites", "resnet18", "--input-size", "3,32,32"])
+    assert result.exit_code == 0 and "Kept as Python" not in result.output
+
+
+def test_cli_bool_options_take_their_command_line_forms():
+    from click.testing import CliRunner
+
+    from surgeon.cli import cli
+
+    ok = CliRunner().invoke(cli, ["add", "se", "resnet18", "--input-size", "3,32,32", "--dry-run",
+                                  "--option", "bias=false", "--at", "layer1.0"])
+    assert ok.exit_code == 0, ok.output
+    bad = CliRunner().invoke(cli, ["add", "se", "resnet18", "--dry-run", "--option", "bias=maybe"])
+    assert bad.exit_code == 2 and "bias must be true or false" in bad.output
