@@ -236,8 +236,8 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
     """The sites to edit, and a note when they are not of the attention's first kind (why, and what instead).
 
     Raises:
-        NoSitesError: no site fits; or the only fallback is a single site (a transformer's patch-embedding
-        convolution), which would be an edit in name only.
+        NoSitesError: no site fits; or the only fallback is a single convolution (a transformer's
+        patch-embedding), which would be an edit in name only.
     """
     if kind is not None:
         registry.check_kind(kind)
@@ -259,7 +259,7 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
                 return found, ""
             model_name = type(prep.model).__name__
             tried = "/".join(candidates[:candidates.index(k)])
-            if len(found) == 1:
+            if len(found) == 1 and k == "after_conv" and not at:
                 raise NoSitesError(
                     f"{att.name} found no {tried} site in {model_name}, and its only {k} site is "
                     f"{found[0].name!r}: one edit there would not be a meaningful retrofit. Pass --kind {k} "
@@ -373,6 +373,10 @@ class Plan:
         x = self._prep.inputs[0]
         if rec["input_size"] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             record.set_input_size(patched, x.shape[1:])
+        if not rec.get("example_input") and (len(self._prep.inputs) > 1 or not x.is_floating_point()
+                                             if isinstance(x, torch.Tensor) else False):
+            # several inputs, or integer ones (token ids): an input size cannot rebuild them
+            record.set_example_input(patched, self._prep.inputs)
         # edits of one apply() share a step: a recipe replays each step as one plan, in order
         step = 1 + max((e.step for e in record.edits(patched)), default=0)
         record.add_edits(patched, [record.EditRecord(

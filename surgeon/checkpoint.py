@@ -53,6 +53,7 @@ def recipe_of(model) -> dict[str, Any]:
     size = record.input_size(model)
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
             "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
+            **({"example_input": record.input_spec(ex)} if (ex := record.example_input(model)) else {}),
             "versions": versions()}
 
 
@@ -218,7 +219,7 @@ def fit(model, sd: dict[str, Any], *, expected: Sequence[str] | None = None, sou
 
 
 def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, weights: str | os.PathLike | None = None,
-         allow_pickle: bool = False, input_size: Sequence[int] | None = None):
+         allow_pickle: bool = False, input_size: Sequence[int] | None = None, example_input: Any = None):
     """Rebuild a saved model: read and validate the recipe, build the base (or take `base`), replay the
     edits, load the weights.
 
@@ -231,6 +232,8 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
             instead of the folder's own weights.
         allow_pickle: allow full unpickling of `weights` (runs code in the file; trusted files only).
         input_size: per-sample input shape for finding the sites again (default: the recipe's).
+        example_input: example inputs for models that take several or integer inputs (default: the
+            recipe's own, recorded when the model was patched).
 
     Returns:
         nn.Module: the patched model, in eval mode.
@@ -266,7 +269,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
     else:
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=False, source=source)
     # 3. The edits, then the weights.
-    model = replay(recipe, base, verify=False, input_size=input_size, _folder=folder)
+    model = replay(recipe, base, verify=False, input_size=input_size, example_input=example_input, _folder=folder)
     if adapter:
         have = sum(p.numel() for p in model.parameters())
         if spec.get("model_params") not in (None, have):

@@ -38,6 +38,7 @@ _WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, Fals
             "model_bytes": (int, False)}
 SCHEMA = {"format": (str, True), "version": (int, True), "model": ((_MODEL, _NONE), False),
           "input_size": ((list, _NONE), False), "edits": (list, True), "versions": (dict, False),
+          "example_input": ((list, _NONE), False),
           "weights": (_WEIGHTS, False)}
 # model-library arguments that read files or pick weights from elsewhere: a recipe names its base
 # weights in `model.weights`, inside its folder
@@ -324,8 +325,23 @@ def steps(edits: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
+def _example_from(spec: Any, source: str) -> tuple:
+    """Example inputs from a recipe's `example_input`, with its form checked (one line when it is wrong)."""
+    from surgeon import record
+
+    try:
+        for item in spec:
+            check_input_size(item["shape"], what=f"example_input shape {json.dumps(item['shape'])[:40]}")
+            if item["dtype"] not in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool"):
+                raise RecipeError(f"unsupported dtype {item['dtype']!r}")
+        return record.inputs_from_spec(spec)
+    except (KeyError, TypeError, ValueError, RuntimeError, RecipeError) as exc:
+        raise RecipeError(f"Recipe {source!r}: example_input is not valid ({type(exc).__name__}: {exc})") from exc
+
+
 def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code: bool = False,
-           verify: bool = True, input_size=None, allow_pickle: bool = False, _folder: Path | None = None):
+           verify: bool = True, input_size=None, allow_pickle: bool = False, example_input=None,
+           _folder: Path | None = None):
     """Rebuild a patched model from a recipe: build (or take) the base model, then redo each step's
     edits at the same sites, in order.
 
@@ -336,6 +352,8 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
         trust_code: allow a recipe whose base is a user factory (imports and runs its code).
         verify: check each step at identity init (see `surgeon.verify_model`).
         input_size: per-sample input shape (default: the recipe's).
+        example_input: the model's example inputs (default: rebuilt from the recipe's `example_input`, for
+            models with several or integer inputs, else made from the input size).
         allow_pickle: allow full unpickling of the base weights file the recipe names (trusted files only).
 
     Returns:
@@ -374,12 +392,19 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
                               f"before surgery")
         model = base
     size = input_size or recipe.get("input_size")
+    example = example_input
+    if example is not None:
+        size = None
+    elif recipe.get("example_input") and not input_size:  # several or integer inputs, recorded as they were
+        example = _example_from(recipe["example_input"], source)
+        size = None
     for group in steps(recipe["edits"]):
         first = group[0]
         names = [e["site"] for e in group]
         try:
             plan = api.plan(model, first["attention"], kind=first.get("kind"), at=[glob.escape(n) for n in names],
-                            init=first.get("init", "identity"), input_size=size, **first.get("options", {}))
+                            init=first.get("init", "identity"), input_size=size, example_input=example,
+                            **first.get("options", {}))
         except NoSitesError as exc:
             raise NoSitesError(f"Recipe {source!r}: sites {names[:3]} of {first['attention']} are not all in "
                                f"this model ({exc})") from exc

@@ -68,6 +68,7 @@ def detach(model, source) -> dict[str, Any]:
     """Give `model` its own copy of `source`'s record (a patched copy must not share its original's)."""
     rec = copy.deepcopy({k: v for k, v in (_raw(source) or {}).items() if k != "verification"})
     rec.setdefault("model", None), rec.setdefault("input_size", None), rec.setdefault("edits", [])
+    rec.setdefault("example_input", None)
     rec["verification"] = None
     model.__dict__[ATTR] = rec
     return rec
@@ -104,6 +105,53 @@ def input_size(model) -> tuple[int, ...] | None:
 
 def set_input_size(model, size) -> None:
     ensure(model)["input_size"] = list(size) if size else None
+
+
+_SMALL = 4096  # integer inputs up to this many values (token ids, lengths) are kept as they are
+
+
+def input_spec(inputs: tuple) -> list[dict[str, Any]] | None:
+    """A JSON form of example inputs that several tensors, integer inputs (token ids, lengths) and masks need
+    to be rebuilt exactly enough: each tensor's shape and dtype, and the values of small integer or bool
+    tensors. None when an input is not a tensor (a list of images): the input size then has to do."""
+    import torch
+
+    spec = []
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            return None
+        item: dict[str, Any] = {"shape": list(x.shape), "dtype": str(x.dtype).removeprefix("torch.")}
+        if not x.is_floating_point() and x.numel() <= _SMALL:
+            item["values"] = x.flatten().tolist()
+        spec.append(item)
+    return spec
+
+
+def inputs_from_spec(spec: list[dict[str, Any]]) -> tuple:
+    """Example inputs rebuilt from `input_spec` (floating inputs are fresh random values of that shape)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for item in spec:
+        dtype = getattr(torch, item["dtype"])
+        if "values" in item:
+            out.append(torch.tensor(item["values"], dtype=dtype).reshape(item["shape"]))
+        elif dtype.is_floating_point:
+            out.append(torch.randn(*item["shape"], generator=gen).to(dtype))
+        else:
+            out.append(torch.zeros(item["shape"], dtype=dtype))
+    return tuple(out)
+
+
+def example_input(model) -> tuple | None:
+    """The example inputs the model was patched with, when they were recorded (see `input_spec`)."""
+    spec = (_raw(model) or {}).get("example_input")
+    return inputs_from_spec(spec) if spec else None
+
+
+def set_example_input(model, inputs: tuple) -> None:
+    ensure(model)["example_input"] = input_spec(inputs)
 
 
 def verification(model):
