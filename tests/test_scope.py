@@ -459,3 +459,16 @@ def test_token_and_two_input_models_round_trip_in_a_new_process(tmp_path, factor
 def _seeded(cls):
     torch.manual_seed(0)
     return cls()
+
+
+def test_a_wrong_input_is_one_line_for_both_audiences():
+    from click.testing import CliRunner
+
+    from surgeon.cli import cli
+
+    result = CliRunner().invoke(cli, ["sites", "resnet18", "--input-size", "5,32,32"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "does not go through ResNet" in result.stderr and "--input-size C,H,W" in result.stderr
+    with pytest.raises(surgeon.SurgeonError) as err:
+        surgeon.sites(timm.create_model("resnet18"), example_input=_x(2, 5, 32, 32))
+    assert "\n" not in str(err.value) and "example_input=" in str(err.value)
