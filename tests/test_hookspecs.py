@@ -77,12 +77,29 @@ def test_register_attentions_example():
     assert "myse" not in registry.attentions()
 
 
+class LinearAttention:
+    """An attention for the example's kind: a gated linear layer on (N, C) features."""
+
+    @surgeon.hookimpl
+    def register_attentions(self, register):
+        def build(site, *, init="identity"):
+            from surgeon.plugin import gated
+
+            return gated(nn.Linear(site.channels, site.channels), init)
+
+        register("lin", build, kinds=("before_fc",), layouts=("nlc",), summary="", paper="")
+
+
 def test_register_site_finders_example():
     with plugin(load_example("register_site_finders"), "finders-example"):
         assert registry.site_finders()["before_fc"].plugin == "finders-example"
         sites = surgeon.sites(TinyResNet().eval(), kind="before_fc", input_size=(3, 32, 32))
         assert [(s.name, s.shape, s.layout) for s in sites] == [("fc", (2, 32), "nlc")]
         assert [s.name for s in surgeon.sites(PlainCNN().eval(), kind="before_fc", input_size=(3, 16, 16))] == ["fc"]
+        with plugin(LinearAttention(), "lin-plugin"):
+            model, x = TinyResNet().eval(), torch.randn(2, 3, 32, 32)
+            patched = surgeon.add(model, "lin", example_input=x)
+            assert "flatten_lin.attn.weight" in patched.state_dict() and torch.equal(patched(x), model(x))
     assert "before_fc" not in registry.site_finders()
 
 

@@ -67,11 +67,10 @@ def test_register_attentions_hook_api_and_cli():
 class FinderPlugin:
     @surgeon.hookimpl
     def register_site_finders(self, register):
-        from surgeon.surgery.sites import Site
+        from surgeon.plugin import site_after
 
         def find(view):
-            return [Site(name=view.full_name(n.target), kind="before_fc", shape=view.shape(n.args[0]), layout="nlc",
-                         graph=view.prefix, node=n.args[0].name, owner="", slot=n.target.replace(".", "_"))
+            return [site_after(view, n.args[0], kind="before_fc", user=n, name=n.target)
                     for n in view.nodes if n.op == "call_module" and isinstance(view.module(n), nn.Linear)]
 
         register("before_fc", find, summary="before every linear layer")
@@ -153,16 +152,16 @@ def installed_plugin(tmp_path_factory):
     src = root / "src"
     (src / "surgeon_halve").mkdir(parents=True)
     (src / "surgeon_halve" / "__init__.py").write_text(textwrap.dedent('''
-        import surgeon
+        from surgeon.plugin import hookimpl
 
-        @surgeon.hookimpl
+        @hookimpl
         def register_attentions(register):
             def build(site, *, init="identity"):
                 import torch
+                from surgeon.plugin import gated
                 class Halve(torch.nn.Module):
                     def forward(self, x):
                         return x / 2
-                from surgeon.layers import gated
                 return gated(Halve(), init)
             register("halve", build, kinds=("residual",), summary="halves", paper="none")
     '''))
