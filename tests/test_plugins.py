@@ -214,3 +214,13 @@ def test_attention_named_like_a_python_keyword_still_inserts():
         model = TinyResNet().eval()
         patched = surgeon.add(model, "lambda", example_input=x)
         assert "stage1.0.lambda_.gamma" in patched.state_dict() and torch.equal(patched(x), model(x))
+
+
+def test_surgeon_plugin_exports_everything_and_its_light_names_stay_torch_free():
+    import surgeon.plugin
+
+    assert all(getattr(surgeon.plugin, name) is not None for name in surgeon.plugin.__all__)
+    assert surgeon.plugin.hookimpl is surgeon.hookimpl and surgeon.plugin.is_conv.__module__ == "surgeon.surgery.graph"
+    code = ("import sys, surgeon, surgeon.plugin; from surgeon.plugin import hookimpl, feature_map, site_after; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
