@@ -47,6 +47,10 @@ def __getattr__(name: str) -> Any:
         import surgeon.data as data
 
         return data
+    if name == "plugin":  # what plugin authors import: `from surgeon.plugin import hookimpl, feature_map`
+        import surgeon.plugin as plugin
+
+        return plugin
     if name == "export_model":  # not `export`: that name is the submodule surgeon.export
         from surgeon.export import export
 

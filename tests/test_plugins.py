@@ -1,12 +1,15 @@
 """The pluggy contract: every hook, duplicate names, and a real installed plugin package."""
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import types
 from contextlib import contextmanager
 
 import click
+import pluggy
 import pytest
 import torch
 from click.testing import CliRunner
@@ -64,11 +67,10 @@ def test_register_attentions_hook_api_and_cli():
 class FinderPlugin:
     @surgeon.hookimpl
     def register_site_finders(self, register):
-        from surgeon.surgery.sites import Site
+        from surgeon.plugin import site_after
 
         def find(view):
-            return [Site(name=view.full_name(n.target), kind="before_fc", shape=view.shape(n.args[0]), layout="nlc",
-                         graph=view.prefix, node=n.args[0].name, owner="", slot=n.target.replace(".", "_"))
+            return [site_after(view, n.args[0], kind="before_fc", user=n, name=n.target)
                     for n in view.nodes if n.op == "call_module" and isinstance(view.module(n), nn.Linear)]
 
         register("before_fc", find, summary="before every linear layer")
@@ -125,19 +127,22 @@ def test_duplicate_names_are_errors_naming_both_plugins():
             surgeon.attentions()
 
 
-def test_misspelt_hook_fails_loudly():
-    class Typo:
-        @surgeon.hookimpl
-        def register_attentons(self, register):
-            pass
+def test_misspelt_hook_fails_loudly(monkeypatch):
+    # a third-party plugin with a typo, loaded by the loader from its entry point into a fresh plugin manager
+    typo = types.ModuleType("surgeon_typo")
 
-    pm = registry.get_plugin_manager()
-    pm.register(Typo(), name="typo")
-    try:
-        with pytest.raises(Exception, match="unknown hook 'register_attentons'"):
-            pm.check_pending()
-    finally:
-        pm.unregister(name="typo")
+    @surgeon.hookimpl
+    def register_attentons(register):
+        pass
+
+    typo.register_attentons = register_attentons
+    monkeypatch.setitem(sys.modules, "surgeon_typo", typo)
+    ep = importlib.metadata.EntryPoint(name="typo", value="surgeon_typo", group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [ep] if group == ep.group else [])
+    monkeypatch.setenv("SURGEON_LOAD_PLUGINS", "typo")
+    monkeypatch.setattr(registry, "_pm", None)
+    with pytest.raises(pluggy.PluginValidationError, match="unknown hook 'register_attentons' in plugin"):
+        registry.get_plugin_manager()
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +152,16 @@ def installed_plugin(tmp_path_factory):
     src = root / "src"
     (src / "surgeon_halve").mkdir(parents=True)
     (src / "surgeon_halve" / "__init__.py").write_text(textwrap.dedent('''
-        import surgeon
+        from surgeon.plugin import hookimpl
 
-        @surgeon.hookimpl
+        @hookimpl
         def register_attentions(register):
             def build(site, *, init="identity"):
                 import torch
+                from surgeon.plugin import gated
                 class Halve(torch.nn.Module):
                     def forward(self, x):
                         return x / 2
-                from surgeon.layers import gated
                 return gated(Halve(), init)
             register("halve", build, kinds=("residual",), summary="halves", paper="none")
     '''))
@@ -209,3 +214,13 @@ def test_attention_named_like_a_python_keyword_still_inserts():
         model = TinyResNet().eval()
         patched = surgeon.add(model, "lambda", example_input=x)
         assert "stage1.0.lambda_.gamma" in patched.state_dict() and torch.equal(patched(x), model(x))
+
+
+def test_surgeon_plugin_exports_everything_and_its_light_names_stay_torch_free():
+    import surgeon.plugin
+
+    assert all(getattr(surgeon.plugin, name) is not None for name in surgeon.plugin.__all__)
+    assert surgeon.plugin.hookimpl is surgeon.hookimpl and surgeon.plugin.is_conv.__module__ == "surgeon.surgery.graph"
+    code = ("import sys, surgeon, surgeon.plugin; from surgeon.plugin import hookimpl, feature_map, site_after; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,8 +1,8 @@
-"""Helpers that turn a plain attention layer into a surgeon `build` function.
+"""The implementation of the plugin helpers: builds from plain layers, and sites from fx nodes.
 
-Third-party plugins may use them too: `feature_map(MyLayer)` gives a build whose options are the
-layer's keyword-only constructor parameters, with identity init by a zero gate (or none, for layers that
-already start as the identity).
+Plugin authors import these from `surgeon.plugin`, the public surface; this module is private and may change.
+`feature_map(MyLayer, name=...)` gives a build whose options are the layer's keyword-only constructor
+parameters, with identity init by a zero gate (or none, for layers that already start as the identity).
 """
 from __future__ import annotations
 
@@ -18,6 +18,30 @@ def require_feature_map(site: Any, attention: str, ranks: tuple[int, ...]) -> No
         want = " or ".join({3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}[r] for r in ranks)
         raise ShapeError(f"{attention} needs a channels-first {want} feature map; site {site.name!r} has "
                          f"shape {tuple(site.shape)} ({site.layout})")
+
+
+def site_after(view: Any, node: Any, *, kind: str, user: Any = None, name: str | None = None) -> Any:
+    """A `Site` that inserts a module after `node`: the module receives `node`'s output and replaces it.
+
+    Args:
+        view: the `GraphView` holding `node`.
+        node: the fx node whose output the inserted module receives.
+        kind: the site kind (the kind the calling finder registered).
+        user: an fx node using `node`; when given, only that use is rewired (e.g. just the linear layer).
+        name: the site's name within the graph (default: `node`'s module path, else a stable op name).
+
+    Returns:
+        Site with the node's recorded shape and layout, attached next to the module that computes `node`.
+    """
+    from surgeon.surgery.sites import Site
+
+    if node.op == "call_module":
+        owner, _, slot = node.target.rpartition(".")
+        local = node.target
+    else:
+        owner, slot, local = view.enclosing(node), node.name, view.site_name(node)
+    return Site(name=view.full_name(name or local), kind=kind, shape=view.shape(node), layout=view.layout(node),
+                graph=view.prefix, node=node.name, user=None if user is None else user.name, owner=owner, slot=slot)
 
 
 def with_options(build: Callable[..., Any], cls: type) -> Callable[..., Any]:
