@@ -220,13 +220,20 @@ def _detector(name, size=128):
     return model.eval()
 
 
-def _targets():
-    return [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 90.0]]), "labels": torch.tensor([1])}]
+def _targets(name=""):
+    target = {"boxes": torch.tensor([[10.0, 12.0, 70.0, 90.0]]), "labels": torch.tensor([1])}
+    if "mask" in name:
+        target["masks"] = torch.zeros(1, 128, 128, dtype=torch.uint8)
+        target["masks"][0, 12:90, 10:70] = 1
+    if "keypoint" in name:
+        target["keypoints"] = torch.tensor([[[20.0, 30.0, 1.0]] * 17])
+    return [target]
 
 
 def _check_detector(name, attention="cbam"):
-    model = _detector(name)
-    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    size = 300 if "ssd300" in name else 128  # SSD300's VGG needs its own size
+    model = _detector(name, size)
+    images = [torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))]
     snap = _snapshot(model)
     patched = surgeon.add(model, attention, example_input=(images,))
     assert type(patched) is type(model) and isinstance(patched.backbone, type(model.backbone))
@@ -240,9 +247,10 @@ def _check_detector(name, attention="cbam"):
     # train mode: the same losses under the same seed (the model still calls its own heads' methods)
     model.train(), patched.train()
     torch.manual_seed(0)
-    want_loss = model([i.clone() for i in images], _targets())
+    batch = images * 2  # two images: batch norms on 1×1 features (SSDlite) need more than one value
+    want_loss = model([i.clone() for i in batch], _targets(name) * 2)
     torch.manual_seed(0)
-    got_loss = patched([i.clone() for i in images], _targets())
+    got_loss = patched([i.clone() for i in batch], _targets(name) * 2)
     assert set(got_loss) == set(want_loss)
     assert all(torch.allclose(got_loss[k], want_loss[k], atol=1e-4) for k in want_loss)
     sum(got_loss.values()).backward()
@@ -259,7 +267,8 @@ def test_faster_rcnn_patches_inside_its_backbone():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn",
-                                  "retinanet_resnet50_fpn", "fcos_resnet50_fpn"])
+                                  "retinanet_resnet50_fpn", "fcos_resnet50_fpn", "ssd300_vgg16",
+                                  "ssdlite320_mobilenet_v3_large"])
 def test_detectors(name):
     _check_detector(name)
 

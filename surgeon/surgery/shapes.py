@@ -143,11 +143,16 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
     model.eval()
     try:
         with torch.no_grad():
-            if sum(p.numel() for p in model.parameters()) > SMALL_MODEL_PARAMS:
+            try:
+                if sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS:
+                    raise _UseReal
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
                 with mode:
                     model(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
-            else:
+            except Exception as exc:  # small model, or an op without a fake kernel (nonzero): real tensors
+                if not isinstance(exc, _UseReal):
+                    log.debug("shapes: fake tensors failed (%s); using real CPU tensors", type(exc).__name__)
+                got.clear()
                 model(*inputs)
     finally:
         model.train(was)
