@@ -17,6 +17,7 @@ from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, 
 from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
+from surgeon.surgery.owned import structural_copy
 from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
@@ -94,12 +95,12 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
     # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
-    traced = trace(scope.structural_copy(model), leaf_paths=leaf_paths)
+    traced = trace(structural_copy(model), leaf_paths=leaf_paths)
     traced.extra_leaves = set(leaf_paths)
     if not isinstance(traced.module, torch.fx.GraphModule):
         # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
         # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
-        traced.module = scope.structural_copy(model)
+        traced.module = structural_copy(model)
     shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
     return _Prepared(model, traced, inputs, views)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import surgeon
-from surgeon.surgery.scope import rewritten
+from surgeon.surgery.owned import rewritten
 from surgeon.errors import NoSitesError, OptionError, ShapeError, UnknownNameError
 from surgeon.layers import BAM, CBAM, AttentionPool2d, EcaModule, SEModule, SpatialAttn
 from conftest import perturb_bn

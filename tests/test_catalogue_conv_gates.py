@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import surgeon
-from surgeon.surgery.scope import rewritten
+from surgeon.surgery.owned import rewritten
 from surgeon.cli import cli
 from surgeon.errors import OptionError, ShapeError
 from surgeon.layers.attention_gate import AttentionGate

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import surgeon
-from surgeon.surgery.scope import rewritten
+from surgeon.surgery.owned import rewritten
 
 SIZE = (3, 64, 64)
 

@@ -1,225 +1,34 @@
 """Scoped surgery: each site is edited inside the smallest module whose own forward holds it.
 
 The whole-model trace (see `trace`) is only a map for finding sites. Rewriting happens per *owner*:
-1. For each edit, the owner is the innermost module call (from the nodes' module stacks) that holds the
-   site's node and every use the edit rewires, or returns the node, is called once, and holds no
-   hooked submodule inside its traced body. The root is the last resort.
-2. Owners are rewritten innermost first. An owner is traced alone (owners inside it stay leaves), its
-   nodes are matched one to one with its part of the big graph, and the edits are inserted there.
-3. The owner is replaced by a copy of itself: the same object state (attributes, hooks, children),
-   an instance of a subclass of its class whose `forward` is the rewritten graph's code, with the
-   inserted modules as children. Its ancestors up to the root become shallow copies with the new child:
-   the root keeps its class, methods, attributes and hooks, and the user's model is never changed.
+1. For each edit, the owner is the innermost module call (from the nodes' module stacks, `matching`) that
+   holds the site's node and every use the edit rewires, or returns the node, and is called once; a
+   stateless leaf that the inserted module replaces outright is its own owner. The root is the last resort.
+2. Owners are rewritten innermost first. An owner is traced alone (owners and hooked modules inside it
+   stay leaves), its nodes are matched one to one with its part of the big graph, and the edits are
+   inserted there.
+3. The owner is replaced by a copy of itself (`owned`): the same object state (attributes, hooks,
+   children), an instance of a subclass of its class whose `forward` is the rewritten graph's code, with
+   the inserted modules as children, inside a structural copy of the model that shares the user's
+   weights: the root keeps its class, methods, attributes and hooks, and the user's model never changes.
 """
 from __future__ import annotations
 
-import copy
-import itertools
 import keyword
 import logging
-from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 from torch import nn
 
 from surgeon.errors import TraceError
+from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
+from surgeon.surgery.owned import (LeafReplacement, forward_source, patched_class, shallow_copy,
+                                    structural_copy)
 from surgeon.surgery.sites import Site
 
 log = logging.getLogger("surgeon")
 
-ROOT = None  # the scope key of a graph's own root
-
-
-# -- scopes of one traced graph ------------------------------------------------------------------------
-def _stack(node: fx.Node) -> list[tuple[str, str]]:
-    """(scope key, module path) of the module calls a node was created in, outermost first.
-
-    A leaf module's own call node carries its module last; that is not a scope of the node."""
-    entries = [(k, v[0]) for k, v in (node.meta.get("nn_module_stack") or {}).items()]
-    if entries and node.op == "call_module" and entries[-1][1] == node.target:
-        entries = entries[:-1]
-    return entries
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-@dataclass
-class Scopes:
-    """The module calls of one traced graph: each call's nodes, in order."""
-
-    gm: fx.GraphModule
-    root: nn.Module  # the module the graph was traced from (for hooks)
-    nodes: dict[str, list[fx.Node]] = field(default_factory=dict)
-    paths: dict[str, str] = field(default_factory=dict)
-    calls: Counter = field(default_factory=Counter)
-    stacks: dict[fx.Node, list[tuple[str, str]]] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, gm: fx.GraphModule, root: nn.Module) -> Scopes:
-        sc = cls(gm, root)
-        for n in gm.graph.nodes:
-            st = _stack(n)
-            sc.stacks[n] = st
-            for key, path in st:
-                if key not in sc.nodes:
-                    sc.nodes[key] = []
-                    sc.paths[key] = path
-                    sc.calls[path] += 1
-                sc.nodes[key].append(n)
-        return sc
-
-    def members(self, key: str | None) -> set[fx.Node]:
-        if key is ROOT:
-            return set(self.gm.graph.nodes)
-        return set(self.nodes[key])
-
-    def path(self, key: str | None) -> str:
-        return "" if key is ROOT else self.paths[key]
-
-    def hooked_inside(self, key: str | None) -> dict[str, str]:
-        """{scope key: path relative to `key`} of the module calls inside `key` whose module has hooks: they
-        stay whole calls when `key` is rewritten, so their hooks keep firing."""
-        outer = self.path(key)
-        found = {}
-        for k, p in self.paths.items():
-            if k == key or (outer and not p.startswith(outer + ".")):
-                continue
-            try:
-                mod = self.root.get_submodule(p)
-            except AttributeError:
-                continue
-            if _has_hooks(mod):
-                found[k] = p[len(outer) + 1:] if outer else p
-        # only the outermost hooked calls: those inside them are inside the collapsed call anyway
-        return {k: r for k, r in found.items()
-                if not any(r != o and r.startswith(o + ".") for o in found.values())}
-
-
-def _candidates(sc: Scopes, site: Site, nodes: dict[str, fx.Node]) -> list[str | None]:
-    """Scope keys that could own the edit, innermost first, the root last."""
-    seen: list[str | None] = []
-    for name in (site.user, site.node):
-        if name is None:
-            continue
-        for key, _ in reversed(sc.stacks[nodes[name]]):
-            if key not in seen:
-                seen.append(key)
-    # the module the site is named after (a stage's `layer1`) comes first when it can hold the edit
-    named = [k for k in seen if k is not ROOT and sc.paths[k] == site.owner]
-    return named + [k for k in seen if k not in named] + [ROOT]
-
-
-def _fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> str | None:
-    """Why scope `key` cannot own the edit at `site` (None: it can, pending the match of its graph)."""
-    node = nodes[site.node]
-    for hk, rel in sc.hooked_inside(key).items():
-        seg = sc.members(hk)
-        if node in seg or (site.user is not None and nodes[site.user] in seg):
-            return f"the site is inside {rel!r}, which has hooks"
-    if key is ROOT:
-        return None
-    path = sc.paths[key]
-    if sc.calls[path] > 1:
-        return f"{path!r} is called {sc.calls[path]} times"
-    inside = sc.members(key)
-
-    def available(n: fx.Node) -> bool:  # computed inside, or one of the scope's inputs
-        return n in inside or any(u in inside for u in n.users)
-
-    if site.user is not None:
-        if nodes[site.user] not in inside:
-            return "the rewired use is outside it"
-        if not available(node):
-            return "the site's value is not one of its inputs"
-    elif node not in inside:
-        return "the site is outside it"
-    if site.action == "replace" and not all(available(nodes[a]) for a in site.args):
-        return "the module's inputs are not available in it"
-    return None
-
-
-# -- matching the big graph with an owner's own graph ------------------------------------------------
-def _strip(target: str, prefix: str) -> str | None:
-    if not prefix:
-        return target
-    return target[len(prefix) + 1:] if target.startswith(prefix + ".") else None
-
-
-def _sig(n: fx.Node, prefix: str) -> tuple:
-    if n.op in ("call_module", "get_attr"):
-        local = _strip(n.target, prefix)
-        return (n.op, local if local is not None else "?")
-    return (n.op, n.target)
-
-
-def _flat_nodes(args) -> list:
-    out: list = []
-    fx.node.map_aggregate(args, out.append)
-    return out
-
-
-def match(sc: Scopes, key: str | None, own: fx.GraphModule,
-          inner: dict[str, str]) -> dict[fx.Node, fx.Node] | None:
-    """Map the nodes of scope `key` in the big graph (and the inputs they read) to the nodes of `own`, the
-    scope's module traced alone; scopes in `inner` ({key: local path}) are single leaf calls in `own`.
-
-    Returns None when the two graphs differ.
-    """
-    prefix = sc.path(key)
-    body = [n for n in (sc.gm.graph.nodes if key is ROOT else sc.nodes[key])
-            if n.op not in ("placeholder", "output")]
-    inside = set(body)
-    units: list[tuple[str, object]] = []  # ("node", n) or ("call", inner key)
-    for n in body:
-        st = [k for k, _ in sc.stacks[n]]
-        hit = next((k for k in st if k in inner), None)
-        if hit is not None:
-            if not units or units[-1] != ("call", hit):
-                units.append(("call", hit))
-        else:
-            units.append(("node", n))
-    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output")]
-    if len(units) != len(mine):
-        log.debug("scope %r: %d nodes in the model's graph, %d traced alone", prefix, len(units), len(mine))
-        return None
-    mapping: dict[fx.Node, fx.Node] = {}
-    if key is ROOT:  # the same module traced twice: the same inputs
-        big_in = [n for n in sc.gm.graph.nodes if n.op == "placeholder"]
-        own_in = [n for n in own.graph.nodes if n.op == "placeholder"]
-        if len(big_in) != len(own_in):
-            return None
-        mapping.update(zip(big_in, own_in))
-    for (what, item), m in zip(units, mine):
-        if what == "call":
-            if m.op != "call_module" or m.target != inner[item]:
-                return None
-            seg = set(sc.nodes[item])
-            outs = [n for n in sc.nodes[item] if any(u not in seg for u in n.users)]
-            if len(outs) > 1:
-                return None
-            if outs:
-                mapping[outs[0]] = m
-            continue
-        n = item
-        if _sig(n, prefix) != _sig(m, ""):
-            if not (n.op == m.op == "get_attr"):  # tensor constants are named per graph
-                log.debug("scope %r: %s differs from %s", prefix, n.format_node(), m.format_node())
-                return None
-        mapping[n] = m
-        a_args, m_args = _flat_nodes((n.args, n.kwargs)), _flat_nodes((m.args, m.kwargs))
-        if len(a_args) != len(m_args):
-            return None
-        for a, b in zip(a_args, m_args):
-            if isinstance(a, fx.Node) != isinstance(b, fx.Node):
-                return None
-            if isinstance(a, fx.Node) and a not in inside:
-                if b.op != "placeholder" or mapping.setdefault(a, b) is not b:
-                    return None
-    return mapping
 
 
 # -- owners ------------------------------------------------------------------------------------------
@@ -244,7 +53,7 @@ def _join(a: str, b: str) -> str:
 
 def _returns(own: fx.GraphModule, node: fx.Node) -> bool:
     out = next(n for n in own.graph.nodes if n.op == "output")
-    return node in _flat_nodes(out.args)
+    return node in flat_nodes(out.args)
 
 
 def _uses_leave(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> bool:
@@ -270,25 +79,6 @@ class _Tracing:
         return self._cache[k]
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-               "_state_dict_pre_hooks")
-
-
-def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module:
-    """A deep copy of the module tree that shares every parameter and buffer with the original (and, with
-    `keep_hooks`, the very hook functions, so hooks that write into the user's objects keep doing so)."""
-    memo: dict[int, object] = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        memo[id(t)] = t
-    if keep_hooks:
-        for m in module.modules():
-            for attr in _HOOK_DICTS:
-                for fn in (m.__dict__.get(attr) or {}).values():
-                    memo[id(fn)] = fn
-    return copy.deepcopy(module, memo)
-
-
 def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.Module, graph: str,
                   leaf_paths: set[str]) -> list[tuple[Owner, tuple]]:
     """The owner of each edit: the innermost scope that fits and whose module traces alone to the same graph."""
@@ -300,9 +90,9 @@ def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.M
         if _swappable(sc, site, edit[1], nodes):
             chosen.append((Owner(graph, SWAP, nodes[site.node].target), edit))
             continue
-        for key in _candidates(sc, site, nodes):
+        for key in candidates(sc, site, nodes):
             path = sc.path(key)
-            reason = _fits(sc, key, site, nodes)
+            reason = fits(sc, key, site, nodes)
             if reason is None:
                 reason = _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths)
             if reason is None:
@@ -338,20 +128,6 @@ def _swappable(sc: Scopes, site: Site, module: nn.Module, nodes: dict[str, fx.No
         return False
     picked = [site.args[i] for i in arg_indices(module, len(site.args))]
     return picked in ([node.args[0].name], [node.args[0].name, node.name])
-
-
-class LeafReplacement(nn.Module):
-    """Takes the place of a stateless leaf module: runs `original` and hands its output to `attn`
-    beside the input (for modules that start as the identity of the original's output)."""
-
-    def __init__(self, original: nn.Module, attn: nn.Module):
-        super().__init__()
-        self.original = original
-        self.attn = attn
-        self._surgeon_leaf = True
-
-    def forward(self, x):
-        return self.attn(x, self.original(x))
 
 
 def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
@@ -404,77 +180,6 @@ def local_name(site: Site, owner_path: str, attention: str) -> str:
     else:  # the owner is deeper than the site's nominal owner (a pooling module replaced inside itself)
         rest = attention
     return _sanitize(rest.replace(".", "_"))
-
-
-class _PatchedMixin:
-    """Marks classes surgeon derived from a user's class."""
-
-
-def _filtered(self) -> list[tuple[str, nn.Module]]:
-    added = self.__dict__.get("_surgeon_added", ())
-    return [(k, m) for k, m in self._modules.items() if k not in added]
-
-
-def _seq_iter(self):
-    return iter(m for _, m in _filtered(self))
-
-
-def _seq_len(self) -> int:
-    return len(_filtered(self))
-
-
-def _seq_getitem(self, idx):
-    items = _filtered(self)
-    if isinstance(idx, slice):
-        return nn.Sequential(OrderedDict(items[idx]))
-    return items[idx][1]
-
-
-_CLASSES: dict[tuple[type, str], type] = {}
-
-
-def patched_class(cls: type, forward, source: str) -> type:
-    """A subclass of the user's class `cls` whose forward is `forward` (compiled from `source`, which pickling
-    keeps); containers keep their indexing. One class per (user's class, source)."""
-    base = cls.__dict__.get("_surgeon_base", cls)
-    key = (base, source)
-    if key not in _CLASSES:
-        ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
-              "_surgeon_base": base, "_surgeon_source": source, "__doc__": base.__doc__,
-              "__reduce_ex__": _reduce}
-        if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
-            ns.update(__iter__=_seq_iter, __len__=_seq_len, __getitem__=_seq_getitem)
-        _CLASSES[key] = type(base.__name__, (base,), ns)
-    return _CLASSES[key]
-
-
-def _reduce(self, protocol):
-    """Pickle and deepcopy a rewritten module by its user's class and its forward's source (the class itself
-    is made at run time and cannot be found by name)."""
-    return _rebuild, (type(self)._surgeon_base, type(self)._surgeon_source), dict(self.__dict__)
-
-
-def _rebuild(base: type, source: str) -> nn.Module:
-    from torch.fx.graph_module import _forward_from_src
-
-    key = (base, source)
-    cls = _CLASSES.get(key) or patched_class(base, _forward_from_src(source, {}), source)
-    return cls.__new__(cls)
-
-
-def shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy sharing parameters, buffers, children and hooks, whose own tables can change independently."""
-    new = copy.copy(module)
-    for attr in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
-                 "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
-                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_pre_hooks"):
-        if attr in module.__dict__:
-            new.__dict__[attr] = copy.copy(module.__dict__[attr])
-    for attr in ("_surgeon_added",):
-        if attr in module.__dict__:
-            new.__dict__[attr] = set(module.__dict__[attr])
-    return new
 
 
 def _resolves(module: nn.Module, target: str) -> bool:
@@ -568,23 +273,9 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
             n.target = name
         added.append(name)
     own.recompile()
-    new.__class__ = patched_class(type(module), type(own).forward, _source(own))
+    new.__class__ = patched_class(type(module), type(own).forward, forward_source(own))
     new.__dict__["_surgeon_added"] = set(new.__dict__.get("_surgeon_added", ())) | set(added)
     return new, paths
-
-
-def _source(gm: fx.GraphModule) -> str:
-    """The forward's code with the imports it needs, as GraphModule pickles it."""
-    from torch.fx.graph_module import _format_import_block
-    from torch.package import sys_importer
-
-    code = gm.graph.python_code(root_module="self")
-    return _format_import_block(code.globals, sys_importer) + code.src
-
-
-def rewritten(module: nn.Module) -> str | None:
-    """The source of the forward surgery wrote for a module it rewrote (None for any other module)."""
-    return type(module).__dict__.get("_surgeon_source")
 
 
 def _localize(site: Site, by_name: dict[str, fx.Node]) -> Site:

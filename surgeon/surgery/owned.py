@@ -1,0 +1,128 @@
+"""The modules scoped surgery puts in a model: each rewritten owner is an instance of a subclass of the
+user's own class that carries the new forward (one class per user class and source, so it pickles and
+deep-copies by that pair); a `Sequential` keeps its indexing; a stateless layer is replaced outright.
+The patched model itself is a structural copy of the user's: its own modules and attributes, the user's
+parameter and buffer tensors and hook functions.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import OrderedDict
+
+import torch.fx as fx
+from torch import nn
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_state_dict_pre_hooks")
+
+
+def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module:
+    """A deep copy of the module tree that shares every parameter and buffer with the original (and, with
+    `keep_hooks`, the very hook functions, so hooks that write into the user's objects keep doing so)."""
+    memo: dict[int, object] = {}
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        memo[id(t)] = t
+    if keep_hooks:
+        for m in module.modules():
+            for attr in _HOOK_DICTS:
+                for fn in (m.__dict__.get(attr) or {}).values():
+                    memo[id(fn)] = fn
+    return copy.deepcopy(module, memo)
+
+
+class LeafReplacement(nn.Module):
+    """Takes the place of a stateless leaf module: runs `original` and hands its output to `attn`
+    beside the input (for modules that start as the identity of the original's output)."""
+
+    def __init__(self, original: nn.Module, attn: nn.Module):
+        super().__init__()
+        self.original = original
+        self.attn = attn
+        self._surgeon_leaf = True
+
+    def forward(self, x):
+        return self.attn(x, self.original(x))
+
+
+def _filtered(self) -> list[tuple[str, nn.Module]]:
+    added = self.__dict__.get("_surgeon_added", ())
+    return [(k, m) for k, m in self._modules.items() if k not in added]
+
+
+def _seq_iter(self):
+    return iter(m for _, m in _filtered(self))
+
+
+def _seq_len(self) -> int:
+    return len(_filtered(self))
+
+
+def _seq_getitem(self, idx):
+    items = _filtered(self)
+    if isinstance(idx, slice):
+        return nn.Sequential(OrderedDict(items[idx]))
+    return items[idx][1]
+
+
+_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def patched_class(cls: type, forward, source: str) -> type:
+    """A subclass of the user's class `cls` whose forward is `forward` (compiled from `source`, which pickling
+    keeps); containers keep their indexing. One class per (user's class, source)."""
+    base = cls.__dict__.get("_surgeon_base", cls)
+    key = (base, source)
+    if key not in _CLASSES:
+        ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+              "_surgeon_base": base, "_surgeon_source": source, "__doc__": base.__doc__,
+              "__reduce_ex__": _reduce}
+        if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
+            ns.update(__iter__=_seq_iter, __len__=_seq_len, __getitem__=_seq_getitem)
+        _CLASSES[key] = type(base.__name__, (base,), ns)
+    return _CLASSES[key]
+
+
+def _reduce(self, protocol):
+    """Pickle and deepcopy a rewritten module by its user's class and its forward's source (the class itself
+    is made at run time and cannot be found by name)."""
+    return _rebuild, (type(self)._surgeon_base, type(self)._surgeon_source), dict(self.__dict__)
+
+
+def _rebuild(base: type, source: str) -> nn.Module:
+    from torch.fx.graph_module import _forward_from_src
+
+    key = (base, source)
+    cls = _CLASSES.get(key) or patched_class(base, _forward_from_src(source, {}), source)
+    return cls.__new__(cls)
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A copy sharing parameters, buffers, children and hooks, whose own tables can change independently."""
+    new = copy.copy(module)
+    for attr in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
+                 "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_pre_hooks"):
+        if attr in module.__dict__:
+            new.__dict__[attr] = copy.copy(module.__dict__[attr])
+    for attr in ("_surgeon_added",):
+        if attr in module.__dict__:
+            new.__dict__[attr] = set(module.__dict__[attr])
+    return new
+
+
+def forward_source(gm: fx.GraphModule) -> str:
+    """The forward's code with the imports it needs, as GraphModule pickles it."""
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    code = gm.graph.python_code(root_module="self")
+    return _format_import_block(code.globals, sys_importer) + code.src
+
+
+def rewritten(module: nn.Module) -> str | None:
+    """The source of the forward surgery wrote for a module it rewrote (None for any other module)."""
+    return type(module).__dict__.get("_surgeon_source")
