@@ -202,31 +202,15 @@ def _library_reference(model: nn.Module) -> dict[str, Any] | None:
     return {"ref": arch, "args": args, "pretrained": False, "weights": None}
 
 
-def _reaches_output(prep: _Prepared, site: Site) -> bool:
-    """Whether the site's value reaches its graph's output: an edit on a value the model computes and then
-    drops (an encoder stage its decoder does not read) would be an edit that does nothing."""
+def _worth_editing(prep: _Prepared, site: Site) -> bool:
+    """Whether an edit at the site can do anything: its value must reach its graph's output (not an encoder
+    stage the decoder drops) and be computed with gradients (not inside `torch.no_grad()`)."""
     view = next(v for v in prep.views if v.prefix == site.graph)
-    live = view.__dict__.get("_live")
-    if live is None:
-        import networkx as nx
-
-        outs = [n for n in view.nodes if n.op == "output"]
-        live = set(outs).union(*(nx.ancestors(view.nx, o) for o in outs))
-        view.__dict__["_live"] = live
-    no_grad = view.__dict__.get("_no_grad")
-    if no_grad is None:  # nodes between a recorded `set grad enabled(False)` and the restore after it
-        no_grad, depth = set(), 0
-        for n in view.nodes:
-            if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
-                depth += 1 if n.args[0] is False else -1 if isinstance(n.args[0], torch.fx.Node) else 0
-            elif depth > 0:
-                no_grad.add(n)
-        view.__dict__["_no_grad"] = no_grad
     node = next((n for n in view.nodes if n.name == site.node), None)
-    if node is not None and node in no_grad:
+    if node is not None and node in view.without_grad:
         log.info("site %s: skipped, it is computed without gradients (torch.no_grad)", site.name)
         return False
-    if node is None or node in live:
+    if node is None or node in view.live:
         return True
     log.info("site %s: skipped, its value does not reach the output", site.name)
     return False
@@ -251,7 +235,7 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
     for k in candidates:
         try:
             found = [s for s in find_sites(prep.views, [k], list(at) if at else None)
-                     if s.layout in att.layouts and _reaches_output(prep, s)]
+                     if s.layout in att.layouts and _worth_editing(prep, s)]
         except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
             unmatched = unmatched or exc
             continue
@@ -284,7 +268,7 @@ class Plan:
         self.edits = edits
         self.verification: Verification | None = None
         self._applied = False
-        self._owners: dict[str, str] | None = None
+        self._choice: scope.Choice | None = None
         self.note = ""  # why the sites are not of the attention's first kind, when they are not
 
     @property
@@ -297,10 +281,13 @@ class Plan:
 
     def owners(self) -> dict[str, str]:
         """{site name: the module whose forward the edit rewrites ('' = the model's own forward)}."""
-        if self._owners is None:
-            self._owners = scope.owners_of(self.model, self._prep.traced,
-                                           [(e.site, e.module, e.attention) for e in self.edits], trace_alone)
-        return self._owners
+        return self._chosen().by_site()
+
+    def _chosen(self) -> scope.Choice:
+        if self._choice is None:  # decided once: the table, --json and apply() share it
+            self._choice = scope.choose(self.model, self._prep.traced,
+                                        [(e.site, e.module, e.attention) for e in self.edits], trace_alone)
+        return self._choice
 
     @property
     def params(self) -> int:
@@ -364,10 +351,9 @@ class Plan:
         if self._applied:  # the traced copy is consumed; plan again on a fresh trace
             fresh = _prepare(self.model, example_input=self._prep.inputs)
             self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views)
+            self._choice = None
         self._applied = True
-        traced = self._prep.traced
-        patched, paths, owners = scope.rewrite(self.model, traced, [(e.site, e.module, e.attention) for e in self.edits],
-                                               trace_alone, rw.insert)
+        patched, paths, owners = scope.rewrite(self.model, self._chosen(), rw.insert)
         rec = record.detach(patched, self.model)  # never share the record with the input model
         if rec["model"] is None:
             record.set_base(patched, _library_reference(self.model))

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import surgeon
 from surgeon.errors import SurgeonError, VerificationError
+from surgeon.surgery.verify import tensors
 
 import fuzz_models
 
@@ -44,18 +45,8 @@ REFUSALS: list[str] = []
 CHECKED: set[tuple[str, str, str]] = set()  # (model family, attention, kind) pairs tried
 
 
-def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _tensors(o)]
-    return []
-
-
 def _compare(a, b, what: str) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = tensors(a), tensors(b)
     if len(ta) != len(tb):
         raise Mismatch(f"{what}: {len(ta)} output tensors, patched {len(tb)}")
     for x, y in zip(ta, tb):

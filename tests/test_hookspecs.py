@@ -4,7 +4,6 @@ import inspect
 import re
 import textwrap
 import types
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import surgeon
 from surgeon import hookspecs, registry
 from surgeon.cli import cli
 from surgeon.errors import UnknownNameError
+from registered import plugin
 from toy_models import PlainCNN, TinyResNet
 
 HOOKS = sorted(name for name, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "surgeon_spec"))
@@ -39,14 +39,6 @@ def load_example(hook: str) -> types.ModuleType:
     return module
 
 
-@contextmanager
-def plugin(obj, name):
-    pm = registry.get_plugin_manager()
-    pm.register(obj, name=name)
-    try:
-        yield
-    finally:
-        pm.unregister(name=name)
 
 
 def test_hooks_are_found():

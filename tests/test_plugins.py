@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 import types
-from contextlib import contextmanager
 
 import click
 import pluggy
@@ -20,16 +19,9 @@ from surgeon import registry
 from surgeon.cli import cli
 from surgeon.errors import PluginError
 from toy_models import TinyResNet
+from registered import plugin
 
 
-@contextmanager
-def plugin(obj, name):
-    pm = registry.get_plugin_manager()
-    pm.register(obj, name=name)
-    try:
-        yield
-    finally:
-        pm.unregister(name=name)
 
 
 class Doubler(nn.Module):

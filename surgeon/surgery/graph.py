@@ -155,6 +155,24 @@ class GraphView:
                 g.add_edge(inp, n)
         return g
 
+    @cached_property
+    def live(self) -> set[fx.Node]:
+        """The nodes whose value reaches the graph's output."""
+        outs = [n for n in self.nodes if n.op == "output"]
+        return set(outs).union(*(nx.ancestors(self.nx, o) for o in outs))
+
+    @cached_property
+    def without_grad(self) -> set[fx.Node]:
+        """The nodes computed between a recorded `set grad enabled(False)` (a `torch.no_grad()` block, see
+        `SurgeonTracer.trace`) and the restore after it."""
+        inside, depth = set(), 0
+        for n in self.nodes:
+            if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
+                depth += 1 if n.args[0] is False else -1 if isinstance(n.args[0], fx.Node) else 0
+            elif depth > 0:
+                inside.add(n)
+        return inside
+
     # -- facts about nodes ---------------------------------------------------------------------------
     def shape(self, node: fx.Node) -> tuple | None:
         return _shape(node)

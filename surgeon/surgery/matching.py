@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon.surgery.sites import Site
+from surgeon.surgery.trace import has_hooks
 
 log = logging.getLogger("surgeon")
 
@@ -26,11 +27,6 @@ def _stack(node: fx.Node) -> list[tuple[str, str]]:
     if entries and node.op == "call_module" and entries[-1][1] == node.target:
         entries = entries[:-1]
     return entries
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
 
 
 @dataclass
@@ -78,7 +74,7 @@ class Scopes:
                 mod = self.root.get_submodule(p)
             except AttributeError:
                 continue
-            if _has_hooks(mod):
+            if has_hooks(mod):
                 found[k] = p[len(outer) + 1:] if outer else p
         # only the outermost hooked calls: those inside them are inside the collapsed call anyway
         return {k: r for k, r in found.items()

@@ -1,16 +1,12 @@
-"""Rewrite: insert built modules at sites of a traced model.
+"""Rewrite: insert one built module at a site of a traced graph, and the surgery record's accessors.
 
-1. Attach each module at a readable path next to its owner (`layer1.0.cbam`), never inside a module
-   shared with the user's original model (a leaf such as a Conv2d): then it goes beside it
-   (`layer1.0.conv1_se`).
-2. Insert a call to it after the site's node (rewiring every user, or only the site's `user`), or in
-   place of the node for 'replace' sites; prune what became dead (a replaced pooling op).
-3. Lint and recompile each graph; record the edits on the model.
+`insert` adds a call to the module after the site's node (rewiring every user, or only the site's
+`user`), or in place of the node for 'replace' sites. Which graph it goes into, under which name, and
+what becomes of the replaced nodes is `surgery.scope`'s job.
 """
 from __future__ import annotations
 
 import inspect
-import keyword
 import logging
 from typing import Any
 
@@ -20,36 +16,10 @@ from torch import nn
 from surgeon import record as _record
 from surgeon.errors import ShapeError
 from surgeon.surgery.sites import Site
-from surgeon.surgery.trace import Traced, unique_path
 
 log = logging.getLogger("surgeon")
 
 RECORD_ATTR = _record.ATTR
-
-
-def _is_fresh(module: nn.Module) -> bool:
-    """Containers fx created while tracing (and GraphModules) belong to the traced model alone."""
-    return type(module) is nn.Module or isinstance(module, fx.GraphModule)
-
-
-def attach_path(gm: fx.GraphModule, site: Site, attention: str) -> str:
-    """The module path (relative to gm) where the module for `site` goes."""
-    owner, slot = site.owner, site.slot
-    while owner:
-        try:
-            mod = gm.get_submodule(owner)
-        except AttributeError:
-            mod = None
-        if mod is not None and _is_fresh(mod):
-            break
-        owner, _, leaf = owner.rpartition(".")
-        slot = f"{leaf}_{slot}" if slot else leaf
-    name = f"{slot}_{attention}" if slot else attention
-    if keyword.iskeyword(name) or not name.isidentifier():
-        # fx writes `self.<owner>.<name>(...)`: the name must be a valid attribute ('nonlocal' is not)
-        name = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
-        name = f"{name}_" if keyword.iskeyword(name) else name
-    return unique_path(gm, owner, name)
 
 
 def _positional_arity(module: nn.Module) -> int:
@@ -69,12 +39,12 @@ def arg_indices(module: nn.Module, available: int) -> list[int]:
 
 
 def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
-           replaced: dict[str, fx.Node] | None = None, path: str | None = None) -> str:
+           replaced: dict[str, fx.Node] | None, path: str) -> str:
     """Insert `module` at `site` in `gm` (without recompiling). Returns its path relative to gm.
 
     `replaced` maps node names to the nodes that took their place in earlier edits of the same graph,
     so edits at neighbouring sites chain (a pool replaced, then the mean after it replaced too).
-    `path`: where to attach the module (default: next to the site's owner, see `attach_path`).
+    `path`: where to attach the module in gm.
     """
     replaced = {} if replaced is None else replaced
     nodes = {n.name: n for n in gm.graph.nodes}
@@ -85,7 +55,6 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
         return replaced.get(name, nodes[name])
 
     node = resolve(site.node)
-    path = path or attach_path(gm, site, attention)
     module._surgeon_leaf = True  # stays one call when the model is traced again
     gm.add_submodule(path, module)
     if site.action == "insert":
@@ -113,28 +82,6 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
     new.meta["surgeon_site"] = site.name
     log.debug("site %s: %s inserted as %s", site.name, attention, path)
     return path
-
-
-def rewrite(traced: Traced, edits: list[tuple[Site, nn.Module, str]]) -> dict[str, str]:
-    """Apply (site, module, attention name) edits to `traced` in place.
-
-    Returns:
-        {site name: full module path} of the inserted modules.
-    """
-    paths: dict[str, str] = {}
-    touched: set[str] = set()
-    replaced: dict[str, dict[str, fx.Node]] = {}
-    for site, module, attention in edits:
-        gm = traced.graphs[site.graph]
-        local = insert(gm, site, module, attention, replaced.setdefault(site.graph, {}))
-        paths[site.name] = f"{site.graph}.{local}" if site.graph else local
-        touched.add(site.graph)
-    for g in touched:
-        gm = traced.graphs[g]
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    return paths
 
 
 def record(model: nn.Module) -> dict[str, Any]:

@@ -40,7 +40,6 @@ class Owner:
     key: str | None
     path: str  # relative to the graph's module
     edits: list = field(default_factory=list)  # (site, module, attention)
-    why_not: list[str] = field(default_factory=list)
 
     @property
     def full(self) -> str:
@@ -96,7 +95,7 @@ def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.M
             if reason is None:
                 reason = _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths)
             if reason is None:
-                chosen.append((Owner(graph, key, path, why_not=why), edit))
+                chosen.append((Owner(graph, key, path), edit))
                 if why:
                     log.debug("site %s: rewritten in %r (%s)", site.name, _join(graph, path) or "the root",
                               "; ".join(why))
@@ -289,20 +288,16 @@ def _localize(site: Site, by_name: dict[str, fx.Node]) -> Site:
 
 
 # -- the driver --------------------------------------------------------------------------------------
-def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tuple[nn.Module, dict[str, str], dict[str, str]]:
-    """Apply (site, module, attention) edits to a copy of `model`, each inside its owner.
+def rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[str, str], dict[str, str]]:
+    """Apply the edits of `choice` (see `choose`) to a copy of `model`, each inside its owner.
 
     Args:
-        traced: the `Traced` map of `model` the sites were found in.
-        trace_module: (module, leaf paths) -> GraphModule, how one module is traced alone.
         insert: the graph insertion of one edit (`rewrite.insert`).
 
     Returns:
         (patched model, {site name: full path of its inserted module}, {site name: full path of the owner}).
     """
-    tracing = _Tracing(trace_module)
-    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
-    owners, scopes = _owners(model, traced, edits, tracing, leaf_paths)
+    owners, scopes, tracing, leaf_paths = choice.owners, choice.scopes, choice.tracing, choice.leaf_paths
     # the patched model is a structural copy: its own modules, attributes and training flags, the user's
     # parameter and buffer tensors (no copy of the weights) and the user's hook functions
     result = structural_copy(model, keep_hooks=True)
@@ -346,7 +341,30 @@ def rewrite(model: nn.Module, traced, edits: list, trace_module, insert) -> tupl
     return result, paths, owner_of
 
 
-def _owners(model, traced, edits, tracing, leaf_paths) -> tuple[dict[str, Owner], dict[str, Scopes]]:
+@dataclass
+class Choice:
+    """Which module each edit rewrites: what `rewrite` performs and `surgeon add --dry-run` shows. It keeps
+    the scopes and the single-module traces it was decided on, so rewriting does not trace them again."""
+
+    owners: dict[str, Owner]
+    scopes: dict[str, Scopes]
+    tracing: _Tracing
+    leaf_paths: set[str]
+
+    def by_site(self) -> dict[str, str]:
+        """{site name: path of the module whose forward is rewritten for it} ('' for the root)."""
+        return {e[0].name: full for full, o in self.owners.items() for e in o.edits}
+
+
+def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
+    """Pick the owner of every (site, module, attention) edit, changing nothing.
+
+    Args:
+        traced: the `Traced` map of `model` the sites were found in.
+        trace_module: (module, leaf paths) -> GraphModule, how one module is traced alone.
+    """
+    tracing = _Tracing(trace_module)
+    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
     by_graph: dict[str, list] = {}
     for e in edits:
         by_graph.setdefault(e[0].graph, []).append(e)
@@ -359,15 +377,7 @@ def _owners(model, traced, edits, tracing, leaf_paths) -> tuple[dict[str, Owner]
         local_leaves.discard("")
         for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
             owners.setdefault(owner.full, owner).edits.append(edit)
-    return owners, scopes
-
-
-def owners_of(model: nn.Module, traced, edits: list, trace_module) -> dict[str, str]:
-    """{site name: path of the module whose forward will be rewritten for it} ('' for the root), without
-    changing anything: what `surgeon add --dry-run` shows."""
-    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
-    owners, _ = _owners(model, traced, edits, _Tracing(trace_module), leaf_paths)
-    return {e[0].name: full for full, o in owners.items() for e in o.edits}
+    return Choice(owners, scopes, tracing, leaf_paths)
 
 
 def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:

@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from surgeon.errors import ShapeError
 from surgeon.surgery.trace import Traced
+from surgeon.surgery.verify import tensors
 
 log = logging.getLogger("surgeon")
 
@@ -62,16 +63,6 @@ def _run(traced: Traced, inputs: tuple) -> None:
             h.remove()
 
 
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors_in(v)]
-    return []
-
-
 # Below this many parameters a real CPU forward (no grad) is faster than fake tensors and its
 # activations are small; above it, fake tensors keep big models from allocating anything.
 SMALL_MODEL_PARAMS = 50_000_000
@@ -108,7 +99,7 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
         try:
             _run(traced, example_inputs)
         except Exception as exc:
-            shapes = ", ".join(str(tuple(x.shape)) for x in _tensors_in(example_inputs))
+            shapes = ", ".join(str(tuple(x.shape)) for x in tensors(example_inputs))
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
             raise ShapeError(
                 f"The example input {shapes or '(no tensors)'} does not go through {type(traced.module).__name__} "

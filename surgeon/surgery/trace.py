@@ -61,30 +61,26 @@ _GRAD_MODE = ("set_grad_enabled", "inference_mode")
 
 
 @functools.lru_cache(maxsize=None)
-def changes_grad_mode(cls: type) -> bool:
-    """Whether a module class's forward switches autograd on or off (`with torch.no_grad():`): fx records
-    no such region, so that forward must stay Python."""
+def _forward_source(cls: type) -> str:
+    """The source of a user module class's forward ('' for torch.nn's own classes or when unavailable)."""
     forward = getattr(cls, "forward", None)
     if forward is None or cls.__module__.startswith("torch.nn"):
-        return False
+        return ""
     try:
-        src = inspect.getsource(forward)
+        return inspect.getsource(forward)
     except (OSError, TypeError):
-        return False
-    return any(word in src for word in _GRAD_MODE)
+        return ""
 
 
-@functools.lru_cache(maxsize=None)
+def changes_grad_mode(cls: type) -> bool:
+    """Whether a module class's forward switches autograd in a way fx does not record (see `_GRAD_MODE`),
+    so that forward must stay Python."""
+    return any(word in _forward_source(cls) for word in _GRAD_MODE)
+
+
 def _reads_training(cls: type) -> bool:
     """Whether a module class's forward reads `self.training` (its behaviour depends on the mode)."""
-    forward = getattr(cls, "forward", None)
-    if forward is None or cls.__module__.startswith("torch.nn"):
-        return False
-    try:
-        src = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    return "self.training" in src
+    return "self.training" in _forward_source(cls)
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -327,15 +323,6 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
         if not attr.startswith("_") and attr not in gm.__dict__ and attr != "training":
             gm.__dict__[attr] = value
     return gm
-
-
-def _shallow_copy(module: nn.Module) -> nn.Module:
-    """A copy that shares parameters and children but whose child table can change independently."""
-    new = copy.copy(module)
-    new._modules = dict(module._modules)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    return new
 
 
 def trace(model: nn.Module, *, leaf_paths: set[str] | None = None) -> Traced:

@@ -60,18 +60,19 @@ class Verification:
         return {**asdict(self), "flops_added": self.flops_added, "ok": self.ok}
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) output or input: tensors, tuples, lists, dicts."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
     if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _tensors(o)]
+        return [t for o in out for t in tensors(o)]
     return []
 
 
 def max_abs_diff(a: Any, b: Any) -> float:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = tensors(a), tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return float("inf")
     return max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)
@@ -104,11 +105,11 @@ def _copy_inputs(inputs: tuple) -> tuple:
 
 
 def _finite(out: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(out) if t.is_floating_point())
+    return all(bool(torch.isfinite(t).all()) for t in tensors(out) if t.is_floating_point())
 
 
 def _grad_structure(out: Any) -> list[bool]:
-    return [t.requires_grad for t in _tensors(out)]
+    return [t.requires_grad for t in tensors(out)]
 
 
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -192,16 +193,16 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     try:
         expected = original(*_copy_inputs(inputs))
         structure = _grad_structure(expected)
-        expected = [t.detach() for t in _tensors(expected)]
+        expected = [t.detach() for t in tensors(expected)]
         new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
         for p in saved:
             p.grad = None
         out = patched(*_copy_inputs(inputs))  # one forward serves both the comparison and the backward pass
-        diff = max_abs_diff(expected, [t.detach() for t in _tensors(out)])
+        diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
         if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
             diff = float("nan")
         same_grad = structure == _grad_structure(out)
-        loss = sum(t.float().sum() for t in _tensors(out) if t.is_floating_point())
+        loss = sum(t.float().sum() for t in tensors(out) if t.is_floating_point())
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
             loss.backward()
         with_grad = sum(p.grad is not None for p in new_params)
