@@ -117,6 +117,10 @@ def test_sequential_owner_keeps_its_indexing():
     assert isinstance(patched.layer1, nn.Sequential) and len(patched.layer1) == len(model.layer1) == 2
     assert [type(m) for m in patched.layer1] == [type(m) for m in model.layer1]
     assert patched.layer1[-1].conv1.weight is model.layer1[-1].conv1.weight
+    # the rewritten layer1 still calls its blocks as modules: they keep their own names, hooks and sites
+    assert 'getattr(self, "0")(' in rewritten(patched.layer1)
+    assert [s.name for s in surgeon.sites(patched, kind="residual", input_size=SIZE)] == [
+        s.name for s in surgeon.sites(model, kind="residual", input_size=SIZE)]
     assert "layer1.bam.attn.channel.fc1.weight" in patched.state_dict() or any(
         k.startswith("layer1.bam.") for k in patched.state_dict())
 
@@ -127,11 +131,15 @@ def test_hooks_on_the_model_and_inside_owners_keep_firing():
     model.register_forward_hook(lambda *a: fired.append("root"))
     model.layer1.register_forward_hook(lambda *a: fired.append("layer1"))
     model.layer1[0].bn2.register_forward_pre_hook(lambda *a: fired.append("bn2"))
+    # a container inside a block that se rewrites: traced through, its hook would never fire again
+    model.layer2[0].downsample.register_forward_hook(lambda *a: fired.append("downsample"))
     patched = surgeon.add(model, "bam", input_size=SIZE)  # rewrites layer1 itself
+    patched = surgeon.add(patched, "se", input_size=SIZE, at=["layer2.0"])  # rewrites layer2.0
+    assert [e.owner for e in surgeon.edits(patched)][-1] == "layer2.0"
     fired.clear()
     with torch.no_grad():
         patched(_x(1, *SIZE))
-    assert sorted(fired) == ["bn2", "layer1", "root"]
+    assert sorted(fired) == ["bn2", "downsample", "layer1", "root"]
 
 
 class _SharedBlockNet(nn.Module):
@@ -328,6 +336,10 @@ def test_in_place_ops_functional_norms_and_no_grad_survive():
         assert torch.allclose(got, want, atol=1e-5) and torch.equal(a, b)  # the input is normalised in both
         model.rm.copy_(rm)
     assert surgeon.edits(patched)
+    # the no_grad branch stays frozen: no gradient reaches its weights, as in the original
+    patched.eval()
+    patched(x.clone()).sum().backward()
+    assert patched.frozen.weight.grad is None and patched.c.weight.grad is not None
 
 
 class _ModeDependent(nn.Module):

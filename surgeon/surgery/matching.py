@@ -62,6 +62,35 @@ class Scopes:
     def path(self, key: str | None) -> str:
         return "" if key is ROOT else self.paths[key]
 
+    def kept_whole(self, key: str | None, sites: list[Site], nodes: dict[str, fx.Node]) -> dict[str, str]:
+        """{scope key: path relative to `key`} of the outermost module calls inside `key` that the edits at
+        `sites` do not reach into: they stay calls of their modules when `key` is rewritten (a rewritten
+        `layer1` still calls `layer1[0]`, whose hooks, checkpointing and site names stay its own). A call
+        may hold a site's value when that value is its one output (the stage end a block returns)."""
+        outer = self.path(key)
+        values = {nodes[s.node] for s in sites}
+        touched = {nodes[n] for s in sites for n in (s.user, *s.args) if n is not None}
+        depth: dict[str, int] = {}
+        for n in (self.gm.graph.nodes if key is ROOT else self.nodes[key]):
+            st = [k for k, _ in self.stacks[n]]
+            start = 0 if key is ROOT else st.index(key) + 1
+            for d, k in enumerate(st[start:]):
+                depth.setdefault(k, d)
+        kept: dict[str, str] = {}
+        covered: set[fx.Node] = set()
+        for k in sorted(depth, key=depth.get):  # outermost first
+            seg = set(self.nodes[k])
+            path = self.paths[k]
+            if seg & covered or (outer and not path.startswith(outer + ".")):
+                continue
+            outs = [n for n in self.nodes[k] if any(u not in seg for u in n.users)]
+            hit = seg & values
+            if seg & touched or (hit and (len(outs) != 1 or hit != set(outs))):
+                continue
+            kept[k] = path[len(outer) + 1:] if outer else path
+            covered |= seg
+        return kept
+
     def hooked_inside(self, key: str | None) -> dict[str, str]:
         """{scope key: path relative to `key`} of the module calls inside `key` whose module has hooks: they
         stay whole calls when `key` is rewritten, so their hooks keep firing."""

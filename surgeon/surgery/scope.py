@@ -135,15 +135,33 @@ def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
     return frozenset(p[len(path) + 1:] for p in leaf_paths if p.startswith(path + "."))
 
 
+def _trace_matched(sc: Scopes, key, module: nn.Module, leaves: frozenset[str], tracing: _Tracing,
+                   must: dict[str, str], wanted: dict[str, str]):
+    """Trace `module` (scope `key`) alone with the calls in `must` and, when that traces and matches, those in
+    `wanted` kept whole; returns (twin, graph, mapping or None). Keeping a call whole fails where the code
+    around it takes its output apart in Python (iterating a dict of features): then it is traced through."""
+    for whole in ({**must, **wanted}, must) if wanted else (must,):
+        try:
+            twin, own = tracing(module, frozenset(leaves | set(whole.values())))
+        except Exception:  # noqa: BLE001 - retried with fewer calls kept whole; the last failure propagates
+            if whole is must:
+                raise
+            continue
+        own = _fresh(own)
+        mapping = match(sc, key, own, whole)
+        if mapping is not None or whole is must:
+            return twin, own, mapping
+    raise AssertionError("unreachable")  # the loop always returns or raises on its last round
+
+
 def _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths) -> str | None:
     path = sc.path(key)
     module = graph_module.get_submodule(path) if path else graph_module
-    hooked = sc.hooked_inside(key)
     try:
-        _, own = tracing(module, _local_leaves(leaf_paths, path) | frozenset(hooked.values()))
+        own, mapping = _trace_matched(sc, key, module, _local_leaves(leaf_paths, path), tracing,
+                                      sc.hooked_inside(key), sc.kept_whole(key, [site], nodes))[1:]
     except Exception as exc:  # noqa: BLE001 - any failure means: not this scope
         return f"it does not trace alone ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    mapping = match(sc, key, own, hooked)
     if mapping is None:
         return "traced alone it gives a different graph"
     if _uses_leave(sc, key, site, nodes) and not _returns(own, mapping[nodes[site.node]]):
@@ -321,14 +339,14 @@ def rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[s
         same_graph = {owners[p].key: (p[len(full) + 1:] if full else p) for p in done
                       if _inside(p, full) and owners[p].graph == g and owners[p].key != SWAP}
         same_graph.update(sc.hooked_inside(o.key))
-        leaves = set(_local_leaves(leaf_paths, full)) | set(same_graph.values())
+        nodes = {n.name: n for n in sc.gm.graph.nodes}
+        leaves = set(_local_leaves(leaf_paths, full))
         leaves.discard("")
         current = result.get_submodule(full) if full else result
         # with nothing replaced inside it, the owner is still the user's module as traced while choosing owners
         source = current if any(_inside(p, full) for p in done) else (model.get_submodule(full) if full else model)
-        twin, own = tracing(source, frozenset(leaves))
-        own = _fresh(own)
-        mapping = match(sc, o.key, own, same_graph)
+        twin, own, mapping = _trace_matched(sc, o.key, source, frozenset(leaves), tracing, same_graph,
+                                            sc.kept_whole(o.key, [e[0] for e in o.edits], nodes))
         if mapping is None:
             raise TraceError(f"{full or 'the root'!r} cannot be rewritten: traced alone, with the modules edited "
                              f"inside it kept whole, it gives a different graph")
