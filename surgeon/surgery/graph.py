@@ -264,4 +264,4 @@ class GraphView:
         return nx.ancestors(self.nx, node)
 
     def full_name(self, local: str) -> str:
-        return f"{self.prefix}.{local}" if self.prefix else local
+        return f"{self.prefix}.{local}" if self.prefix and local else (self.prefix or local)

@@ -173,6 +173,17 @@ def flat_nodes(args) -> list:
     return out
 
 
+def _boundary(n: fx.Node) -> bool:
+    """Nodes at a forward's edges that traces of the same code have or lack depending on the caller: the
+    checks of a forward traced for its recorded call, and results packed into their output type."""
+    return bool(n.meta.get("surgeon_call") or n.meta.get("surgeon_pack"))
+
+
+def _input(n: fx.Node) -> bool:
+    """A graph input, or an argument taken out of `*args`/`**kwargs` (see calls.py)."""
+    return n.op == "placeholder" or bool(n.meta.get("surgeon_call"))
+
+
 def match(sc: Scopes, key: str | None, own: fx.GraphModule,
           inner: dict[str, str]) -> dict[fx.Node, fx.Node] | None:
     """Map the nodes of scope `key` in the big graph (and the inputs they read) to the nodes of `own`, the
@@ -182,7 +193,8 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
     """
     prefix = sc.path(key)
     body = [n for n in (sc.gm.graph.nodes if key is ROOT else sc.nodes[key])
-            if n.op not in ("placeholder", "output")]
+            if n.op not in ("placeholder", "output") and not _boundary(n)]
+    # (the checks a forward traced for its recorded call makes on its arguments count as its inputs)
     inside = set(body)
     units: list[tuple[str, object]] = []  # ("node", n) or ("call", inner key)
     for n in body:
@@ -193,7 +205,7 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
                 units.append(("call", hit))
         else:
             units.append(("node", n))
-    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output")]
+    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output") and not _boundary(m)]
     if len(units) != len(mine):
         log.debug("scope %r: %d nodes in the model's graph, %d traced alone", prefix, len(units), len(mine))
         return None
@@ -228,6 +240,6 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
             if isinstance(a, fx.Node) != isinstance(b, fx.Node):
                 return None
             if isinstance(a, fx.Node) and a not in inside:
-                if b.op != "placeholder" or mapping.setdefault(a, b) is not b:
+                if not _input(b) or mapping.setdefault(a, b) is not b:
                     return None
     return mapping

@@ -70,11 +70,11 @@ class _Tracing:
         self._trace = trace_module
         self._cache: dict[tuple, tuple[nn.Module, fx.GraphModule]] = {}
 
-    def __call__(self, module: nn.Module, leaves: frozenset[str]) -> tuple[nn.Module, fx.GraphModule]:
+    def __call__(self, module: nn.Module, leaves: frozenset[str], path: str) -> tuple[nn.Module, fx.GraphModule]:
         k = (id(module), leaves)
         if k not in self._cache:
             twin = structural_copy(module)
-            self._cache[k] = (twin, self._trace(twin, set(leaves)))
+            self._cache[k] = (twin, self._trace(twin, set(leaves), path))
         return self._cache[k]
 
 
@@ -93,7 +93,7 @@ def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.M
             path = sc.path(key)
             reason = fits(sc, key, site, nodes)
             if reason is None:
-                reason = _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths)
+                reason = _check_alone(sc, key, site, nodes, tracing, graph_module, graph, leaf_paths)
             if reason is None:
                 chosen.append((Owner(graph, key, path), edit))
                 if why:
@@ -135,14 +135,14 @@ def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
     return frozenset(p[len(path) + 1:] for p in leaf_paths if p.startswith(path + "."))
 
 
-def _trace_matched(sc: Scopes, key, module: nn.Module, leaves: frozenset[str], tracing: _Tracing,
+def _trace_matched(sc: Scopes, key, module: nn.Module, full: str, leaves: frozenset[str], tracing: _Tracing,
                    must: dict[str, str], wanted: dict[str, str]):
     """Trace `module` (scope `key`) alone with the calls in `must` and, when that traces and matches, those in
     `wanted` kept whole; returns (twin, graph, mapping or None). Keeping a call whole fails where the code
     around it takes its output apart in Python (iterating a dict of features): then it is traced through."""
     for whole in ({**must, **wanted}, must) if wanted else (must,):
         try:
-            twin, own = tracing(module, frozenset(leaves | set(whole.values())))
+            twin, own = tracing(module, frozenset(leaves | set(whole.values())), full)
         except Exception:  # noqa: BLE001 - retried with fewer calls kept whole; the last failure propagates
             if whole is must:
                 raise
@@ -154,12 +154,12 @@ def _trace_matched(sc: Scopes, key, module: nn.Module, leaves: frozenset[str], t
     raise AssertionError("unreachable")  # the loop always returns or raises on its last round
 
 
-def _check_alone(sc, key, site, nodes, tracing, graph_module, leaf_paths) -> str | None:
+def _check_alone(sc, key, site, nodes, tracing, graph_module, graph, leaf_paths) -> str | None:
     path = sc.path(key)
     module = graph_module.get_submodule(path) if path else graph_module
     try:
-        own, mapping = _trace_matched(sc, key, module, _local_leaves(leaf_paths, path), tracing,
-                                      sc.hooked_inside(key), sc.kept_whole(key, [site], nodes))[1:]
+        own, mapping = _trace_matched(sc, key, module, _join(graph, path), _local_leaves(leaf_paths, path),
+                                      tracing, sc.hooked_inside(key), sc.kept_whole(key, [site], nodes))[1:]
     except Exception as exc:  # noqa: BLE001 - any failure means: not this scope
         return f"it does not trace alone ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     if mapping is None:
@@ -345,7 +345,7 @@ def rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[s
         current = result.get_submodule(full) if full else result
         # with nothing replaced inside it, the owner is still the user's module as traced while choosing owners
         source = current if any(_inside(p, full) for p in done) else (model.get_submodule(full) if full else model)
-        twin, own, mapping = _trace_matched(sc, o.key, source, frozenset(leaves), tracing, same_graph,
+        twin, own, mapping = _trace_matched(sc, o.key, source, full, frozenset(leaves), tracing, same_graph,
                                             sc.kept_whole(o.key, [e[0] for e in o.edits], nodes))
         if mapping is None:
             raise TraceError(f"{full or 'the root'!r} cannot be rewritten: traced alone, with the modules edited "
@@ -379,7 +379,8 @@ def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
 
     Args:
         traced: the `Traced` map of `model` the sites were found in.
-        trace_module: (module, leaf paths) -> GraphModule, how one module is traced alone.
+        trace_module: (module, leaf paths, its path in the model) -> GraphModule, how one module is traced
+            alone.
     """
     tracing = _Tracing(trace_module)
     leaf_paths = set(traced.leaves) | set(traced.extra_leaves)

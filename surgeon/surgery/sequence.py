@@ -392,6 +392,14 @@ def _block_ends(view: GraphView) -> list[tuple[str, fx.Node]]:
                 log.debug("site %s: no tokens site, its (B, C, L) output is channels first", path)
                 continue
             ends.append((path, last))
+    # a block traced as a graph of its own (its parent stays Python): its output, when it returns tokens
+    out = next((n for n in view.nodes if n.op == "output"), None)
+    res = out.args[0] if out is not None else None
+    res = res[0] if isinstance(res, (tuple, list)) and res else res
+    if view.prefix and adds_in.get("") and isinstance(res, fx.Node) and res.op != "placeholder" \
+            and len(view.shape(res) or ()) == 3 and view.layout(res) != "nchw" \
+            and any(True for _ in view.gm.children()):
+        ends.append(("", res))
     return sorted(ends, key=lambda e: view.order[e[1]])
 
 

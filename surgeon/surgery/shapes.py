@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from surgeon.errors import ShapeError
+from surgeon.surgery import calls
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
 
@@ -37,6 +38,11 @@ def _dtype_of(value: Any) -> Any:
 
 
 class _Recorder(fx.Interpreter):
+    def run(self, *args, initial_env=None, **kwargs):
+        for n, value in (initial_env or {}).items():  # the inputs, bound by the forward's signature
+            n.meta["shape"], n.meta["dtype"] = _shape_of(value), _dtype_of(value)
+        return super().run(*args, initial_env=initial_env, **kwargs)
+
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         n.meta["shape"] = _shape_of(result)
@@ -50,12 +56,12 @@ def _run(traced: Traced, inputs: tuple) -> None:
         if gm is traced.module:
             continue
         def pre_hook(mod, args, kwargs, gm=gm):
-            _Recorder(gm).run(*args, *kwargs.values())
+            _Recorder(gm).run(initial_env=calls.bind(gm, args, kwargs))
         handles.append(traced.module.get_submodule(path).register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             if isinstance(traced.module, fx.GraphModule):
-                _Recorder(traced.module).run(*inputs)
+                _Recorder(traced.module).run(initial_env=calls.bind(traced.module, inputs, {}))
             else:
                 traced.module(*inputs)
     finally:
@@ -99,13 +105,7 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
         try:
             _run(traced, example_inputs)
         except Exception as exc:
-            shapes = ", ".join(str(tuple(x.shape)) for x in tensors(example_inputs))
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-            raise ShapeError(
-                f"The example input {shapes or '(no tensors)'} does not go through {type(traced.module).__name__} "
-                f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
-                f"command line, example_input= in Python"
-            ) from exc
+            raise _wrong_input(traced.module, example_inputs, exc) from exc
     finally:
         traced.module.train(was)
 
@@ -116,6 +116,28 @@ def shape(node: fx.Node) -> tuple | None:
     if isinstance(s, tuple) and all(isinstance(d, int) for d in s):
         return s
     return None
+
+
+def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> ShapeError:
+    shapes = ", ".join(str(tuple(x.shape)) for x in tensors(inputs))
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return ShapeError(
+        f"The example input {shapes or '(no tensors)'} does not go through {type(model).__name__} "
+        f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
+        f"command line, example_input= in Python")
+
+
+def record_calls(model: torch.nn.Module, inputs: tuple) -> dict[str, calls.Call]:
+    """How `model` calls each of its modules on `inputs` (see `calls.record`): one forward in eval mode, no
+    grad, fake tensors for big models as in `propagate`.
+
+    Raises:
+        ShapeError: when the example input does not go through the model.
+    """
+    try:
+        return calls.record(model, lambda m: module_outputs(m, inputs, []))
+    except Exception as exc:
+        raise _wrong_input(model, inputs, exc) from exc
 
 
 def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple]:

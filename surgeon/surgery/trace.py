@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,8 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon.errors import TraceError
+from surgeon.surgery import calls as calls_
+from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
 
@@ -45,6 +48,7 @@ class Traced:
     graphs: dict[str, fx.GraphModule] = field(default_factory=dict)
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> why it is not traced
     extra_leaves: set[str] = field(default_factory=set)  # paths asked to stay leaves (inserted modules)
+    calls: dict[str, calls_.Call] = field(default_factory=dict)  # how each module was called (see calls.py)
 
 
 def _timm_notrace() -> tuple[set[type], set]:
@@ -106,14 +110,36 @@ _PACKING = {torch.nn.utils.rnn.pack_padded_sequence: pack_padded_sequence,
             torch.nn.utils.rnn.pad_packed_sequence: pad_packed_sequence}
 
 
-class SurgeonTracer(fx.Tracer):
-    """fx tracer with surgeon's leaf rules; records which module was being traced when tracing fails."""
+class SurgeonTracer(ValueTracing, fx.Tracer):
+    """fx tracer with surgeon's leaf rules; records which module was being traced when tracing fails. With
+    `values`, it knows each node's value on fake tensors (see values.py)."""
 
-    def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = ()):
+    def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = (),
+                 call: calls_.Call | None = None, values: bool = False):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(notrace_functions) + tuple(_PACKING))
         self.leaf_paths = set(leaf_paths)
         self.leaf_types = tuple(notrace_modules) + tuple(leaf_types)
+        self.call = call
+        self.values = values and call is not None
+
+    def create_arg(self, a):
+        """A dict subclass (Hugging Face's ModelOutput) is rebuilt as its own type, not made a plain dict."""
+        if isinstance(a, dict) and type(a) not in (dict, OrderedDict) and not isinstance(a, fx.Proxy):
+            node = self.create_proxy("call_function", type(a), (), {k: v for k, v in a.items()}).node
+            node.meta["surgeon_pack"] = True  # packs results; the caller's code may take them apart unbuilt
+            return node
+        return super().create_arg(a)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """With a recorded call (see `calls.py`), the root's inputs are that call's tensors and its other
+        arguments are the constants it was called with, checked at every call of the traced forward."""
+        if self.call is not None and is_module and concrete_args is None:
+            made = calls_.placeholders(self, root_fn, self.call, type(self.root).__name__)
+            if made is not None:
+                args, kwargs = made
+                return (lambda root: root_fn(root, *args, **kwargs)), [self.root]
+        return super().create_args_for_root(root_fn, is_module, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self.leaf_paths:
@@ -169,11 +195,18 @@ class SurgeonTracer(fx.Tracer):
             raise
 
 
-def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool) -> fx.Graph:
+def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool, call: calls_.Call | None) -> fx.Graph:
     was = module.training
     module.train(training)
     try:
-        graph = SurgeonTracer(leaf_paths).trace(module)
+        try:
+            graph = SurgeonTracer(leaf_paths, call=call).trace(module)
+        except Exception:
+            if call is None:
+                raise
+            # decisions on sizes (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`): trace again
+            # knowing every value's shape, which is slower
+            graph = SurgeonTracer(leaf_paths, call=call, values=True).trace(module)
     finally:
         module.train(was)
     for n in graph.nodes:
@@ -289,7 +322,7 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
+def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
@@ -297,17 +330,18 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
-    g_eval = _trace_graph(module, leaf_paths, training=False)
-    g_train = _trace_graph(module, leaf_paths, training=True)
+    g_eval = _trace_graph(module, leaf_paths, training=False, call=call)
+    g_train = _trace_graph(module, leaf_paths, training=True, call=call)
     dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
     gm = _graph_module(module, g_eval)
     _modularise_dropouts(gm, dropouts)
     return gm
 
 
-def trace_alone(module: nn.Module, leaf_paths: set[str]) -> fx.GraphModule:
-    """One module traced whole, in both modes (see the module docstring); raises when it does not trace."""
-    return _trace_whole(module, leaf_paths)
+def trace_alone(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None) -> fx.GraphModule:
+    """One module traced whole, in both modes (see the module docstring), for `call` when given (see
+    `calls.py`); raises when it does not trace."""
+    return _trace_whole(module, leaf_paths, call)
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
@@ -325,12 +359,15 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
-def trace(model: nn.Module, *, leaf_paths: set[str] | None = None) -> Traced:
+def trace(model: nn.Module, *, leaf_paths: set[str] | None = None,
+          calls: dict[str, calls_.Call] | None = None) -> Traced:
     """Trace `model` with fx, piecewise where needed.
 
     Args:
         model: any nn.Module. It is not changed; leaf modules of the result share its parameters.
         leaf_paths: module paths to keep as leaves (not traced into).
+        calls: how each module is called ({path: Call}, see `calls.record`); each module whose call is known
+            is traced for that call.
 
     Returns:
         Traced: the traced model, its GraphModules by path, and the modules left untraced with why.
@@ -338,7 +375,7 @@ def trace(model: nn.Module, *, leaf_paths: set[str] | None = None) -> Traced:
     Raises:
         TraceError: when no part of the model can be traced.
     """
-    result = Traced(module=model)
+    result = Traced(module=model, calls=dict(calls or {}))
     result.module = _trace_into(model, "", set(leaf_paths or ()), result)
     return result
 
@@ -349,7 +386,7 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     culprits: dict[str, str] = {}
     for _ in range(_MAX_RETRIES):
         try:
-            gm = _trace_whole(module, local_leaves | set(culprits))
+            gm = _trace_whole(module, local_leaves | set(culprits), result.calls.get(prefix))
         except Exception as exc:
             culprit = getattr(exc, "_surgeon_culprit", "")
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
@@ -362,15 +399,17 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     else:
         raise TraceError(f"Tracing {type(module).__name__} did not converge after {_MAX_RETRIES} leaves")
     result.graphs[prefix] = gm
-    # modules kept whole for their hooks get graphs of their own (surgery then rewrites them, hooks kept)
+    # modules kept whole for their hooks get graphs of their own (surgery then rewrites them, hooks kept), and
+    # so do the ones kept whole because their forward reads `self.training` and that hold blocks of their own
+    # (an encoder with layer drop): traced alone in both modes, or piecewise
     for n in gm.graph.nodes:
         if n.op != "call_module" or n.target in culprits:
             continue
         sub = gm.get_submodule(n.target)
         full = _join(prefix, n.target)
-        builtin_leaf = type(sub).__module__.startswith("torch.nn") and not isinstance(sub, nn.Sequential)
-        if has_hooks(sub) and not builtin_leaf and full not in result.graphs \
-                and full not in leaf_paths and not getattr(sub, "_surgeon_leaf", False):
+        if _builtin(sub) or full in result.graphs or full in leaf_paths or getattr(sub, "_surgeon_leaf", False):
+            continue
+        if has_hooks(sub) or (_reads_training(type(sub)) and any(not _builtin(c) for c in sub.children())):
             _trace_into(sub, full, leaf_paths, result)
     # trace inside the modules that had to become leaves, so their own sites are found
     for path, reason in culprits.items():
@@ -387,11 +426,23 @@ def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result
     result.leaves[prefix] = reason
     for name, child in module.named_children():
         full = _join(prefix, name)
+        if full in leaf_paths or getattr(child, "_surgeon_leaf", False):
+            continue
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward: look inside
+            _trace_children(child, full, leaf_paths, result, reason)
+            result.leaves.pop(full, None)
+            continue
         builtin_leaf = type(child).__module__.startswith("torch.nn") and not isinstance(child, nn.Sequential)
         if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or builtin_leaf:
             continue
         _trace_into(child, full, leaf_paths, result)
     return module
+
+
+def _builtin(m: nn.Module) -> bool:
+    """A torch.nn layer (not a container whose contents are the model's own)."""
+    return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList,
+                                                                            nn.ModuleDict))
 
 
 def _join(prefix: str, path: str) -> str:

@@ -129,13 +129,43 @@ def _rng_neutral(model: nn.Module, new_modules: list[str]):
     return handles
 
 
+def _seed() -> None:
+    """One seed for every generator a model may draw from in train mode: torch's, Python's `random` and
+    numpy's (Hugging Face's SpecAugment masks draw from numpy)."""
+    import random
+    import sys
+
+    torch.manual_seed(0)
+    random.seed(0)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed(0)
+
+
+def _generator_states() -> tuple:
+    import random
+    import sys
+
+    np = sys.modules.get("numpy")
+    return torch.get_rng_state(), random.getstate(), np.random.get_state() if np else None
+
+
+def _set_generator_states(states: tuple) -> None:
+    import random
+    import sys
+
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    if states[2] is not None:
+        sys.modules["numpy"].random.set_state(states[2])
+
+
 def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str]) -> tuple[
         float | None, str]:
     """Both models in train mode under one seed: max |diff| over outputs and the original's buffers (running
     statistics), or None and why when the original cannot run in train mode on these inputs."""
     shared = _buffers(original)
     saved = {k: b.clone() for k, b in shared.items()}
-    rng = torch.get_rng_state()
+    rng = _generator_states()
 
     def restore():
         with torch.no_grad():
@@ -146,14 +176,14 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
     try:
         original.train(), patched.train()
         try:
-            torch.manual_seed(0)
+            _seed()
             with torch.no_grad():
                 expected = original(*_copy_inputs(inputs))
         except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
             return None, f"the model does not run in train mode on the example input ({type(exc).__name__})"
         after = {k: b.clone() for k, b in shared.items()}
         restore()
-        torch.manual_seed(0)
+        _seed()
         with torch.no_grad():
             got = patched(*_copy_inputs(inputs))
         diff = max_abs_diff(expected, got)
@@ -167,7 +197,7 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
         return diff, ""
     finally:
         restore()
-        torch.set_rng_state(rng)
+        _set_generator_states(rng)
         for h in handles:
             h.remove()
 

@@ -1,0 +1,212 @@
+"""How each module is called, so that a module is traced for the call it actually gets.
+
+fx traces a forward from its signature alone: every parameter becomes a graph input, whatever the caller
+passes. For code written against real calls that fails or goes wrong: `if output_hidden_states:` on an
+input, `forward(self, *args, **kwargs)` wrappers (Hugging Face's decorators), `mask=None` defaults taking
+the `is not None` branch. So surgery first runs the model once with the example input and records, for
+every module, the arguments of its call: tensors become the graph's inputs, everything else (None,
+flags, sizes, strings) is a constant the trace follows, exactly as the real call did.
+
+A forward traced this way keeps the module's own signature, and checks at every call that those
+constants are still what they were: a call the graph was not traced for fails loudly, naming the argument,
+instead of computing something else.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from surgeon.errors import SurgeonError
+
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A tensor argument of a recorded call: an input of the traced graph."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _constant(value: Any) -> bool:
+    if isinstance(value, _SIMPLE):
+        return True
+    return isinstance(value, (tuple, list)) and all(_constant(v) for v in value)
+
+
+def _describe(value: Any) -> Any:
+    """A tensor as a Slot; a constant as itself; anything else (tensors in containers, objects) as None."""
+    if isinstance(value, torch.Tensor):
+        return Slot(tuple(value.shape), value.dtype)
+    if _constant(value):
+        return value
+    raise _NotSpecialisable
+
+
+class _NotSpecialisable(Exception):
+    pass
+
+
+@dataclass
+class Call:
+    """The arguments one module was called with: Slots for tensors, constants for the rest."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @staticmethod
+    def of(args: tuple, kwargs: dict[str, Any]) -> Call | None:
+        try:
+            return Call(tuple(_describe(a) for a in args), {k: _describe(v) for k, v in kwargs.items()})
+        except _NotSpecialisable:
+            return None
+
+    def same(self, other: Call) -> bool:
+        """Whether two calls give the same graph: the same constants and the same tensor positions."""
+        def key(v):
+            return ("tensor", v.dtype, len(v.shape)) if isinstance(v, Slot) else ("const", type(v), v)
+        return ([key(a) for a in self.args] == [key(a) for a in other.args]
+                and {k: key(v) for k, v in self.kwargs.items()} == {k: key(v) for k, v in other.kwargs.items()})
+
+
+def record(model: nn.Module, run) -> dict[str, Call]:
+    """{module path: its call} for every module `run(model)` calls with arguments a trace can follow (tensors
+    and constants), and with the same constants every time it is called."""
+    calls: dict[str, Call | None] = {}
+    handles = []
+    for path, m in model.named_modules(remove_duplicate=False):
+        def pre_hook(_m, args, kwargs, path=path):
+            call = Call.of(args, kwargs)
+            if path not in calls:
+                calls[path] = call
+            elif calls[path] is not None and (call is None or not calls[path].same(call)):
+                calls[path] = None  # called in different ways: traced for its signature, as plain fx does
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+    try:
+        run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: c for p, c in calls.items() if c is not None}
+
+
+# -- the checks a specialised forward makes at every call ---------------------------------------------
+@fx.node.has_side_effect
+def expect(value: Any, expected: Any, name: str, owner: str) -> None:
+    """Fail when a traced argument is not the constant the graph was traced for."""
+    if value is expected or (type(value) is type(expected) and value == expected):
+        return
+    raise SurgeonError(
+        f"{owner}.forward was rewritten by surgeon for calls with {name}={expected!r}, and was called with "
+        f"{name}={_short(value)}. Patch the model with an example input that calls it this way")
+
+
+# Keyword arguments a library documents as reaching only its loss functions, which stay the user's code:
+# a rewritten forward that passed **kwargs on may receive them (Hugging Face's Trainer adds
+# `num_items_in_batch` to every call of a model that takes **kwargs)
+LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
+
+
+@fx.node.has_side_effect
+def expect_keys(kwargs: dict, constants: dict, tensors: tuple, owner: str) -> None:
+    """Fail when **kwargs differ from the call the graph was traced for."""
+    if set(kwargs) - LOSS_ONLY_KWARGS != set(constants) | set(tensors):
+        raise SurgeonError(
+            f"{owner}.forward was rewritten by surgeon for calls with keyword arguments "
+            f"{sorted(set(constants) | set(tensors))}, and was called with {sorted(kwargs)}. Patch the model "
+            f"with an example input that calls it this way")
+    for k, v in constants.items():
+        expect(kwargs[k], v, k, owner)
+
+
+@fx.node.has_side_effect
+def expect_len(args: tuple, n: int, owner: str) -> None:
+    """Fail when *args has another length than in the call the graph was traced for."""
+    if len(args) != n:
+        raise SurgeonError(f"{owner}.forward was rewritten by surgeon for calls with {n} extra positional "
+                           f"arguments, and was called with {len(args)}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+GUARDS = (expect, expect_keys, expect_len)
+
+
+def _literal(value: Any) -> bool:
+    """Whether fx can write the value as a default in generated code."""
+    return isinstance(value, (type(None), bool, int, float, str)) or (
+        isinstance(value, tuple) and all(_literal(v) for v in value))
+
+
+def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str) -> tuple[list, dict] | None:
+    """Create the graph inputs of `fn` (a forward, self first) for `call`: one placeholder per parameter of
+    its signature, with a check per constant. Returns the (args, kwargs) to call `fn` with (after self), or
+    None when the signature cannot be followed (then the forward is traced as plain fx does)."""
+    try:
+        sig = inspect.signature(inspect.unwrap(fn))
+        params = list(sig.parameters.values())[1:]  # without self
+        bound = inspect.Signature(params).bind(*call.args, **call.kwargs)
+    except (TypeError, ValueError):
+        return None
+    if any(p.default is not p.empty and not _literal(p.default) for p in params):
+        return None
+    bound.apply_defaults()
+    args: list = []
+    kwargs: dict[str, Any] = {}
+
+    def boundary(proxy):
+        proxy.node.meta["surgeon_call"] = True
+        return proxy
+
+    def value(name: str, v: Any, ph):
+        if isinstance(v, Slot):
+            return ph
+        boundary(tracer.create_proxy("call_function", expect, (ph, v, name, owner), {}))
+        return v
+
+    phs = {}
+    for p in params:  # every input first, as fx's own graphs have them
+        star = "*" if p.kind is p.VAR_POSITIONAL else "**" if p.kind is p.VAR_KEYWORD else ""
+        default = () if star or p.default is p.empty else (p.default,)
+        phs[p.name] = tracer.create_proxy("placeholder", star + p.name, default, {})
+        phs[p.name].node.meta["surgeon_example"] = bound.arguments[p.name]  # for values.py
+    for p in params:
+        v, ph = bound.arguments[p.name], phs[p.name]
+        if p.kind is p.VAR_POSITIONAL:
+            boundary(tracer.create_proxy("call_function", expect_len, (ph, len(v), owner), {}))
+            args.extend(value(f"{p.name}[{i}]", item, boundary(ph[i])) for i, item in enumerate(v))
+        elif p.kind is p.VAR_KEYWORD:
+            consts = {k: x for k, x in v.items() if not isinstance(x, Slot)}
+            names = tuple(k for k, x in v.items() if isinstance(x, Slot))
+            boundary(tracer.create_proxy("call_function", expect_keys, (ph, consts, names, owner), {}))
+            kwargs.update((k, boundary(ph[k]) if isinstance(x, Slot) else x) for k, x in v.items())
+        else:
+            got = value(p.name, v, ph)
+            # passed as the recorded call passed it (decorators read positions and names); an argument
+            # the call left out is left out, so the forward takes its own default
+            if p.kind is not p.KEYWORD_ONLY and len(args) < len(call.args):
+                args.append(got)
+            elif p.name in call.kwargs:
+                kwargs[p.name] = got
+    return args, kwargs
+
+
+def bind(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
+    """The value of each placeholder of `gm` for a call with `args` and `kwargs`."""
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {n: bound.arguments[n.target.lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+__all__ = ["Call", "Slot", "GUARDS", "bind", "record", "placeholders"]
