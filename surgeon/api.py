@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from surgeon import models, record, registry
+from surgeon import hf, models, record, registry
+from surgeon.references import library_reference
 from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
 from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
@@ -41,6 +42,10 @@ def _configured_size(model: nn.Module) -> tuple[int, ...] | None:
 
 
 def _guess_input(model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    if hf.is_hf(model):
+        found = hf.example_input(model, generator, EXAMPLE_BATCH)
+        if found is not None:
+            return found
     for _, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             return (torch.randn(EXAMPLE_BATCH, m.in_channels, 224, 224, generator=generator),)
@@ -95,7 +100,8 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
     # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
-    traced = trace(structural_copy(model), leaf_paths=leaf_paths)
+    copy = structural_copy(model)
+    traced = trace(copy, leaf_paths=leaf_paths, calls=shapes.record_calls(copy, inputs))
     traced.extra_leaves = set(leaf_paths)
     if not isinstance(traced.module, torch.fx.GraphModule):
         # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
@@ -170,10 +176,11 @@ def _edit_flops(site: Site, module: nn.Module) -> int:
     if site.action == "insert":
         shapes_in = [site.shape]
     else:  # the module gets the site's args it reads (see rewrite.arg_indices)
-        every = site.info.get("arg_shapes") or [site.shape, site.out_shape]
+        every = site.info.get("arg_shapes") or (
+            [site.shape, *site.info["extra_shapes"]] if site.info.get("extra_shapes") else [site.shape, site.out_shape])
         shapes_in = [every[i] for i in rw.arg_indices(module, len(every)) if i < len(every)]
-    try:
-        return count_flops(module.eval(), tuple(torch.zeros(1, *s[1:]) for s in shapes_in))
+    try:  # ones: a mask of ones keeps every step, so masked attentions count their full cost
+        return count_flops(module.eval(), tuple(torch.ones(1, *s[1:]) for s in shapes_in))
     except Exception as exc:  # FLOPs are informative; never fail a plan on them
         log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
         return 0
@@ -187,19 +194,6 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
                               f"Valid options: {valid}")
     # value types before any tracing: a wrong option fails in a moment, not after the model is traced
     registry.check_options(att.name, att.option_types, options)
-
-
-def _library_reference(model: nn.Module) -> dict[str, Any] | None:
-    """How to rebuild a model its library built, when the model says (timm's `pretrained_cfg`), so a saved
-    model loads without `base=`; None when it cannot be known."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
-    if not arch or not type(model).__module__.startswith("timm."):
-        return None
-    args: dict[str, Any] = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        args["num_classes"] = model.num_classes
-    return {"ref": arch, "args": args, "pretrained": False, "weights": None}
 
 
 def _worth_editing(prep: _Prepared, site: Site) -> bool:
@@ -285,8 +279,10 @@ class Plan:
 
     def _chosen(self) -> scope.Choice:
         if self._choice is None:  # decided once: the table, --json and apply() share it
+            calls = self._prep.traced.calls
             self._choice = scope.choose(self.model, self._prep.traced,
-                                        [(e.site, e.module, e.attention) for e in self.edits], trace_alone)
+                                        [(e.site, e.module, e.attention) for e in self.edits],
+                                        lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)))
         return self._choice
 
     @property
@@ -356,7 +352,7 @@ class Plan:
         patched, paths, owners = scope.rewrite(self.model, self._chosen(), rw.insert)
         rec = record.detach(patched, self.model)  # never share the record with the input model
         if rec["model"] is None:
-            record.set_base(patched, _library_reference(self.model))
+            record.set_base(patched, library_reference(self.model, search=False))
         x = self._prep.inputs[0]
         if rec["input_size"] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
             record.set_input_size(patched, x.shape[1:])

@@ -1,4 +1,5 @@
-"""Built-in model sources: timm (the default, no prefix needed) and torchvision (`tv:`)."""
+"""Built-in model sources: timm (the default, no prefix needed), torchvision (`tv:`) and Hugging Face
+transformers classes built from configs (`hf:`)."""
 from surgeon.hookspecs import hookimpl
 
 
@@ -30,3 +31,17 @@ def _tv_names():
 def register_model_sources(register):
     register("timm", _timm_create, names=_timm_names, summary="timm models (the default: 'resnet50')")
     register("tv", _tv_create, names=_tv_names, aliases=("torchvision",), summary="torchvision models")
+    register("hf", _hf_create, names=_hf_names, aliases=("transformers",),
+             summary="Hugging Face transformers classes, built from a config ('hf:BertForSequenceClassification')")
+
+
+def _hf_create(name, *, pretrained=False, **kwargs):
+    from surgeon import hf
+
+    return hf.create(name, pretrained=pretrained, **kwargs)
+
+
+def _hf_names():
+    from surgeon import hf
+
+    return hf.names()

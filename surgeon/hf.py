@@ -1,0 +1,91 @@
+"""Hugging Face transformers models: their input conventions, and how to rebuild one from its config.
+
+transformers is optional and imported only for models that come from it. Models are built from configs
+(`hf:ClassName` with `config=` or config keyword arguments); a model the user built records its class and
+config, so a saved surgery loads without `base=`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+EXAMPLE_TOKENS = 16
+EXAMPLE_AUDIO = 16_000
+
+
+def is_hf(model: Any) -> bool:
+    """Whether `model` is a transformers PreTrainedModel (checked without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def example_input(model, generator, batch: int) -> tuple | None:
+    """The positional example input for a transformers model, from its `main_input_name` and config:
+    images at the config's size, token ids with an attention mask (the last sample padded, so masks are
+    exercised), raw audio, or log-mel features at the length the encoder expects. None when unknown."""
+    import torch
+
+    cfg = model.config
+    name = getattr(model, "main_input_name", None)
+    values: dict[str, Any] = {}
+    if name == "pixel_values":
+        size = getattr(cfg, "image_size", 224)
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        values[name] = torch.randn(batch, getattr(cfg, "num_channels", 3), h, w, generator=generator)
+    elif name == "input_ids":
+        values[name] = torch.randint(1, max(2, cfg.vocab_size), (batch, EXAMPLE_TOKENS), generator=generator)
+        mask = torch.ones(batch, EXAMPLE_TOKENS, dtype=torch.long)
+        mask[-1, EXAMPLE_TOKENS * 3 // 4:] = 0
+        values["attention_mask"] = mask
+    elif name == "input_values":
+        values[name] = torch.randn(batch, EXAMPLE_AUDIO, generator=generator)
+    elif name == "input_features":
+        frames = 2 * getattr(cfg, "max_source_positions", 1500)
+        values[name] = torch.randn(batch, getattr(cfg, "num_mel_bins", 80), frames, generator=generator)
+    else:
+        return None
+    # positional, in the forward's order, up to the first parameter not given
+    out = []
+    for p in list(inspect.signature(model.forward).parameters.values()):
+        if p.name not in values:
+            break
+        out.append(values.pop(p.name))
+    return tuple(out) if not values else None
+
+
+def reference(model) -> dict[str, Any] | None:
+    """How to rebuild a transformers model: `hf:ClassName` and its config (the values that differ from the
+    config class's defaults)."""
+    import transformers
+
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        return None
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    return {"ref": f"hf:{name}", "args": {"config": config}, "pretrained": False, "weights": None}
+
+
+def create(name: str, *, pretrained: bool = False, config: dict[str, Any] | None = None, **kwargs):
+    """A transformers model class by name, built from `config` (a config dict) or from config keyword
+    arguments (`num_labels=3`), with fresh weights."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+        raise ValueError(f"{name!r} is not a transformers model class")
+    if pretrained:
+        raise ValueError("hf: models are built from configs here; load trained weights with --weights FILE")
+    cfg = cls.config_class.from_dict({**(config or {}), **kwargs})
+    return cls(cfg)
+
+
+def names() -> list[str]:
+    """The transformers model classes (for "did you mean")."""
+    import transformers
+
+    return [n for n in dir(transformers) if ("For" in n or n.endswith("Model")) and n[:1].isupper()
+            and not n.startswith(("TF", "Flax"))]
+
+
+__all__ = ["create", "example_input", "is_hf", "names", "reference"]

@@ -1,0 +1,221 @@
+"""Hugging Face transformers models, built from configs: sites in every block, the class, config and
+ModelOutput kept, labels still give the loss, masks reach token attentions, a Trainer step, and save ->
+load in a new process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import surgeon
+from roundtrip import save_trained_looking
+
+transformers = pytest.importorskip("transformers")
+T = transformers
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _ids(vocab: int = 100, batch: int = 2, length: int = 12):
+    ids = torch.randint(1, vocab, (batch, length), generator=_gen(1))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length - 4:] = 0
+    return ids, mask
+
+
+# name -> (model factory, example input, attention, number of blocks, block path prefix)
+def _resnet():
+    return T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32],
+                                                         depths=[1, 2, 1, 1], num_labels=3))
+
+
+def _convnext():
+    return T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[8, 16, 16, 32], depths=[1, 2, 1, 1],
+                                                             num_labels=3))
+
+
+def _vit():
+    return T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+
+
+def _bert():
+    return T.BertForSequenceClassification(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, intermediate_size=64, num_labels=3))
+
+
+def _wav2vec2():
+    return T.Wav2Vec2ForSequenceClassification(T.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_feat_extract_layers=2, num_labels=3,
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2))
+
+
+def _whisper():
+    return T.WhisperForAudioClassification(T.WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=50, num_labels=3))
+
+
+CASES = {
+    "resnet": (_resnet, lambda: (torch.randn(2, 3, 64, 64, generator=_gen()),), "cbam", 5,
+               "resnet.encoder.stages.{}"),
+    "convnext": (_convnext, lambda: (torch.randn(2, 3, 64, 64, generator=_gen()),), "se", 5,
+                 "convnext.encoder.stages.{}"),
+    "vit": (_vit, lambda: (torch.randn(2, 3, 32, 32, generator=_gen()),), "mhsa", 2, "vit.layers.{}"),
+    "bert": (_bert, _ids, "mhsa", 2, "bert.encoder.layer.{}"),
+    "wav2vec2": (_wav2vec2, lambda: (torch.randn(2, 800, generator=_gen()),), "mhsa", 2,
+                 "wav2vec2.encoder.layers.{}"),
+    "whisper": (_whisper, lambda: (torch.randn(2, 16, 100, generator=_gen()),), "mhsa", 2, "encoder.layers.{}"),
+}
+
+
+def _blocks(model, prefix: str) -> list[str]:
+    """The block paths of a model: every module matching `prefix` with an integer index."""
+    names = {n for n, _ in model.named_modules()}
+    out, i = [], 0
+    stage_like = prefix.count("{}") == 1 and "stages" in prefix
+    if stage_like:  # image models: every layer of every stage
+        for s in range(8):
+            for j in range(8):
+                path = f"{prefix.format(s)}.layers.{j}"
+                if path in names:
+                    out.append(path)
+        return out
+    while prefix.format(i) in names:
+        out.append(prefix.format(i))
+        i += 1
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_model_keeps_class_config_output_and_loss(name):
+    factory, inputs, attention, n_blocks, prefix = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    xs = inputs()
+    patched = surgeon.add(model, attention, example_input=xs)
+    edits = surgeon.edits(patched)
+    # a site in every block
+    blocks = _blocks(model, prefix)
+    assert len(blocks) == n_blocks
+    for b in blocks:
+        assert any(e.site == b or e.site.startswith(b + ".") for e in edits), (b, [e.site for e in edits])
+    # the user's model, config and output type
+    assert type(patched) is type(model) and isinstance(patched, T.PreTrainedModel)
+    assert patched.config.to_dict() == model.config.to_dict()
+    labels = torch.tensor([0, 2])
+    with torch.no_grad():
+        want, got = model(*xs, labels=labels), patched(*xs, labels=labels)
+    assert type(got) is type(want)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5) and not torch.equal(got.logits, 0 * got.logits)
+    assert got.loss is not None and abs(float(got.loss) - float(want.loss)) < 1e-5
+    # gradients reach every new parameter; the original model is untouched
+    v = surgeon.record.verification(patched)
+    assert v.new_params > 0 and v.with_grad == v.new_params and v.nonzero_grad > 0
+    assert all(torch.equal(before[k], v_) for k, v_ in model.state_dict().items())
+
+
+def test_bert_token_attention_leaves_padding_out():
+    """With the attention active (paper init), changing padded tokens does not change a padded sample's
+    prediction: the mask reached the inserted attention. Without the mask it would."""
+    torch.manual_seed(0)
+    model = _bert().eval()
+    ids, mask = _ids()
+    patched = surgeon.add(model, "mhsa", example_input=(ids, mask), init="paper")
+    assert {e.kind for e in surgeon.edits(patched)} == {"tokens"}
+    other = ids.clone()
+    other[-1, mask[-1] == 0] = (other[-1, mask[-1] == 0] + 7) % 99 + 1
+    with torch.no_grad():
+        a, b = patched(ids, mask).logits, patched(other, mask).logits
+        c = patched(other, torch.ones_like(mask)).logits
+    assert torch.allclose(a[-1], b[-1], atol=1e-5)
+    assert not torch.allclose(a[-1], c[-1], atol=1e-4)  # the padded tokens do matter when unmasked
+
+
+def test_a_call_the_rewritten_forward_was_not_traced_for_fails_loudly():
+    model = _bert().eval()
+    ids, mask = _ids()
+    patched = surgeon.add(model, "mhsa", example_input=(ids, mask))
+    owner = next(iter({e.owner for e in surgeon.edits(patched)}))
+    assert owner == "bert"  # the task model's own forward (labels, return_dict) stays the user's code
+    with pytest.raises(surgeon.SurgeonError, match="inputs_embeds"):
+        patched.bert(None, mask, inputs_embeds=torch.randn(2, 12, 32))
+
+
+def test_one_trainer_step_runs_on_the_patched_model(tmp_path):
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    model = _bert()
+    ids, mask = _ids(batch=4)
+    patched = surgeon.add(model.eval(), "mhsa", example_input=(ids[:2], mask[:2]))
+    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": torch.tensor(i % 3)} for i in range(4)]
+    args = T.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1,
+                               learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                               logging_strategy="no")
+    new = {n: p.detach().clone() for n, p in patched.named_parameters() if ".mhsa" in n or "_mhsa" in n}
+    assert new
+    result = T.Trainer(model=patched, args=args, train_dataset=data).train()
+    assert result.global_step == 1 and result.training_loss > 0
+    moved = [n for n, p in patched.named_parameters() if n in new and not torch.equal(p, new[n])]
+    assert moved  # the step trained the inserted attention
+
+
+_LOADER = """
+import torch, warnings
+warnings.simplefilter("ignore")
+import surgeon
+model = surgeon.load({out!r})
+xs = torch.load({inputs!r})
+with torch.no_grad():
+    out = model(*xs).logits
+print(type(model).__name__, "equal" if torch.equal(out, torch.load({expected!r})) else "different")
+"""
+
+
+@pytest.mark.parametrize("name", ["bert", "convnext"])
+def test_saved_transformers_model_loads_in_a_new_process_without_base(tmp_path, name):
+    factory, inputs, attention, _, _ = CASES[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    xs = inputs()
+    save_trained_looking(surgeon.add(model, attention, example_input=xs), xs, tmp_path, lambda out: out.logits)
+    code = _LOADER.format(out=str(tmp_path / "out"), inputs=str(tmp_path / "inputs.pt"),
+                          expected=str(tmp_path / "expected.pt"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == f"{type(model).__name__} equal", done.stderr[-2000:]
+
+
+def test_hf_models_are_built_from_configs_by_reference():
+    from surgeon import models
+
+    m = models.load("hf:BertForSequenceClassification",
+                    model_args={"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "intermediate_size": 32, "num_labels": 4})
+    assert type(m) is T.BertForSequenceClassification and m.config.num_labels == 4
+    from surgeon.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="Did you mean 'BertForSequenceClassification'"):
+        models.load("hf:BertForSequenceClasification")
+
+
+def test_a_patched_transformers_model_exports_and_matches(tmp_path):
+    factory, inputs, attention, _, _ = CASES["bert"]
+    torch.manual_seed(0)
+    xs = inputs()
+    patched = surgeon.add(factory().eval(), attention, example_input=xs, init="paper")
+    exported = surgeon.export_model(patched, "exported", tmp_path / "bert.pt2", example_input=xs)
+    assert exported.max_abs_diff <= 1e-5 and exported.path.exists()
