@@ -47,6 +47,10 @@ def recipe_of(model) -> dict[str, Any]:
     from surgeon import record
 
     base = record.base(model)
+    if base is None:  # a model the user built: its library may still say how (torchvision: searched here)
+        from surgeon.references import library_reference
+
+        base = library_reference(model)
     if base and base.get("weights"):
         # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
         base["weights"] = Path(base["weights"]).name

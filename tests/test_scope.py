@@ -462,13 +462,9 @@ def test_token_and_two_input_models_round_trip_in_a_new_process(tmp_path, factor
         seq_models.with_lengths = lambda: _seeded(seq_models.WithLengths)
     model = getattr(seq_models, factory)().eval()
     xs = inputs()
-    patched = surgeon.add(model, attention, example_input=xs)
-    for p in patched.parameters():  # trained-looking weights, so a lost or misplaced one shows
-        p.data.add_(0.01 * torch.randn_like(p))
-    surgeon.save(patched, tmp_path / "out")
-    with torch.no_grad():
-        torch.save(patched(*xs), tmp_path / "expected.pt")
-    torch.save(xs, tmp_path / "inputs.pt")
+    from roundtrip import save_trained_looking
+
+    save_trained_looking(surgeon.add(model, attention, example_input=xs), xs, tmp_path)
     tests = str(Path(__file__).parent)
     code = _LOADER.format(tests=tests, out=str(tmp_path / "out"), factory=factory if factory == "tagger"
                           else "WithLengths", inputs=str(tmp_path / "inputs.pt"),
@@ -493,3 +489,35 @@ def test_a_wrong_input_is_one_line_for_both_audiences():
     with pytest.raises(surgeon.SurgeonError) as err:
         surgeon.sites(timm.create_model("resnet18"), example_input=_x(2, 5, 32, 32))
     assert "\n" not in str(err.value) and "example_input=" in str(err.value)
+
+
+def test_torchvision_model_saved_by_the_user_loads_without_base(tmp_path):
+    import json
+
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    patched = surgeon.add(model, "eca", input_size=SIZE)
+    surgeon.save(patched, tmp_path / "out")
+    recipe = json.loads((tmp_path / "out" / "recipe.json").read_text())
+    assert recipe["model"]["ref"] == "tv:resnet18" and recipe["model"]["args"] == {"num_classes": 5}
+    loaded = surgeon.load(tmp_path / "out")
+    x = _x(2, *SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), patched(x))
+
+
+def test_torchvision_builders_are_told_apart_by_their_settings():
+    """Two detection builders give the same weights and differ only in their input transform's size."""
+    from torchvision.models import detection
+
+    from surgeon.references import library_reference
+
+    with torch.device("meta"):
+        small = detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights_backbone=None, num_classes=4)
+        full = detection.fasterrcnn_mobilenet_v3_large_fpn(weights_backbone=None)
+    assert library_reference(small) == {"ref": "tv:fasterrcnn_mobilenet_v3_large_320_fpn",
+                                        "args": {"num_classes": 4}, "pretrained": False, "weights": None}
+    assert library_reference(full)["ref"] == "tv:fasterrcnn_mobilenet_v3_large_fpn"
+    assert library_reference(nn.Sequential(nn.Linear(2, 2))) is None
