@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from surgeon import models, record, registry
+from surgeon.render import human  # noqa: F401  (re-exported: surgeon.api.human)
 from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
 from surgeon.layers.gate import INITS
 from surgeon.surgery import rewrite as rw
@@ -305,39 +306,18 @@ class Plan:
                 "flops_added": self.flops}
 
     def table(self):
-        """The plan as a rich Table."""
-        from rich.table import Table
+        """The plan as a rich Table (see `surgeon.render.plan_table`)."""
+        from surgeon import render
 
-        t = Table(title=f"Plan: {len(self.edits)} edits", title_justify="left")
-        try:
-            owners = self.owners()
-        except SurgeonError as exc:  # the table still shows the plan; apply() will raise the same error
-            owners = {e.site.name: f"cannot rewrite: {exc}" for e in self.edits}
-        for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("shape", "left"),
-                          ("attention", "left"), ("rewrites", "left"), ("params", "right"), ("FLOPs", "right")):
-            t.add_column(col, justify=just)
-        for i, e in enumerate(self.edits, 1):
-            owner = owners.get(e.site.name, "")
-            t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(), f"{e.attention} ({e.init})",
-                      owner if owner else f"{type(self.model).__name__}.forward", f"{e.params:,}", human(e.flops))
-        t.add_row("", "total", "", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
-        t.caption = ((f"{self.note}.\n" if self.note else "") +
-                     "rewrites: the module whose forward now calls the inserted module; every other module, the "
-                     "model's class and methods are kept")
-        t.caption_justify = "left"
-        return t
+        return render.plan_table(self)
 
     def __rich__(self):
         return self.table()
 
     def __str__(self) -> str:
-        import io
+        from surgeon import render
 
-        from rich.console import Console
-
-        console = Console(width=120, file=io.StringIO())
-        console.print(self.table())
-        return console.file.getvalue()
+        return render.plan_text(self)
 
     def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
         """Perform the edits. Returns the patched model: an instance of the model's own class in which only
@@ -479,10 +459,3 @@ def attentions() -> list[registry.Attention]:
     """
     return sorted(registry.attentions().values(), key=lambda a: a.name)
 
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
