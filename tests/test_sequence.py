@@ -84,13 +84,13 @@ def test_identity_init_every_rnn_attention(attention, options, form):
 def test_at_without_kind_finds_the_rnn_site():
     model = readout(cell="gru", form="h_n")
     patched = surgeon.add(model, "attnpool", at=["rnn"])  # attnpool's first kind is 'pool'; none matches
-    assert surgeon.api.rw.edits_of(patched)[0]["kind"] == "rnn"
+    assert surgeon.edits(patched)[0].kind == "rnn"
 
 
 def test_mean_selection_with_uniform_scores_needs_no_gate():
     model = readout(cell="gru", form="mean")
     patched = surgeon.add(model, "attnpool", kind="rnn")
-    mod = patched.get_submodule(surgeon.api.rw.edits_of(patched)[0]["module"])
+    mod = patched.get_submodule(surgeon.edits(patched)[0].module)
     assert mod.gamma is None  # zero scores give exactly the mean, so the scores can learn at once
 
 
@@ -279,7 +279,7 @@ def test_hard_attention_in_a_patched_model_trains():
     patched = surgeon.add(model, "hard", kind="rnn", example_input=x)
     patched.train()
     patched(x).sum().backward()
-    mod = patched.get_submodule(surgeon.api.rw.edits_of(patched)[0]["module"])
+    mod = patched.get_submodule(surgeon.edits(patched)[0].module)
     assert mod.gamma.grad is not None and mod.gamma.grad.abs() > 0
 
 
