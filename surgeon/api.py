@@ -44,7 +44,8 @@ def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at
     """
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     kinds = [kind] if isinstance(kind, str) else list(kind or registry.site_finders())
-    found = Sites(find_sites(prep.views, kinds, list(at) if at else None))
+    found = Sites(find_sites(prep.views, kinds, list(at) if at else None,
+                                 finders=registry.finders()))
     found.untraced = dict(prep.traced.leaves)
     if not found and found.untraced:
         warnings.warn(f"No sites found; {found.why_few()}", stacklevel=2)

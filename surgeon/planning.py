@@ -183,7 +183,8 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
     unmatched: NoSitesError | None = None
     for k in candidates:
         try:
-            found = [s for s in find_sites(prep.views, [k], list(at) if at else None)
+            found = [s for s in find_sites(prep.views, [k], list(at) if at else None,
+                                                 finders=registry.finders())
                      if s.layout in att.layouts and _worth_editing(prep, s)]
         except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
             unmatched = unmatched or exc
