@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from surgeon import models, record, registry
-from surgeon.errors import NoSitesError, ShapeError, SurgeonError, VerificationError
+from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
 from surgeon.surgery.owned import structural_copy
@@ -71,7 +71,7 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
     size = tuple(input_size) if input_size else _configured_size(model)
     if size:
         if any(not isinstance(d, int) or d <= 0 for d in size):
-            raise ShapeError(f"input size {size} must be positive integers, e.g. 3,224,224")
+            raise OptionError(f"input size {size} must be positive integers, e.g. 3,224,224")
         return (torch.randn(EXAMPLE_BATCH, *size, generator=gen),)
     return _guess_input(model, gen)
 
@@ -90,7 +90,7 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None,
     if isinstance(model, str):
         model = models.load(model)
     if not isinstance(model, nn.Module):
-        raise SurgeonError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
+        raise ModelError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
     inputs = example_inputs(model, input_size=input_size, example_input=example_input)
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
@@ -176,7 +176,7 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
     if kind is not None:
         registry.check_kind(kind)
         if kind not in att.kinds:
-            raise ShapeError(f"{att.name} cannot serve kind {kind!r}; it serves {', '.join(att.kinds)}")
+            raise OptionError(f"{att.name} cannot serve kind {kind!r}; it serves {', '.join(att.kinds)}")
         candidates = [kind]
     else:
         candidates = list(att.kinds)

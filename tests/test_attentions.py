@@ -161,7 +161,7 @@ def test_default_kind_falls_back_when_model_has_none():
     (dict(attention="se", rd_ratio=-3), OptionError, "rd_ratio must be a number in \\(0, 1\\], got -3"),
     (dict(attention="eca", kernel_size=4), OptionError, "kernel_size must be a positive odd integer, got 4"),
     (dict(attention="cbam", act_layer="relu9"), OptionError, "act_layer 'relu9' is not known. Did you mean 'relu'"),
-    (dict(attention="se", kind="pool"), ShapeError, "se cannot serve kind 'pool'"),
+    (dict(attention="se", kind="pool"), OptionError, "se cannot serve kind 'pool'"),
     (dict(attention="se", kind="residul"), UnknownNameError, "Did you mean 'residual'"),
     (dict(attention="se", at=["layer9.*"]), NoSitesError, "matches no residual site"),
     (dict(attention="se", init="papr"), OptionError, "Unknown init 'papr'. Did you mean 'paper'"),

@@ -10,7 +10,7 @@ from torch import nn
 import surgeon
 from surgeon.surgery.owned import rewritten
 from surgeon.cli import cli
-from surgeon.errors import OptionError, ShapeError
+from surgeon.errors import OptionError
 from surgeon.layers.attention_gate import AttentionGate
 from surgeon.layers.augmented import AAConv2d
 from surgeon.layers.residual_attention import ResidualAttention, auto_depth
@@ -180,7 +180,7 @@ def test_aaconv_bad_options(options, match):
 
 
 def test_aaconv_needs_conv_site():
-    with pytest.raises(ShapeError, match="aaconv cannot serve kind 'residual'"):
+    with pytest.raises(OptionError, match="aaconv cannot serve kind 'residual'"):
         surgeon.plan(ToyCNN(), "aaconv", kind="residual", input_size=(3, 16, 16))
 
 
