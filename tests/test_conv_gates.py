@@ -45,7 +45,7 @@ class UNet(nn.Module):
 
 
 def unet():
-    """A factory for the CLI (`test_catalogue_conv_gates:unet`)."""
+    """A factory for the CLI (`test_conv_gates:unet`)."""
     torch.manual_seed(0)
     return perturb_bn(UNet()).eval()
 
@@ -318,7 +318,7 @@ def test_attention_gate_misspelt_gating():
 
 def test_attention_gate_cli():
     runner = CliRunner()
-    ref = "test_catalogue_conv_gates:unet"
+    ref = "test_conv_gates:unet"
     ok = runner.invoke(cli, ["add", "attention_gate", ref, "--input-size", "3,32,32", "--at", "enc1",
                              "--option", "gating=dec2"])
     assert ok.exit_code == 0, ok.output
