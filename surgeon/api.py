@@ -6,110 +6,20 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
-from surgeon import hf, models, record, registry
-from surgeon.references import library_reference
-from surgeon.errors import NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError, did_you_mean
+from surgeon import registry
+from surgeon.render import human  # noqa: F401  (re-exported: surgeon.api.human)
+from surgeon.errors import OptionError, SurgeonError, did_you_mean
 from surgeon.layers.gate import INITS
-from surgeon.surgery import rewrite as rw
-from surgeon.surgery import scope
-from surgeon.surgery.owned import structural_copy
-from surgeon.surgery import shapes
-from surgeon.surgery.graph import GraphView
+# the planning steps, importable from here as before (surgeon.api.Plan, surgeon.api.example_inputs, ...)
+from surgeon.planning import (EXAMPLE_BATCH, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
+                              example_inputs, verify_model)
 from surgeon.surgery.sites import Site, find_sites
-from surgeon.surgery.trace import Traced, trace, trace_alone
-from surgeon.surgery.verify import Verification, verify
 
 log = logging.getLogger("surgeon")
-
-EXAMPLE_BATCH = 2
-
-
-# -- inputs ------------------------------------------------------------------------------------------
-def _configured_size(model: nn.Module) -> tuple[int, ...] | None:
-    if record.input_size(model):
-        return record.input_size(model)
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            return tuple(cfg["input_size"])
-    return None
-
-
-def _guess_input(model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-    if hf.is_hf(model):
-        found = hf.example_input(model, generator, EXAMPLE_BATCH)
-        if found is not None:
-            return found
-    for _, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 224, 224, generator=generator),)
-        if isinstance(m, nn.Conv1d):
-            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 256, generator=generator),)
-        if isinstance(m, nn.Conv3d):
-            return (torch.randn(EXAMPLE_BATCH, m.in_channels, 16, 112, 112, generator=generator),)
-        if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (EXAMPLE_BATCH, 32), generator=generator),)
-        if isinstance(m, nn.RNNBase):
-            shape = (EXAMPLE_BATCH, 32, m.input_size) if m.batch_first else (32, EXAMPLE_BATCH, m.input_size)
-            return (torch.randn(*shape, generator=generator),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(EXAMPLE_BATCH, m.in_features, generator=generator),)
-    raise ShapeError(f"Cannot tell what input {type(model).__name__} takes. Pass example_input= "
-                     f"(Python) or --input-size C,H,W (CLI)")
-
-
-def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
-                   example_input: Any = None) -> tuple:
-    """The example input used for shapes and verification, as a tuple of positional arguments.
-
-    Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own config
-    (timm `pretrained_cfg['input_size']`, or a surgery record); a guess from its first layer.
-    """
-    if example_input is not None:
-        return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
-    gen = torch.Generator().manual_seed(0)
-    size = tuple(input_size) if input_size else _configured_size(model)
-    if size:
-        if any(not isinstance(d, int) or d <= 0 for d in size):
-            raise ShapeError(f"input size {size} must be positive integers, e.g. 3,224,224")
-        return (torch.randn(EXAMPLE_BATCH, *size, generator=gen),)
-    return _guess_input(model, gen)
-
-
-# -- the steps ---------------------------------------------------------------------------------------
-@dataclass
-class _Prepared:
-    model: nn.Module
-    traced: Traced
-    inputs: tuple
-    views: list[GraphView]
-
-
-def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: Sequence[int] | None = None) -> _Prepared:
-    if isinstance(model, str):
-        model = models.load(model)
-    if not isinstance(model, nn.Module):
-        raise SurgeonError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
-    inputs = example_inputs(model, input_size=input_size, example_input=example_input)
-    leaf_paths = {e["module"] for e in rw.edits_of(model)}
-    # tracing runs the model's Python code on proxies, and that code may store what it computes on the
-    # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
-    copy = structural_copy(model)
-    traced = trace(copy, leaf_paths=leaf_paths, calls=shapes.record_calls(copy, inputs))
-    traced.extra_leaves = set(leaf_paths)
-    if not isinstance(traced.module, torch.fx.GraphModule):
-        # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
-        # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
-        traced.module = structural_copy(model)
-    shapes.propagate(traced, inputs)
-    views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
-    return _Prepared(model, traced, inputs, views)
 
 
 def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at: Sequence[str] | None = None,
@@ -134,7 +44,8 @@ def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at
     """
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     kinds = [kind] if isinstance(kind, str) else list(kind or registry.site_finders())
-    found = Sites(find_sites(prep.views, kinds, list(at) if at else None))
+    found = Sites(find_sites(prep.views, kinds, list(at) if at else None,
+                                 finders=registry.finders()))
     found.untraced = dict(prep.traced.leaves)
     if not found and found.untraced:
         warnings.warn(f"No sites found; {found.why_few()}", stacklevel=2)
@@ -152,40 +63,6 @@ class Sites(list):
         return "; ".join(parts[:3]) + (f"; and {len(parts) - 3} more" if len(parts) > 3 else "")
 
 
-@dataclass
-class Edit:
-    """One (site, attention, options) choice with its built module and overhead."""
-
-    site: Site
-    attention: str
-    options: dict[str, Any]
-    init: str
-    module: nn.Module = field(repr=False)
-    params: int = 0
-    flops: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site.name, "kind": self.site.kind, "shape": list(self.site.shape),
-                "attention": self.attention, "options": self.options, "init": self.init,
-                "params": self.params, "flops": self.flops}
-
-
-def _edit_flops(site: Site, module: nn.Module) -> int:
-    from surgeon.surgery.verify import count_flops
-
-    if site.action == "insert":
-        shapes_in = [site.shape]
-    else:  # the module gets the site's args it reads (see rewrite.arg_indices)
-        every = site.info.get("arg_shapes") or (
-            [site.shape, *site.info["extra_shapes"]] if site.info.get("extra_shapes") else [site.shape, site.out_shape])
-        shapes_in = [every[i] for i in rw.arg_indices(module, len(every)) if i < len(every)]
-    try:  # ones: a mask of ones keeps every step, so masked attentions count their full cost
-        return count_flops(module.eval(), tuple(torch.ones(1, *s[1:]) for s in shapes_in))
-    except Exception as exc:  # FLOPs are informative; never fail a plan on them
-        log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
-        return 0
-
-
 def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
     for key in options:
         if key not in att.options:
@@ -194,209 +71,6 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
                               f"Valid options: {valid}")
     # value types before any tracing: a wrong option fails in a moment, not after the model is traced
     registry.check_options(att.name, att.option_types, options)
-
-
-def _worth_editing(prep: _Prepared, site: Site) -> bool:
-    """Whether an edit at the site can do anything: its value must reach its graph's output (not an encoder
-    stage the decoder drops) and be computed with gradients (not inside `torch.no_grad()`)."""
-    view = next(v for v in prep.views if v.prefix == site.graph)
-    node = next((n for n in view.nodes if n.name == site.node), None)
-    if node is not None and node in view.without_grad:
-        log.info("site %s: skipped, it is computed without gradients (torch.no_grad)", site.name)
-        return False
-    if node is None or node in view.live:
-        return True
-    log.info("site %s: skipped, its value does not reach the output", site.name)
-    return False
-
-
-def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
-                 at: Sequence[str] | None) -> tuple[list[Site], str]:
-    """The sites to edit, and a note when they are not of the attention's first kind (why, and what instead).
-
-    Raises:
-        NoSitesError: no site fits; or the only fallback is a single convolution (a transformer's
-        patch-embedding), which would be an edit in name only.
-    """
-    if kind is not None:
-        registry.check_kind(kind)
-        if kind not in att.kinds:
-            raise ShapeError(f"{att.name} cannot serve kind {kind!r}; it serves {', '.join(att.kinds)}")
-        candidates = [kind]
-    else:
-        candidates = list(att.kinds)
-    unmatched: NoSitesError | None = None
-    for k in candidates:
-        try:
-            found = [s for s in find_sites(prep.views, [k], list(at) if at else None)
-                     if s.layout in att.layouts and _worth_editing(prep, s)]
-        except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
-            unmatched = unmatched or exc
-            continue
-        if found:
-            if k == candidates[0]:
-                return found, ""
-            model_name = type(prep.model).__name__
-            tried = "/".join(candidates[:candidates.index(k)])
-            if len(found) == 1 and k == "after_conv" and not at:
-                raise NoSitesError(
-                    f"{att.name} found no {tried} site in {model_name}, and its only {k} site is "
-                    f"{found[0].name!r}: one edit there would not be a meaningful retrofit. Pass --kind {k} "
-                    f"(kind={k!r}) to insert it anyway, or run 'surgeon sites MODEL' to see the model's sites")
-            note = f"{att.name}: {model_name} has no {tried} site; using its {len(found)} {k} sites instead"
-            log.info(note)
-            return found, note
-    if unmatched is not None:
-        raise unmatched
-    model_name = type(prep.model).__name__
-    raise NoSitesError(f"{att.name} found no {'/'.join(candidates)} site with a {'/'.join(att.layouts)} layout "
-                       f"in {model_name}" + (f" matching {list(at)}" if at else "") +
-                       ". Run 'surgeon sites MODEL' to see the model's sites")
-
-
-class Plan:
-    """The ordered edits for one model, printable before anything changes; `apply()` performs them."""
-
-    def __init__(self, prep: _Prepared, edits: list[Edit]):
-        self._prep = prep
-        self.edits = edits
-        self.verification: Verification | None = None
-        self._applied = False
-        self._choice: scope.Choice | None = None
-        self.note = ""  # why the sites are not of the attention's first kind, when they are not
-
-    @property
-    def model(self) -> nn.Module:
-        return self._prep.model
-
-    @property
-    def example_inputs(self) -> tuple:
-        return self._prep.inputs
-
-    def owners(self) -> dict[str, str]:
-        """{site name: the module whose forward the edit rewrites ('' = the model's own forward)}."""
-        return self._chosen().by_site()
-
-    def _chosen(self) -> scope.Choice:
-        if self._choice is None:  # decided once: the table, --json and apply() share it
-            calls = self._prep.traced.calls
-            self._choice = scope.choose(self.model, self._prep.traced,
-                                        [(e.site, e.module, e.attention) for e in self.edits],
-                                        lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)))
-        return self._choice
-
-    @property
-    def params(self) -> int:
-        return sum(e.params for e in self.edits)
-
-    @property
-    def flops(self) -> int:
-        return sum(e.flops for e in self.edits)
-
-    def to_dict(self) -> dict[str, Any]:
-        owners = self.owners()
-        return {"model": (record.base(self.model) or {}).get("ref") or type(self.model).__name__,
-                "edits": [{**e.to_dict(), "owner": owners.get(e.site.name, "")} for e in self.edits],
-                "params_added": self.params,
-                "flops_added": self.flops}
-
-    def table(self):
-        """The plan as a rich Table."""
-        from rich.table import Table
-
-        t = Table(title=f"Plan: {len(self.edits)} edits", title_justify="left")
-        try:
-            owners = self.owners()
-        except SurgeonError as exc:  # the table still shows the plan; apply() will raise the same error
-            owners = {e.site.name: f"cannot rewrite: {exc}" for e in self.edits}
-        for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("shape", "left"),
-                          ("attention", "left"), ("rewrites", "left"), ("params", "right"), ("FLOPs", "right")):
-            t.add_column(col, justify=just)
-        for i, e in enumerate(self.edits, 1):
-            owner = owners.get(e.site.name, "")
-            t.add_row(str(i), e.site.name, e.site.kind, e.site.describe_shape(), f"{e.attention} ({e.init})",
-                      owner if owner else f"{type(self.model).__name__}.forward", f"{e.params:,}", human(e.flops))
-        t.add_row("", "total", "", "", "", "", f"{self.params:,}", human(self.flops), style="bold")
-        t.caption = ((f"{self.note}.\n" if self.note else "") +
-                     "rewrites: the module whose forward now calls the inserted module; every other module, the "
-                     "model's class and methods are kept")
-        t.caption_justify = "left"
-        return t
-
-    def __rich__(self):
-        return self.table()
-
-    def __str__(self) -> str:
-        import io
-
-        from rich.console import Console
-
-        console = Console(width=120, file=io.StringIO())
-        console.print(self.table())
-        return console.file.getvalue()
-
-    def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
-        """Perform the edits. Returns the patched model: an instance of the model's own class in which only
-        the modules whose forward holds a site are rewritten (see `surgery.scope`), sharing the original's
-        parameter and buffer tensors. The model it was made from is not changed.
-
-        Raises:
-            VerificationError: identity init changed the output beyond `tolerance`, or gradients do
-            not reach the new parameters.
-        """
-        if self._applied:  # the traced copy is consumed; plan again on a fresh trace
-            fresh = _prepare(self.model, example_input=self._prep.inputs)
-            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views)
-            self._choice = None
-        self._applied = True
-        patched, paths, owners = scope.rewrite(self.model, self._chosen(), rw.insert)
-        rec = record.detach(patched, self.model)  # never share the record with the input model
-        if rec["model"] is None:
-            record.set_base(patched, library_reference(self.model, search=False))
-        x = self._prep.inputs[0]
-        if rec["input_size"] is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            record.set_input_size(patched, x.shape[1:])
-        if not rec.get("example_input") and (len(self._prep.inputs) > 1 or not x.is_floating_point()
-                                             if isinstance(x, torch.Tensor) else False):
-            # several inputs, or integer ones (token ids): an input size cannot rebuild them
-            record.set_example_input(patched, self._prep.inputs)
-        # edits of one apply() share a step: a recipe replays each step as one plan, in order
-        step = 1 + max((e.step for e in record.edits(patched)), default=0)
-        record.add_edits(patched, [record.EditRecord(
-            site=e.site.name, kind=e.site.kind, shape=tuple(e.site.shape), attention=e.attention,
-            options=dict(e.options), init=e.init, module=paths[e.site.name], owner=owners[e.site.name],
-            params=e.params, flops=e.flops, step=step) for e in self.edits])
-        _check_shapes(patched, self._prep.inputs, self.edits, paths)
-        if verify:
-            inits = {e.init for e in self.edits}
-            self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
-                                             tolerance=tolerance if inits == {"identity"} else None)
-            record.set_verification(patched, self.verification)
-        return patched
-
-
-def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
-    """Run the patched model once; every inserted module must return the shape its site had."""
-    got = shapes.module_outputs(patched, inputs, [paths[e.site.name] for e in edits])
-    for e in edits:
-        want = e.site.shape if e.site.action == "insert" else e.site.out_shape
-        have = got.get(paths[e.site.name])
-        if have is not None and have != tuple(want):
-            raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {have}")
-
-
-def verify_model(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
-                 tolerance: float | None = 1e-5) -> Verification:
-    """Check a patched model against the model it was made from (see `surgery.verify`).
-
-    Raises:
-        VerificationError: when the check fails.
-    """
-    v = verify(original, patched, inputs, new_modules, tolerance=tolerance)
-    problem = v.problem()
-    if problem is not None:
-        raise VerificationError(problem)
-    return v
 
 
 def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at: Sequence[str] | None = None,
@@ -475,10 +149,3 @@ def attentions() -> list[registry.Attention]:
     """
     return sorted(registry.attentions().values(), key=lambda a: a.name)
 
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from surgeon import outputs
-from surgeon.errors import SurgeonError, WeightsError
+from surgeon.errors import ModelError, OptionError, UnknownNameError, WeightsError
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
 
@@ -72,7 +72,7 @@ def _resolve_include(model, include: Sequence[str]) -> list[str]:
         if not matched:
             from surgeon.errors import did_you_mean
 
-            raise SurgeonError(f"include {item!r} names no module of the model.{did_you_mean(item, names)} "
+            raise UnknownNameError(f"include {item!r} names no module of the model.{did_you_mean(item, names)} "
                                f"Use a module path such as 'fc', a glob, or 'head'")
         out.extend(m for m in matched if m not in out)
     return out
@@ -102,7 +102,7 @@ def _copy_model_file(recipe: dict[str, Any], folder: Path) -> None:
         return
     source = Path(target)
     if not source.is_file():
-        raise SurgeonError(f"The base model's file {target!r} no longer exists, so the saved recipe could not "
+        raise ModelError(f"The base model's file {target!r} no longer exists, so the saved recipe could not "
                            f"rebuild it; restore the file and save again")
     shutil.copyfile(source, folder / source.name)
     base["ref"] = f"{source.name}:{attr}"
@@ -135,7 +135,7 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
 
     Raises:
         OutputError: `directory` exists and force is False, is not a surgeon save, or may not be
-            written (see `surgeon.outputs.check_folder`). SurgeonError: an adapter of a model without edits.
+            written (see `surgeon.outputs.check_folder`). OptionError: an adapter of a model without edits.
 
     Example:
         >>> surgeon.save(surgeon.add("resnet50", "cbam"), "out/cbam-r50")
@@ -147,9 +147,9 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
 
     target = Path(directory)
     if include and not adapter:
-        raise SurgeonError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
+        raise OptionError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
     if adapter and not edits_of(model):
-        raise SurgeonError("The model has no edits, so an adapter would be empty; save the full model")
+        raise OptionError("The model has no edits, so an adapter would be empty; save the full model")
     outputs.check_folder(target, force=force)
     recipe = recipe_of(model)
     state = model.state_dict()

@@ -12,21 +12,10 @@ from typing import Any, Callable
 
 import click
 
+from surgeon import render
 from surgeon.errors import SurgeonError
 
 EXIT_USAGE = 2
-
-
-def _stderr():
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-def _stdout():
-    from rich.console import Console
-
-    return Console(soft_wrap=False, width=max(120, Console().width))
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +142,7 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool):
     from surgeon import models
 
-    with _stderr().status(f"Loading {model}…"):
+    with render.stderr().status(f"Loading {model}…"):
         return models.load(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
                            model_args=models.parse_assignments(model_args, "--model-arg"))
 
@@ -171,14 +160,7 @@ def list_cmd(as_json: bool) -> None:
                                 "options": {k: v for k, v in a.options.items()}, "summary": a.summary,
                                 "paper": a.paper, "plugin": a.plugin} for a in atts], indent=2, default=str))
         return
-    from rich.table import Table
-
-    t = Table(title=f"{len(atts)} attentions", title_justify="left")
-    for col in ("name", "aliases", "kinds", "summary", "paper"):
-        t.add_column(col, overflow="fold")
-    for a in atts:
-        t.add_row(a.name, ", ".join(a.aliases), ", ".join(a.kinds), a.summary, a.paper)
-    _stdout().print(t)
+    render.stdout().print(render.attentions_table(atts))
 
 
 @cli.command("sites")
@@ -194,23 +176,13 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
     import surgeon
 
     m = _load(model, model_args, pretrained, weights, allow_pickle)
-    with _stderr().status("Tracing…"):
+    with render.stderr().status("Tracing…"):
         found = surgeon.sites(m, kind=list(kind) or None, at=list(at) or None, input_size=input_size)
     if as_json:
         click.echo(json.dumps([{"name": s.name, "kind": s.kind, "shape": list(s.shape), "layout": s.layout}
                                for s in found], indent=2))
         return
-    from rich.table import Table
-
-    t = Table(title=f"{model}: {len(found)} sites", title_justify="left")
-    for col in ("site", "kind", "shape", "layout"):
-        t.add_column(col)
-    for s in found:
-        t.add_row(s.name, s.kind, s.describe_shape(), s.layout)
-    if found.untraced:
-        t.caption = "Kept as Python (not traced): " + found.why_few()
-        t.caption_justify = "left"
-    _stdout().print(t)
+    render.stdout().print(render.sites_table(model, found))
 
 
 @cli.command("add")
@@ -266,113 +238,39 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
     # the command line's forms of a bool (--option bias=false) become bools; the API judges the rest
     opts = registry.parse_cli_options(attention, models.parse_assignments(options, "--option"))
     m = _load(model, model_args, pretrained, weights, allow_pickle)
-    with _stderr().status("Tracing and planning…"):
+    with render.stderr().status("Tracing and planning…"):
         plan = surgeon.plan(m, attention, kind=kind, at=list(at) or None, init=init, input_size=input_size, **opts)
     result: dict[str, Any] = {"model": model, "attention": attention, "plan": plan.to_dict()}
     if not as_json:
-        _stdout().print(plan.table())
+        render.stdout().print(render.plan_table(plan))
     if dry_run:
         if as_json:
             click.echo(json.dumps(result, indent=2))
         return
-    with _stderr().status("Rewriting and verifying…"):
+    with render.stderr().status("Rewriting and verifying…"):
         patched = plan.apply(verify=not no_verify)
     v = plan.verification
     result["verification"] = v.to_dict() if v is not None else None
     if out:
-        with _stderr().status(f"Saving to {out}…"):
+        with render.stderr().status(f"Saving to {out}…"):
             surgeon.save(patched, out, force=force, adapter=adapter, include=include)
         result["out"] = out
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
     if v is not None:
-        _stdout().print(_verification_table(v, init))
+        render.stdout().print(render.verification_table(v, init))
     if out:
         _echo_saved(out)
 
 
-def _verification_table(v, init: str):
-    from rich.table import Table
-
-    from surgeon.api import human
-
-    t = Table(title="Verification (CPU, example input)", title_justify="left", show_header=False)
-    t.add_column("check")
-    t.add_column("value", justify="right")
-    bound = f" (≤ {v.tolerance:g} required at identity init)" if v.tolerance is not None else f" ({init} init)"
-    t.add_row("max |patched − original|", f"{v.max_abs_diff:.3g}{bound}")
-    if v.train_max_abs_diff is not None:
-        t.add_row("train mode: max |diff| (outputs, running stats)", f"{v.train_max_abs_diff:.3g}")
-    elif v.train_note:
-        t.add_row("train mode", v.train_note)
-    t.add_row("new parameter tensors reached by backward", f"{v.with_grad}/{v.new_params}"
-              f" ({v.nonzero_grad} with non-zero gradient)")
-    if v.nonzero_grad == 0 and v.tolerance is not None:
-        t.caption = ("At identity init only the zero gates can get a gradient, and it is zero where a branch "
-                     "outputs zeros (the zero-initialised last norms of an untrained timm ResNet); trained "
-                     "weights give the gates a gradient.")
-        t.caption_justify = "left"
-    t.add_row("parameters added", f"{v.params_added:,}")
-    t.add_row("FLOPs (per sample) before → after", f"{human(v.flops_before)} → {human(v.flops_after)} "
-              f"(+{human(v.flops_added)}, {100 * v.flops_added / max(v.flops_before, 1):.2f}%)")
-    t.add_row("status", "[green]ok[/green]" if v.ok else "[red]FAILED[/red]")
-    return t
-
 # -- recipes, saved folders, export (issue 5) ----------------------------------------------------------
-def _size(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
-
-def _weights_line(w: dict[str, Any] | None) -> str:
-    if not w:
-        return "weights: none (a recipe only)"
-    share = 100 * w.get("bytes", 0) / max(w.get("model_bytes", 0), 1)
-    what = "adapter" if w["adapter"] else "full model"
-    if w.get("file_bytes", 0) is None:
-        return f"weights: {w['file']} ({what}) is missing from the folder"
-    line = f"weights: {w['file']} ({what}) {_size(w.get('file_bytes', w.get('bytes', 0)))} on disk"
-    if w["adapter"]:
-        line += (f", {w.get('params', 0):,} parameters = {share:.2f}% of the full model's "
-                 f"{w.get('model_params', 0):,} ({_size(w.get('model_bytes', 0))})")
-        if w.get("include"):
-            line += f"; includes {', '.join(w['include'])}"
-    return line
-
-
-def _recipe_table(info: dict[str, Any]):
-    from rich.table import Table
-
-    base = info.get("model") or {}
-    ref = base.get("ref", "(no base reference)")
-    extras = [f"{k}={v!r}" for k, v in (base.get("args") or {}).items()]
-    if base.get("pretrained"):
-        extras.append("pretrained")
-    if base.get("weights"):
-        extras.append(f"weights {base['weights']}")
-    size = "×".join(str(d) for d in info["input_size"]) if info.get("input_size") else "model default"
-    title = f"{ref}{' (' + ', '.join(extras) + ')' if extras else ''}: {len(info['edits'])} edits, input {size}"
-    t = Table(title=title, title_justify="left")
-    for col, just in (("#", "right"), ("site", "left"), ("kind", "left"), ("attention", "left"),
-                      ("options", "left"), ("module", "left"), ("params", "right")):
-        t.add_column(col, justify=just)
-    for i, e in enumerate(info["edits"], 1):
-        opts = ", ".join(f"{k}={v!r}" for k, v in (e.get("options") or {}).items())
-        t.add_row(str(i), e["site"], e.get("kind") or "", f"{e['attention']} ({e.get('init', 'identity')})", opts,
-                  e.get("module", ""), f"{e['params']:,}" if "params" in e else "")
-    t.add_row("", "total", "", "", "", "", f"{info['params_added']:,}", style="bold")
-    return t
-
-
 def _echo_saved(out: str) -> None:
     import surgeon
 
     info = surgeon.summary(out)
     click.echo(f"Saved: {out}/recipe.json, {out}/{info['weights']['file']}")
-    click.echo(_weights_line(info["weights"]))
+    click.echo(render.weights_line(info["weights"]))
 
 
 def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at, options, model_args, pretrained,
@@ -397,18 +295,18 @@ def _add_recipe(recipe: str, first: str | None, second: str | None, *, kind, at,
         if as_json:
             click.echo(json.dumps(info, indent=2))
         else:
-            _stdout().print(_recipe_table(info))
+            render.stdout().print(render.recipe_table(info))
         return
     base = _load(first, model_args, pretrained, weights, allow_pickle) if first else None
-    with _stderr().status("Replaying the recipe and verifying…"):
+    with render.stderr().status("Replaying the recipe and verifying…"):
         patched = surgeon.replay(recipe, base, trust_code=trust_code, input_size=input_size)
     if out:
-        with _stderr().status(f"Saving to {out}…"):
+        with render.stderr().status(f"Saving to {out}…"):
             surgeon.save(patched, out, force=force, adapter=adapter, include=include)
     if as_json:
         click.echo(json.dumps({"recipe": recipe, "edits": len(info["edits"]), "verified": True, "out": out}, indent=2))
         return
-    _stdout().print(_recipe_table(info))
+    render.stdout().print(render.recipe_table(info))
     click.echo(f"Replayed {len(info['edits'])} edits from {recipe}; verified at identity init")
     if out:
         _echo_saved(out)
@@ -432,16 +330,16 @@ def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow
         outputs.check_folder(out, force=force, reading=outputs.local_inputs(model, weights, directory))
     info = surgeon.summary(directory)
     base = _load(model, model_args, pretrained, weights, allow_pickle)
-    with _stderr().status(f"Applying {directory}…"):
+    with render.stderr().status(f"Applying {directory}…"):
         patched = surgeon.load(directory, base=base, input_size=input_size)
     if out:
-        with _stderr().status(f"Saving to {out}…"):
+        with render.stderr().status(f"Saving to {out}…"):
             surgeon.save(patched, out, force=force)
     if as_json:
         click.echo(json.dumps({**info, "base": model, "out": out}, indent=2, default=str))
         return
-    _stdout().print(_recipe_table(info))
-    click.echo(_weights_line(info["weights"]))
+    render.stdout().print(render.recipe_table(info))
+    click.echo(render.weights_line(info["weights"]))
     if out:
         _echo_saved(out)
 
@@ -462,7 +360,7 @@ def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance
     """Export the model saved in DIRECTORY, run the export and compare it with the model."""
     import surgeon
 
-    with _stderr().status(f"Exporting {directory} as {fmt}…"):
+    with render.stderr().status(f"Exporting {directory} as {fmt}…"):
         result = surgeon.export_model(directory, fmt, out, tolerance=tolerance, trust_code=trust_code, force=force)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -483,8 +381,8 @@ def show_cmd(directory: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    _stdout().print(_recipe_table(info))
-    click.echo(_weights_line(info["weights"]))
+    render.stdout().print(render.recipe_table(info))
+    click.echo(render.weights_line(info["weights"]))
 
 
 # -- fine-tuning (issue 6) -----------------------------------------------------------------------------
@@ -506,24 +404,10 @@ def finetune_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust_code):
     from surgeon import models, training
 
-    with _stderr().status(f"Loading {model}…"):
+    with render.stderr().status(f"Loading {model}…"):
         return training.open_model(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
                                    trust_code=trust_code,
                                    model_args=models.parse_assignments(model_args, "--model-arg"))
-
-
-def _history_table(history: list[dict[str, Any]], title: str):
-    from rich.table import Table
-
-    t = Table(title=title, title_justify="left")
-    for col in ("epoch", "lr", "trainable", "train loss", "train acc", "val loss", "val acc", "img/s"):
-        t.add_column(col, justify="right")
-    for r in history:
-        val = ("val_loss" in r)
-        t.add_row(str(r["epoch"]), f"{r['lr']:.3g}", f"{r['trainable']:,}", f"{r['train_loss']:.4f}",
-                  f"{100 * r['train_acc']:.2f}%", f"{r['val_loss']:.4f}" if val else "-",
-                  f"{100 * r['val_acc']:.2f}%" if val else "-", f"{r['throughput']:.0f}")
-    return t
 
 
 @cli.command("finetune")
@@ -570,7 +454,7 @@ def finetune_cmd(model: str, data: str, val_data: str | None, limit: int | None,
     if as_json:
         click.echo(json.dumps({"out": out, "head": result.head, "history": result.history}, indent=2))
         return
-    _stdout().print(_history_table(result.history, f"{model} fine-tuned on {data}"))
+    render.stdout().print(render.history_table(result.history, f"{model} fine-tuned on {data}"))
     click.echo(f"Saved: {out} (recipe.json, model.safetensors, metrics.jsonl, curves.png); "
                f"`surgeon evaluate {out} --data {data}` to evaluate it")
 
@@ -596,7 +480,7 @@ def evaluate_cmd(model: str, data: str, batch_size: int, device: str, amp: bool,
 
     m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
     dataset = data_mod.evaluation_set(data, m, input_size=input_size, limit=limit)
-    with _stderr().status(f"Evaluating on {len(dataset)} images…"):
+    with render.stderr().status(f"Evaluating on {len(dataset)} images…"):
         result = surgeon.evaluate(m, dataset, batch_size=batch_size, device=device, amp=amp, num_workers=workers)
     if as_json:
         click.echo(json.dumps({"model": model, "data": data, **result}, indent=2))

@@ -1,7 +1,9 @@
-"""The errors surgeon raises for user mistakes.
+"""The errors surgeon raises for user mistakes, and the one it raises for its own.
 
-Every error derives from `SurgeonError`; the CLI turns any of them into one line on stderr and exit
-code 2. Messages say what failed, quote the user's value, say what is valid and how to fix it.
+Every user mistake raises a `SurgeonError` subclass that names what was wrong; the CLI turns any of them
+into one line on stderr and exit code 2. Messages say what failed, quote the user's value, say what is
+valid and how to fix it. A broken internal invariant raises `InternalError`, which is not a SurgeonError:
+it ends in a traceback and asks for a bug report, instead of passing for a user's mistake.
 """
 from __future__ import annotations
 
@@ -21,11 +23,16 @@ class UnknownNameError(SurgeonError, KeyError):
 
 
 class OptionError(SurgeonError, ValueError):
-    """An option value outside its valid range."""
+    """An option value outside its valid range, or options that do not go together (a kind the attention
+    does not serve, --include without --adapter)."""
 
 
 class TraceError(SurgeonError):
     """A model (or part of it) could not be traced by torch.fx."""
+
+
+class CallError(SurgeonError, TypeError):
+    """A rewritten forward was called with arguments it was not traced for (see surgery/calls.py)."""
 
 
 class ShapeError(SurgeonError):
@@ -97,4 +104,17 @@ class DataError(SurgeonError):
 
 class OutputError(SurgeonError):
     """An output that cannot or may not be written: under a file, a symbolic link, a system folder,
-    the working directory, an input being read, or an existing folder that is not a surgeon save."""
+    the working directory, an input being read, or an existing folder that is not a surgeon save; or a
+    run folder that cannot be resumed (no run in it, or a trainer state this surgeon cannot read)."""
+
+
+class TrainingError(SurgeonError):
+    """A fine-tuning run that cannot go on: the loss became NaN or infinite."""
+
+
+class InternalError(RuntimeError):
+    """A broken invariant inside surgeon: a bug, never the user's mistake (not a SurgeonError, so the CLI
+    shows the traceback). The message says so and asks for a report."""
+
+    def __init__(self, message: str):
+        super().__init__(f"{message}. This is a bug in surgeon, please report it (with the traceback)")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from surgeon.checkpoint import normal_permissions
-from surgeon.errors import ExportError, OptionError, SurgeonError
+from surgeon.errors import ExportError, OptionError
 
 log = logging.getLogger("surgeon")
 
@@ -200,7 +200,7 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
         raise OptionError(f"tolerance must be a number ≥ 0 (the largest |export − model| allowed), got {tolerance!r}")
     folder = Path(model) if isinstance(model, (str, os.PathLike)) else None
     if out is None and folder is None:
-        raise SurgeonError("Pass out= (the file to write) when exporting a model object")
+        raise OptionError("Pass out= (the file to write) when exporting a model object")
     out = Path(out) if out is not None else folder / f"model{FORMATS[format]}"
     # the folder's own files (recipe, weights, model code) are inputs; earlier exports may be replaced
     reading = [p for p in folder.iterdir() if p.suffix not in FORMATS.values()] if folder and folder.is_dir() else []

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from surgeon.errors import DataError, OptionError, SurgeonError
+from surgeon.errors import DataError, ModelError, OptionError
 
 log = logging.getLogger("surgeon")
 
@@ -31,7 +31,7 @@ def find_head(model: nn.Module) -> str:
     the last nn.Linear (in module order) that surgery did not insert.
 
     Raises:
-        SurgeonError: the model has no Linear head.
+        ModelError: the model has no Linear head.
     """
     names = {id(m): n for n, m in model.named_modules() if n}
     get = getattr(model, "get_classifier", None)
@@ -47,7 +47,7 @@ def find_head(model: nn.Module) -> str:
     new = inserted_modules(model)
     linears = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and not under(n, new)]
     if not linears:
-        raise SurgeonError(f"Cannot find the classifier head of {type(model).__name__}: no nn.Linear outside "
+        raise ModelError(f"Cannot find the classifier head of {type(model).__name__}: no nn.Linear outside "
                            f"the inserted modules. Fine-tuning needs a Linear head")
     return linears[-1]
 
@@ -56,7 +56,7 @@ def find_head_or_none(model: nn.Module) -> str | None:
     """`find_head`, or None for a model without a Linear head."""
     try:
         return find_head(model)
-    except SurgeonError:
+    except ModelError:
         return None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon import record
-from surgeon.errors import RecipeError, SurgeonError
+from surgeon.errors import ModelError, RecipeError, SurgeonError
 
 log = logging.getLogger("surgeon")
 
@@ -383,7 +383,7 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
         model = build_base(recipe, folder, trust_code=trust_code, with_weights=True, source=source,
                            allow_pickle=allow_pickle)
     elif not isinstance(base, nn.Module):
-        raise SurgeonError(f"base must be a torch.nn.Module, got {type(base).__name__}")
+        raise ModelError(f"base must be a torch.nn.Module, got {type(base).__name__}")
     else:
         from surgeon.surgery.rewrite import edits_of
 

@@ -273,6 +273,11 @@ def site_finders() -> dict[str, SiteFinder]:
                     lambda f: [f.kind])
 
 
+def finders() -> dict[str, Callable[..., list]]:
+    """Every registered site finder's function, by kind: what `surgery.sites.find_sites` is handed."""
+    return {kind: f.find for kind, f in site_finders().items()}
+
+
 def model_sources() -> dict[str, ModelSource]:
     """Every registered model source, by prefix (aliases resolve to the same source)."""
     def make(prefix: str, create: Callable[..., Any], *, names: Callable[[], list[str]] | None = None,
@@ -295,5 +300,5 @@ def check_kind(kind: str) -> None:
 
 
 __all__ = ["Attention", "SiteFinder", "ModelSource", "get_plugin_manager", "attentions", "get_attention",
-           "site_finders", "model_sources", "check_kind", "check_options", "parse_cli_options", "did_you_mean",
+           "site_finders", "finders", "model_sources", "check_kind", "check_options", "parse_cli_options", "did_you_mean",
            "DEFAULT_PLUGINS"]

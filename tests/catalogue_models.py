@@ -12,7 +12,7 @@ from surgeon import registry
 
 from conftest import perturb_bn
 from seq_models import WithLengths, readout, tagger
-from test_catalogue_conv_gates import unet
+from test_conv_gates import unet
 from toy_models import TinyResNet
 
 

@@ -1,11 +1,16 @@
-"""The surgeon command: help, listings, add, and one-line errors with exit code 2."""
+"""The surgeon command: help, listings, add, and one-line errors with exit code 2; bad input to every command
+changes nothing on disk."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+import surgeon
+from surgeon import models
 from surgeon.cli import cli
 
 runner = CliRunner()
@@ -134,3 +139,137 @@ def test_saved_files_are_as_readable_as_any_file(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {"recipe.json": 0o644,
                                                                         "model.safetensors": 0o644}
+
+
+# -- bad input to every command: one 'Error: ...' line on stderr, exit code 2, no traceback, nothing written
+# and nothing deleted (the folders involved are snapshotted before and after) --------------------------------
+HERE = Path(__file__).parent
+REF = "toy_models:tiny_resnet"
+SIZE = ("--input-size", "3,32,32")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A working folder holding a saved model, a folder that is not a save, and broken files."""
+    root = tmp_path_factory.mktemp("world")
+    saved = root / "saved"
+    surgeon.save(surgeon.add(models.load(REF), "se", input_size=(3, 32, 32)), saved)
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("the user's own file\n")
+    (root / "empty.json").write_text("")
+    (root / "corrupt.json").write_text('{"format": "surgeon.recipe", "vers')
+    (root / "not-weights.safetensors").write_text("these are not weights\n")
+    (root / "empty.pth").write_bytes(b"")
+    (root / "a-file").write_text("x\n")
+    recipe = json.loads((saved / "recipe.json").read_text())
+    for name, change in {"edits-not-list": {"edits": {"site": "stage1.0"}},
+                         "options-not-dict": {"edits": [{**recipe["edits"][0], "options": ["rd_ratio", 0.5]}]},
+                         "version-str": {"version": "1"},
+                         "size-huge": {"input_size": [3, 10**6, 10**6]}}.items():
+        d = root / name
+        d.mkdir()
+        (d / "recipe.json").write_text(json.dumps({**recipe, **change}))
+        (d / "model.safetensors").write_bytes((saved / "model.safetensors").read_bytes())
+    bad = root / "bad-weights"
+    bad.mkdir()
+    (bad / "recipe.json").write_text((saved / "recipe.json").read_text())
+    (bad / "model.safetensors").write_text("not safetensors\n")
+    (root / "empty-dir").mkdir()
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+CASES = {
+    "list": [["list", "--bogus"], ["list", "extra"]],
+    "sites": [["sites"], ["sites", REF, *SIZE, "--weights", "missing.safetensors"],
+              ["sites", REF, *SIZE, "--weights", "not-weights.safetensors"],
+              ["sites", REF, *SIZE, "--weights", "empty.pth"],
+              ["sites", REF, "--input-size", "3,a,4"], ["sites", REF, "--input-size", "3,100000,100000"],
+              ["sites", "missing/folder"]],
+    "add": [["add"], ["add", "se"], ["add", "se", REF, *SIZE, "--weights", "not-weights.safetensors", "--out", "o"],
+            ["add", "--recipe", "missing", "--out", "o"], ["add", "--recipe", "empty.json", "--out", "o"],
+            ["add", "--recipe", "corrupt.json", "--out", "o"], ["add", "--recipe", "edits-not-list", "--out", "o"],
+            ["add", "--recipe", "options-not-dict", "--trust-code", "--out", "o"],
+            ["add", "--recipe", "size-huge", "--out", "o"],
+            ["add", "se", REF, *SIZE, "--out", "a-file/o"], ["add", "se", REF, *SIZE, "--out", "a-file"],
+            ["add", "se", REF, *SIZE, "--out", "mine", "--force"], ["add", "se", REF, *SIZE, "--out", ".", "--force"],
+            ["add", "se", REF, *SIZE, "--out", "..", "--force"], ["add", "se", REF, *SIZE, "--out", "saved"],
+            ["add", "se", REF, *SIZE, "--out", "/proc/o"]],
+    "apply": [["apply", "missing", REF], ["apply", "empty-dir", REF], ["apply", "version-str", REF],
+              ["apply", "bad-weights", REF, *SIZE], ["apply", "saved", REF, "--out", "saved", "--force"],
+              ["apply", "saved", REF, "--out", ".", "--force"]],
+    "show": [["show", "missing"], ["show", "empty.json"], ["show", "corrupt.json"], ["show", "edits-not-list"],
+             ["show", "mine"], ["show", "a-file"]],
+    "export": [["export", "missing", "--format", "onnx"], ["export", "saved", "--format", "bogus"],
+               ["export", "bad-weights", "--format", "exported", "--trust-code", "--out", "m.pt2"],
+               ["export", "saved", "--format", "exported", "--tolerance", "nan", "--out", "m.pt2"],
+               ["export", "saved", "--format", "exported", "--tolerance", "-1", "--out", "m.pt2"],
+               ["export", "saved", "--format", "exported", "--out", "saved/recipe.json", "--force"],
+               ["export", "saved", "--format", "exported", "--out", "a-file/m.pt2"]],
+    "finetune": [["finetune", "missing", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "o"],
+                 ["finetune", "saved", "--data", "digits", "--epochs", "0", "--lr", "1e-3", "--out", "o"],
+                 ["finetune", REF, *SIZE, "--weights", "empty.pth", "--data", "digits", "--epochs", "1", "--lr",
+                  "1e-3", "--out", "o"],
+                 ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "a-file/o"],
+                 ["finetune", "saved", "--data", "missing", "--trust-code", "--epochs", "1", "--lr", "1e-3",
+                  "--out", "o"],
+                 ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "mine", "--force"],
+                 ["finetune", "saved", "--data", "digits", "--epochs", "1", "--lr", "1e-3", "--out", "saved",
+                  "--force", "--trust-code"]],
+    "evaluate": [["evaluate", "missing", "--data", "digits"], ["evaluate", "version-str", "--data", "digits"],
+                 ["evaluate", REF, *SIZE, "--weights", "not-weights.safetensors", "--data", "digits"],
+                 ["evaluate", "saved", "--trust-code", "--data", "missing"]],
+}
+PARAMS = [(cmd, args) for cmd, cases in CASES.items() for args in cases]
+
+
+@pytest.mark.parametrize("command, args", PARAMS,
+                         ids=[" ".join(x for x in a if x not in (REF, *SIZE)) for _, a in PARAMS])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, monkeypatch, command, args):
+    cwd = world / "cwd"
+    cwd.mkdir(exist_ok=True)
+    monkeypatch.chdir(world)
+    if "." in args or ".." in args:
+        monkeypatch.chdir(cwd)
+        args = [a if a in (".", "..") or a.startswith("-") or a in (REF, "se") else
+                (f"../{a}" if (world / a).exists() or a in ("o", "missing") else a) for a in args]
+    before = snapshot(world)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert snapshot(world) == before
+
+
+def test_outputs_are_checked_before_the_model_is_built(world, monkeypatch):
+    """A refused --out costs nothing: no model is built (fail fast)."""
+    import surgeon.models
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the model was built before --out was checked")
+
+    monkeypatch.setattr(surgeon.models, "load", refuse)
+    monkeypatch.chdir(world)
+    for args in (["add", "se", REF, "--out", "mine", "--force"], ["add", "se", REF, "--out", "a-file/o"],
+                 ["apply", "saved", REF, "--out", "saved", "--force"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "Error: " in result.stderr, (args, result.output, result.exception)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["show", "missing"], "No recipe at 'missing'"),
+    (["add", "se", REF, *SIZE, "--out", ".", "--force"], "is the working directory or one of its parents"),
+])
+def test_real_process_prints_one_line(world, args, message):
+    before = snapshot(world)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    proc = subprocess.run([sys.executable, "-m", "surgeon.cli", *args], cwd=world, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+    assert snapshot(world) == before

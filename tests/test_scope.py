@@ -172,8 +172,8 @@ def test_a_module_called_twice_is_edited_in_its_caller_and_attributes_stay():
         assert torch.equal(patched(_x(2, 3, 16, 16)), model(_x(2, 3, 16, 16)))
 
 
-# -- segmentation_models_pytorch ---------------------------------------------------------------------
-smp = pytest.importorskip("segmentation_models_pytorch")
+# -- segmentation_models_pytorch (a test dependency: a missing install fails here, it never skips the module) --
+import segmentation_models_pytorch as smp  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["Unet", "FPN", "DeepLabV3Plus", "PSPNet"])

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from surgeon.errors import SurgeonError
+from surgeon.errors import CallError
 
 _SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
@@ -102,7 +102,7 @@ def expect(value: Any, expected: Any, name: str, owner: str) -> None:
     """Fail when a traced argument is not the constant the graph was traced for."""
     if value is expected or (type(value) is type(expected) and value == expected):
         return
-    raise SurgeonError(
+    raise CallError(
         f"{owner}.forward was rewritten by surgeon for calls with {name}={expected!r}, and was called with "
         f"{name}={_short(value)}. Patch the model with an example input that calls it this way")
 
@@ -117,7 +117,7 @@ LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
 def expect_keys(kwargs: dict, constants: dict, tensors: tuple, owner: str) -> None:
     """Fail when **kwargs differ from the call the graph was traced for."""
     if set(kwargs) - LOSS_ONLY_KWARGS != set(constants) | set(tensors):
-        raise SurgeonError(
+        raise CallError(
             f"{owner}.forward was rewritten by surgeon for calls with keyword arguments "
             f"{sorted(set(constants) | set(tensors))}, and was called with {sorted(kwargs)}. Patch the model "
             f"with an example input that calls it this way")
@@ -129,7 +129,7 @@ def expect_keys(kwargs: dict, constants: dict, tensors: tuple, owner: str) -> No
 def expect_len(args: tuple, n: int, owner: str) -> None:
     """Fail when *args has another length than in the call the graph was traced for."""
     if len(args) != n:
-        raise SurgeonError(f"{owner}.forward was rewritten by surgeon for calls with {n} extra positional "
+        raise CallError(f"{owner}.forward was rewritten by surgeon for calls with {n} extra positional "
                            f"arguments, and was called with {len(args)}")
 
 

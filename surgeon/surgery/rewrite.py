@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon import record as _record
-from surgeon.errors import ShapeError
+from surgeon.errors import InternalError
 from surgeon.surgery.sites import Site
 
 log = logging.getLogger("surgeon")
@@ -49,7 +49,7 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
     replaced = {} if replaced is None else replaced
     nodes = {n.name: n for n in gm.graph.nodes}
     if site.node not in nodes:
-        raise ShapeError(f"Site {site.name!r}: node {site.node!r} is not in the graph (was it already edited?)")
+        raise InternalError(f"Site {site.name!r}: node {site.node!r} is not in the graph (was it already edited?)")
 
     def resolve(name: str) -> fx.Node:
         return replaced.get(name, nodes[name])
@@ -78,7 +78,7 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
             node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
             replaced[site.node] = new
     else:
-        raise ShapeError(f"Site {site.name!r}: unknown action {site.action!r}")
+        raise InternalError(f"Site {site.name!r}: unknown action {site.action!r}")
     new.meta["surgeon_site"] = site.name
     log.debug("site %s: %s inserted as %s", site.name, attention, path)
     return path

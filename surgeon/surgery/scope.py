@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from surgeon.errors import TraceError
+from surgeon.errors import InternalError, TraceError
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
 from surgeon.surgery.owned import (LeafReplacement, forward_source, patched_class, shallow_copy,
                                     structural_copy)
@@ -151,7 +151,7 @@ def _trace_matched(sc: Scopes, key, module: nn.Module, full: str, leaves: frozen
         mapping = match(sc, key, own, whole)
         if mapping is not None or whole is must:
             return twin, own, mapping
-    raise AssertionError("unreachable")  # the loop always returns or raises on its last round
+    raise InternalError("scope: the owner search ended without a result")  # its last round returns or raises
 
 
 def _check_alone(sc, key, site, nodes, tracing, graph_module, graph, leaf_paths) -> str | None:

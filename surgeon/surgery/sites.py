@@ -15,13 +15,13 @@ import operator
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import networkx as nx
 import torch
 import torch.fx as fx
 
-from surgeon.errors import NoSitesError, preview
+from surgeon.errors import NoSitesError, preview, unknown
 from surgeon.surgery.graph import (GraphView, is_act, is_add, is_conv, is_dropout, is_flatten, is_norm,
                                    is_weighted, pool_type)
 
@@ -278,22 +278,25 @@ def _unique(sites: list[Site]) -> list[Site]:
     return out
 
 
-def find_sites(views: list[GraphView], kinds: list[str], at: list[str] | None = None) -> list[Site]:
+def find_sites(views: list[GraphView], kinds: list[str], at: list[str] | None = None, *,
+               finders: Mapping[str, Callable[[GraphView], list[Site]]]) -> list[Site]:
     """Every site of the given kinds in every graph, optionally filtered by --at globs.
+
+    Args:
+        finders: {kind: finder}, a finder taking a `GraphView` and returning its sites (the registry's
+            `finders()`: surgery knows no plugin, it is handed what plugins registered).
 
     Raises:
         UnknownNameError: for a kind no finder serves.
         NoSitesError: when an --at glob matches no site.
     """
-    from surgeon import registry
-
-    finders = registry.site_finders()
     found: list[Site] = []
     for kind in kinds:
-        registry.check_kind(kind)
+        if kind not in finders:
+            raise unknown("kind", kind, finders, f"Valid kinds: {', '.join(sorted(finders))}.")
         per_kind: list[Site] = []
         for view in views:
-            per_kind.extend(finders[kind].find(view))
+            per_kind.extend(finders[kind](view))
         found.extend(_unique(per_kind))
     if at:
         keep = []

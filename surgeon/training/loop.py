@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from surgeon.data import classes_of
-from surgeon.errors import DataError, SurgeonError
+from surgeon.errors import DataError, TrainingError
 from surgeon.heads import check_classes, find_head, find_head_or_none, head_outputs, inserted_modules, replace_head
 from surgeon.training import runs
 from surgeon.training.config import FinetuneConfig
@@ -309,7 +309,7 @@ def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any]
             logits = loop.forward(x)
             loss = loop.criterion(logits.float(), y)
         if not torch.isfinite(loss):
-            raise SurgeonError(f"The loss became {float(loss)} at step {step}; lower the learning rate (--lr) "
+            raise TrainingError(f"The loss became {float(loss)} at step {step}; lower the learning rate (--lr) "
                                f"or clip gradients (--clip-grad)")
         loop.opt.zero_grad(set_to_none=True)
         (loop.scaler.scale(loss) if loop.scaler else loss).backward()

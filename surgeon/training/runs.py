@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from surgeon import checkpoint
-from surgeon.errors import OptionError, SurgeonError
+from surgeon.errors import OptionError, OutputError, WeightsError
 from surgeon.training.config import run_keys
 
 log = logging.getLogger("surgeon")
@@ -34,7 +34,7 @@ def check_output(out: str | os.PathLike | None, *, resume: bool = False, force: 
     """The trainer state to resume from (or None), after refusing an existing folder unless asked.
 
     Raises:
-        SurgeonError: `out` exists and neither resume nor force; nothing to resume in `out`.
+        OutputError: `out` exists and neither resume nor force; nothing to resume in `out`.
     """
     out = Path(out) if out is not None else None
     if out is None:
@@ -52,19 +52,19 @@ def check_output(out: str | os.PathLike | None, *, resume: bool = False, force: 
     if not resume:
         if force:
             return None
-        raise SurgeonError(f"Output folder {str(out)!r} exists; pass --resume to continue its run or --force "
+        raise OutputError(f"Output folder {str(out)!r} exists; pass --resume to continue its run or --force "
                            f"to replace it")
     state_file = out / TRAINER_STATE
     if not state_file.is_file():
-        raise SurgeonError(f"Output folder {str(out)!r} holds no training run to resume (no {TRAINER_STATE}); "
+        raise OutputError(f"Output folder {str(out)!r} holds no training run to resume (no {TRAINER_STATE}); "
                            f"pass --force to replace it")
     try:
         state = json.loads(state_file.read_text())
     except (OSError, ValueError) as exc:
-        raise SurgeonError(f"Cannot read {str(state_file)!r} ({exc}); pass --force to start over") from exc
+        raise OutputError(f"Cannot read {str(state_file)!r} ({exc}); pass --force to start over") from exc
     if state.get("format") != STATE_FORMAT or not isinstance(state.get("version"), int) \
             or state["version"] > STATE_VERSION:
-        raise SurgeonError(f"{str(state_file)!r} is not a trainer state this surgeon reads; pass --force to start over")
+        raise OutputError(f"{str(state_file)!r} is not a trainer state this surgeon reads; pass --force to start over")
     return state
 
 
@@ -79,12 +79,12 @@ def resume(model: nn.Module, opt: torch.optim.Optimizer, out: Path, state: dict[
     """Load the run's last checkpoint into `model` and `opt`. Returns (epochs done, global step, metrics so far).
 
     Raises:
-        SurgeonError: the run was started with other settings (`config`, as `FinetuneConfig.record` gives it).
+        OptionError: the run was started with other settings (`config`, as `FinetuneConfig.record` gives it).
     """
     old = state.get("config", {})
     diff = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in run_keys() if old.get(k) != config.get(k)]
     if diff:
-        raise SurgeonError(f"Cannot resume {str(out)!r} with other settings ({'; '.join(diff[:3])}); use the "
+        raise OptionError(f"Cannot resume {str(out)!r} with other settings ({'; '.join(diff[:3])}); use the "
                            f"run's own settings, or --force to start a new run")
     checkpoint.fit(model, checkpoint._read_safetensors(out / checkpoint.WEIGHTS), source=str(out / checkpoint.WEIGHTS))
     _load_optimizer(opt, out, state["optimizer"])
@@ -123,7 +123,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, out: Path, meta: dict[str, Any])
     try:
         opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError) as exc:
-        raise SurgeonError(f"The optimizer state in {str(out)!r} does not fit this model ({exc}); pass --force "
+        raise WeightsError(f"The optimizer state in {str(out)!r} does not fit this model ({exc}); pass --force "
                            f"to start over") from exc
 
 

@@ -18,7 +18,7 @@ import surgeon
 from surgeon import models, training
 from surgeon.cli import cli
 from surgeon.data import Digits, digits, image_folder
-from surgeon.errors import DataError, OptionError, SurgeonError
+from surgeon.errors import DataError, ModelError, OptionError
 from surgeon.surgery.rewrite import edits_of
 
 SIZE = (3, 16, 16)
@@ -193,7 +193,7 @@ def test_resume_after_an_interruption_repeats_the_uninterrupted_run(data, tmp_pa
 def test_resume_refuses_other_settings_and_a_finished_run_returns_at_once(data, tmp_path):
     out = tmp_path / "run"
     surgeon.finetune(patched(), data[0], epochs=1, lr=1e-3, batch_size=32, out=out, progress=False)
-    with pytest.raises(SurgeonError, match="with other settings.*lr"):
+    with pytest.raises(OptionError, match="with other settings.*lr"):
         surgeon.finetune(patched(), data[0], epochs=1, lr=2e-3, batch_size=32, out=out, resume=True, progress=False)
     done = surgeon.finetune(patched(), data[0], epochs=1, lr=1e-3, batch_size=32, out=out, resume=True,
                             progress=False)
@@ -281,7 +281,7 @@ def test_head_is_found_outside_inserted_modules():
     assert training.find_head(model) == "fc"
     seq = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
     assert training.find_head(seq) == "3"
-    with pytest.raises(SurgeonError, match="Linear head"):
+    with pytest.raises(ModelError, match="Linear head"):
         training.find_head(torch.nn.Conv2d(3, 3, 1))
 
 

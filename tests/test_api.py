@@ -1,7 +1,9 @@
-"""The first attentions: paper-exact architectures, identity init, options and errors."""
+"""The public functions (surgeon.add, plan, sites) on the first attentions: paper-exact architectures, identity
+init (also across model families), the kind chosen per attention and its fallbacks, options and errors."""
 import pytest
 import timm
 import torch
+import torchvision
 from torch import nn
 
 import surgeon
@@ -155,13 +157,56 @@ def test_default_kind_falls_back_when_model_has_none():
     assert {e.site.kind for e in plan.edits} == {"stage"} or {e.site.kind for e in plan.edits} == {"after_conv"}
 
 
+# -- the kind chosen per attention --------------------------------------------------------------------------
+def _kinds(plan):
+    return [(e.site.name, e.site.kind) for e in plan.edits]
+
+
+@pytest.mark.parametrize("attention, kind, names", [
+    ("se", "residual", ["stage1.0", "stage1.1", "stage2.0", "stage2.1", "stage3.0", "stage3.1"]),
+    ("bam", "stage", ["stage1", "stage2"]),  # bam's first kind is stage, BAM's place
+])
+def test_the_default_kind_is_the_attention_first_kind(attention, kind, names):
+    plan = surgeon.plan(TinyResNet().eval(), attention, input_size=(3, 32, 32))
+    assert _kinds(plan) == [(n, kind) for n in names] and plan.note == ""
+
+
+def test_a_model_without_the_first_kinds_gets_the_next_kind_with_a_note_and_a_warning():
+    with pytest.warns(UserWarning, match="se: PlainCNN has no residual/stage site; using its 3 after_conv sites"):
+        plan = surgeon.plan(PlainCNN().eval(), "se", input_size=(3, 32, 32))
+    assert _kinds(plan) == [("conv1", "after_conv"), ("conv2", "after_conv"), ("conv3", "after_conv")]
+    assert plan.note == "se: PlainCNN has no residual/stage site; using its 3 after_conv sites instead"
+    assert plan.note in str(plan)
+
+
+def test_a_lone_after_conv_fallback_is_refused_unless_asked_for():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    with pytest.raises(NoSitesError, match="its only after_conv site is '0': one edit there would not be a "
+                                           "meaningful retrofit. Pass --kind after_conv"):
+        surgeon.plan(model, "se", input_size=(3, 8, 8))
+    assert _kinds(surgeon.plan(model, "se", kind="after_conv", input_size=(3, 8, 8))) == [("0", "after_conv")]
+
+
+def test_at_matching_no_site_of_the_first_kind_tries_the_next():
+    with pytest.warns(UserWarning, match="no residual site; using its 1 stage sites"):
+        plan = surgeon.plan(TinyResNet().eval(), "se", at=["stage1"], input_size=(3, 32, 32))
+    assert _kinds(plan) == [("stage1", "stage")]
+    with pytest.raises(NoSitesError, match="--at 'nothing' matches no residual site"):  # the first kind's error
+        surgeon.plan(TinyResNet().eval(), "se", at=["nothing"], input_size=(3, 32, 32))
+
+
+def test_a_model_without_any_kind_of_the_attention():
+    with pytest.raises(NoSitesError, match="se found no residual/stage/after_conv site with a nchw layout in Linear"):
+        surgeon.plan(nn.Linear(4, 2), "se", input_size=(4,))
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(attention="cbma"), UnknownNameError, "Unknown attention 'cbma'. Did you mean 'cbam'"),
     (dict(attention="se", rd_ratoi=0.5), OptionError, "Unknown option 'rd_ratoi' for se. Did you mean 'rd_ratio'"),
     (dict(attention="se", rd_ratio=-3), OptionError, "rd_ratio must be a number in \\(0, 1\\], got -3"),
     (dict(attention="eca", kernel_size=4), OptionError, "kernel_size must be a positive odd integer, got 4"),
     (dict(attention="cbam", act_layer="relu9"), OptionError, "act_layer 'relu9' is not known. Did you mean 'relu'"),
-    (dict(attention="se", kind="pool"), ShapeError, "se cannot serve kind 'pool'"),
+    (dict(attention="se", kind="pool"), OptionError, "se cannot serve kind 'pool'"),
     (dict(attention="se", kind="residul"), UnknownNameError, "Did you mean 'residual'"),
     (dict(attention="se", at=["layer9.*"]), NoSitesError, "matches no residual site"),
     (dict(attention="se", init="papr"), OptionError, "Unknown init 'papr'. Did you mean 'paper'"),
@@ -178,3 +223,43 @@ def test_unknown_input_size_is_explained():
 
     with pytest.raises(ShapeError, match="Cannot tell what input NoHint takes"):
         surgeon.sites(NoHint())
+
+
+# -- identity init across model families: every built-in attention at its default kind --------------------
+# (the full zoo sweep at 224x224 is marked slow: `make test-slow`; a fast sample at a small size runs by default)
+BUILTIN = ["se", "eca", "cbam", "bam", "spatial", "attnpool"]
+ZOO = ["timm:resnet18", "timm:resnet50", "timm:convnext_tiny", "timm:efficientnet_b0", "timm:mobilenetv3_small_100",
+       "timm:densenet121", "timm:regnety_002", "tv:resnet50", "tv:mobilenet_v3_small"]
+FAST = ["timm:resnet18", "timm:mobilenetv3_small_100", "tv:mobilenet_v3_small", "timm:regnety_002"]
+
+
+def build(ref):
+    source, name = ref.split(":")
+    model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
+    return perturb_bn(model).eval()
+
+
+def check(ref, attention, size):
+    torch.manual_seed(0)
+    model = build(ref)
+    x = torch.randn(2, 3, size, size)
+    plan = surgeon.plan(model, attention, example_input=x)
+    patched = plan.apply()
+    v = plan.verification
+    assert v.max_abs_diff <= 1e-5, (ref, attention, v.max_abs_diff)
+    assert v.new_params > 0 and v.with_grad == v.new_params
+    assert v.nonzero_grad >= 1
+    assert set(model.state_dict()) <= set(patched.state_dict())
+
+
+@pytest.mark.parametrize("attention", BUILTIN)
+@pytest.mark.parametrize("ref", FAST)
+def test_identity_init_fast_sample(ref, attention):
+    check(ref, attention, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", BUILTIN)
+@pytest.mark.parametrize("ref", ZOO)
+def test_identity_init_zoo(ref, attention):
+    check(ref, attention, 224)

@@ -1,5 +1,6 @@
-"""Attention options: types checked against the layers' signatures (registry), ranges by the layers' shared
-validators (layers/_util.py). Every wrong value is one OptionError line, never a TypeError or a traceback."""
+"""The registry: lookup by name and alias with "did you mean", kinds and their finders, built-in plugins; and
+attention options: types checked against the layers' signatures, ranges by the layers' shared validators
+(layers/_util.py). Every wrong value is one OptionError line, never a TypeError or a traceback."""
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from click.testing import CliRunner
 import surgeon
 from surgeon import registry
 from surgeon.cli import cli
-from surgeon.errors import OptionError
+from surgeon.errors import OptionError, UnknownNameError
 from surgeon.layers import _util
 
 from catalogue_models import names, target
@@ -139,3 +140,65 @@ def test_layers_raise_value_errors_for_hand_written_models():
 
     with pytest.raises(ValueError, match="kernel_size must be a positive odd integer, got 4"):
         CBAM(16, kernel_size=4)
+
+
+# -- lookup ---------------------------------------------------------------------------------------------
+def test_an_attention_is_found_by_name_and_by_every_alias():
+    table = registry.attentions()
+    for att in table.values():
+        assert registry.get_attention(att.name).name == att.name
+        for alias in att.aliases:
+            assert registry.get_attention(alias).name == att.name
+    assert registry.get_attention("nonlocal").name == "nl" and registry.get_attention("sam").name == "spatial"
+    assert "nonlocal" not in table  # keyed by name; aliases only resolve
+
+
+@pytest.mark.parametrize("name, close", [
+    ("cbma", "'cbam'"),           # a typo
+    ("squeeze", "'squeeze_excite'"),  # part of an alias
+    ("NONLOCAL", "'nonlocal'"),   # another case
+])
+def test_an_unknown_attention_says_what_it_may_have_meant(name, close):
+    with pytest.raises(UnknownNameError) as err:
+        registry.get_attention(name)
+    message = str(err.value)
+    assert message.startswith(f"Unknown attention {name!r}. Did you mean ") and close in message
+    assert message.endswith("Run 'surgeon list' for all attentions.")
+
+
+def test_a_name_close_to_nothing_gets_no_guess():
+    with pytest.raises(UnknownNameError, match=r"^Unknown attention 'zzzz'\. Run 'surgeon list'"):
+        registry.get_attention("zzzz")
+
+
+def test_kinds_and_their_finders():
+    kinds = registry.site_finders()
+    assert {"residual", "stage", "after_conv", "pool", "rnn", "tokens"} <= set(kinds)
+    assert registry.finders() == {k: f.find for k, f in kinds.items()}
+    registry.check_kind("stage")
+    with pytest.raises(UnknownNameError, match=r"Unknown kind 'stag'\. Did you mean 'stage'\?.*Valid kinds: "):
+        registry.check_kind("stag")
+
+
+def test_every_attention_has_a_default_kind_it_serves_and_only_known_kinds():
+    kinds = set(registry.site_finders())
+    for att in registry.attentions().values():
+        assert att.default_kind == att.kinds[0] and set(att.kinds) <= kinds, att.name
+
+
+BUILT_IN = {"aaconv", "adl", "attention_gate", "attnpool", "bam", "cbam", "ccnet", "coord", "cross", "danet", "eca",
+            "ema", "fca", "gc", "ge", "hard", "inputattn", "local", "mhsa", "nl", "residual_attention", "scse", "se",
+            "sk", "spatial", "srm", "stn", "structured", "triplet"}
+
+
+def test_every_built_in_attention_is_registered():
+    builtin = {a.name for a in registry.attentions().values() if a.plugin in registry.DEFAULT_PLUGINS}
+    assert builtin == BUILT_IN
+
+
+def test_every_built_in_plugin_is_loaded_under_its_module_name():
+    pm = registry.get_plugin_manager()
+    assert registry.get_plugin_manager() is pm  # loaded once
+    assert all(pm.has_plugin(name) for name in registry.DEFAULT_PLUGINS)
+    assert {a.plugin for a in registry.attentions().values()} <= set(registry.DEFAULT_PLUGINS)
+

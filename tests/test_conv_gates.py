@@ -10,7 +10,7 @@ from torch import nn
 import surgeon
 from surgeon.surgery.owned import rewritten
 from surgeon.cli import cli
-from surgeon.errors import OptionError, ShapeError
+from surgeon.errors import OptionError
 from surgeon.layers.attention_gate import AttentionGate
 from surgeon.layers.augmented import AAConv2d
 from surgeon.layers.residual_attention import ResidualAttention, auto_depth
@@ -45,7 +45,7 @@ class UNet(nn.Module):
 
 
 def unet():
-    """A factory for the CLI (`test_catalogue_conv_gates:unet`)."""
+    """A factory for the CLI (`test_conv_gates:unet`)."""
     torch.manual_seed(0)
     return perturb_bn(UNet()).eval()
 
@@ -180,7 +180,7 @@ def test_aaconv_bad_options(options, match):
 
 
 def test_aaconv_needs_conv_site():
-    with pytest.raises(ShapeError, match="aaconv cannot serve kind 'residual'"):
+    with pytest.raises(OptionError, match="aaconv cannot serve kind 'residual'"):
         surgeon.plan(ToyCNN(), "aaconv", kind="residual", input_size=(3, 16, 16))
 
 
@@ -318,7 +318,7 @@ def test_attention_gate_misspelt_gating():
 
 def test_attention_gate_cli():
     runner = CliRunner()
-    ref = "test_catalogue_conv_gates:unet"
+    ref = "test_conv_gates:unet"
     ok = runner.invoke(cli, ["add", "attention_gate", ref, "--input-size", "3,32,32", "--at", "enc1",
                              "--option", "gating=dec2"])
     assert ok.exit_code == 0, ok.output

@@ -1,4 +1,5 @@
-"""Patched models deep-copy after a forward with autograd on (EMA helpers and load(base=...) copy them)."""
+"""Rewritten owners (surgery/owned.py) deep-copy: patched models copy after a forward with autograd on (EMA
+helpers and load(base=...) copy them)."""
 import copy
 import pickle
 

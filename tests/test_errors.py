@@ -1,0 +1,69 @@
+"""surgeon.errors: user mistakes raise the SurgeonError subclass that names what was wrong; broken internal
+invariants raise InternalError, which is no SurgeonError and asks for a bug report."""
+import ast
+import pathlib
+
+import pytest
+from click.testing import CliRunner
+from torch import nn
+
+import surgeon
+from surgeon import errors
+from surgeon.cli import cli, handle_errors
+from surgeon.errors import InternalError, ModelError, OptionError, SurgeonError
+from toy_models import TinyResNet
+
+PACKAGE = pathlib.Path(surgeon.__file__).parent
+
+
+def test_no_code_raises_the_bare_base_class():
+    bare = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) \
+                    and getattr(node.exc.func, "id", None) == "SurgeonError":
+                bare.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert not bare, "raise the subclass that says what was wrong: " + ", ".join(bare)
+
+
+def test_every_user_error_is_a_surgeon_error_and_the_internal_one_is_not():
+    users = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, SurgeonError)]
+    assert len(users) >= 10
+    assert not issubclass(InternalError, SurgeonError) and issubclass(InternalError, RuntimeError)
+    assert str(InternalError("x went wrong")) == ("x went wrong. This is a bug in surgeon, please report it "
+                                                  "(with the traceback)")
+
+
+def test_the_cli_shows_an_internal_error_as_a_traceback_not_one_line():
+    @handle_errors
+    def broken():
+        raise InternalError("an invariant broke")
+
+    with pytest.raises(InternalError, match="bug in surgeon"):
+        broken()
+
+    @handle_errors
+    def mistaken():
+        raise OptionError("a user mistake")
+
+    with pytest.raises(SystemExit) as exit_:
+        mistaken()
+    assert exit_.value.code == 2
+
+
+def test_a_kind_the_attention_does_not_serve_is_an_option_error():
+    with pytest.raises(OptionError, match="se cannot serve kind 'pool'; it serves residual"):
+        surgeon.plan(TinyResNet().eval(), "se", kind="pool", input_size=(3, 32, 32))
+    result = CliRunner().invoke(cli, ["add", "se", "tests/toy_models.py:TinyResNet", "--kind", "pool",
+                                      "--input-size", "3,32,32"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+
+
+def test_a_model_that_is_no_module_is_a_model_error():
+    with pytest.raises(ModelError, match="Expected a torch.nn.Module or a model reference string, got int"):
+        surgeon.sites(3)
+
+
+def test_an_adapter_of_a_model_without_edits_is_an_option_error(tmp_path):
+    with pytest.raises(OptionError, match="no edits, so an adapter would be empty"):
+        surgeon.save(nn.Linear(2, 2), tmp_path / "out", adapter=True)

@@ -1,0 +1,138 @@
+"""surgery/verify.py: a patched model passes only when it computes what the original computes — in eval mode
+(NaN fails), in train mode under one seed, with the same requires-grad structure of its outputs — and a
+backward pass reaches every new parameter; `surgeon.verify_model` turns a failure into a VerificationError."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import surgeon
+from surgeon.errors import VerificationError
+from surgeon.surgery.verify import verify
+
+
+class Gated(nn.Module):
+    """x + γ·f(x): the identity at γ = 0; `how` makes it wrong in one way at a time."""
+
+    def __init__(self, how="identity", gamma=0.0):
+        super().__init__()
+        self.how = how
+        self.gamma = nn.Parameter(torch.tensor(gamma))
+
+    def forward(self, x):
+        y = x + self.gamma * torch.tanh(x)
+        if self.how == "nan" and not self.training:  # in eval mode only: the eval comparison alone must fail
+            y = y + torch.full_like(x, float("nan"))
+        if self.how == "detach":
+            y = y.detach()
+        if self.how == "train_only" and self.training:
+            y = y + 1
+        return y
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.attn = nn.Identity()
+
+    def forward(self, x):
+        return self.attn(self.bn(self.fc(x)))
+
+
+def _pair(how="identity", gamma=0.0):
+    """The original and a patched model sharing its modules (as surgery shares parameters and buffers)."""
+    torch.manual_seed(0)
+    original = Net().eval()
+    patched = copy.copy(original)
+    patched._modules = {**original._modules, "attn": Gated(how, gamma)}
+    return original, patched, (torch.randn(3, 4),)
+
+
+def _verify(how="identity", gamma=0.0, tolerance=1e-5):
+    original, patched, inputs = _pair(how, gamma)
+    return verify(original, patched, inputs, ["attn"], tolerance=tolerance)
+
+
+def test_identical_passes():
+    v = _verify()
+    assert v.ok and v.problem() is None
+    assert v.max_abs_diff == 0.0 and v.train_max_abs_diff == 0.0 and v.same_grad_structure
+    assert (v.new_params, v.with_grad, v.nonzero_grad, v.params_added) == (1, 1, 1, 1)
+    assert v.flops_after >= v.flops_before > 0
+
+
+def test_different_outputs_fail():
+    v = _verify(gamma=0.5)
+    assert not v.ok and v.max_abs_diff > 1e-5
+    assert v.problem().startswith("Identity init changed the output by")
+
+
+def test_different_outputs_pass_when_no_tolerance_is_asked():
+    v = _verify(gamma=0.5, tolerance=None)
+    assert v.ok and v.train_max_abs_diff is None and "by design" in v.train_note
+
+
+def test_nan_fails():
+    v = _verify("nan")
+    assert v.max_abs_diff != v.max_abs_diff and v.train_max_abs_diff == 0.0  # NaN in eval mode only
+    assert not v.ok and "changed the output by nan" in v.problem()
+
+
+def test_nan_in_any_output_fails():
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.attn = nn.Identity()
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h + 1, self.attn(h)  # NaN in the second output only: max() over the diffs would skip it
+
+    original = TwoOutputs().eval()
+    patched = copy.copy(original)
+    patched._modules = {**original._modules, "attn": Gated("nan")}
+    v = verify(original, patched, (torch.randn(3, 4),), ["attn"])
+    assert v.max_abs_diff != v.max_abs_diff and not v.ok
+
+
+def test_a_different_requires_grad_structure_fails():
+    v = _verify("detach")
+    assert v.max_abs_diff == 0.0 and not v.same_grad_structure
+    assert not v.ok and "require gradients where the original's do not" in v.problem()
+
+
+def test_a_difference_only_in_train_mode_fails():
+    v = _verify("train_only")
+    assert v.max_abs_diff == 0.0 and v.train_max_abs_diff == pytest.approx(1.0)
+    assert not v.ok and v.problem().startswith("In train mode the patched model differs")
+
+
+def test_train_mode_compares_the_running_statistics_and_restores_them():
+    original, patched, inputs = _pair()
+    bn = copy.copy(original.bn)  # the same parameter and buffer tensors, another momentum: the same outputs in
+    bn.momentum = 0.5            # train mode (batch statistics), other running statistics
+    patched._modules = {**patched._modules, "bn": bn}
+    before = original.bn.running_mean.clone()
+    v = verify(original, patched, inputs, ["attn"])
+    assert v.max_abs_diff == 0.0 and v.train_max_abs_diff > 1e-5 and not v.ok
+    assert torch.equal(original.bn.running_mean, before)
+    assert not original.training and not patched.training
+
+
+def test_a_new_parameter_the_backward_pass_misses_fails():
+    original, patched, inputs = _pair()
+    patched.attn.unused = nn.Parameter(torch.zeros(2))
+    v = verify(original, patched, inputs, ["attn"])
+    assert (v.new_params, v.with_grad) == (2, 1) and not v.ok
+    assert v.problem() == "A backward pass reached only 1 of 2 new parameters"
+
+
+def test_verify_model_raises_what_failed():
+    original, patched, inputs = _pair(gamma=0.5)
+    with pytest.raises(VerificationError, match="Identity init changed the output"):
+        surgeon.verify_model(original, patched, inputs, ["attn"])
+    assert surgeon.verify_model(*_pair()[:2], inputs, ["attn"]).ok
