@@ -8,6 +8,7 @@ from rich.console import Console
 from torch import nn
 
 import surgeon
+from surgeon.surgery.owned import rewritten
 
 console = Console(width=120)
 
@@ -43,8 +44,10 @@ for s in surgeon.sites(net, example_input=x):
     console.print(f"  site {s.name:<14} {s.kind:<11} {s.describe_shape()}")
 net2 = surgeon.add(net, "eca", kind="after_conv", example_input=x)     # ECA after every conv block
 net3 = surgeon.add(net2, "attnpool", example_input=x)                  # attention pooling for the pools
-console.print(f"\nSmallNet: {len(net3._surgeon['edits'])} edits; same output at init: "
-              f"{torch.allclose(net(x), net3(x), atol=1e-6)}")
-console.print("inserted modules:", ", ".join(e["module"] for e in net3._surgeon["edits"]))
-console.print("\nThe patched model's code (torch.fx):")
-print("\n".join(net3.code.strip().splitlines()[:14]))
+edits = surgeon.edits(net3)
+console.print(f"\nSmallNet: {len(edits)} edits; same output at init: "
+              f"{torch.allclose(net(x), net3(x), atol=1e-6)}; still a {type(net3).__name__}")
+console.print("inserted modules:", ", ".join(e.module for e in edits))
+owner = edits[0].owner
+console.print(f"\nThe rewritten forward of {owner or type(net3).__name__!r} (torch.fx):")
+print("\n".join(rewritten(net3.get_submodule(owner)).strip().splitlines()[-14:]))
