@@ -56,10 +56,15 @@ def _shapes(model) -> dict[str, tuple]:
 
 
 def _settings(model) -> dict[str, Any]:
-    """The plain number, string and tuple attributes of every module (sizes, strides, flags)."""
+    """The plain number, string and tuple attributes of every module (sizes, strides, flags), without the
+    modules surgery inserted."""
+    from surgeon import record
+
     simple = (bool, int, float, str)
+    added = tuple(e.module for e in record.edits(model))
     return {f"{path}.{k}": v for path, m in model.named_modules() for k, v in vars(m).items()
-            if not k.startswith("_") and k != "training" and (isinstance(v, simple) or (
+            if not any(path == a or path.startswith(a + ".") for a in added)
+            and not k.startswith("_") and k != "training" and (isinstance(v, simple) or (
                 isinstance(v, tuple) and all(isinstance(x, simple) for x in v)))}
 
 
@@ -97,9 +102,10 @@ def _torchvision(model, cls: type) -> dict[str, Any] | None:
             if candidate is not None and _shapes(candidate) == own:
                 found.append((_reference(f"tv:{name}", {"num_classes": n}), candidate))
                 break
-    if len(found) > 1:  # the same weights, other settings (a detector's input size): compare those
-        mine = _settings(model)
-        found = [f for f in found if _settings(f[1]) == mine]
+    # the same weights may come with other settings (a detector's input size): those must match too, or the
+    # rebuilt model would compute something else
+    mine = _settings(model)
+    found = [f for f in found if _settings(f[1]) == mine]
     if len(found) == 1:
         return found[0][0]
     log.debug("torchvision %s: %d builders match its architecture; base not recorded", cls.__name__, len(found))

@@ -521,3 +521,21 @@ def test_torchvision_builders_are_told_apart_by_their_settings():
                                         "args": {"num_classes": 4}, "pretrained": False, "weights": None}
     assert library_reference(full)["ref"] == "tv:fasterrcnn_mobilenet_v3_large_fpn"
     assert library_reference(nn.Sequential(nn.Linear(2, 2))) is None
+
+
+def test_a_detector_saves_and_loads_on_its_base(tmp_path):
+    """A detector whose settings differ from its builder's (a smaller input size) cannot be rebuilt from a
+    builder name: the save says so, and loads on the base the user passes, giving the same detections."""
+    model = _detector("fasterrcnn_mobilenet_v3_large_fpn")
+    images = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))]
+    patched = surgeon.add(model, "cbam", example_input=(images,))
+    for p in patched.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    surgeon.save(patched, tmp_path / "out")
+    with pytest.raises(surgeon.SurgeonError, match="base="):
+        surgeon.load(tmp_path / "out")
+    loaded = surgeon.load(tmp_path / "out", base=_detector("fasterrcnn_mobilenet_v3_large_fpn"))
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        got, want = loaded(images), patched(images)
+    assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
