@@ -246,6 +246,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
         >>> model = surgeon.load("out/cbam-adapter", base=timm.create_model("resnet50", pretrained=True))
     """
     from surgeon import models
+    from surgeon.layers.gate import upgrade_legacy
 
     folder, recipe = read_recipe(directory)
     source = str(folder / RECIPE)
@@ -268,8 +269,12 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=True, source=source)
     else:
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=False, source=source)
-    # 3. The edits, then the weights.
+    # 3. The edits, then the weights (saved before the weight gates: put back in their old wrappers).
     model = replay(recipe, base, verify=False, input_size=input_size, example_input=example_input, _folder=folder)
+    if weights is not None:
+        sd = models._strip_prefixes(sd, set(model.state_dict()))
+    for path in upgrade_legacy(model, sd):
+        log.info("%s: weights saved with the former output gate; loaded in that form", path)
     if adapter:
         have = sum(p.numel() for p in model.parameters())
         if spec.get("model_params") not in (None, have):
@@ -278,8 +283,6 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
                                f"--model-arg?")
         fit(model, sd, expected=adapter_keys(model, spec.get("include", [])), source=src)
     else:
-        if weights is not None:
-            sd = models._strip_prefixes(sd, set(model.state_dict()))
         fit(model, sd, source=src)
     return model.eval()
 
