@@ -54,6 +54,7 @@ def recipe_of(model) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
             "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
             **({"example_input": record.input_spec(ex)} if (ex := record.example_input(model)) else {}),
+            **({"merged": merged} if (merged := record.merged(model)) else {}),
             "versions": versions()}
 
 

@@ -471,6 +471,36 @@ def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance
                f"{result.max_abs_diff:.3g} (≤ {tolerance:g})")
 
 
+@cli.command("merge")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Write the merged model (full) here.")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--trust-code", is_flag=True, help="Allow a recipe whose base model is a user factory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def merge_cmd(directory: str, out: str, force: bool, trust_code: bool, as_json: bool) -> None:
+    """Fold the identity-init gates of the fine-tuned model in DIRECTORY where that is exact (γ = 1: dropped;
+    γ of an additive branch: multiplied into its last layer) and save it to --out."""
+    from surgeon import merging
+
+    with _stderr().status(f"Merging {directory}…"):
+        folds = merging.merge_saved(directory, out, force=force, trust_code=trust_code)
+    if as_json:
+        click.echo(json.dumps({"out": out, "gates": [f.to_dict() for f in folds]}, indent=2))
+        return
+    from rich.table import Table
+
+    done = sum(f.action != "kept" for f in folds)
+    t = Table(title=f"{len(folds)} gates: {done} merged, {len(folds) - done} kept", title_justify="left")
+    for col in ("gate", "form", "γ", "action", "why"):
+        t.add_column(col)
+    for f in folds:
+        lo, hi = f.gamma
+        t.add_row(f.gate, f.form, f"{lo:.4g}" if lo == hi else f"{lo:.4g} … {hi:.4g}", f.action, f.why)
+    _stdout().print(t)
+    _echo_saved(out)
+
+
 @cli.command("show")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
