@@ -210,3 +210,16 @@ def test_a_checkpoint_with_the_former_output_gate_loads_and_computes_as_it_did(m
     with torch.no_grad():
         assert torch.equal(surgeon.load(tmp_path / "again", base=model)(x), loaded(x))
     assert json.loads((tmp_path / "again" / "recipe.json").read_text())["edits"][0]["init"] == "identity"
+
+
+def test_gates_take_mixed_dtypes_as_autocast_makes_them():
+    gate = ZeroGate()
+    a, b = _x(2, 4), _x(2, 4, seed=1).bfloat16()
+    with torch.no_grad():
+        gate.gamma.fill_(0.5)
+    assert gate.mix(a, b).dtype == gate.add(a, b).dtype == torch.float32
+    assert gate.weights(b).dtype == torch.bfloat16
+    se = SEModule(C, identity=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        se(_x(2, C, 5, 5)).float().sum().backward()
+    assert se.gamma.grad is not None

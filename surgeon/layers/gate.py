@@ -41,28 +41,32 @@ class ZeroGate(nn.Module):
         self.channels_last = channels_last
         self.gamma = nn.Parameter(torch.zeros(channels if channels else 1)) if identity else None
 
-    def _gamma(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gamma.numel() == 1 or self.channels_last:
-            return self.gamma
-        return self.gamma.view(1, -1, *([1] * (x.dim() - 2)))
+    def _gamma(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """γ shaped to broadcast over x, in `dtype` (lerp and addcmul take one dtype: autocast mixes them)."""
+        gamma = self.gamma.to(dtype)
+        if gamma.numel() == 1 or self.channels_last:
+            return gamma
+        return gamma.view(1, -1, *([1] * (x.dim() - 2)))
 
     def weights(self, w: torch.Tensor) -> torch.Tensor:
         """1 + γ·(w − 1): multiplicative weights that start at exactly 1."""
         if self.gamma is None:
             return w
-        return torch.lerp(w.new_ones(()), w, self._gamma(w))
+        return torch.lerp(w.new_ones(()), w, self._gamma(w, w.dtype))
 
     def add(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """x + γ·a: an additive branch that starts at exactly 0."""
         if self.gamma is None:
             return x + a
-        return torch.addcmul(x, self._gamma(x), a)
+        dtype = torch.promote_types(x.dtype, a.dtype)
+        return torch.addcmul(x.to(dtype), self._gamma(x, dtype), a.to(dtype))
 
     def mix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a + γ·(b − a): `b` in place of `a`, starting at exactly `a`."""
         if self.gamma is None:
             return b
-        return torch.lerp(a, b, self._gamma(a))
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return torch.lerp(a.to(dtype), b.to(dtype), self._gamma(a, dtype))
 
 
 class GatedResidual(ZeroGate):
