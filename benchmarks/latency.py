@@ -1,13 +1,46 @@
-"""Forward latency: `se --init paper` retrofitted into timm resnet50 vs timm's own seresnet50.
-Batch 8, 224×224, CPU, 2 threads, eval mode, no grad; median of repeated runs, in one run."""
+"""Forward latency on timm resnet50, CPU, 2 threads, eval mode, no grad, 224×224, all in one process.
+
+1. `se --init paper` retrofitted vs timm's own seresnet50 (batch 8).
+2. What identity init costs: per attention, the identity-init model's latency over the paper-init
+   model's, at batch 1 and 8. Each pair is measured side by side, in interleaved rounds, the minimum
+   over rounds of each round's median, so drift in machine load hits both alike; the load average is
+   printed with the table. ATTENTIONS=se,cbam limits the list; ROUNDS and REPEAT set the effort.
+   CLOCK=cpu measures this process's CPU time on one thread instead of wall time on two: on a machine
+   that other jobs keep busy, wall times are mostly their noise, CPU time is the work done.
+"""
+import os
+import time
+
 import timm
 import torch
 
 import surgeon
 from _common import median_time, report
 
-torch.set_num_threads(2)
-x = torch.randn(8, 3, 224, 224)
+CPU = os.environ.get("CLOCK", "wall") == "cpu"
+torch.set_num_threads(1 if CPU else 2)
+CLOCK, SETTING = (time.process_time, "CPU time, 1 thread") if CPU else (time.perf_counter, "wall time, 2 threads")
+ROUNDS, REPEAT = int(os.environ.get("ROUNDS", 3)), int(os.environ.get("REPEAT", 5))
+ATTENTIONS = os.environ.get("ATTENTIONS", "se,eca,sk,ge,gc,srm,fca,spatial,coord,cbam,bam,triplet,scse,adl").split(",")
+
+
+def side_by_side(models: dict, x: torch.Tensor, *, rounds: int, repeat: int) -> dict[str, float]:
+    """Seconds per forward of each model: interleaved rounds, the minimum of each round's median."""
+    times: dict[str, float] = {}
+    with torch.no_grad():
+        for _round in range(rounds):
+            for name, m in models.items():
+                t, _ = median_time(lambda m=m: m(x), repeat=repeat, warmup=1, clock=CLOCK)
+                times[name] = min(times.get(name, float("inf")), t)
+    return times
+
+
+def load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+# 1. paper init vs the hand-written seresnet50
+x8 = torch.randn(8, 3, 224, 224)
 models = {
     "timm resnet50": timm.create_model("resnet50").eval(),
     "timm seresnet50 (hand-written)": timm.create_model("seresnet50").eval(),
@@ -15,13 +48,24 @@ models = {
     "surgeon se --init identity on resnet50": surgeon.add(timm.create_model("resnet50").eval(), "se"),
 }
 params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-times = {}
-with torch.no_grad():
-    for _round in range(2):  # interleave rounds so drift in machine load hits every model alike
-        for name, m in models.items():
-            t, _ = median_time(lambda m=m: m(x), repeat=7, warmup=2)
-            times[name] = min(times.get(name, float("inf")), t)
+times = side_by_side(models, x8, rounds=2, repeat=7)
 ref = times["timm seresnet50 (hand-written)"]
-report("forward latency, batch 8, 224x224, CPU, 2 threads", [
+report(f"forward latency, batch 8, 224x224, CPU, {SETTING}", [
     {"model": k, "params": f"{params[k]:,}", "median s": times[k], "vs seresnet50": times[k] / ref} for k in models
 ])
+
+# 2. identity init over paper init, per attention
+base = timm.create_model("resnet50").eval()
+rows = []
+before = load()
+for attention in ATTENTIONS:
+    pair = {init: surgeon.add(base, attention, init=init, input_size=(3, 224, 224), verify=False).eval()
+            for init in ("paper", "identity")}
+    row = {"case": attention}
+    for batch in (1, 8):
+        t = side_by_side(pair, torch.randn(batch, 3, 224, 224), rounds=ROUNDS, repeat=REPEAT)
+        row[f"paper s, b{batch}"] = t["paper"]
+        row[f"identity/paper, b{batch}"] = t["identity"] / t["paper"]
+    rows.append(row)
+report(f"identity init over paper init, resnet50, CPU, {SETTING}; load average (1/5/15 min) "
+       f"{before} before, {load()} after", rows)

@@ -20,6 +20,7 @@ _API = {"add", "plan", "sites", "attentions", "example_inputs", "verify_model", 
 _CHECKPOINT = {"save", "load", "summary"}
 _RECIPE = {"replay"}
 _FINETUNE = {"finetune", "evaluate", "FinetuneConfig"}
+_MERGING = {"merge", "merge_plan"}  # the module is `merging`: a submodule `merge` would shadow the function
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +40,10 @@ def __getattr__(name: str) -> Any:
         from surgeon import training
 
         return getattr(training, name)
+    if name in _MERGING:
+        from surgeon import merging
+
+        return getattr(merging, name)
     if name in ("edits", "EditRecord"):
         from surgeon import record
 
@@ -63,5 +68,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["add", "plan", "edits", "EditRecord", "sites", "attentions", "save", "load", "load_model", "replay",
-           "summary", "export_model", "finetune", "evaluate", "FinetuneConfig", "hookimpl", "SurgeonError",
+           "summary", "export_model", "merge", "merge_plan", "finetune", "evaluate", "FinetuneConfig", "hookimpl",
+           "SurgeonError",
            "__version__"]

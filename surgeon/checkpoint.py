@@ -30,7 +30,7 @@ ADAPTER = "adapter.safetensors"
 HEAD = "head"
 
 __all__ = ["save", "load", "summary", "recipe_of", "adapter_keys", "RECIPE", "WEIGHTS", "ADAPTER", "FORMAT",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "merge_saved"]
 
 
 def versions() -> dict[str, str]:
@@ -58,6 +58,7 @@ def recipe_of(model) -> dict[str, Any]:
     return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
             "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
             **({"example_input": record.input_spec(ex)} if (ex := record.example_input(model)) else {}),
+            **({"merged": merged} if (merged := record.merged(model)) else {}),
             "versions": versions()}
 
 
@@ -250,6 +251,7 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
         >>> model = surgeon.load("out/cbam-adapter", base=timm.create_model("resnet50", pretrained=True))
     """
     from surgeon import models
+    from surgeon.layers.gate import upgrade_legacy
 
     folder, recipe = read_recipe(directory)
     source = str(folder / RECIPE)
@@ -272,8 +274,12 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=True, source=source)
     else:
         base = build_base(recipe, folder, trust_code=trust_code, with_weights=False, source=source)
-    # 3. The edits, then the weights.
+    # 3. The edits, then the weights (saved before the weight gates: put back in their old wrappers).
     model = replay(recipe, base, verify=False, input_size=input_size, example_input=example_input, _folder=folder)
+    if weights is not None:
+        sd = models._strip_prefixes(sd, set(model.state_dict()))
+    for path in upgrade_legacy(model, sd):
+        log.info("%s: weights saved with the former output gate; loaded in that form", path)
     if adapter:
         have = sum(p.numel() for p in model.parameters())
         if spec.get("model_params") not in (None, have):
@@ -282,8 +288,6 @@ def load(directory: str | os.PathLike, *, base=None, trust_code: bool = False, w
                                f"--model-arg?")
         fit(model, sd, expected=adapter_keys(model, spec.get("include", [])), source=src)
     else:
-        if weights is not None:
-            sd = models._strip_prefixes(sd, set(model.state_dict()))
         fit(model, sd, source=src)
     return model.eval()
 
@@ -313,3 +317,30 @@ def _check_versions(recipe: dict[str, Any]) -> None:
         if lib in now and str(then).split(".")[:2] != now[lib].split(".")[:2]:
             log.warning("recipe written with %s %s, running %s: if keys do not match, the model definition "
                         "changed between them", lib, then, now[lib])
+
+
+def merge_saved(directory, out, *, force: bool = False, trust_code: bool = False) -> list:
+    """Load the model saved in `directory`, merge it and save it (in full) to `out`.
+
+    Args:
+        directory: a folder written by `surgeon.save` (or `surgeon finetune --out`).
+        out: the folder to write; checked before any work (see `surgeon.outputs.check_folder`).
+        force: replace `out` when it is a previous save. trust_code: see `surgeon.load`.
+
+    Returns:
+        what was done with each gate (see `merge_plan`).
+
+    Raises:
+        OutputError: `out` may not be written. RecipeError, WeightsError: as `surgeon.load`.
+
+    Example:
+        >>> folds = surgeon.checkpoint.merge_saved("runs/cbam", "runs/cbam-merged")
+    """
+    from surgeon import outputs
+    from surgeon.merging import merge, merge_plan
+
+    outputs.check_folder(out, force=force, reading=outputs.local_inputs(directory))
+    model = load(directory, trust_code=trust_code)
+    folds = merge_plan(model)
+    save(merge(model, inplace=True), out, force=force)
+    return folds

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import click
 
 from surgeon import render
+from surgeon.cli_options import finetune_options, model_options
 from surgeon.errors import SurgeonError
 
 EXIT_USAGE = 2
@@ -103,40 +104,6 @@ def cli(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
-
-
-def _input_size(_ctx, _param, value: str | None) -> tuple[int, ...] | None:
-    from surgeon.recipe import check_input_size
-
-    def number(text: str) -> int | str:
-        try:
-            return int(text)
-        except ValueError:
-            return text
-
-    if value is None:
-        return None
-    try:
-        return check_input_size([number(v) for v in value.lower().replace("x", ",").split(",")], what=repr(value))
-    except SurgeonError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
-def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by commands that build a model from a reference."""
-    for deco in reversed([
-        click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
-                     help="Keyword argument for the model constructor (repeatable), e.g. num_classes=10."),
-        click.option("--pretrained", is_flag=True, help="Use the model library's own pretrained weights."),
-        click.option("--weights", type=click.Path(dir_okay=False), help="Load a local weights file "
-                     "(.safetensors, or a torch checkpoint read with weights_only=True)."),
-        click.option("--allow-pickle", is_flag=True, help="Allow full unpickling of --weights (runs code "
-                     "from the file: only for files you trust)."),
-        click.option("--input-size", callback=_input_size, metavar="C,H,W",
-                     help="Per-sample input shape (default: the model's own config)."),
-    ]):
-        fn = deco(fn)
-    return fn
 
 
 def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool):
@@ -369,6 +336,27 @@ def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance
                f"{result.max_abs_diff:.3g} (≤ {tolerance:g})")
 
 
+@cli.command("merge")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Write the merged model (full) here.")
+@click.option("--force", is_flag=True, help="Replace --out when it exists.")
+@click.option("--trust-code", is_flag=True, help="Allow a recipe whose base model is a user factory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def merge_cmd(directory: str, out: str, force: bool, trust_code: bool, as_json: bool) -> None:
+    """Fold the identity-init gates of the fine-tuned model in DIRECTORY where that is exact (γ = 1: dropped;
+    γ of an additive branch: multiplied into its last layer) and save it to --out."""
+    from surgeon import checkpoint
+
+    with render.stderr().status(f"Merging {directory}…"):
+        folds = checkpoint.merge_saved(directory, out, force=force, trust_code=trust_code)
+    if as_json:
+        click.echo(json.dumps({"out": out, "gates": [f.to_dict() for f in folds]}, indent=2))
+        return
+    render.stdout().print(render.merge_table(folds))
+    _echo_saved(out)
+
+
 @cli.command("show")
 @click.argument("directory", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -386,21 +374,6 @@ def show_cmd(directory: str, as_json: bool) -> None:
 
 
 # -- fine-tuning (issue 6) -----------------------------------------------------------------------------
-def finetune_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The options of `surgeon.training.FinetuneConfig`, one per field; the config validates them."""
-    from surgeon.training.config import cli_options
-
-    for opt in reversed(cli_options()):
-        kw: dict[str, Any] = {"help": opt["help"], "metavar": opt["metavar"]}
-        if opt["type"] is bool:
-            kw["is_flag"] = True
-        else:
-            kw.update(type=click.Choice(opt["choices"]) if opt["choices"] else opt["type"], required=opt["required"],
-                      default=opt["default"], show_default=opt["default"] is not None)
-        fn = click.option(opt["flag"], opt["name"], **kw)(fn)
-    return fn
-
-
 def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust_code):
     from surgeon import models, training
 

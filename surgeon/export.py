@@ -167,7 +167,8 @@ def _name(model) -> str:
 # -- the public function -----------------------------------------------------------------------------
 def export(model, format: str, out: str | os.PathLike | None = None, *, example_input: Any = None,
            tolerance: float = 1e-5, trust_code: bool = False, force: bool = False) -> Exported:
-    """Export a patched model (or a saved folder) and check the written file against it.
+    """Export a patched model (or a saved folder) and check the written file against it. What is
+    exported is the merged form (`surgeon.merge`: gates folded where exact), the model itself is unchanged.
 
     Args:
         model: an nn.Module, or a folder written by `surgeon.save` (loaded with `surgeon.load`).
@@ -191,6 +192,7 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
         >>> surgeon.export_model("out/cbam-r50", "onnx").max_abs_diff
     """
     from surgeon import api, checkpoint, outputs
+    from surgeon.merging import merge
 
     if format not in FORMATS:
         from surgeon.errors import unknown
@@ -209,8 +211,8 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
         model = checkpoint.load(folder, trust_code=trust_code)
     training = model.training
     model.eval()
-    try:
-        return _export(model, format, out, api.example_inputs(model, example_input=example_input), tolerance)
+    try:  # the deployed form: gates folded where exact (a copy; see `surgeon.merge`)
+        return _export(merge(model), format, out, api.example_inputs(model, example_input=example_input), tolerance)
     finally:
         model.train(training)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from surgeon.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from surgeon.layers.gate import check_init, gated
+    from surgeon.layers.gate import ZeroGate, check_init, gated
     from surgeon.plugins._glue import feature_map, require_feature_map, site_after, with_options
     from surgeon.surgery.graph import (GraphView, is_act, is_add, is_conv, is_dropout, is_flatten, is_linear,
                                        is_norm, is_pool, is_weighted, pool_type)
@@ -31,6 +31,7 @@ _HOME = {
     **{name: "surgeon.surgery.graph" for name in _GRAPH},
     "Site": "surgeon.surgery.sites",
     "gated": "surgeon.layers.gate",
+    "ZeroGate": "surgeon.layers.gate",
     "check_init": "surgeon.layers.gate",
     "feature_map": "surgeon.plugins._glue",
     "require_feature_map": "surgeon.plugins._glue",
@@ -52,5 +53,5 @@ def __dir__() -> list[str]:
 
 
 __all__ = ["hookimpl", "Site", "site_after", "GraphView", "is_act", "is_add", "is_conv", "is_dropout", "is_flatten",
-           "is_linear", "is_norm", "is_pool", "is_weighted", "pool_type", "gated", "check_init", "feature_map",
-           "require_feature_map", "with_options"]
+           "is_linear", "is_norm", "is_pool", "is_weighted", "pool_type", "gated", "ZeroGate", "check_init",
+           "feature_map", "require_feature_map", "with_options"]

@@ -2,7 +2,8 @@
 
 A recipe is a plan as JSON (format "surgeon.recipe", version 1): the base model reference, the input
 size, the edits (site, kind, attention, options, init; `step` groups the edits of one `add`), the
-versions that wrote it and, in a saved folder, which weights file holds what. It is validated against
+versions that wrote it, the gates `surgeon.merge` removed (`merged`) and, in a saved folder, which weights
+file holds what. It is validated against
 `SCHEMA` before anything is built; paths in it are relative to its folder and cannot leave it; a base
 model that is a user factory (`package.module:factory`, `file.py:factory`) imports code and needs
 `trust_code=True` (`--trust-code`). A saved folder holds a copy of its base's model file (see
@@ -39,7 +40,7 @@ _WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, Fals
 SCHEMA = {"format": (str, True), "version": (int, True), "model": ((_MODEL, _NONE), False),
           "input_size": ((list, _NONE), False), "edits": (list, True), "versions": (dict, False),
           "example_input": ((list, _NONE), False),
-          "weights": (_WEIGHTS, False)}
+          "weights": (_WEIGHTS, False), "merged": (list, False)}
 # model-library arguments that read files or pick weights from elsewhere: a recipe names its base
 # weights in `model.weights`, inside its folder
 _FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -418,4 +419,11 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
                                  f"(another model, or another input size?)")
         model = plan.apply(verify=verify)
         log.debug("replayed step: %s at %d sites", first["attention"], len(group))
+    if recipe.get("merged"):
+        from surgeon.merging import drop_gates
+
+        if not all(isinstance(p, str) for p in recipe["merged"]):
+            raise RecipeError(f"Recipe {source!r}: field 'merged' must list gate module paths")
+        drop_gates(model, recipe["merged"])
+        record.set_merged(model, recipe["merged"])
     return model.eval()

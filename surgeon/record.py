@@ -163,6 +163,15 @@ def set_verification(model, v) -> None:
     ensure(model)["verification"] = v
 
 
+def merged(model) -> list[str]:
+    """The gates `surgeon.merge` removed from this model (their module paths), in order."""
+    return list((_raw(model) or {}).get("merged") or [])
+
+
+def set_merged(model, paths: list[str]) -> None:
+    ensure(model)["merged"] = list(paths)
+
+
 def set_edit_shapes(model, shapes: dict[str, tuple]) -> None:
     """Update the recorded site shapes ({site: shape}), e.g. after training at another input size."""
     for e in ensure(model)["edits"]:

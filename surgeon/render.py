@@ -184,3 +184,17 @@ def history_table(history: list[dict[str, Any]], title: str):
                   f"{100 * r['train_acc']:.2f}%", f"{r['val_loss']:.4f}" if val else "-",
                   f"{100 * r['val_acc']:.2f}%" if val else "-", f"{r['throughput']:.0f}")
     return t
+
+
+def merge_table(folds: list) -> Any:
+    """What `surgeon merge` did with each gate: dropped, folded into a layer, or kept (and why)."""
+    from rich.table import Table
+
+    done = sum(f.action != "kept" for f in folds)
+    t = Table(title=f"{len(folds)} gates: {done} merged, {len(folds) - done} kept", title_justify="left")
+    for col in ("gate", "form", "γ", "action", "why"):
+        t.add_column(col)
+    for f in folds:
+        lo, hi = f.gamma
+        t.add_row(f.gate, f.form, f"{lo:.4g}" if lo == hi else f"{lo:.4g} … {hi:.4g}", f.action, f.why)
+    return t

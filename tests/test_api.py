@@ -127,7 +127,8 @@ def test_attnpool_on_max_pool_is_gated_and_exact():
 def test_paper_init_changes_output_and_is_not_gated():
     model = TinyResNet().eval()
     patched = surgeon.add(model, "se", init="paper", input_size=(3, 32, 32))
-    assert isinstance(patched.get_submodule("stage1.0.se"), SEModule)
+    se = patched.get_submodule("stage1.0.se")
+    assert isinstance(se, SEModule) and se.gamma is None
 
 
 def test_inserted_modules_have_readable_names_and_original_keys_survive():
@@ -135,7 +136,7 @@ def test_inserted_modules_have_readable_names_and_original_keys_survive():
     patched = surgeon.add(model, "cbam", input_size=(3, 64, 64))
     keys = set(patched.state_dict())
     assert set(model.state_dict()) <= keys
-    assert "layer1.0.cbam.attn.channel.fc1.weight" in keys
+    assert {"layer1.0.cbam.channel.fc1.weight", "layer1.0.cbam.channel.gamma", "layer1.0.cbam.spatial.gamma"} <= keys
     # the user's checkpoint loads with strict=False, reporting only the new keys as missing
     result = patched.load_state_dict(model.state_dict(), strict=False)
     assert not result.unexpected_keys and all(".cbam." in k for k in result.missing_keys)

@@ -453,10 +453,9 @@ def test_cli_option_out_of_range_is_one_line_with_exit_code_2():
 
 
 def test_gc_identity_needs_no_gate_but_mul_fusion_does(tiny):
-    from surgeon.layers.gate import GatedResidual
-
     x = _x(1, 3, 25, 35)
     site = surgeon.sites(tiny, kind="residual", example_input=x)[0]
     build = registry.get_attention("gc").build
-    assert isinstance(build(site), GlobalContext)  # the official zero-initialised last conv is the identity
-    assert isinstance(build(site, fusion="mul"), GatedResidual)  # x·σ(0) = x/2 is not
+    assert build(site).gamma is None  # the official zero-initialised last conv is the identity
+    mul = build(site, fusion="mul")  # x·σ(0) = x/2 is not: its weights are gated
+    assert isinstance(mul, GlobalContext) and mul.gamma is not None

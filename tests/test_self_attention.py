@@ -192,11 +192,13 @@ def test_both_inits(name):
     model = timm.create_model("resnet18").eval()
     for init in ("identity", "paper"):
         edit = surgeon.plan(model, name, at=["layer2"], init=init, input_size=(3, 32, 32)).edits[0]
-        gated = isinstance(edit.module, GatedResidual)
-        # nl, danet and ccnet start as the identity by their own paper init; ema needs the gate
-        assert gated == (init == "identity" and name == "ema")
-        inner = edit.module.attn if gated else edit.module
+        # nl, danet and ccnet start as the identity by their own paper init; ema needs its gate, which
+        # scales its residual branch (no wrapper around it)
+        assert not isinstance(edit.module, GatedResidual)
+        inner = edit.module
         assert isinstance(inner, LAYERS[name])
+        if name == "ema":
+            assert (inner.gamma is None) == (init == "paper")
         x = small_input(2, 128, 8, 8)
         with torch.no_grad():
             same = torch.equal(edit.module.eval()(x), x)
@@ -242,7 +244,7 @@ def test_ema_bases_update_after_surgery_in_train_mode_only():
     model = timm.create_model("resnet18").eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     patched = surgeon.add(model, "ema", at=["layer1"], example_input=x, verify=False)
-    bases = patched.get_submodule("layer1.ema").attn.bases
+    bases = patched.get_submodule("layer1.ema").bases
     before = bases.clone()
     with torch.no_grad():
         patched.eval()(x)

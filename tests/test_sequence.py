@@ -155,7 +155,7 @@ def test_vit_tiny_tokens_after_every_block():
     assert all(s.shape == (2, 5, 192) and s.layout == "nlc" for s in found)
     patched = surgeon.add(vit, "mhsa", at=["blocks.11"], example_input=x)
     assert _diff(vit, patched, x) <= TOL
-    assert isinstance(patched.get_submodule("blocks.11.mhsa").attn.qkv, nn.Linear)
+    assert isinstance(patched.get_submodule("blocks.11.mhsa").qkv, nn.Linear)
 
 
 def test_a_1d_conv_residual_block_is_not_a_tokens_site():

@@ -60,7 +60,7 @@ def test_untraceable_inner_module_is_patched_piecewise():
     x = torch.randn(2, 3, 32, 32)
     patched = surgeon.add(m, "cbam", example_input=x)
     assert torch.allclose(patched(x), m(x), atol=1e-6)
-    assert "body.inner.0.cbam.gamma" in patched.state_dict()
+    assert "body.inner.0.cbam.channel.gamma" in patched.state_dict()
 
 
 def test_untraceable_root_is_patched_piecewise():

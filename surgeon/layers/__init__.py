@@ -8,7 +8,7 @@ from surgeon.layers.augmented import AAConv2d
 from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, GlobalContext, SEModule,
                                     SelectiveKernel)
 from surgeon.layers.drop import ADL
-from surgeon.layers.gate import GatedReplacement, GatedResidual, gated
+from surgeon.layers.gate import GatedReplacement, GatedResidual, ZeroGate, gated
 from surgeon.layers.mixed import BAM, CBAM, SCSE, ChannelAttn, TripletAttention
 from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
 from surgeon.layers.residual_attention import ResidualAttention
@@ -26,7 +26,8 @@ __all__ = [
     # self-attention on feature maps
     "NonLocal2d", "DualAttention", "CrissCrossAttn", "EMAUnit", "AAConv2d", "ResidualAttention",
     # pooling, drops, gates
-    "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "gated",
+    "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "ZeroGate",
+    "gated",
     # sequences
     "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
     "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_choice, check_optional_int, check_positive_int
+from surgeon.layers.gate import ZeroGate
 
 
-class AttentionGate(nn.Module):
+class AttentionGate(ZeroGate):
     """Additive attention gate: forward(x, g) -> x·α, α of shape (N, 1, H, W).
 
     Args:
@@ -28,7 +29,7 @@ class AttentionGate(nn.Module):
 
     def __init__(self, channels: int, *, gating_channels: int | None = None, inter_channels: int | None = None,
                  mode: str = "bilinear", identity: bool = False):
-        super().__init__()
+        super().__init__(identity)
         check_positive_int("channels", channels)
         check_optional_int("gating_channels", gating_channels)
         check_optional_int("inter_channels", inter_channels)
@@ -39,7 +40,6 @@ class AttentionGate(nn.Module):
         self.theta = nn.Conv2d(channels, inter, 1, bias=False)  # W_x
         self.phi = nn.Conv2d(gating_channels, inter, 1, bias=True)  # W_g (+ b_g)
         self.psi = nn.Conv2d(inter, 1, 1, bias=True)  # ψ (+ b_ψ)
-        self.gamma = nn.Parameter(torch.zeros(1)) if identity else None
 
     def coefficients(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The attention coefficients α in [0, 1], shape (N, 1, H, W) on x's grid."""
@@ -50,7 +50,4 @@ class AttentionGate(nn.Module):
         return torch.sigmoid(self.psi(F.relu(self.theta(x) + phi)))
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        alpha = self.coefficients(x, g)
-        if self.gamma is not None:
-            alpha = 1 + self.gamma * (alpha - 1)
-        return x * alpha
+        return x * self.weights(self.coefficients(x, g))

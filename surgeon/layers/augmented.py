@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.errors import OptionError
 from surgeon.layers._util import check_bool, check_divisible, check_positive_int, check_ratio
+from surgeon.layers.gate import GatedReplacement
 
 
 def _depth(ratio: float, explicit: int | None, out_channels: int, heads: int, name: str) -> int:
@@ -157,20 +158,12 @@ class AAConv2d(nn.Module):
         return torch.cat([y, self.attend(x, tuple(y.shape[-2:]))], dim=1)
 
 
-class AAConvReplacement(nn.Module):
+class AAConvReplacement(GatedReplacement):
     """Identity init for an AAConv2d replacing a conv: y = orig + γ·(aaconv(x) − orig), γ = 0 at init.
 
     `forward(x, orig)` receives the replaced conv's input and output; the AAConv2d's conv part starts
     from the original conv's first C_out − d_v filters, so those channels also agree at any γ.
     """
-
-    def __init__(self, attn: AAConv2d):
-        super().__init__()
-        self.attn = attn
-        self.gamma = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
-        return orig + self.gamma * (self.attn(x) - orig)
 
 
 class AAConvPaper(nn.Module):

@@ -15,19 +15,23 @@ from surgeon.errors import OptionError
 from surgeon.layers._util import (check_act, check_bool, check_choice, check_feat_size, check_int, check_number,
                                   check_odd_kernel, check_positive, check_positive_int, check_ratio, get_act,
                                   reduced_channels, spatial_dims)
+from surgeon.layers.gate import ZeroGate
 
 
-class SEModule(nn.Module):
+class SEModule(ZeroGate):
     """Squeeze-and-Excitation: x · σ(W₂ δ(W₁ avgpool(x))).
 
     Paper: Squeeze-and-Excitation Networks, Hu et al., CVPR 2018 (arXiv:1709.01507).
     The hidden width is exactly channels·rd_ratio (rd_divisor=1), as in the paper; timm rounds to
     multiples of 8, which pass as rd_divisor=8. The FC layers are nn.Linear (same parameters as 1×1 convs).
+    `identity=True` gates the channel weights, 1 + γ·(w − 1) with γ = 0 (see `ZeroGate`), as do the
+    other multiplicative attentions here.
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
-                 rd_divisor: int = 1, act_layer: str = "relu", gate_layer: str = "sigmoid", bias: bool = True):
-        super().__init__()
+                 rd_divisor: int = 1, act_layer: str = "relu", gate_layer: str = "sigmoid", bias: bool = True,
+                 identity: bool = False):
+        super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fc1 = nn.Linear(channels, rd, bias=bias)
         self.act = get_act(act_layer)
@@ -36,7 +40,7 @@ class SEModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(spatial_dims(x))
-        w = self.gate(self.fc2(self.act(self.fc1(s))))
+        w = self.weights(self.gate(self.fc2(self.act(self.fc1(s)))))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
 
 
@@ -46,7 +50,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-class EcaModule(nn.Module):
+class EcaModule(ZeroGate):
     """Efficient Channel Attention: a 1-D convolution across pooled channels, no reduction.
 
     Paper: ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks, Wang et al.,
@@ -54,8 +58,8 @@ class EcaModule(nn.Module):
     """
 
     def __init__(self, channels: int, *, kernel_size: int | None = None, gamma: float = 2, beta: float = 1,
-                 gate_layer: str = "sigmoid"):
-        super().__init__()
+                 gate_layer: str = "sigmoid", identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         check_positive("gamma", gamma)
         check_number("beta", beta)
@@ -68,7 +72,7 @@ class EcaModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(spatial_dims(x)).unsqueeze(1)  # (N, 1, C)
-        w = self.gate(self.conv(s)).squeeze(1)
+        w = self.weights(self.gate(self.conv(s)).squeeze(1))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
 
 
@@ -134,7 +138,7 @@ class _GlobalDepthwise(nn.Module):
         return F.conv2d(x, w, groups=x.shape[1])
 
 
-class GatherExcite(nn.Module):
+class GatherExcite(ZeroGate):
     """Gather-Excite: x · σ(upsample(gather(x))), gathering context over an `extent` (0 = the whole map).
 
     Paper: Gather-Excite: Exploiting Feature Context in CNNs, Hu et al., NeurIPS 2018 (arXiv:1810.12348).
@@ -144,8 +148,9 @@ class GatherExcite(nn.Module):
     """
 
     def __init__(self, channels: int, *, extent: int = 0, param: bool = False, mlp: bool = False,
-                 rd_ratio: float = 1 / 16, feat_size: tuple[int, int] | None = None, act_layer: str = "relu"):
-        super().__init__()
+                 rd_ratio: float = 1 / 16, feat_size: tuple[int, int] | None = None, act_layer: str = "relu",
+                 identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         check_int("extent", extent, low=0)
         check_bool("param", param)
@@ -183,25 +188,28 @@ class GatherExcite(nn.Module):
             g = F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, count_include_pad=False)
         if self.mlp is not None:
             g = self.mlp(g)
-        if g.shape[-2:] != x.shape[-2:] and g.shape[-2:] != (1, 1):
-            g = F.interpolate(g, size=tuple(x.shape[-2:]), mode="nearest")
-        return x * torch.sigmoid(g)
+        # σ and the gate act on the gathered map; nearest upsampling only repeats their values
+        w = self.weights(torch.sigmoid(g))
+        if w.shape[-2:] != x.shape[-2:] and w.shape[-2:] != (1, 1):
+            w = F.interpolate(w, size=tuple(x.shape[-2:]), mode="nearest")
+        return x * w
 
 
-class GlobalContext(nn.Module):
+class GlobalContext(ZeroGate):
     """Global context block: x + T(Σⱼ softmax(w·xⱼ)·xⱼ), T = 1×1 conv → LayerNorm → ReLU → 1×1 conv.
 
     Paper: GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond, Cao et al., ICCVW 2019
     (arXiv:1904.11492). As the official code: biases everywhere, the transform's last conv zero-initialised
     (so the block starts as the identity); `fusion='mul'` is the paper's x·σ(T(·)) ablation. The 1×1 convs
     act on pooled vectors and are stored as nn.Linear (same parameters), so any (N, C, ...) map works.
+    `identity=True` gates the weights of fusion 'mul' only: 'add' starts as the identity by its zero last layer.
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
-                 rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu"):
-        super().__init__()
-        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+                 rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu", identity: bool = False):
         check_choice("fusion", fusion, ("add", "mul"))
+        super().__init__(identity and fusion == "mul")
+        rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fusion = fusion
         self.conv_attn = nn.Linear(channels, 1)
         self.transform = nn.Sequential(nn.Linear(channels, rd), nn.LayerNorm(rd), get_act(act_layer),
@@ -219,10 +227,10 @@ class GlobalContext(nn.Module):
         scores = self.conv_attn(flat.transpose(1, 2)).softmax(dim=1)  # (N, L, 1)
         context = torch.bmm(flat, scores).squeeze(-1)  # (N, C)
         t = _expand(self.transform(context), x)
-        return x + t if self.fusion == "add" else x * torch.sigmoid(t)
+        return x + t if self.fusion == "add" else x * self.weights(torch.sigmoid(t))
 
 
-class SRM(nn.Module):
+class SRM(ZeroGate):
     """Style-based Recalibration: x · σ(BN(w_c,1·mean_c + w_c,2·std_c)), one weight pair per channel.
 
     Paper: SRM: A Style-based Recalibration Module for Convolutional Neural Networks, Lee et al.,
@@ -230,8 +238,8 @@ class SRM(nn.Module):
     unbiased variance + eps (biased when there is only one position, where the unbiased one is undefined).
     """
 
-    def __init__(self, channels: int, *, eps: float = 1e-5, gate_layer: str = "sigmoid"):
-        super().__init__()
+    def __init__(self, channels: int, *, eps: float = 1e-5, gate_layer: str = "sigmoid", identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         self.eps = check_number("eps", eps, low=0)
         self.cfc = nn.Parameter(torch.zeros(channels, 2))
@@ -243,7 +251,7 @@ class SRM(nn.Module):
         mean = flat.mean(-1)
         std = (flat.var(-1, correction=1 if flat.shape[-1] > 1 else 0) + self.eps).sqrt()
         z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
-        return x * _expand(self.gate(self.bn(z)), x)
+        return x * _expand(self.weights(self.gate(self.bn(z))), x)
 
 
 # FcaNet's frequency orders on a 7×7 DCT grid (u, v), from the paper's per-frequency ImageNet study
@@ -277,7 +285,7 @@ def dct_filters(size: tuple[int, int], freqs: list[tuple[int, int]], *, dtype=to
     return torch.stack(out).to(dtype)
 
 
-class FcaModule(nn.Module):
+class FcaModule(ZeroGate):
     """Multi-spectral channel attention: SE whose squeeze is a DCT component per channel group.
 
     Paper: FcaNet: Frequency Channel Attention Networks, Qin et al., ICCV 2021 (arXiv:2012.11879).
@@ -288,8 +296,8 @@ class FcaModule(nn.Module):
 
     def __init__(self, channels: int, *, freq_sel: str = "top16", rd_ratio: float = 1 / 16,
                  rd_channels: int | None = None, rd_divisor: int = 1, feat_size: tuple[int, int] = (7, 7),
-                 act_layer: str = "relu", gate_layer: str = "sigmoid"):
-        super().__init__()
+                 act_layer: str = "relu", gate_layer: str = "sigmoid", identity: bool = False):
+        super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         check_choice("freq_sel", freq_sel, FCA_FREQ_SEL)
         check_feat_size(feat_size)
@@ -307,5 +315,5 @@ class FcaModule(nn.Module):
         if tuple(dct.shape[-2:]) != tuple(x.shape[-2:]):
             dct = dct_filters(tuple(x.shape[-2:]), self.freqs, dtype=x.dtype, device=x.device)
         s = torch.einsum("nchw,chw->nc", x, dct.to(x.dtype)[self.group])
-        w = self.gate(self.fc2(self.act(self.fc1(s))))
+        w = self.weights(self.gate(self.fc2(self.act(self.fc1(s)))))
         return x * w[:, :, None, None]

@@ -6,15 +6,16 @@ from torch import nn
 
 from surgeon.layers._util import (check_bool, check_choice, check_int, check_odd_kernel, check_positive_int, get_act,
                                   reduced_channels)
+from surgeon.layers.gate import ZeroGate
 from surgeon.layers.spatial import SpatialAttn
 
 
-class ChannelAttn(nn.Module):
+class ChannelAttn(ZeroGate):
     """CBAM's channel attention: σ(MLP(avgpool(x)) + MLP(maxpool(x))) with one shared MLP (with biases)."""
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
-                 rd_divisor: int = 1, act_layer: str = "relu", gate_layer: str = "sigmoid"):
-        super().__init__()
+                 rd_divisor: int = 1, act_layer: str = "relu", gate_layer: str = "sigmoid", identity: bool = False):
+        super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fc1 = nn.Linear(channels, rd)
         self.act = get_act(act_layer)
@@ -24,7 +25,7 @@ class ChannelAttn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
         mlp = lambda s: self.fc2(self.act(self.fc1(s)))  # noqa: E731
-        w = self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims)))
+        w = self.weights(self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims))))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
 
 
@@ -33,31 +34,37 @@ class CBAM(nn.Module):
 
     Paper: CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018 (arXiv:1807.06521).
     Matches the official code: MLP with biases, 7×7 spatial conv without bias followed by batch norm.
+    `identity=True` gates each part's weights with its own γ (`channel.gamma`, `spatial.gamma`).
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
                  rd_divisor: int = 1, kernel_size: int = 7, spatial_norm: bool = True, act_layer: str = "relu",
-                 gate_layer: str = "sigmoid"):
+                 gate_layer: str = "sigmoid", identity: bool = False):
         super().__init__()
         self.channel = ChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
-                                   act_layer=act_layer, gate_layer=gate_layer)
-        self.spatial = SpatialAttn(channels, kernel_size=kernel_size, norm=spatial_norm, gate_layer=gate_layer)
+                                   act_layer=act_layer, gate_layer=gate_layer, identity=identity)
+        self.spatial = SpatialAttn(channels, kernel_size=kernel_size, norm=spatial_norm, gate_layer=gate_layer,
+                                   identity=identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
 
 
-class BAM(nn.Module):
+class BAM(ZeroGate):
     """Bottleneck Attention Module: x · (1 + σ(M_c(x) ⊙ M_s(x))), channel and spatial branches in parallel.
 
     Paper: BAM: Bottleneck Attention Module, Park et al., BMVC 2018 (arXiv:1807.06514).
     Matches the official code: channel branch avgpool → FC → BN → ReLU → FC; spatial branch
     1×1 reduce → `num_convs` dilated 3×3 convs (each with BN, ReLU) → 1×1 to one map, all with biases.
+    `identity=True` gates the attention term: x · (1 + γ·σ(M_c ⊙ M_s)), γ = 0 (see `ZeroGate.add`).
     """
 
+    form = "add"
+
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
-                 rd_divisor: int = 1, dilation: int = 4, num_convs: int = 2, act_layer: str = "relu"):
-        super().__init__()
+                 rd_divisor: int = 1, dilation: int = 4, num_convs: int = 2, act_layer: str = "relu",
+                 identity: bool = False):
+        super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         check_positive_int("dilation", dilation)
         check_int("num_convs", num_convs, low=0)
@@ -72,20 +79,20 @@ class BAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel(x.mean((2, 3)))[:, :, None, None]
-        return x * (1 + torch.sigmoid(c * self.spatial(x)))
+        return x * self.add(x.new_ones(()), torch.sigmoid(c * self.spatial(x)))
 
 
-class _ZPoolGate(nn.Module):
-    """σ(BN(conv_k×k([max_1(x); mean_1(x)]))) over dim 1: triplet attention's gate for one branch."""
+class _ZPoolGate(ZeroGate):
+    """σ(BN(conv_k×k([max_1(x); mean_1(x)]))) over dim 1: triplet attention's weights for one branch."""
 
-    def __init__(self, kernel_size: int):
-        super().__init__()
+    def __init__(self, kernel_size: int, identity: bool):
+        super().__init__(identity)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.bn(self.conv(pooled)))
+        return self.weights(torch.sigmoid(self.bn(self.conv(pooled))))
 
 
 class TripletAttention(nn.Module):
@@ -93,39 +100,47 @@ class TripletAttention(nn.Module):
 
     Paper: Rotate to Attend: Convolutional Triplet Attention Module, Misra et al., WACV 2021
     (arXiv:2010.03045). Branches rotate x so that H, W or C plays the channel role, gate, rotate back;
-    the output is their average. As the official code: conv without bias, BN (momentum 0.01).
+    the output is their average. As the official code: conv without bias, BN (momentum 0.01). The three
+    branch weights, (N, C, 1, W), (N, C, H, 1) and (N, 1, H, W), are averaged before the one product
+    with x (the official code multiplies x three times). `identity=True` gates each branch's weights
+    with its own γ (see `ZeroGate`); their average is then exactly 1.
     """
 
-    def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False):
+    def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False,
+                 identity: bool = False):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_bool("no_spatial", no_spatial)
-        self.cw = _ZPoolGate(kernel_size)  # H pooled away: attends over (C, W)
-        self.hc = _ZPoolGate(kernel_size)  # W pooled away: attends over (H, C)
-        self.hw = None if no_spatial else _ZPoolGate(kernel_size)
+        self.cw = _ZPoolGate(kernel_size, identity)  # H pooled away: attends over (C, W)
+        self.hc = _ZPoolGate(kernel_size, identity)  # W pooled away: attends over (H, C)
+        self.hw = None if no_spatial else _ZPoolGate(kernel_size, identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.cw(x.transpose(1, 2)).transpose(1, 2) + self.hc(x.transpose(1, 3)).transpose(1, 3)
+        w = self.cw(x.transpose(1, 2)).transpose(1, 2) + self.hc(x.transpose(1, 3)).transpose(1, 3)
         if self.hw is None:
-            return out / 2
-        return (out + self.hw(x)) / 3
+            return x * (w / 2)
+        return x * ((w + self.hw(x)) / 3)
 
 
-class SCSE(nn.Module):
+class SCSE(ZeroGate):
     """Concurrent spatial and channel squeeze & excitation: cSE(x) and sSE(x) combined element-wise.
 
     Paper: Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional Networks,
     Roy et al., MICCAI 2018 (arXiv:1803.02579): cSE = x·σ(FC(ReLU(FC(gap(x))))) with reduction 2,
     sSE = x·σ(conv1×1(x)); fusion 'add' as that paper, 'max' (max-out) or 'mul' as compared in its
-    TMI 2019 extension (Roy et al., arXiv:1808.08127).
+    TMI 2019 extension (Roy et al., arXiv:1808.08127). 'add' is computed as x·(w_c + w_s), one product
+    with x. `identity=True` (one γ, see `ZeroGate`): 'add' weights 1 + γ·(w_c + w_s − 1) and 'max' gated
+    w_c and w_s, both without extra work on the map; 'mul' (x·w_c)·(x·w_s) mixes its output with x.
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 2, rd_channels: int | None = None,
-                 rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu", gate_layer: str = "sigmoid"):
-        super().__init__()
+                 rd_divisor: int = 1, fusion: str = "add", act_layer: str = "relu", gate_layer: str = "sigmoid",
+                 identity: bool = False):
+        super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         check_choice("fusion", fusion, ("add", "max", "mul"))
         self.fusion = fusion
+        self.form = "mix" if fusion == "mul" else "weights"
         self.fc1 = nn.Linear(channels, rd)
         self.act = get_act(act_layer)
         self.fc2 = nn.Linear(rd, channels)
@@ -135,10 +150,10 @@ class SCSE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
         w = self.gate(self.fc2(self.act(self.fc1(x.mean(dims)))))
-        c = x * w.view(*w.shape, *([1] * len(dims)))
-        s = x * self.gate(self.spatial(x.movedim(1, -1))).movedim(-1, 1)
+        w = w.view(*w.shape, *([1] * len(dims)))  # (N, C, 1, ...)
+        s = self.gate(self.spatial(x.movedim(1, -1))).movedim(-1, 1)  # (N, 1, ...)
         if self.fusion == "add":
-            return c + s
+            return x * self.add(self.weights(w), s)  # 1 + γ·(w − 1) + γ·s
         if self.fusion == "max":
-            return torch.maximum(c, s)
-        return c * s
+            return torch.maximum(x * self.weights(w), x * self.weights(s))
+        return self.mix(x, (x * w) * (x * s))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_bool, check_choice, check_number, check_positive_int, reduced_channels
+from surgeon.layers.gate import ZeroGate
 
 NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
 
@@ -122,8 +123,10 @@ class NonLocal2d(nn.Module):
         return x + self.norm(self.z(self.attend(x)))
 
 
-class PositionAttn(nn.Module):
+class PositionAttn(ZeroGate):
     """DANet's position attention: x + γ·(V·softmax(QᵀK)ᵀ), Q, K 1×1 convs to C/8, V to C, γ = 0."""
+
+    form, branch_out = "add", "value"  # the output is linear in V
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 8, rd_channels: int | None = None,
                  rd_divisor: int = 1):
@@ -132,33 +135,33 @@ class PositionAttn(nn.Module):
         self.query = nn.Conv2d(channels, rd, 1)
         self.key = nn.Conv2d(channels, rd, 1)
         self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = _tokens(self.query(x)), _tokens(self.key(x)), _tokens(self.value(x))
         return _attention(q, k, v).transpose(1, 2).reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.gamma * self.attend(x)
+        return self.add(x, self.attend(x))
 
 
-class ChannelSelfAttn(nn.Module):
+class ChannelSelfAttn(ZeroGate):
     """DANet's channel attention: x + γ·(softmax(X·Xᵀ)·X) over the C×C channel affinities, γ = 0.
 
     Follows the paper's softmax(X·Xᵀ); the official code feeds softmax(rowmax − X·Xᵀ) instead.
     """
 
+    form = "add"
+
     def __init__(self, channels: int):
         super().__init__()
         check_positive_int("channels", channels)
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         f = x.flatten(2)  # (B, C, N); the C×C affinity matrix is small, plain bmm/softmax suffices
         return torch.bmm(torch.softmax(torch.bmm(f, f.transpose(1, 2)), -1), f).reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.gamma * self.attend(x)
+        return self.add(x, self.attend(x))
 
 
 class DualAttention(nn.Module):
@@ -177,10 +180,10 @@ class DualAttention(nn.Module):
         self.channel = ChannelSelfAttn(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.position.gamma * self.position.attend(x) + self.channel.gamma * self.channel.attend(x)
+        return self.channel.add(self.position.add(x, self.position.attend(x)), self.channel.attend(x))
 
 
-class CrissCrossAttn(nn.Module):
+class CrissCrossAttn(ZeroGate):
     """Recurrent criss-cross attention: each position attends to its row and column, `recurrence` times.
 
     Paper: CCNet: Criss-Cross Attention for Semantic Segmentation, Huang et al., ICCV 2019 (arXiv:1811.11721).
@@ -188,6 +191,8 @@ class CrissCrossAttn(nn.Module):
     with γ = 0 at init; the recurrences share weights (R = 2 in the paper). Costs O(N·(H + W)) memory,
     never N×N. The paper's head convolutions around the module (RCCA's reduce/concat convs) are left out.
     """
+
+    form, branch_out = "add", "value"  # each recurrence's output is linear in V
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 8, rd_channels: int | None = None,
                  rd_divisor: int = 1, recurrence: int = 2):
@@ -197,7 +202,6 @@ class CrissCrossAttn(nn.Module):
         self.query = nn.Conv2d(channels, rd, 1)
         self.key = nn.Conv2d(channels, rd, 1)
         self.value = nn.Conv2d(channels, channels, 1)
-        self.gamma = nn.Parameter(torch.zeros(1))
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """The criss-cross aggregation of one recurrence, before γ."""
@@ -214,11 +218,11 @@ class CrissCrossAttn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.recurrence):
-            x = x + self.gamma * self.attend(x)
+            x = self.add(x, self.attend(x))
         return x
 
 
-class EMAUnit(nn.Module):
+class EMAUnit(ZeroGate):
     """Expectation-maximisation attention: reconstruct x from K bases found by T EM iterations.
 
     Paper: Expectation-Maximization Attention Networks for Semantic Segmentation, Li et al., ICCV 2019
@@ -227,11 +231,15 @@ class EMAUnit(nn.Module):
     update: bases ← momentum·bases + (1 − momentum)·(batch mean of the final bases, l2-normalised).
     Deviations from the official code: with gradients on, the last E-step runs once more with gradient
     (same values; the official code runs all of EM without gradient, so its input conv never learns),
-    and there is no ReLU after the residual sum, which would break retrofitting.
+    and there is no ReLU after the residual sum, which would break retrofitting. `identity=True` scales
+    the residual branch by a γ = 0 (see `ZeroGate.add`).
     """
 
-    def __init__(self, channels: int, *, num_bases: int = 64, num_iters: int = 3, momentum: float = 0.9):
-        super().__init__()
+    form, branch_out = "add", "norm"
+
+    def __init__(self, channels: int, *, num_bases: int = 64, num_iters: int = 3, momentum: float = 0.9,
+                 identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         self.num_bases = check_positive_int("num_bases", num_bases)
         self.num_iters = check_positive_int("num_iters", num_iters)
@@ -263,7 +271,7 @@ class EMAUnit(nn.Module):
         return torch.einsum("bck,bnk->bcn", mu, z).reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv_out(F.relu(self.attend(x))))
+        return self.add(x, self.norm(self.conv_out(F.relu(self.attend(x)))))
 
 
 __all__ = ["NonLocal2d", "PositionAttn", "ChannelSelfAttn", "DualAttention", "CrissCrossAttn", "EMAUnit",

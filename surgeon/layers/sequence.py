@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from surgeon.layers._util import check_bool, check_choice, check_divisible, check_positive, check_positive_int
+from surgeon.layers.gate import ZeroGate
 # score functions and masks live in scores.py; importable from here as before
 from surgeon.layers.scores import (MASK_FORMS, SCORES, AdditiveScore, ConcatScore, CosineScore,  # noqa: F401
                                    DotScore, GeneralScore, ScaledDotScore, key_mask, last_valid, make_score,
@@ -195,7 +196,7 @@ def structured_penalty(model: nn.Module) -> torch.Tensor:
     return sum(terms, torch.zeros(()))
 
 
-class SequenceReplacement(nn.Module):
+class SequenceReplacement(ZeroGate):
     """Stands in for the selection of an RNN's output (last step, h_n, mean): `forward(seq, orig,
     *extra)` pools `seq` (a tensor, a PackedSequence, or the RNN's (output, h_n) tuple; a packed
     output is padded here and its lengths mask the padding) with `pool` and, when gated, returns orig + γ·(pooled − orig) with γ = 0 at
@@ -212,15 +213,16 @@ class SequenceReplacement(nn.Module):
             RNN's (layers·directions, B, D) h_n stack, read as h_n[-1]).
     """
 
+    form = "mix"
+
     def __init__(self, pool: nn.Module, *, out_features: int, in_features: int, batch_first: bool = True,
                  gate: bool = True, mask_at: int | None = None, mask_form: str | None = None,
                  pad_id: int | None = None, query_at: int | None = None):
-        super().__init__()
+        super().__init__(gate)
         self.pool = pool
         self.proj = nn.Linear(in_features, out_features) if in_features != out_features else None
         self.batch_first = batch_first
         self.mask_at, self.mask_form, self.pad_id, self.query_at = mask_at, mask_form, pad_id, query_at
-        self.gamma = nn.Parameter(torch.zeros(1)) if gate else None
 
     def forward(self, seq, orig: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         if isinstance(seq, (tuple, list)) and not isinstance(seq, PackedSequence):  # the RNN's (output, h_n)
@@ -239,22 +241,22 @@ class SequenceReplacement(nn.Module):
         y = self.pool(seq, mask, query)
         if self.proj is not None:
             y = self.proj(y)
-        y = y.reshape(orig.shape)
-        if self.gamma is None:
-            return y
-        return orig + self.gamma * (y - orig)
+        return self.mix(orig, y.reshape(orig.shape))
 
 
 # -- token self-attention (shape-preserving) ------------------------------------------------------------
-class MultiHeadSelfAttn(nn.Module):
+class MultiHeadSelfAttn(ZeroGate):
     """Pre-norm multi-head self-attention block: x + proj(SDPA(qkv(LN(x)))), (B, N, C) -> (B, N, C).
 
     Args:
         channels: C (divisible by `heads`). heads: number of heads. qkv_bias: bias on the qkv map.
+        identity: scale the attention branch by a γ = 0 (see `ZeroGate.add`).
     """
 
-    def __init__(self, channels: int, *, heads: int = 4, qkv_bias: bool = True):
-        super().__init__()
+    form, branch_out = "add", "proj"
+
+    def __init__(self, channels: int, *, heads: int = 4, qkv_bias: bool = True, identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         check_positive_int("heads", heads)
         check_divisible("channels", channels, "heads", heads)
@@ -270,19 +272,23 @@ class MultiHeadSelfAttn(nn.Module):
         qkv = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         attn_mask = None if mask is None else mask[:, None, None, :]
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
-        return x + self.proj(y.transpose(1, 2).reshape(b, n, c))
+        return self.add(x, self.proj(y.transpose(1, 2).reshape(b, n, c)))
 
 
-class LocalSelfAttn(nn.Module):
+class LocalSelfAttn(ZeroGate):
     """Local self-attention block: each position attends within `window` steps of itself (mode 'm') or
     of a predicted position (mode 'p', Gaussian-weighted), with any score; x + proj(context).
 
     Args:
         channels: C. window: half-width D. mode: 'm' or 'p'. score: a name in `SCORES`.
+        identity: scale the attention branch by a γ = 0 (see `ZeroGate.add`).
     """
 
-    def __init__(self, channels: int, *, window: int = 8, mode: str = "m", score: str = "scaled_dot"):
-        super().__init__()
+    form, branch_out = "add", "proj"
+
+    def __init__(self, channels: int, *, window: int = 8, mode: str = "m", score: str = "scaled_dot",
+                 identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         self.window = check_positive_int("window", window)
         self.mode = check_choice("mode", mode, LOCAL_MODES)
@@ -301,7 +307,7 @@ class LocalSelfAttn(nn.Module):
         else:
             centers = (n - 1) * torch.sigmoid(self.predict(h)[..., 0])
         a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", mask)
-        return x + self.proj(a @ h)
+        return self.add(x, self.proj(a @ h))
 
 
 class SequenceFirst(nn.Module):

@@ -7,19 +7,21 @@ from torch import nn
 
 from surgeon.layers._util import check_bool, check_choice, check_odd_kernel, check_positive_int, check_ratio, get_act, \
     reduced_channels
+from surgeon.layers.gate import ZeroGate
 
 
-class SpatialAttn(nn.Module):
+class SpatialAttn(ZeroGate):
     """CBAM's spatial attention: x · σ(BN(conv_k×k([max_c(x); mean_c(x)]))).
 
     Paper: CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018 (arXiv:1807.06521).
     As in the official code, the conv has no bias and is followed by batch norm (`norm=True`).
     `channels` is accepted for a uniform constructor; the module has no per-channel weights.
+    `identity=True` gates the (N, 1, H, W) map: 1 + γ·(w − 1), γ = 0 (see `ZeroGate`).
     """
 
     def __init__(self, channels: int | None = None, *, kernel_size: int = 7, norm: bool = True,
-                 gate_layer: str = "sigmoid"):
-        super().__init__()
+                 gate_layer: str = "sigmoid", identity: bool = False):
+        super().__init__(identity)
         check_odd_kernel("kernel_size", kernel_size)
         check_bool("norm", norm)
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not norm)
@@ -28,20 +30,22 @@ class SpatialAttn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * self.gate(self.bn(self.conv(pooled)))
+        return x * self.weights(self.gate(self.bn(self.conv(pooled))))
 
 
-class CoordAttn(nn.Module):
+class CoordAttn(ZeroGate):
     """Coordinate attention: x · σ(a_h) · σ(a_w) from direction-aware pooling along W and along H.
 
     Paper: Coordinate Attention for Efficient Mobile Network Design, Hou et al., CVPR 2021
     (arXiv:2103.02907). As the official code: the two pooled strips share a 1×1 conv (C → max(min_channels,
     C·rd_ratio)) with BN and h-swish, then one 1×1 conv (with bias) per direction.
+    `identity=True` gates both direction weights with one γ: 1 + γ·(a − 1), γ = 0 (see `ZeroGate`).
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 32, rd_channels: int | None = None,
-                 min_channels: int = 8, act_layer: str = "hardswish", gate_layer: str = "sigmoid"):
-        super().__init__()
+                 min_channels: int = 8, act_layer: str = "hardswish", gate_layer: str = "sigmoid",
+                 identity: bool = False):
+        super().__init__(identity)
         check_positive_int("channels", channels)
         check_positive_int("min_channels", min_channels)
         if rd_channels is None:
@@ -61,7 +65,9 @@ class CoordAttn(nn.Module):
         strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         y = self.act(self.bn(self.conv(strips)))  # (N, rd, H + W, 1)
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        return x * self.gate(self.conv_h(y_h)) * self.gate(self.conv_w(y_w.transpose(2, 3)))
+        a_h = self.weights(self.gate(self.conv_h(y_h)))
+        a_w = self.weights(self.gate(self.conv_w(y_w.transpose(2, 3))))
+        return x * a_h * a_w
 
 
 class SpatialTransformer(nn.Module):

@@ -2,7 +2,9 @@
 
 Plugin authors import these from `surgeon.plugin`, the public surface; this module is private and may change.
 `feature_map(MyLayer, name=...)` gives a build whose options are the layer's keyword-only constructor
-parameters, with identity init by a zero gate (or none, for layers that already start as the identity).
+parameters, with identity init by the layer's own zero gate (a keyword `identity`, see
+`surgeon.layers.gate.ZeroGate`), else by a zero gate around its output (or none, for layers that
+already start as the identity).
 """
 from __future__ import annotations
 
@@ -44,9 +46,19 @@ def site_after(view: Any, node: Any, *, kind: str, user: Any = None, name: str |
                 graph=view.prefix, node=node.name, user=None if user is None else user.name, owner=owner, slot=slot)
 
 
+def _keyword_only(cls: type) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(cls).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def gates_itself(cls: type) -> bool:
+    """Whether `cls` takes `identity=True` to start as the identity by its own zero gate."""
+    return any(p.name == "identity" for p in _keyword_only(cls))
+
+
 def with_options(build: Callable[..., Any], cls: type) -> Callable[..., Any]:
-    """Give `build(site, *, init, **options)` the keyword-only parameters of `cls` as its signature."""
-    params = [p for p in inspect.signature(cls).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    """Give `build(site, *, init, **options)` the keyword-only parameters of `cls` as its signature
+    (`identity` excepted: `init` sets it)."""
+    params = [p for p in _keyword_only(cls) if p.name != "identity"]
     build.__signature__ = inspect.Signature(
         [inspect.Parameter("site", inspect.Parameter.POSITIONAL_ONLY),
          inspect.Parameter("init", inspect.Parameter.KEYWORD_ONLY, default="identity"), *params])
@@ -62,13 +74,21 @@ def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
             layer, or no parameters and identity in eval), so init='identity' needs no gate; a callable
             decides per built module.
         feat_size: pass the site's spatial size as the layer's `feat_size` (not a user option).
+
+    A layer with a keyword-only `identity` parameter gates itself (cheaply, on its weights): it is
+    built with `identity=(init == 'identity')`. Any other layer is wrapped in `GatedResidual` for
+    init='identity' (unless naturally the identity), which costs one more pass over the feature map.
     """
+    own_gate = gates_itself(cls)
+
     def build(site, *, init: str = "identity", **options):
         from surgeon.layers.gate import check_init, gated
 
         require_feature_map(site, name, ranks)
         if feat_size:
             options["feat_size"] = tuple(site.shape[2:])
+        if own_gate:
+            return cls(site.channels, identity=check_init(init) == "identity", **options)
         module = cls(site.channels, **options)
         natural = natural_identity(module) if callable(natural_identity) else natural_identity
         if natural:

@@ -24,7 +24,7 @@ def register_attentions(register):
              aliases=("gather_excite",),
              summary="gather-excite: x·σ(upsample(gather over an extent)); parameter-free or parametric",
              paper="Hu et al., Gather-Excite, NeurIPS 2018 (arXiv:1810.12348)")
-    register("gc", feature_map(GlobalContext, name="gc", natural_identity=lambda m: m.fusion == "add"), kinds=KINDS,
+    register("gc", feature_map(GlobalContext, name="gc"), kinds=KINDS,
              aliases=("global_context",),
              summary="global context: softmax attention pooling, bottleneck transform with LayerNorm, add",
              paper="Cao et al., GCNet, ICCVW 2019 (arXiv:1904.11492)")

@@ -78,7 +78,7 @@ def build_hard(site, *, init: str = "identity", score: str = "additive", query: 
 
 
 def tokens_module(site, module):
-    """A module for a tokens site: (B, T, C) or time-first, gated for identity init, and given the padding
+    """A module for a tokens site: (B, T, C) or time-first, and given the padding
     mask where the site has padding information (a 'replace' site with args (tokens, mask source))."""
     from surgeon.layers.sequence import SequenceFirst, TokenMask
 
@@ -90,7 +90,6 @@ def tokens_module(site, module):
 
 def build_local(site, *, init: str = "identity", window: int = 8, mode: str = "m", score: str | None = None,
                 query: str = "last"):
-    from surgeon.layers.gate import GatedResidual
     from surgeon.layers.sequence import LocalAttnPool, LocalSelfAttn
 
     _require(site, "local", ("rnn", "tokens"))
@@ -98,12 +97,12 @@ def build_local(site, *, init: str = "identity", window: int = 8, mode: str = "m
         pool = LocalAttnPool(site.channels, score=score or "general", query=query, window=window, mode=mode)
         return rnn_replacement(site, pool, init)
     _check_init(init)
-    module = LocalSelfAttn(site.channels, window=window, mode=mode, score=score or "scaled_dot")
-    return tokens_module(site, GatedResidual(module) if init == "identity" else module)
+    module = LocalSelfAttn(site.channels, window=window, mode=mode, score=score or "scaled_dot",
+                           identity=init == "identity")
+    return tokens_module(site, module)
 
 
 def build_mhsa(site, *, init: str = "identity", heads: int | None = None, qkv_bias: bool = True):
-    from surgeon.layers.gate import GatedResidual
     from surgeon.layers.sequence import MultiHeadSelfAttn
 
     _require(site, "mhsa", ("tokens",))
@@ -111,8 +110,7 @@ def build_mhsa(site, *, init: str = "identity", heads: int | None = None, qkv_bi
     c = site.channels
     if heads is None:  # the most heads with at least 32 channels each
         heads = next((h for h in (8, 4, 2) if c % h == 0 and c // h >= 32), 1)
-    module = MultiHeadSelfAttn(c, heads=heads, qkv_bias=qkv_bias)
-    return tokens_module(site, GatedResidual(module) if init == "identity" else module)
+    return tokens_module(site, MultiHeadSelfAttn(c, heads=heads, qkv_bias=qkv_bias, identity=init == "identity"))
 
 
 def build_structured(site, *, init: str = "identity", hops: int = 4, hidden: int = 64):
