@@ -223,3 +223,39 @@ def test_gates_take_mixed_dtypes_as_autocast_makes_them():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         se(_x(2, C, 5, 5)).float().sum().backward()
     assert se.gamma.grad is not None
+
+
+# -- the memory format and torch.compile pass through inserted modules ----------------------------------
+_NCHW_OPTIONS = {"sk": {"groups": 1}}
+_NO_SITE_HERE = {"attention_gate": "gates U-Net skips; TinyResNet has none (tests/test_scope.py covers smp Unets)"}
+
+
+def test_channels_last_stays_channels_last_through_every_inserted_module():
+    x = _x(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    checked = []
+    for att in surgeon.attentions():
+        if "nchw" not in att.layouts or att.name in _NO_SITE_HERE:
+            continue
+        torch.manual_seed(0)
+        patched = surgeon.add(TinyResNet(width=16).eval(), att.name, example_input=(x,), init="paper",
+                              **_NCHW_OPTIONS.get(att.name, {})).to(memory_format=torch.channels_last)
+        outs: dict[str, torch.Tensor] = {}
+        for e in surgeon.edits(patched):
+            patched.get_submodule(e.module).register_forward_hook(
+                lambda m, i, o, name=e.module: outs.__setitem__(name, o))
+        with torch.no_grad():
+            patched(x)
+        maps = {n: o for n, o in outs.items() if isinstance(o, torch.Tensor) and o.dim() == 4}
+        assert all(o.is_contiguous(memory_format=torch.channels_last) for o in maps.values()), att.name
+        checked.append(att.name) if maps else None
+    # every attention that outputs feature maps here (attnpool outputs pooled vectors)
+    assert len(checked) == len([a for a in surgeon.attentions() if "nchw" in a.layouts]) - len(_NO_SITE_HERE) - 1
+
+
+def test_a_compiled_patched_model_computes_what_eager_does():
+    torch.manual_seed(0)
+    x = _x(2, 3, 32, 32)
+    patched = surgeon.add(TinyResNet(width=16).eval(), "cbam", example_input=(x,), init="paper")
+    compiled = torch.compile(patched)
+    with torch.no_grad():
+        assert (compiled(x) - patched(x)).abs().max() <= 1e-4

@@ -113,10 +113,14 @@ class SelectiveKernel(nn.Module):
         self.select = nn.Linear(d, num_branches * channels, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # (N, M, C, H, W)
-        z = self.fc(feats.sum(1).mean((2, 3)))
-        a = self.select(z).view(x.shape[0], self.num_branches, x.shape[1]).softmax(dim=1)
-        return (feats * a[..., None, None]).sum(1)
+        feats = [branch(x) for branch in self.branches]
+        z = self.fc(sum(feats).mean((2, 3)))
+        a = self.select(z).view(x.shape[0], self.num_branches, x.shape[1]).softmax(dim=1)[..., None, None]
+        # a running sum rather than stacking the branches: elementwise ops keep channels_last maps as they are
+        out = feats[0] * a[:, 0]
+        for i in range(1, self.num_branches):
+            out = out + feats[i] * a[:, i]
+        return out
 
 
 class _GlobalDepthwise(nn.Module):
