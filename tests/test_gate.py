@@ -242,12 +242,13 @@ def test_channels_last_stays_channels_last_through_every_inserted_module():
         outs: dict[str, torch.Tensor] = {}
         for e in surgeon.edits(patched):
             patched.get_submodule(e.module).register_forward_hook(
-                lambda m, i, o, name=e.module: outs.__setitem__(name, o))
+                lambda m, i, o, name=e.module, outs=outs: outs.__setitem__(name, o))
         with torch.no_grad():
             patched(x)
         maps = {n: o for n, o in outs.items() if isinstance(o, torch.Tensor) and o.dim() == 4}
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in maps.values()), att.name
-        checked.append(att.name) if maps else None
+        if maps:
+            checked.append(att.name)
     # every attention that outputs feature maps here (attnpool outputs pooled vectors)
     assert len(checked) == len([a for a in surgeon.attentions() if "nchw" in a.layouts]) - len(_NO_SITE_HERE) - 1
 
