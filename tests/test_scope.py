@@ -538,3 +538,56 @@ def test_a_detector_saves_and_loads_on_its_base(tmp_path):
     with torch.no_grad():
         got, want = loaded(images), patched(images)
     assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
+
+
+_NEW_PROCESS = """
+import sys, torch, warnings
+warnings.simplefilter("ignore")
+import surgeon
+{imports}
+model = surgeon.load({out!r}, base={base})
+xs = torch.load({inputs!r})
+with torch.no_grad():
+    out = model(*xs)
+{pick}
+print(type(model).__name__, "equal" if torch.equal(out, torch.load({expected!r})) else "different")
+"""
+
+
+@pytest.mark.parametrize("case", ["timm", "torchvision", "smp", "detector"])
+def test_libraries_models_load_in_a_new_process_bit_exact(tmp_path, case):
+    """Saved by surgeon, loaded in a fresh interpreter: without base= where the library says how the model was
+    built (timm, torchvision), on the base the user passes otherwise (smp; a detector with a changed size)."""
+    import subprocess
+    import sys
+
+    import torchvision
+    from roundtrip import save_trained_looking
+
+    torch.manual_seed(0)
+    pick, base, imports = "", "None", ""
+    if case == "timm":
+        model, xs, att = timm.create_model("resnet18", num_classes=4).eval(), (_x(2, *SIZE),), "cbam"
+    elif case == "torchvision":
+        model, xs, att = torchvision.models.mobilenet_v3_small(num_classes=4).eval(), (_x(2, *SIZE),), "se"
+    elif case == "smp":
+        model, xs, att = smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=2).eval(), \
+            (_x(2, *SIZE),), "attention_gate"
+        imports = "import segmentation_models_pytorch as smp"
+        base = "smp.Unet(encoder_name='resnet18', encoder_weights=None, classes=2)"
+    else:
+        model, xs, att = _detector("fasterrcnn_mobilenet_v3_large_fpn"), ([torch.rand(3, 128, 128)],), "cbam"
+        imports = "from torchvision.models import detection"
+        base = ("detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3); "
+                "base.transform.min_size, base.transform.max_size = (128,), 128")
+        base, pick = "base", "out = out[0]['boxes']"
+        imports += ("\nbase = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, "
+                    "num_classes=3)\nbase.transform.min_size, base.transform.max_size = (128,), 128")
+    patched = surgeon.add(model, att, example_input=xs)
+    assert isinstance(patched, type(model)) and surgeon.edits(patched)  # (smp's gates rewrite the root)
+    save_trained_looking(patched, xs, tmp_path, (lambda out: out[0]["boxes"]) if case == "detector" else
+                         (lambda out: out))
+    code = _NEW_PROCESS.format(imports=imports, out=str(tmp_path / "out"), base=base,
+                               inputs=str(tmp_path / "inputs.pt"), pick=pick, expected=str(tmp_path / "expected.pt"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == f"{type(model).__name__} equal", done.stderr[-2000:]
