@@ -1,13 +1,12 @@
 """Hugging Face transformers models: their input conventions, and how to rebuild one from its config.
 
 transformers is optional and imported only for models that come from it. Models are built from configs
-(`hf:ClassName` with `config=` or config keyword arguments); a model the user built records its class and
-config, so a saved surgery loads without `base=`.
+(`hf:ClassName` with `config=` or config keyword arguments); `surgeon.references` records a model's class
+and config, so a saved surgery loads without `base=`.
 """
 from __future__ import annotations
 
 import inspect
-import json
 from typing import Any
 
 EXAMPLE_TOKENS = 16
@@ -54,18 +53,6 @@ def example_input(model, generator, batch: int) -> tuple | None:
     return tuple(out) if not values else None
 
 
-def reference(model) -> dict[str, Any] | None:
-    """How to rebuild a transformers model: `hf:ClassName` and its config (the values that differ from the
-    config class's defaults)."""
-    import transformers
-
-    name = type(model).__name__
-    if getattr(transformers, name, None) is not type(model):
-        return None
-    config = json.loads(model.config.to_json_string(use_diff=True))
-    return {"ref": f"hf:{name}", "args": {"config": config}, "pretrained": False, "weights": None}
-
-
 def create(name: str, *, pretrained: bool = False, config: dict[str, Any] | None = None, **kwargs):
     """A transformers model class by name, built from `config` (a config dict) or from config keyword
     arguments (`num_labels=3`), with fresh weights."""
@@ -88,4 +75,4 @@ def names() -> list[str]:
             and not n.startswith(("TF", "Flax"))]
 
 
-__all__ = ["create", "example_input", "is_hf", "names", "reference"]
+__all__ = ["create", "example_input", "is_hf", "names"]

@@ -23,7 +23,7 @@ def library_reference(model, *, search: bool = True) -> dict[str, Any] | None:
     from surgeon import hf
 
     if hf.is_hf(model):
-        return hf.reference(model)
+        return _transformers(model)
     cls = getattr(type(model), "_surgeon_base", type(model))
     if cls.__module__.startswith("timm."):
         return _timm(model)
@@ -34,6 +34,18 @@ def library_reference(model, *, search: bool = True) -> dict[str, Any] | None:
 
 def _reference(ref: str, args: dict[str, Any]) -> dict[str, Any]:
     return {"ref": ref, "args": args, "pretrained": False, "weights": None}
+
+
+def _transformers(model) -> dict[str, Any] | None:
+    """`hf:ClassName` and the config values that differ from the config class's defaults."""
+    import json
+
+    import transformers
+
+    name = type(model).__name__
+    if getattr(transformers, name, None) is not type(model):
+        return None
+    return _reference(f"hf:{name}", {"config": json.loads(model.config.to_json_string(use_diff=True))})
 
 
 def _timm(model) -> dict[str, Any] | None:

@@ -76,21 +76,12 @@ CASES = {
 
 
 def _blocks(model, prefix: str) -> list[str]:
-    """The block paths of a model: every module matching `prefix` with an integer index."""
-    names = {n for n, _ in model.named_modules()}
-    out, i = [], 0
-    stage_like = prefix.count("{}") == 1 and "stages" in prefix
-    if stage_like:  # image models: every layer of every stage
-        for s in range(8):
-            for j in range(8):
-                path = f"{prefix.format(s)}.layers.{j}"
-                if path in names:
-                    out.append(path)
-        return out
-    while prefix.format(i) in names:
-        out.append(prefix.format(i))
-        i += 1
-    return out
+    """The block paths of a model: every module `prefix` names with an integer index (and, for the image
+    models' stages, every layer of every stage)."""
+    import re
+
+    pattern = re.escape(prefix).replace(r"\{\}", r"\d+") + (r"\.layers\.\d+" if "stages" in prefix else "")
+    return [n for n, _ in model.named_modules() if re.fullmatch(pattern, n)]
 
 
 @pytest.fixture(autouse=True)

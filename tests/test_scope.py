@@ -578,8 +578,6 @@ def test_libraries_models_load_in_a_new_process_bit_exact(tmp_path, case):
     else:
         model, xs, att = _detector("fasterrcnn_mobilenet_v3_large_fpn"), ([torch.rand(3, 128, 128)],), "cbam"
         imports = "from torchvision.models import detection"
-        base = ("detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=3); "
-                "base.transform.min_size, base.transform.max_size = (128,), 128")
         base, pick = "base", "out = out[0]['boxes']"
         imports += ("\nbase = detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, "
                     "num_classes=3)\nbase.transform.min_size, base.transform.max_size = (128,), 128")

@@ -331,7 +331,13 @@ def test_image_folder_with_train_and_val_splits(tmp_path):
     ("one_class", "needs at least two"),
 ])
 def test_bad_data_folders(tmp_path, layout, message):
-    root = tmp_path / "d"
+    with pytest.raises(DataError, match=message):
+        image_folder(_bad_folder(tmp_path / "d", layout))
+
+
+def _bad_folder(root, layout: str):
+    """A data folder laid out wrongly: missing, empty, images with no class folders, a class without
+    images, a single class."""
     if layout != "missing":
         root.mkdir()
     if layout == "flat":
@@ -341,8 +347,7 @@ def test_bad_data_folders(tmp_path, layout, message):
         _png(root / "a" / "x.png", (0, 0, 0))
     if layout == "empty_class":
         (root / "b").mkdir()
-    with pytest.raises(DataError, match=message):
-        image_folder(root)
+    return root
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
@@ -409,11 +414,7 @@ def test_cli_class_count_mismatch_offers_num_classes(tmp_path):
     ("missing", "does not exist"),
 ])
 def test_cli_bad_data_folders(tmp_path, layout, message):
-    root = tmp_path / "d"
-    if layout != "missing":
-        root.mkdir()
-    if layout == "flat":
-        _png(root / "a.png", (0, 0, 0))
+    root = _bad_folder(tmp_path / "d", layout)
     one_line_error(run("finetune", REF, "--data", root, *TRAIN, "--out", tmp_path / "o"), message)
     one_line_error(run("evaluate", REF, "--data", root, "--input-size", "3,16,16"), message)
     assert not (tmp_path / "o").exists()

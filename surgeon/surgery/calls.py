@@ -140,9 +140,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-GUARDS = (expect, expect_keys, expect_len)
-
-
 def _literal(value: Any) -> bool:
     """Whether fx can write the value as a default in generated code."""
     return isinstance(value, (type(None), bool, int, float, str)) or (
@@ -209,4 +206,4 @@ def bind(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Nod
     return {n: bound.arguments[n.target.lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"}
 
 
-__all__ = ["Call", "Slot", "GUARDS", "bind", "record", "placeholders"]
+__all__ = ["Call", "Slot", "bind", "record", "placeholders"]

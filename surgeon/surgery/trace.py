@@ -432,10 +432,8 @@ def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result
             _trace_children(child, full, leaf_paths, result, reason)
             result.leaves.pop(full, None)
             continue
-        builtin_leaf = type(child).__module__.startswith("torch.nn") and not isinstance(child, nn.Sequential)
-        if full in leaf_paths or getattr(child, "_surgeon_leaf", False) or builtin_leaf:
-            continue
-        _trace_into(child, full, leaf_paths, result)
+        if not _builtin(child):
+            _trace_into(child, full, leaf_paths, result)
     return module
 
 
