@@ -112,8 +112,9 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
             raise
         except (ValueError, TypeError) as exc:
             raise OptionError(f"{att.name}: {exc}") from exc
+        flops, checked = _edit_flops(site, module, att.name)
         edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
-                          params=sum(p.numel() for p in module.parameters()), flops=_edit_flops(site, module)))
+                          params=sum(p.numel() for p in module.parameters()), flops=flops, shape_checked=checked))
     plan = Plan(prep, edits)
     plan.note = note
     return plan

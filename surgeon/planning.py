@@ -122,6 +122,7 @@ class Edit:
     module: nn.Module = field(repr=False)
     params: int = 0
     flops: int = 0
+    shape_checked: bool = field(default=False, repr=False)  # the module alone returned its site's shape
 
     def to_dict(self) -> dict[str, Any]:
         return {"site": self.site.name, "kind": self.site.kind, "shape": list(self.site.shape),
@@ -129,7 +130,13 @@ class Edit:
                 "params": self.params, "flops": self.flops}
 
 
-def _edit_flops(site: Site, module: nn.Module) -> int:
+def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int, bool]:
+    """The module's FLOPs on its site's shapes (batch 1), and whether that run showed it returns the
+    site's shape (then the patched model need not run to check it; see `Plan.apply`).
+
+    Raises:
+        ShapeError: the module ran and returned another shape than its site's.
+    """
     from surgeon.surgery.verify import count_flops
 
     if site.action == "insert":
@@ -138,12 +145,25 @@ def _edit_flops(site: Site, module: nn.Module) -> int:
         every = site.info.get("arg_shapes") or (
             [site.shape, *site.info["extra_shapes"]] if site.info.get("extra_shapes") else [site.shape, site.out_shape])
         shapes_in = [every[i] for i in rw.arg_indices(module, len(every)) if i < len(every)]
+    out: list = []
+    hook = module.register_forward_hook(lambda _m, _a, y: out.append(y))
+    # ones: a mask of ones keeps every step, so masked attentions count their full cost
+    inputs = tuple(torch.ones(1, *s[1:]) for s in shapes_in)
+    module.eval()
     try:
-        # ones: a mask of ones keeps every step, so masked attentions count their full cost
-        return count_flops(module.eval(), tuple(torch.ones(1, *s[1:]) for s in shapes_in))
+        flops = count_flops(module, inputs)  # (on meta tensors the counter's dispatch is slower than this)
     except Exception as exc:  # FLOPs are informative; never fail a plan on them
         log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
-        return 0
+        return 0, False
+    finally:
+        hook.remove()
+    want = tuple(site.shape if site.action == "insert" else site.out_shape)
+    if not (out and isinstance(out[0], torch.Tensor) and want):
+        return flops, False
+    have = (want[0], *out[0].shape[1:])
+    if have != want:
+        raise ShapeError(f"{attention or type(module).__name__} at {site.name!r} changed the shape {want} to {have}")
+    return flops, True
 
 
 def _worth_editing(prep: _Prepared, site: Site) -> bool:
@@ -296,7 +316,7 @@ class Plan:
             site=e.site.name, kind=e.site.kind, shape=tuple(e.site.shape), attention=e.attention,
             options=dict(e.options), init=e.init, module=paths[e.site.name], owner=owners[e.site.name],
             params=e.params, flops=e.flops, step=step) for e in self.edits])
-        _check_shapes(patched, self._prep.inputs, self.edits, paths)
+        _check_shapes(patched, self._prep.inputs, [e for e in self.edits if not e.shape_checked], paths)
         if verify:
             inits = {e.init for e in self.edits}
             self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
@@ -306,7 +326,9 @@ class Plan:
 
 
 def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
-    """Run the patched model once; every inserted module must return the shape its site had."""
+    """Run the patched model once; every inserted module in `edits` must return the shape its site had."""
+    if not edits:
+        return
     got = shapes.module_outputs(patched, inputs, [paths[e.site.name] for e in edits])
     for e in edits:
         want = e.site.shape if e.site.action == "insert" else e.site.out_shape

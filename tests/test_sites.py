@@ -115,11 +115,22 @@ def test_patched_model_keeps_site_names():
         assert names(patched, kind) == names(model, kind)
 
 
-def test_fake_tensor_shapes_match_real(monkeypatch):
-    """Big models get shapes from fake tensors (no activation memory); the sites must be the same."""
-    from surgeon.surgery import shapes
+def test_meta_and_fake_tensor_shapes_match_real(monkeypatch):
+    """Shapes come from meta tensors; a model whose forward needs values falls back to fake tensors (big
+    models, no activation memory) or real ones: the sites must be the same every way."""
+    from surgeon.surgery import meta, shapes
 
     model = timm.create_model("resnet18").eval()
+    runs = []
+    real_run = meta.run
+    monkeypatch.setattr(meta, "run", lambda *a, **k: runs.append(1) or real_run(*a, **k))
+    on_meta = surgeon.sites(model, input_size=(3, 64, 64))
+    assert runs, "the meta-tensor path was not taken"
+
+    def needs_values(*_a, **_k):
+        raise meta.NeedsValues("test")
+
+    monkeypatch.setattr(meta, "run", needs_values)
     real = surgeon.sites(model, input_size=(3, 64, 64))
     monkeypatch.setattr(shapes, "SMALL_MODEL_PARAMS", 0)
     calls = []
@@ -133,7 +144,8 @@ def test_fake_tensor_shapes_match_real(monkeypatch):
     monkeypatch.setattr(fake_tensor, "FakeTensorMode", Spy)
     fake = surgeon.sites(model, input_size=(3, 64, 64))
     assert calls, "the fake-tensor path was not taken"
-    assert [(s.name, s.kind, s.shape) for s in fake] == [(s.name, s.kind, s.shape) for s in real]
+    assert [(s.name, s.kind, s.shape) for s in fake] == [(s.name, s.kind, s.shape) for s in real] \
+        == [(s.name, s.kind, s.shape) for s in on_meta]
 
 
 class BroadcastContextConcat(torch.nn.Module):

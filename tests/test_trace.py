@@ -132,3 +132,55 @@ def test_root_with_train_only_branches_keeps_both_modes():
     b = patched(x)
     assert type(a).__name__ == type(b).__name__ == "GoogLeNetOutputs"
     assert all(torch.allclose(u, v, atol=1e-5) for u, v in zip(a, b))
+
+
+def _shift_in_training(module, x):
+    """Reads the mode through a plain function: nothing in the forward's source says `self.training`."""
+    return x + 1 if module.training else x
+
+
+class ModeViaHelper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(_shift_in_training(self, self.conv(x)))
+
+
+class WithModeViaHelper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.block = ModeViaHelper()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def test_mode_read_anywhere_keeps_both_modes():
+    """Any read of a `training` flag while tracing makes surgery trace the train mode too, however the
+    code reads it; the patched model then computes what the original does in both modes."""
+    torch.manual_seed(0)
+    model = WithModeViaHelper().eval()
+    patched = surgeon.add(model, "se", kind="after_conv", input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    for mode in (False, True):
+        model.train(mode), patched.train(mode)
+        assert torch.equal(patched(x), model(x)), f"training={mode}"
+
+
+def test_modules_that_never_read_the_mode_are_traced_once(monkeypatch):
+    """Tracing a second time in train mode is only for code that reads the mode (half the tracing time)."""
+    from surgeon.surgery import trace as trace_module
+
+    modes = []
+    real = trace_module._trace_graph
+    monkeypatch.setattr(trace_module, "_trace_graph",
+                        lambda m, leaves, training, call: modes.append(training) or real(m, leaves, training, call))
+    trace(TinyResNet().eval())
+    assert modes and not any(modes)
+    modes.clear()
+    trace(ModeViaHelper().eval())
+    assert modes == [False, True]

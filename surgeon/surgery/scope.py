@@ -26,6 +26,7 @@ from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes,
 from surgeon.surgery.owned import (LeafReplacement, forward_source, patched_class, shallow_copy,
                                     structural_copy)
 from surgeon.surgery.sites import Site
+from surgeon.surgery.trace import noting_training_reads
 
 log = logging.getLogger("surgeon")
 
@@ -136,10 +137,11 @@ def _local_leaves(leaf_paths: set[str], path: str) -> frozenset[str]:
 
 
 def _trace_matched(sc: Scopes, key, module: nn.Module, full: str, leaves: frozenset[str], tracing: _Tracing,
-                   must: dict[str, str], wanted: dict[str, str]):
+                   must: dict[str, str], wanted: dict[str, str], *, fresh: bool = True):
     """Trace `module` (scope `key`) alone with the calls in `must` and, when that traces and matches, those in
     `wanted` kept whole; returns (twin, graph, mapping or None). Keeping a call whole fails where the code
-    around it takes its output apart in Python (iterating a dict of features): then it is traced through."""
+    around it takes its output apart in Python (iterating a dict of features): then it is traced through.
+    With `fresh`, the graph is the caller's own copy, to edit (traces are cached)."""
     for whole in ({**must, **wanted}, must) if wanted else (must,):
         try:
             twin, own = tracing(module, frozenset(leaves | set(whole.values())), full)
@@ -147,7 +149,8 @@ def _trace_matched(sc: Scopes, key, module: nn.Module, full: str, leaves: frozen
             if whole is must:
                 raise
             continue
-        own = _fresh(own)
+        if fresh:
+            own = _fresh(own)
         mapping = match(sc, key, own, whole)
         if mapping is not None or whole is must:
             return twin, own, mapping
@@ -159,7 +162,8 @@ def _check_alone(sc, key, site, nodes, tracing, graph_module, graph, leaf_paths)
     module = graph_module.get_submodule(path) if path else graph_module
     try:
         own, mapping = _trace_matched(sc, key, module, _join(graph, path), _local_leaves(leaf_paths, path),
-                                      tracing, sc.hooked_inside(key), sc.kept_whole(key, [site], nodes))[1:]
+                                      tracing, sc.hooked_inside(key), sc.kept_whole(key, [site], nodes),
+                                      fresh=False)[1:]
     except Exception as exc:  # noqa: BLE001 - any failure means: not this scope
         return f"it does not trace alone ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     if mapping is None:
@@ -315,6 +319,11 @@ def rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[s
     Returns:
         (patched model, {site name: full path of its inserted module}, {site name: full path of the owner}).
     """
+    with noting_training_reads():  # one change of nn.Module for all the traces below
+        return _rewrite(model, choice, insert)
+
+
+def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[str, str], dict[str, str]]:
     owners, scopes, tracing, leaf_paths = choice.owners, choice.scopes, choice.tracing, choice.leaf_paths
     # the patched model is a structural copy: its own modules, attributes and training flags, the user's
     # parameter and buffer tensors (no copy of the weights) and the user's hook functions
@@ -389,6 +398,12 @@ def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
         by_graph.setdefault(e[0].graph, []).append(e)
     owners: dict[str, Owner] = {}
     scopes: dict[str, Scopes] = {}
+    with noting_training_reads():  # one change of nn.Module for all the traces below
+        _choose_all(model, traced, by_graph, tracing, leaf_paths, owners, scopes)
+    return Choice(owners, scopes, tracing, leaf_paths)
+
+
+def _choose_all(model, traced, by_graph, tracing, leaf_paths, owners, scopes) -> None:
     for g, group in by_graph.items():
         user_module = model.get_submodule(g) if g else model
         sc = scopes[g] = Scopes.of(traced.graphs[g], user_module)
@@ -396,7 +411,6 @@ def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
         local_leaves.discard("")
         for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
             owners.setdefault(owner.full, owner).edits.append(edit)
-    return Choice(owners, scopes, tracing, leaf_paths)
 
 
 def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:

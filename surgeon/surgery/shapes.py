@@ -1,9 +1,10 @@
 """Shape propagation: the tensor shape at every node of every traced graph, without real compute.
 
-Runs the model once under a FakeTensorMode (no activation memory, even for very large models; small
-models run on real CPU tensors, which is faster for them) and records each node's output shape in `node.meta["shape"]` (a torch.Size, a tuple of them for tuple
-outputs, or None). Graphs nested in Python modules (piecewise traces) are reached through forward
-pre-hooks. Falls back to real CPU tensors when an operator has no fake implementation.
+Runs the model once and records each node's output shape in `node.meta["shape"]` (a torch.Size, a tuple
+of them for tuple outputs, or None). Graphs nested in Python modules (piecewise traces) are reached
+through forward pre-hooks. Each run is tried on meta tensors first (`meta`: shapes only, whatever the
+input size); a model whose forward needs values runs under a FakeTensorMode when it is big (no activation
+memory) and on real CPU tensors when it is small or an operator has no fake implementation.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from surgeon.errors import ShapeError
-from surgeon.surgery import calls
+from surgeon.surgery import calls, meta
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
 
@@ -91,6 +92,11 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
     small = sum(p.numel() for p in traced.module.parameters()) <= SMALL_MODEL_PARAMS
     try:
         try:
+            meta.run([traced.module, *traced.graphs.values()], lambda *xs: _run(traced, xs), *example_inputs)
+            return
+        except meta.NeedsValues as exc:
+            log.debug("shapes: not on meta tensors (%s)", exc)
+        try:
             if small:  # real tensors are faster here and cost little memory
                 raise _UseReal
             mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -156,6 +162,12 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
     model.eval()
     try:
         with torch.no_grad():
+            try:
+                meta.run([model], model, *inputs)
+                return got
+            except meta.NeedsValues as exc:
+                log.debug("shapes: not on meta tensors (%s)", exc)
+                got.clear()
             try:
                 if sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS:
                     raise _UseReal

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -179,8 +180,11 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
 
         wrap(torch.no_grad, False)
         wrap(torch.enable_grad, True)
+        # every read of a module's `training` flag while tracing is noted (see `_trace_whole`)
+        self.read_training = False
         try:
-            return super().trace(root, concrete_args)
+            with noting_training_reads(self):
+                return super().trace(root, concrete_args)
         finally:
             for cm, (enter, exit_) in patched.items():
                 cm.__enter__, cm.__exit__ = enter, exit_
@@ -195,24 +199,70 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
             raise
 
 
-def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool, call: calls_.Call | None) -> fx.Graph:
+_NOTING: list = []  # [depth, the tracer noting reads] while `noting_training_reads` is active
+
+
+def _read_training(module: nn.Module) -> bool:
+    if _NOTING and _NOTING[1] is not None:
+        _NOTING[1].read_training = True
+    try:
+        return module.__dict__["training"]
+    except KeyError:
+        raise AttributeError("training") from None
+
+
+def _write_training(module: nn.Module, value: bool) -> None:
+    module.__dict__["training"] = value
+
+
+@contextlib.contextmanager
+def noting_training_reads(tracer: fx.Tracer | None = None):
+    """While active, reads of any module's `training` flag set `tracer.read_training`: a data descriptor
+    on nn.Module takes precedence over the instance attribute it reads. Re-entrant; the outermost use
+    installs it (changing nn.Module costs about a millisecond: wrap a whole surgery step in one)."""
+    outer = bool(_NOTING)
+    if not outer:
+        nn.Module.training = property(_read_training, _write_training)
+        _NOTING[:] = [0, None]
+    depth, previous = _NOTING[0], _NOTING[1]
+    _NOTING[:] = [depth + 1, tracer if tracer is not None else previous]
+    try:
+        yield
+    finally:
+        _NOTING[:] = [depth, previous]
+        if not outer:
+            _NOTING.clear()
+            del nn.Module.training
+
+
+def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
+                 call: calls_.Call | None) -> tuple[fx.Graph, bool]:
+    """The graph of `module` in the given mode, and whether tracing read any module's `training` flag."""
     was = module.training
     module.train(training)
     try:
+        tracer = SurgeonTracer(leaf_paths, call=call)
         try:
-            graph = SurgeonTracer(leaf_paths, call=call).trace(module)
+            graph = tracer.trace(module)
         except Exception:
             if call is None:
                 raise
             # decisions on sizes (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`): trace again
             # knowing every value's shape, which is slower
-            graph = SurgeonTracer(leaf_paths, call=call, values=True).trace(module)
+            tracer = SurgeonTracer(leaf_paths, call=call, values=True)
+            graph = tracer.trace(module)
     finally:
         module.train(was)
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
-    return graph
+    return graph, tracer.read_training
+
+
+@functools.lru_cache(maxsize=None)
+def _own_training(cls: type) -> bool:
+    """Whether a class defines `training` itself (a property): reads of it would not be noted."""
+    return any("training" in c.__dict__ for c in cls.__mro__ if c is not nn.Module)
 
 
 def _node_key(node: fx.Node) -> tuple:
@@ -330,9 +380,12 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
-    g_eval = _trace_graph(module, leaf_paths, training=False, call=call)
-    g_train = _trace_graph(module, leaf_paths, training=True, call=call)
-    dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
+    g_eval, read = _trace_graph(module, leaf_paths, training=False, call=call)
+    dropouts = []
+    if read or any(_own_training(type(m)) for m in module.modules()):
+        # the code depends on the mode: trace it in train mode too, and keep what differs (or refuse)
+        g_train, _ = _trace_graph(module, leaf_paths, training=True, call=call)
+        dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
     gm = _graph_module(module, g_eval)
     _modularise_dropouts(gm, dropouts)
     return gm
@@ -376,7 +429,8 @@ def trace(model: nn.Module, *, leaf_paths: set[str] | None = None,
         TraceError: when no part of the model can be traced.
     """
     result = Traced(module=model, calls=dict(calls or {}))
-    result.module = _trace_into(model, "", set(leaf_paths or ()), result)
+    with noting_training_reads():
+        result.module = _trace_into(model, "", set(leaf_paths or ()), result)
     return result
 
 

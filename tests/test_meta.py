@@ -1,0 +1,96 @@
+"""Shape-only runs on meta tensors (surgeon.surgery.meta): exact shapes, the model untouched, and a clear
+fallback whenever a forward needs values or leaves state behind."""
+import pytest
+import torch
+from torch import nn
+
+import surgeon
+from surgeon.surgery import meta
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).relu()
+
+
+class Net(nn.Module):
+    """The variants below do at the root what fx cannot trace; the block is traced on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class DataDependent(Net):
+    def forward(self, x):
+        y = super().forward(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+class LazyScale(Net):
+    """Computes and stores a tensor on its first call (as RoI poolers store their scales)."""
+
+    def forward(self, x):
+        if getattr(self, "scale", None) is None:
+            self.scale = x.new_ones(()) * 2
+        return super().forward(x) * self.scale
+
+
+class Memo(Net):
+    """Fills a dict attribute in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo = {}
+
+    def forward(self, x):
+        self.memo.setdefault(x.shape[-1], torch.zeros(1, device=x.device))
+        return super().forward(x) + self.memo[x.shape[-1]]
+
+
+def _state(m):
+    return [(k, t) for k, t in list(m.named_parameters()) + list(m.named_buffers())]
+
+
+def test_meta_run_gives_shapes_and_leaves_the_model_as_it_was():
+    m = Net().eval()
+    before = _state(m)
+    out = meta.run([m], m, torch.randn(2, 3, 16, 16))
+    assert out.is_meta and out.shape == (2, 8, 16, 16)
+    after = _state(m)
+    assert [k for k, _ in after] == [k for k, _ in before]
+    assert all(a is b for (_, a), (_, b) in zip(after, before))  # the very same tensors, on the CPU
+    assert not any(t.is_meta for _, t in after)
+
+
+@pytest.mark.parametrize("cls, why", [(DataDependent, "Tensor.item"), (LazyScale, "stored state on LazyScale"),
+                                      (Memo, "stored state on Memo")])
+def test_meta_run_refuses_what_needs_values_and_undoes_it(cls, why):
+    m = cls().eval()
+    before = _state(m)
+    with pytest.raises(meta.NeedsValues, match=why):
+        meta.run([m], m, torch.randn(2, 3, 16, 16))
+    assert all(a is b for (_, a), (_, b) in zip(_state(m), before))
+    assert getattr(m, "scale", None) is None and getattr(m, "memo", {}) == {}
+    m(torch.randn(2, 3, 16, 16))  # the model still runs for real
+
+
+@pytest.mark.parametrize("cls", [DataDependent, LazyScale, Memo])
+def test_surgery_falls_back_to_real_tensors(cls):
+    """Models that need values still get exact shapes (from a real run) and an identity patch; the user's
+    model keeps no state from surgery."""
+    torch.manual_seed(0)
+    m = cls().eval()
+    patched = surgeon.add(m, "se", kind="after_conv", input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), m(x))
+    assert [(s.name, s.shape) for s in surgeon.sites(cls().eval(), kind="after_conv", input_size=(3, 16, 16))] \
+        == [("block.conv", (2, 8, 16, 16))]
