@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from surgeon import outputs
+from surgeon import outputs, record
 from surgeon.errors import ModelError, OptionError, UnknownNameError, WeightsError
 from surgeon.recipe import (FORMAT, FORMAT_VERSION, RECIPE, base_reference, build_base, check_names, inside,
                             read_recipe, replay)
@@ -44,7 +44,6 @@ def versions() -> dict[str, str]:
 
 def recipe_of(model) -> dict[str, Any]:
     """The recipe of a patched model: base model reference, input size, edits, versions."""
-    from surgeon import record
 
     base = record.base(model)
     if base is None:  # a model the user built: its library may still say how (torchvision: searched here)
@@ -59,6 +58,7 @@ def recipe_of(model) -> dict[str, Any]:
             "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
             **({"example_input": record.input_spec(ex)} if (ex := record.example_input(model)) else {}),
             **({"merged": merged} if (merged := record.merged(model)) else {}),
+            **({"folded_bn": pairs} if (pairs := record.folded_bn(model)) else {}),
             "versions": versions()}
 
 
@@ -159,7 +159,9 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
     tmp = outputs.temporary_folder(target)
     try:
         if adapter:
+            # convolutions that took in a BatchNorm (`merge(fold_bn=True)`) differ from the base: they go in
             included = _resolve_include(model, include)
+            included += [c for c, _ in record.folded_bn(model) if c not in included]
             keys = adapter_keys(model, included)
             tensors = {k: state[k].detach().contiguous() for k in keys}
             save_file(tensors, str(tmp / ADAPTER), metadata={"format": "surgeon.adapter"})
@@ -319,22 +321,24 @@ def _check_versions(recipe: dict[str, Any]) -> None:
                         "changed between them", lib, then, now[lib])
 
 
-def merge_saved(directory, out, *, force: bool = False, trust_code: bool = False) -> list:
+def merge_saved(directory, out, *, force: bool = False, trust_code: bool = False,
+                fold_bn: bool = False) -> tuple[list, list]:
     """Load the model saved in `directory`, merge it and save it (in full) to `out`.
 
     Args:
         directory: a folder written by `surgeon.save` (or `surgeon finetune --out`).
         out: the folder to write; checked before any work (see `surgeon.outputs.check_folder`).
         force: replace `out` when it is a previous save. trust_code: see `surgeon.load`.
+        fold_bn: also fold BatchNorm into the convolutions before it (see `surgeon.merge`).
 
     Returns:
-        what was done with each gate (see `merge_plan`).
+        (what was done with each gate (see `merge_plan`), the (conv, BatchNorm) pairs folded).
 
     Raises:
         OutputError: `out` may not be written. RecipeError, WeightsError: as `surgeon.load`.
 
     Example:
-        >>> folds = surgeon.checkpoint.merge_saved("runs/cbam", "runs/cbam-merged")
+        >>> folds, pairs = surgeon.checkpoint.merge_saved("runs/cbam", "runs/cbam-merged")
     """
     from surgeon import outputs
     from surgeon.merging import merge, merge_plan
@@ -342,5 +346,7 @@ def merge_saved(directory, out, *, force: bool = False, trust_code: bool = False
     outputs.check_folder(out, force=force, reading=outputs.local_inputs(directory))
     model = load(directory, trust_code=trust_code)
     folds = merge_plan(model)
-    save(merge(model, inplace=True), out, force=force)
-    return folds
+    before = len(record.folded_bn(model))
+    merged = merge(model, inplace=True, fold_bn=fold_bn)
+    save(merged, out, force=force)
+    return folds, record.folded_bn(merged)[before:]

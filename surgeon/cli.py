@@ -341,19 +341,23 @@ def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Write the merged model (full) here.")
 @click.option("--force", is_flag=True, help="Replace --out when it exists.")
 @click.option("--trust-code", is_flag=True, help="Allow a recipe whose base model is a user factory.")
+@click.option("--fold-bn", is_flag=True,
+              help="Also fold BatchNorm into the convolution before it (for inference: no BatchNorm left to train).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
-def merge_cmd(directory: str, out: str, force: bool, trust_code: bool, as_json: bool) -> None:
+def merge_cmd(directory: str, out: str, force: bool, trust_code: bool, fold_bn: bool, as_json: bool) -> None:
     """Fold the identity-init gates of the fine-tuned model in DIRECTORY where that is exact (γ = 1: dropped;
     γ of an additive branch: multiplied into its last layer) and save it to --out."""
     from surgeon import checkpoint
 
     with render.stderr().status(f"Merging {directory}…"):
-        folds = checkpoint.merge_saved(directory, out, force=force, trust_code=trust_code)
+        folds, pairs = checkpoint.merge_saved(directory, out, force=force, trust_code=trust_code, fold_bn=fold_bn)
     if as_json:
-        click.echo(json.dumps({"out": out, "gates": [f.to_dict() for f in folds]}, indent=2))
+        click.echo(json.dumps({"out": out, "gates": [f.to_dict() for f in folds], "folded_bn": pairs}, indent=2))
         return
     render.stdout().print(render.merge_table(folds))
+    if fold_bn:
+        click.echo(f"BatchNorm folded into the convolution before it: {len(pairs)} pairs")
     _echo_saved(out)
 
 

@@ -40,7 +40,7 @@ _WEIGHTS = {"file": (str, True), "adapter": (bool, True), "include": (list, Fals
 SCHEMA = {"format": (str, True), "version": (int, True), "model": ((_MODEL, _NONE), False),
           "input_size": ((list, _NONE), False), "edits": (list, True), "versions": (dict, False),
           "example_input": ((list, _NONE), False),
-          "weights": (_WEIGHTS, False), "merged": (list, False)}
+          "weights": (_WEIGHTS, False), "merged": (list, False), "folded_bn": (list, False)}
 # model-library arguments that read files or pick weights from elsewhere: a recipe names its base
 # weights in `model.weights`, inside its folder
 _FILE_ARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -426,4 +426,12 @@ def replay(recipe: dict[str, Any] | str | os.PathLike, base=None, *, trust_code:
             raise RecipeError(f"Recipe {source!r}: field 'merged' must list gate module paths")
         drop_gates(model, recipe["merged"])
         record.set_merged(model, recipe["merged"])
+    if recipe.get("folded_bn"):
+        from surgeon.merging import fold_bn_pairs
+
+        pairs = recipe["folded_bn"]
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            raise RecipeError(f"Recipe {source!r}: field 'folded_bn' must list [conv, batchnorm] module path pairs")
+        fold_bn_pairs(model, pairs, structure_only=True)
+        record.set_folded_bn(model, pairs)
     return model.eval()

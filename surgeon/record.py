@@ -172,6 +172,15 @@ def set_merged(model, paths: list[str]) -> None:
     ensure(model)["merged"] = list(paths)
 
 
+def folded_bn(model) -> list[list[str]]:
+    """The (conv, BatchNorm) pairs `surgeon.merge(fold_bn=True)` folded in this model, in order."""
+    return [list(p) for p in (_raw(model) or {}).get("folded_bn") or []]
+
+
+def set_folded_bn(model, pairs: list) -> None:
+    ensure(model)["folded_bn"] = [list(p) for p in pairs]
+
+
 def set_edit_shapes(model, shapes: dict[str, tuple]) -> None:
     """Update the recorded site shapes ({site: shape}), e.g. after training at another input size."""
     for e in ensure(model)["edits"]:

@@ -13,6 +13,7 @@ from conftest import perturb_bn
 from seq_models import Tagger
 from surgeon.cli import cli
 from surgeon.layers.gate import ZeroGate
+from surgeon.merging import bn_pairs
 from toy_models import TinyResNet
 
 ATTENTIONS = [("se", {}), ("cbam", {}), ("bam", {}), ("triplet", {}), ("scse", {}), ("scse", {"fusion": "mul"}),
@@ -148,3 +149,93 @@ def test_cli_merge_errors_are_one_line(tmp_path):
     assert missing.exit_code == 2 and missing.stderr.startswith("Error: ") and len(missing.stderr.splitlines()) == 1
     no_out = runner.invoke(cli, ["merge", str(tmp_path)])
     assert no_out.exit_code == 2 and "--out" in no_out.stderr
+
+
+# -- BatchNorm folding (deployment) ---------------------------------------------------------------------
+class ConvUsedTwice(torch.nn.Module):
+    """conv → bn, and the conv's output also added back: that BN cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.conv2 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = BatchNormRelu(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn2(self.conv2(self.bn(y) + y))
+
+
+class BatchNormRelu(torch.nn.BatchNorm2d):
+    """A BatchNorm subclass that computes more (as timm's BatchNormAct2d): not folded."""
+
+    def forward(self, x):
+        return super().forward(x).relu()
+
+
+def test_fold_bn_folds_every_conv_bn_pair_and_computes_the_same(base):
+    x = _x(4, 3, 32, 32)
+    patched = _train(surgeon.add(copy.deepcopy(base), "se", example_input=x, verify=False), x)
+    merged = surgeon.merge(patched, fold_bn=True)
+    pairs = surgeon.record.folded_bn(merged)
+    # stem 1, six blocks x 2, two downsampling shortcuts
+    assert len(pairs) == 15 and ["stage2.0.conv1", "stage2.0.bn1"] in pairs and ["stem.0", "stem.1"] in pairs
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in merged.modules())
+    assert all(merged.get_submodule(c).bias is not None for c, _ in pairs)
+    with torch.no_grad():
+        assert (merged(x) - patched(x)).abs().max() <= 1e-5
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in patched.modules())  # the model itself unchanged
+
+
+class CalledTwice(torch.nn.Module):
+    """One conv → bn pair applied twice: folding the BN would still be right, but the conv is shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize("cls", [ConvUsedTwice, CalledTwice])
+def test_fold_bn_leaves_what_cannot_fold(cls):
+    """A conv output used twice, a BatchNorm subclass that computes more, modules called twice: unfolded."""
+    torch.manual_seed(0)
+    model = perturb_bn(cls()).eval()
+    assert bn_pairs(model) == []
+    x = _x(2, 3, 8, 8)
+    merged = surgeon.merge(model, fold_bn=True)
+    with torch.no_grad():
+        assert torch.equal(merged(x), model(x))
+
+
+def test_fold_bn_saves_and_loads(base, tmp_path):
+    x = _x(4, 3, 32, 32)
+    patched = surgeon.add(base, "cbam", example_input=x, verify=False)
+    with torch.no_grad():  # as after fine-tuning the new modules only: the base's weights are the saved base's
+        for g in _gates(patched):
+            g.gamma.fill_(0.5)
+    merged = surgeon.merge(patched, fold_bn=True)
+    for adapter in (False, True):  # an adapter holds the folded convolutions too
+        surgeon.save(merged, tmp_path / f"m{adapter}", adapter=adapter)
+        recipe = json.loads((tmp_path / f"m{adapter}" / "recipe.json").read_text())
+        assert recipe["folded_bn"] == surgeon.record.folded_bn(merged)
+        loaded = surgeon.load(tmp_path / f"m{adapter}", base=base)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), merged(x)), f"adapter={adapter}"
+
+
+def test_cli_merge_fold_bn(base, tmp_path):
+    x = _x(4, 3, 32, 32)
+    patched = surgeon.add("toy_models:tiny_resnet", "se", example_input=x, verify=False).eval()
+    surgeon.save(patched, tmp_path / "ft")
+    result = runner.invoke(cli, ["merge", str(tmp_path / "ft"), "--out", str(tmp_path / "merged"), "--trust-code",
+                                 "--fold-bn"])
+    assert result.exit_code == 0, result.output
+    assert "BatchNorm folded into the convolution before it: 15 pairs" in result.output
+    loaded = surgeon.load(tmp_path / "merged", trust_code=True)
+    with torch.no_grad():
+        assert (loaded(x) - patched(x)).abs().max() <= 1e-5
