@@ -21,6 +21,13 @@ def median_time(fn: Callable[[], Any], *, repeat: int, warmup: int = 1,
     return statistics.median(times), times
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. '0.52/0.61/0.70' (2 cores: above 2 the clock is shared)."""
+    import os
+
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def report(title: str, rows: list[dict[str, Any]]) -> None:
     """Print rows as a rich table, or as JSON with --json."""
     if "--json" in sys.argv:

@@ -15,7 +15,7 @@ import timm
 import torch
 
 import surgeon
-from _common import median_time, report
+from _common import load_average, median_time, report
 
 CPU = os.environ.get("CLOCK", "wall") == "cpu"
 torch.set_num_threads(1 if CPU else 2)
@@ -33,10 +33,6 @@ def side_by_side(models: dict, x: torch.Tensor, *, rounds: int, repeat: int) -> 
                 t, _ = median_time(lambda m=m: m(x), repeat=repeat, warmup=1, clock=CLOCK)
                 times[name] = min(times.get(name, float("inf")), t)
     return times
-
-
-def load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 # 1. paper init vs the hand-written seresnet50
@@ -57,7 +53,7 @@ report(f"forward latency, batch 8, 224x224, CPU, {SETTING}", [
 # 2. identity init over paper init, per attention
 base = timm.create_model("resnet50").eval()
 rows = []
-before = load()
+before = load_average()
 for attention in ATTENTIONS:
     pair = {init: surgeon.add(base, attention, init=init, input_size=(3, 224, 224), verify=False).eval()
             for init in ("paper", "identity")}
@@ -68,4 +64,4 @@ for attention in ATTENTIONS:
         row[f"identity/paper, b{batch}"] = t["identity"] / t["paper"]
     rows.append(row)
 report(f"identity init over paper init, resnet50, CPU, {SETTING}; load average (1/5/15 min) "
-       f"{before} before, {load()} after", rows)
+       f"{before} before, {load_average()} after", rows)
