@@ -46,6 +46,7 @@ def main(rank: int, world_size: int, port: int, out: str) -> None:
 
     whole = surgeon.finetune(patched(), train, val, out=out / "whole", **SETTINGS)
     report["whole"] = whole.history
+    report["draw"] = torch.rand(1).item()  # where this process's random stream stands after the run
     try:  # killed in the middle of epoch 2 (32 samples per process and epoch)
         surgeon.finetune(patched(), Interrupting(train, 32 + 20), val, out=out / "cut", **SETTINGS)
     except KeyboardInterrupt:

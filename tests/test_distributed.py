@@ -71,6 +71,9 @@ def test_two_processes_compute_what_one_does_at_the_same_global_batch(two, batch
     _, reports, weights = two
     train, val = data()
     one = surgeon.finetune(patched(), train, val, **(SETTINGS | dict(batch_size=batch_size, accum_steps=accum_steps)))
+    draw = torch.rand(1).item()
+    # each process draws its own random numbers (dropout, augmentation); rank 0 those of one process
+    assert reports[0]["draw"] == draw != reports[1]["draw"]
     assert [r["step"] for r in one.history] == [r["step"] for r in reports[0]["whole"]] == [4, 8]
     ddp = weights[0]["whole"]
     assert _max_diff(ddp, one.model.state_dict()) <= TOLERANCE
@@ -194,3 +197,65 @@ def test_ddp_refuses_a_phase_where_nothing_trains():
         p.requires_grad_(False)
     with pytest.raises(TrainingError, match="No parameter trains"):
         distributed.wrap(model, distributed.World(rank=0, size=2, backend="gloo"), torch.device("cpu"), None)
+
+
+# -- the command ------------------------------------------------------------------------------------
+CLI = ("finetune", REF, "--data", "digits", "--epochs", 1, "--lr", 1e-3, "--batch-size", 8, "--input-size", "3,16,16",
+       "--no-progress")
+
+
+def run(*args):
+    from click.testing import CliRunner
+
+    from surgeon.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_nproc_2_trains_in_two_processes(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)  # the processes import toy_models as this one does
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = tmp_path / "o"
+    result = run(*CLI, "--limit", 40, "--nproc=2", "--accum-steps", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "trainer_state.json").read_text())["config"]
+    assert (config["world_size"], config["global_batch"], config["backend"]) == (2, 32, "gloo")
+    history = training.read_metrics(out)
+    assert len(history) == 1 and history[0]["step"] == 1  # 40 images: 20 per process, 2 batches of 8 per step
+    assert surgeon.load(out, trust_code=True).fc.out_features == 10
+
+
+@pytest.mark.parametrize("extra, env, message", [
+    (("--sync-bn",), {}, "sync_bn (--sync-bn) needs CUDA devices"),
+    (("--nproc", 40), {}, "The training data has 16 samples, fewer than the 40 processes"),
+    (("--device", "mps"), {}, "Device 'mps' cannot train in 2 processes"),
+    ((), {"WORLD_SIZE": "2"}, "already runs under torchrun (WORLD_SIZE=2); drop --nproc"),
+])
+def test_cli_nproc_refuses_before_starting_processes(tmp_path, monkeypatch, extra, env, message):
+    from surgeon.training import optim
+
+    monkeypatch.setattr(optim, "resolve_device", lambda d: torch.device(str(d)))  # mps without an Apple GPU
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("processes were started"))
+    result = run(*CLI, "--limit", 16, "--nproc", 2, *extra, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_errors_of_other_ranks_name_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    result = run(*CLI, "--limit", 16, "--momentum", 5, "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "Error (rank 1): momentum (--momentum) must be a finite number in [0, 1), got 5.0"
+
+
+def test_cli_help_shows_nproc_and_accumulation():
+    result = run("finetune", "--help")
+    assert result.exit_code == 0
+    assert "--nproc" in result.output and "--accum-steps" in result.output and "--sync-bn" in result.output
