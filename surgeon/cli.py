@@ -14,7 +14,7 @@ from typing import Any, Callable
 import click
 
 from surgeon import render
-from surgeon.cli_options import finetune_options, model_options
+from surgeon.cli_options import RawArgsCommand, finetune_options, model_options
 from surgeon.errors import SurgeonError
 
 EXIT_USAGE = 2
@@ -32,15 +32,6 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"Error{f' (rank {rank})' if rank != '0' else ''}: {exc}", err=True)
             sys.exit(EXIT_USAGE)
     return wrapper
-
-
-class RawArgsCommand(click.Command):
-    """A command that keeps its raw arguments (ctx.meta['raw_args']), to start itself again in other
-    processes."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        ctx.meta["raw_args"] = list(args)
-        return super().parse_args(ctx, args)
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # click >= 8.2
@@ -463,15 +454,9 @@ def _launch(nproc: int, ctx: click.Context) -> None:
     """Run this command (its raw arguments without --nproc) in `nproc` processes; exit as the worst failed."""
     from surgeon.training import distributed
 
-    args, raw = [], ctx.meta["raw_args"]
-    skip = False
-    for a in raw:
-        if skip or a == "--nproc" or a.startswith("--nproc="):
-            skip = a == "--nproc"
-            continue
-        args.append(a)
     verbose = ["-v"] if ctx.parent is not None and ctx.parent.params.get("verbose") else []
-    failed = distributed.launch(nproc, [*verbose, ctx.info_name or "finetune", *args])
+    failed = distributed.launch(nproc, [*verbose, ctx.info_name or "finetune",
+                                        *distributed.without_option(ctx.meta["raw_args"], "--nproc")])
     if failed:
         rank, code = max(failed.items(), key=lambda kv: kv[1])
         click.echo(f"Error: {len(failed)} of {nproc} processes failed (rank {rank}: exit code {code}); their "

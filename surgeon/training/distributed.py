@@ -321,6 +321,17 @@ def swapped(model, modules: dict[str, Any]) -> Iterator[None]:
 
 
 # -- launching ---------------------------------------------------------------------------------------
+def without_option(args: Sequence[str], flag: str) -> list[str]:
+    """Command-line `args` without `flag` and its value (`--nproc 2` or `--nproc=2`)."""
+    out, skip = [], False
+    for a in args:
+        if skip or a == flag or a.startswith(flag + "="):
+            skip = a == flag
+            continue
+        out.append(a)
+    return out
+
+
 def launch(nproc: int, argv: Sequence[str]) -> dict[int, int]:
     """Run `python -m surgeon.cli *argv` in `nproc` processes on this machine with torch.distributed.run
     (torchrun --standalone --nproc-per-node N). Returns the failed ranks' exit codes (empty: all succeeded).

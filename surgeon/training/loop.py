@@ -173,13 +173,20 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
             clip_grad: clip the gradient norm of the trainable parameters to this value.
             num_classes: replace the head with a fresh Linear of this many outputs when it has another count.
             bn_stats: 'auto' (frozen BatchNorms keep their statistics), 'frozen' (all do), 'train' (none do).
-            batch_size, label_smoothing, seed (seeds the head, shuffling and every epoch).
+            batch_size (per process and step), label_smoothing, seed (seeds the head, shuffling and every
+                epoch; each process of a data-parallel run draws from its own stream).
+            accum_steps: batches per optimizer step (global batch = batch_size × processes × accum_steps).
+            sync_bn: several CUDA processes share BatchNorm statistics (SyncBatchNorm).
             device: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'. compile: train through torch.compile.
             amp: mixed precision (bfloat16 on CPU and recent GPUs, float16 with loss scaling otherwise).
             num_workers: DataLoader workers.
         out: write OUT/metrics.jsonl, OUT/curves.png and a checkpoint every epoch (a folder that
             `surgeon.load` reads, plus the trainer state for `resume`).
         resume: continue the run in `out` from its last completed epoch. force: replace `out`.
+            Under torchrun (WORLD_SIZE > 1), or in a process group the caller started, every process calls
+            `finetune` with the same arguments: DistributedDataParallel, each process on its shard of the
+            data, metrics summed over the processes, and rank 0 alone writes `out` (see
+            `surgeon.training.distributed`).
         plot / progress: draw the PNG; show rich progress bars on stderr.
 
     Returns:
@@ -187,7 +194,8 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
 
     Raises:
         OptionError (an option out of range or misspelt), DataError (empty data, classes that do not fit
-        the head), SurgeonError (the output folder exists without resume/force; a resume with other settings).
+        the head, data that cannot be split over the processes), SurgeonError (the output folder exists
+        without resume/force; a resume with other settings).
 
     Example:
         >>> patched = surgeon.add(surgeon.load_model("resnet18", weights="mine.safetensors"), "cbam")
