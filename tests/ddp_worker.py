@@ -5,7 +5,8 @@ one gloo process group from them, which every `surgeon.finetune` call below uses
 under torchrun may do the same; the CLI test lets `finetune` start the group itself). It runs:
 1. `whole`: the settings of test_distributed.SETTINGS, uninterrupted, writing a run folder;
 2. `cut`: the same, killed in the middle of its second epoch, then resumed;
-3. a Dataset of one sample (fewer samples than processes).
+3. a Dataset of one sample (fewer samples than processes);
+4. a model with a trainable parameter that its forward does not use (DDP must be told).
 and leaves in OUT: rank{R}.pt (final weights per run), rank{R}.json (write_run calls, histories, errors).
 """
 from __future__ import annotations
@@ -57,6 +58,11 @@ def main(rank: int, world_size: int, port: int, out: str) -> None:
         surgeon.finetune(patched(), Subset(train, [0]), epochs=1, lr=1e-3, progress=False)
     except SurgeonError as exc:
         report["error"] = f"{type(exc).__name__}: {exc}"
+    spare = patched()
+    spare.spare = torch.nn.Parameter(torch.zeros(3))  # trains, but no forward uses it
+    before = spare.stem[0].weight.detach().clone()
+    surgeon.finetune(spare, train, epochs=1, lr=1e-3, batch_size=8, progress=False)
+    report["spare"] = [bool(spare.spare.abs().sum() == 0), bool(not torch.equal(before, spare.stem[0].weight))]
     report["writes"] = writes
     torch.save({"whole": whole.model.state_dict(), "again": again.model.state_dict()}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps(report))

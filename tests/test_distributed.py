@@ -122,6 +122,12 @@ def test_fewer_samples_than_processes_is_one_line(two):
                               "processes (--nproc) or more data")
 
 
+def test_a_trainable_parameter_the_forward_does_not_use_trains_nothing_and_breaks_nothing(two):
+    _, reports, _ = two
+    for r in reports:
+        assert r["spare"] == [True, True]  # the unused parameter stayed, the others trained
+
+
 # -- one process: the same options, checked --------------------------------------------------------
 def test_a_two_process_run_resumes_on_one_process_at_the_same_global_batch(two, tmp_path):
     out, _, _ = two
