@@ -7,26 +7,29 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
 import click
 
 from surgeon import render
-from surgeon.cli_options import finetune_options, model_options
+from surgeon.cli_options import RawArgsCommand, finetune_options, model_options
 from surgeon.errors import SurgeonError
 
 EXIT_USAGE = 2
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn surgeon's errors into one line on stderr and exit code 2."""
+    """Turn surgeon's errors into one line on stderr and exit code 2 (under torchrun, processes other
+    than rank 0 name their rank)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except SurgeonError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            rank = os.environ.get("RANK", "0")
+            click.echo(f"Error{f' (rank {rank})' if rank != '0' else ''}: {exc}", err=True)
             sys.exit(EXIT_USAGE)
     return wrapper
 
@@ -387,7 +390,7 @@ def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust
                                    model_args=models.parse_assignments(model_args, "--model-arg"))
 
 
-@cli.command("finetune")
+@cli.command("finetune", cls=RawArgsCommand)
 @click.argument("model")
 @click.option("--data", required=True, metavar="PATH|digits", help="A folder of class sub-folders (with train/ and "
               "val/ inside, or --val-data), or 'digits' (built in, no download).")
@@ -403,37 +406,66 @@ def _open_model(model: str, model_args, pretrained, weights, allow_pickle, trust
 @model_options
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-epoch metrics as JSON.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Train data-parallel in N processes on this machine (torch.distributed.run, as `torchrun "
+                   "--standalone --nproc-per-node N`); for several machines run torchrun yourself.")
 @handle_errors
 def finetune_cmd(model: str, data: str, val_data: str | None, limit: int | None, out: str, resume: bool, force: bool,
                  trust_code: bool, model_args, pretrained, weights, allow_pickle, input_size, no_progress: bool,
-                 as_json: bool, **options: Any) -> None:
+                 as_json: bool, nproc: int, **options: Any) -> None:
     """Fine-tune MODEL (a folder from `surgeon add --out`, or a model reference) on DATA.
 
     \b
     surgeon add cbam resnet18 --weights mine.pth --out cbam-r18
     surgeon finetune cbam-r18 --data PATH --epochs 5 --lr 1e-3 --freeze two-phase --out cbam-r18-ft
+    surgeon finetune cbam-r18 --data PATH --epochs 5 --lr 1e-3 --nproc 4 --out cbam-r18-ft
     """
     import surgeon
     from surgeon import data as data_mod
     from surgeon import outputs, training
+    from surgeon.training import distributed
 
     config = training.FinetuneConfig(**options)  # every option checked before anything is built
-    reading = outputs.local_inputs(model, weights, val_data, data)
-    if force:  # --force may replace only a previous surgeon save; --resume keeps the run in --out
-        outputs.check_folder(out, force=True, reading=reading)
-    else:
-        outputs.check_place(out, reading=reading)
-    training.check_output(out, resume=resume, force=force)  # before anything is built
+    main = distributed.env_rank() == 0  # under torchrun, rank 0 checks the run folder and reports
+    if not main:
+        logging.getLogger("surgeon").setLevel(logging.WARNING)  # rank 0's log lines, not N copies
+    if main:
+        reading = outputs.local_inputs(model, weights, val_data, data)
+        if force:  # --force may replace only a previous surgeon save; --resume keeps the run in --out
+            outputs.check_folder(out, force=True, reading=reading)
+        else:
+            outputs.check_place(out, reading=reading)
+        training.check_output(out, resume=resume, force=force)  # before anything is built
     m = _open_model(model, model_args, pretrained, weights, allow_pickle, trust_code)
     train, val = data_mod.resolve(data, m, input_size=input_size, val=val_data, limit=limit)
+    if nproc > 1:  # checked here, started there: the processes run this same command without --nproc
+        distributed.check_launch(nproc, train, config)
+        _launch(nproc, click.get_current_context())
+        return
     result = surgeon.finetune(m, train, val, config=config, out=out, resume=resume, force=force,
                               progress=not no_progress)
+    if not main:
+        return
     if as_json:
         click.echo(json.dumps({"out": out, "head": result.head, "history": result.history}, indent=2))
         return
     render.stdout().print(render.history_table(result.history, f"{model} fine-tuned on {data}"))
     click.echo(f"Saved: {out} (recipe.json, model.safetensors, metrics.jsonl, curves.png); "
                f"`surgeon evaluate {out} --data {data}` to evaluate it")
+
+
+def _launch(nproc: int, ctx: click.Context) -> None:
+    """Run this command (its raw arguments without --nproc) in `nproc` processes; exit as the worst failed."""
+    from surgeon.training import distributed
+
+    verbose = ["-v"] if ctx.parent is not None and ctx.parent.params.get("verbose") else []
+    failed = distributed.launch(nproc, [*verbose, ctx.info_name or "finetune",
+                                        *distributed.without_option(ctx.meta["raw_args"], "--nproc")])
+    if failed:
+        rank, code = max(failed.items(), key=lambda kv: kv[1])
+        click.echo(f"Error: {len(failed)} of {nproc} processes failed (rank {rank}: exit code {code}); their "
+                   f"messages are above", err=True)
+        sys.exit(code if code > 0 else 1)
 
 
 @cli.command("evaluate")

@@ -57,4 +57,13 @@ def finetune_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-__all__ = ["finetune_options", "input_size", "model_options"]
+class RawArgsCommand(click.Command):
+    """A command that keeps its raw arguments (ctx.meta['raw_args']), to start itself again in other
+    processes (`surgeon finetune --nproc N`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["raw_args"] = list(args)
+        return super().parse_args(ctx, args)
+
+
+__all__ = ["RawArgsCommand", "finetune_options", "input_size", "model_options"]

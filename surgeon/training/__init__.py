@@ -5,6 +5,7 @@
 - `loop`    `finetune` and `evaluate`
 - `runs`    the run folder: checkpoints, trainer state, metrics, plot, resume
 - `record`  the input size and model arguments a run writes into the model's surgery record
+- `distributed`  data-parallel runs under torchrun: the process group, shards, DDP, reductions, --nproc
 The head (find, check, replace) lives in `surgeon.heads`, which checkpoint shares.
 
 Names resolve on first use, so importing `surgeon.training.config` (the CLI does) stays torch-free.

@@ -20,8 +20,9 @@ OPTIMIZERS = ("adamw", "sgd")
 BN_STATS = ("auto", "frozen", "train")
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
 MAX_SEED = 2**32 - 1
-# recorded with the options, but derived from the data: they must match on resume too
-DERIVED_RUN_KEYS = ("steps_per_epoch",)
+# recorded with the options, but derived from the data and the processes: they must match on resume too
+# (batch_size and accum_steps may change with the process count, as long as the global batch stays)
+DERIVED_RUN_KEYS = ("steps_per_epoch", "global_batch")
 # CLI flags that are not the field's name with dashes
 CLI_FLAGS = {"num_workers": "--workers"}
 
@@ -101,7 +102,14 @@ class FinetuneConfig:
     warmup_epochs: float = field(default=0.0, metadata=_option("Linear warm-up (may be fractional), then cosine."))
     min_lr: float = field(default=0.0, metadata=_option("Learning rate at the end of the cosine."))
     clip_grad: float | None = field(default=None, metadata=_option("Clip the gradient norm to this value."))
-    batch_size: int = field(default=64, metadata=_option("Training batch size."))
+    batch_size: int = field(default=64, metadata=_option(
+        "Training batch size per process and step; the global batch is batch_size × processes × accum_steps.",
+        same_run=False))
+    accum_steps: int = field(default=1, metadata=_option(
+        "Accumulate gradients over this many batches per optimizer step (keeps the global batch when the "
+        "process count changes).", metavar="K", same_run=False))
+    sync_bn: bool = field(default=False, metadata=_option(
+        "Several CUDA processes: BatchNorm statistics over the global batch (SyncBatchNorm)."))
     num_classes: int | None = field(default=None, metadata=_option(
         "Replace the head with a new one of N outputs.", metavar="N"))
     bn_stats: str = field(default="auto", metadata=_option(
@@ -131,11 +139,12 @@ class FinetuneConfig:
         if self.clip_grad is not None:
             self.clip_grad = check_number("clip_grad", self.clip_grad, 0, low_open=True)
         check_int("batch_size", self.batch_size, 1, 1_000_000)
+        check_int("accum_steps", self.accum_steps, 1, 1_000_000)
         if self.num_classes is not None:
             check_int("num_classes", self.num_classes, 2, 10_000_000)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_int("num_workers", self.num_workers, 0, 1024)
-        for name in ("compile", "amp"):
+        for name in ("compile", "amp", "sync_bn"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{_label(name)} must be true or false, got {getattr(self, name)!r}")
         self.device = str(self.device)  # a torch.device too; resolved when the run starts

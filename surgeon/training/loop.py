@@ -9,9 +9,16 @@
 
 Every epoch reseeds torch from (seed, epoch) and the global step sets the learning rate, so a run
 resumed from its last checkpoint repeats the uninterrupted run exactly on a deterministic device.
+Under torchrun the same loop runs data-parallel (`training.distributed`): each process trains on its
+shard in DistributedDataParallel, the metrics are summed over the processes, and rank 0 alone writes.
+A step is `accum_steps` batches; the global batch (batch_size × processes × accum_steps) and the data
+order do not depend on how it is split, so N processes compute what one process computes (up to float
+rounding, and BatchNorm statistics, which are per process unless --sync-bn or --bn-stats frozen).
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import time
@@ -25,7 +32,7 @@ from torch import nn
 from surgeon.data import classes_of
 from surgeon.errors import DataError, TrainingError
 from surgeon.heads import check_classes, find_head, find_head_or_none, head_outputs, inserted_modules, replace_head
-from surgeon.training import runs
+from surgeon.training import distributed, runs
 from surgeon.training.config import FinetuneConfig
 from surgeon.training.optim import (amp_context, apply_freeze, lr_factor, make_optimizer, param_groups,
                                     resolve_device, trainable_prefixes)
@@ -52,16 +59,17 @@ class FinetuneResult:
 
 # -- data --------------------------------------------------------------------------------------------
 def _loader(data, *, batch_size: int, shuffle: bool, seed: int, num_workers: int, drop_last: bool,
-            pin: bool):
-    """A DataLoader for a Dataset (shuffled by a generator seeded per epoch); a DataLoader or any other
-    iterable of batches as is."""
+            pin: bool, world: distributed.World = distributed.ONE):
+    """A DataLoader for a Dataset (shuffled by a permutation seeded per epoch, this process's shard of
+    it); a DataLoader or any other iterable of batches as is."""
     from torch.utils.data import DataLoader, Dataset
 
     if not isinstance(data, Dataset):
         return data
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
-                      drop_last=drop_last and len(data) > batch_size, pin_memory=pin)
+    sampler = distributed.shard(world, data, seed=seed) if shuffle else None
+    n = len(sampler) if sampler is not None else len(data)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      drop_last=drop_last and n > batch_size, pin_memory=pin)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -79,7 +87,8 @@ def _length(data, what: str) -> int:
 
 
 # -- evaluation --------------------------------------------------------------------------------------
-def _run_eval(model: nn.Module, loader, device: torch.device, autocast, criterion) -> dict[str, float]:
+def _eval_sums(model: nn.Module, loader, device: torch.device, autocast, criterion) -> list[float]:
+    """[loss sum, correct, samples] over `loader` (summed over processes by the caller)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
@@ -92,9 +101,14 @@ def _run_eval(model: nn.Module, loader, device: torch.device, autocast, criterio
             correct += int((logits.argmax(1) == y).sum())
             n += len(y)
     model.train(was_training)
+    return [loss_sum, correct, n]
+
+
+def _eval_metrics(sums: list[float]) -> dict[str, float]:
+    loss_sum, correct, n = sums
     if n == 0:
         raise DataError("The evaluation data is empty")
-    return {"loss": loss_sum / n, "accuracy": correct / n, "samples": n}
+    return {"loss": loss_sum / n, "accuracy": correct / n, "samples": int(n)}
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 256, device: str | torch.device = "cpu",
@@ -119,7 +133,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 256, device: str | tor
     loader = _loader(data, batch_size=batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False,
                      pin=dev.type == "cuda")
     autocast, _ = amp_context(dev, amp)
-    return _run_eval(model, loader, dev, autocast, nn.CrossEntropyLoss())
+    return _eval_metrics(_eval_sums(model, loader, dev, autocast, nn.CrossEntropyLoss()))
 
 
 # -- progress ----------------------------------------------------------------------------------------
@@ -159,13 +173,20 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
             clip_grad: clip the gradient norm of the trainable parameters to this value.
             num_classes: replace the head with a fresh Linear of this many outputs when it has another count.
             bn_stats: 'auto' (frozen BatchNorms keep their statistics), 'frozen' (all do), 'train' (none do).
-            batch_size, label_smoothing, seed (seeds the head, shuffling and every epoch).
+            batch_size (per process and step), label_smoothing, seed (seeds the head, shuffling and every
+                epoch; each process of a data-parallel run draws from its own stream).
+            accum_steps: batches per optimizer step (global batch = batch_size × processes × accum_steps).
+            sync_bn: several CUDA processes share BatchNorm statistics (SyncBatchNorm).
             device: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'. compile: train through torch.compile.
             amp: mixed precision (bfloat16 on CPU and recent GPUs, float16 with loss scaling otherwise).
             num_workers: DataLoader workers.
         out: write OUT/metrics.jsonl, OUT/curves.png and a checkpoint every epoch (a folder that
             `surgeon.load` reads, plus the trainer state for `resume`).
         resume: continue the run in `out` from its last completed epoch. force: replace `out`.
+            Under torchrun (WORLD_SIZE > 1), or in a process group the caller started, every process calls
+            `finetune` with the same arguments: DistributedDataParallel, each process on its shard of the
+            data, metrics summed over the processes, and rank 0 alone writes `out` (see
+            `surgeon.training.distributed`).
         plot / progress: draw the PNG; show rich progress bars on stderr.
 
     Returns:
@@ -173,7 +194,8 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
 
     Raises:
         OptionError (an option out of range or misspelt), DataError (empty data, classes that do not fit
-        the head), SurgeonError (the output folder exists without resume/force; a resume with other settings).
+        the head, data that cannot be split over the processes), SurgeonError (the output folder exists
+        without resume/force; a resume with other settings).
 
     Example:
         >>> patched = surgeon.add(surgeon.load_model("resnet18", weights="mine.safetensors"), "cbam")
@@ -181,10 +203,32 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
         >>> surgeon.finetune(patched, train, val, epochs=3, lr=1e-3, freeze="two-phase", out="runs/cbam")
     """
     cfg = FinetuneConfig.from_options(config, **options)
-    dev = resolve_device(cfg.device)
-    out_path = Path(out) if out is not None else None
-    state = runs.check_output(out_path, resume=resume, force=force)
+    world, dev = distributed.join(cfg.device)
+    try:
+        return _finetune(model, train_data, val_data, cfg, world, dev, out=Path(out) if out is not None else None,
+                         resume=resume, force=force, plot=plot, progress=progress)
+    finally:
+        distributed.leave(world)
+
+
+def _finetune(model: nn.Module, train_data, val_data, cfg: FinetuneConfig, world: distributed.World,
+              dev: torch.device, *, out: Path | None, resume: bool, force: bool, plot: bool,
+              progress: bool) -> FinetuneResult:
+    """`finetune` in this process, once the world is known."""
+    if cfg.sync_bn:
+        distributed.check_sync_bn(world, dev)
+    # rank 0 checks (and recovers) the run folder first; the others then read what it left
+    if not world.is_main:
+        distributed.barrier(world)
+    try:
+        state = runs.check_output(out, resume=resume, force=force)
+    finally:
+        if world.is_main:
+            distributed.barrier(world)
     train_data, val_data = _resolve_data(model, train_data, val_data)
+    distributed.check_split(world, train_data, "training data")
+    if val_data is not None:
+        distributed.check_split(world, val_data, "validation data")
 
     # 1. The head, checked against the data; replaced when asked.
     torch.manual_seed(cfg.seed)
@@ -209,57 +253,89 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
     opt = make_optimizer(cfg.optimizer, groups, lr=cfg.lr, momentum=cfg.momentum)
     autocast, scaler = amp_context(dev, cfg.amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    forward = torch.compile(model) if cfg.compile else model
-    steps_per_epoch = len(_loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=0, num_workers=0,
-                                  drop_last=True, pin=False))
+    probe = _loader(train_data, batch_size=cfg.batch_size, shuffle=True, seed=0, num_workers=0, drop_last=True,
+                    pin=False, world=world)
+    steps_per_epoch = _steps(len(probe), cfg.accum_steps, cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
-    record = cfg.record(num_classes=wanted, steps_per_epoch=steps_per_epoch, device=str(dev))
+    batch = getattr(probe, "batch_size", None) or cfg.batch_size
+    record = cfg.record(num_classes=wanted, steps_per_epoch=steps_per_epoch, device=str(dev),
+                        world_size=world.size, global_batch=batch * world.size * cfg.accum_steps,
+                        backend=world.backend)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
 
     # 3. Resume: weights, optimizer state, step; the metrics so far.
     start, step, history = 0, 0, []
     if state is not None:
-        start, step, history = runs.resume(model, opt, out_path, state, record)
+        start, step, history = runs.resume(model, opt, out, state, record)
 
     # 4. The epochs.
     pin = dev.type == "cuda"
-    loop = _Loop(forward=forward, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler,
-                 clip_grad=cfg.clip_grad, device=dev, pin=pin,
+    loop = _Loop(forward=None, ddp=None, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler,
+                 clip_grad=cfg.clip_grad, device=dev, pin=pin, accum_steps=cfg.accum_steps,
                  schedule=lambda s: lr_factor(s, total, warmup=warmup, min_ratio=cfg.min_lr / cfg.lr))
+    plain_bn: dict[str, nn.Module] = {}
+    phase: object = None  # the trainable prefixes DDP was built for
     try:
-        with _progress(progress) as bar:
+        plain_bn = distributed.sync_batchnorm(model, world) if cfg.sync_bn else {}
+        with _progress(progress and world.is_main) as bar:
             for epoch in range(start, cfg.epochs):
-                torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+                torch.manual_seed(distributed.rank_seed(_epoch_seed(cfg.seed, epoch), world))
                 prefixes = trainable_prefixes(cfg.freeze, new=new_params, head=head, epoch=epoch,
                                               unfreeze_after=cfg.unfreeze_after)
                 model.train()
                 n_trainable = apply_freeze(model, prefixes, bn_stats=cfg.bn_stats)
                 loader = _loader(train_data, batch_size=cfg.batch_size, shuffle=True,
                                  seed=_epoch_seed(cfg.seed, epoch), num_workers=cfg.num_workers, drop_last=True,
-                                 pin=pin)
-                task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=0.0, acc=0.0,
-                                    rate=0.0, val="")
-                rec, step = _train_epoch(loop, loader, step, lambda task=task, **kw: bar.update(task, advance=1, **kw))
-                size = rec.pop("input_size")
-                if size is not None:  # what it was trained at is what it is evaluated, loaded and exported at
-                    set_input_size(model, size)
-                rec = {"epoch": epoch + 1, "step": step, "lr": cfg.lr * rec.pop("factor"), "trainable": n_trainable,
-                       **rec}
+                                 pin=pin, world=world)
+                distributed.set_epoch(loader, epoch)
+                batches = iter(loader)
+                if loop.forward is None or (world.distributed and prefixes != phase):
+                    # DDP synchronises the parameters that train when it is built: a new phase, a new DDP
+                    first = next(batches)
+                    batches = itertools.chain([first], batches)
+                    loop.ddp = loop.forward = None
+                    loop.ddp = distributed.wrap(model, world, dev, first[0].to(dev))
+                    target = loop.ddp or model
+                    loop.forward, phase = torch.compile(target) if cfg.compile else target, prefixes
+                task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.accum_steps,
+                                    loss=0.0, acc=0.0, rate=0.0, val="")
+                rec, step = _train_epoch(loop, batches, steps_per_epoch, step,
+                                         lambda task=task, **kw: bar.update(task, advance=1, **kw))
+                if rec["input_size"] is not None:  # what it was trained at is what it is evaluated at
+                    set_input_size(model, rec["input_size"])
+                loss_sum, correct, seen = distributed.reduce_sums(world, rec["sums"], dev)
+                seconds = rec["seconds"]
+                rec = {"epoch": epoch + 1, "step": step, "lr": cfg.lr * rec["factor"], "trainable": n_trainable,
+                       "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1)}
                 if val_data is not None:
-                    vloader = _loader(val_data, batch_size=max(cfg.batch_size, 256), shuffle=False, seed=0,
-                                      num_workers=cfg.num_workers, drop_last=False, pin=pin)
-                    val = _run_eval(forward, vloader, dev, autocast, nn.CrossEntropyLoss())
+                    vloader = _loader(distributed.eval_shard(world, val_data), batch_size=max(cfg.batch_size, 256),
+                                      shuffle=False, seed=0, num_workers=cfg.num_workers, drop_last=False, pin=pin)
+                    evaluator = model if world.distributed else loop.forward  # no DDP: shards may differ in length
+                    sums = _eval_sums(evaluator, vloader, dev, autocast, nn.CrossEntropyLoss())
+                    val = _eval_metrics(distributed.reduce_sums(world, sums, dev))
                     rec.update(val_loss=val["loss"], val_acc=val["accuracy"])
                     bar.update(task, val=f"  val {val['accuracy']:.2%}")
-                rec.update(seconds=rec.pop("seconds"), throughput=rec.pop("throughput"))  # timings last
+                rec.update(seconds=round(seconds, 3), throughput=round(seen / max(seconds, 1e-9), 1))  # timings last
                 history.append(rec)
-                if out_path is not None:
-                    runs.write_run(model, out_path, opt=opt, history=history, plot=plot,
-                                   state=runs.trainer_state(epoch=epoch + 1, step=step, head=head, config=record))
+                if out is not None and world.is_main:
+                    with distributed.swapped(model, plain_bn):  # saved with the model's own BatchNorms
+                        runs.write_run(model, out, opt=opt, history=history, plot=plot,
+                                       state=runs.trainer_state(epoch=epoch + 1, step=step, head=head, config=record))
+        distributed.barrier(world)  # when any process returns, the run folder is complete
     finally:
+        loop.ddp = loop.forward = None
+        distributed.swap(model, plain_bn)
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
-    return FinetuneResult(model=model.eval(), history=history, out=out_path, head=head)
+    return FinetuneResult(model=model.eval(), history=history, out=out, head=head)
+
+
+def _steps(batches: int, accum_steps: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: `accum_steps` batches each (the batches left over are not used)."""
+    if batches < accum_steps:
+        raise DataError(f"The training data gives {batches} batch(es) of {batch_size} per process and epoch, "
+                        f"fewer than accum_steps={accum_steps}; lower --accum-steps or --batch-size")
+    return batches // accum_steps
 
 
 def _resolve_data(model: nn.Module, train_data, val_data):
@@ -281,7 +357,8 @@ def _resolve_data(model: nn.Module, train_data, val_data):
 class _Loop:
     """What a training step needs besides the batch."""
 
-    forward: Any
+    forward: Any  # the model, in DDP with several processes, compiled when asked
+    ddp: Any  # the DistributedDataParallel wrapper (None in one process): its no_sync while accumulating
     opt: torch.optim.Optimizer
     criterion: nn.Module
     autocast: Any
@@ -289,30 +366,42 @@ class _Loop:
     clip_grad: float | None
     device: torch.device
     pin: bool
+    accum_steps: int
     schedule: Any  # global step -> learning-rate factor
 
 
-def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any], int]:
-    """One pass over `loader`. Returns the epoch's training metrics (with `input_size`, the per-sample
-    shape of a floating-point input, else None) and the new global step."""
+def _train_epoch(loop: _Loop, batches, steps: int, step: int, report) -> tuple[dict[str, Any], int]:
+    """`steps` optimizer steps of `accum_steps` batches each from the iterator `batches`. Returns this
+    process's [loss sum, correct, samples], the last learning-rate factor, the seconds taken and
+    `input_size` (the per-sample shape of a floating-point input, else None); and the new global step."""
     params = [p for g in loop.opt.param_groups for p in g["params"] if p.requires_grad]
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
     factor, size = loop.schedule(step), None
-    for x, y in loader:
-        if size is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            size = list(x.shape[1:])
-        x, y = x.to(loop.device, non_blocking=loop.pin), y.to(loop.device, non_blocking=loop.pin)
+    for _ in range(steps):
         factor = loop.schedule(step)
         for g in loop.opt.param_groups:
             g["lr"] = g["base_lr"] * factor
-        with loop.autocast():
-            logits = loop.forward(x)
-            loss = loop.criterion(logits.float(), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"The loss became {float(loss)} at step {step}; lower the learning rate (--lr) "
-                               f"or clip gradients (--clip-grad)")
         loop.opt.zero_grad(set_to_none=True)
-        (loop.scaler.scale(loss) if loop.scaler else loss).backward()
+        for k in range(loop.accum_steps):
+            x, y = next(batches)
+            if size is None and isinstance(x, torch.Tensor) and x.is_floating_point():
+                size = list(x.shape[1:])
+            x, y = x.to(loop.device, non_blocking=loop.pin), y.to(loop.device, non_blocking=loop.pin)
+            # gradients are averaged over the processes once per step, at its last batch
+            accumulating = loop.ddp is not None and k < loop.accum_steps - 1
+            with loop.ddp.no_sync() if accumulating else contextlib.nullcontext():
+                with loop.autocast():
+                    logits = loop.forward(x)
+                    loss = loop.criterion(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"The loss became {float(loss)} at step {step}; lower the learning rate "
+                                        f"(--lr) or clip gradients (--clip-grad)")
+                part = loss / loop.accum_steps if loop.accum_steps > 1 else loss
+                (loop.scaler.scale(part) if loop.scaler else part).backward()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            report(loss=loss_sum / seen, acc=correct / seen, rate=seen / max(time.perf_counter() - t0, 1e-9))
         if loop.clip_grad is not None:
             if loop.scaler:
                 loop.scaler.unscale_(loop.opt)
@@ -323,13 +412,5 @@ def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any]
         else:
             loop.opt.step()
         step += 1
-        loss_sum += float(loss.detach()) * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += len(y)
-        report(loss=loss_sum / seen, acc=correct / seen, rate=seen / max(time.perf_counter() - t0, 1e-9))
-    seconds = time.perf_counter() - t0
-    return {"factor": factor, "input_size": size, "train_loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1), "seconds": round(seconds, 3),
-            "throughput": round(seen / max(seconds, 1e-9), 1)}, step
-
-
+    return {"factor": factor, "input_size": size, "sums": [loss_sum, correct, seen],
+            "seconds": time.perf_counter() - t0}, step
