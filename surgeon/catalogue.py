@@ -20,7 +20,7 @@ from surgeon.figures import R50_FIGURES
 
 log = logging.getLogger("surgeon")
 
-R50_INPUT = (1, 3, 64, 64)
+R50_INPUT = (1, 3, 224, 224)  # its native input: sizes matter only to bot's relative tables
 
 
 def cache_dir() -> Path:

@@ -383,7 +383,7 @@ PER_BLOCK = {
 }
 PER_STAGE = {
     "ea": lambda c: (c * c + c) + 2 * 64 * c + c * c + 2 * c,  # proj_in, M_k, M_v, proj_out, BN
-    # (the stage sites are 16×16, 8×8, 4×4 for a 64×64 input; tables 2H − 1 rows of C/4)
+    # (the stage sites are 56×56, 28×28, 14×14 at 224×224; tables 2H − 1 rows of C/4)
     "bot": None,
 }
 
@@ -409,7 +409,7 @@ def test_resnet50_parameters_from_structure_stage(r50_sites):
     assert ea["params"] == sum(PER_STAGE["ea"](c) for c in RESNET50_STAGES)
     bot = catalogue.r50_added(registry.get_attention("bot"), r50_sites)
     sizes = [s.shape[2] for s in r50_sites["stage"]]
-    assert sizes == [16, 8, 4]
+    assert sizes == [56, 28, 14]
     assert bot["params"] == sum(3 * c * c + 2 * (2 * h - 1) * (c // 4) for c, h in zip(RESNET50_STAGES, sizes))
     ceca = catalogue.r50_added(registry.get_attention("ceca"), r50_sites)
     assert ceca["params"] == catalogue.r50_added(registry.get_attention("eca"), r50_sites)["params"] == 86
