@@ -5,7 +5,6 @@ through surgeon.add, parameter counts on ResNet-50 from each paper's structure, 
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +18,7 @@ from surgeon.layers.local_attention import BottleneckMHSA, HaloAttn, LambdaLayer
 from surgeon.layers.polarized import PolarizedSelfAttention
 from surgeon.layers.recalibration import GCT, CecaModule, EffectiveSE, SimAM
 from surgeon.layers.strip import ELA, StripPool
+from test_channel_spatial_mixed import _add, _timm  # identity ≤ 1e-5 and gradient reach, as there
 from toy_models import TinyResNet
 
 NEW = ["simam", "gct", "ese", "ceca", "sa", "splat", "ela", "strip", "psa", "ea", "bot", "halo", "lambda"]
@@ -292,19 +292,6 @@ def test_layer_shapes_backward_and_both_inits_on_odd_sizes(name):
 
 
 # -- identity init and gradient reach through surgeon.add ----------------------------------------------
-def _assert_identity_and_gradients(model, name, x, **kw):
-    patched = surgeon.add(model, name, example_input=x, verify=False, **kw)
-    with torch.no_grad():
-        diff = (model(x) - patched(x)).abs().max().item()
-    assert diff <= 1e-5, diff
-    paths = [e.module for e in surgeon.edits(patched)]
-    new = [p for path in paths for p in patched.get_submodule(path).parameters()]
-    assert paths and new
-    grads = torch.autograd.grad(patched(x).sum(), new, allow_unused=True)
-    assert all(g is not None for g in grads)
-    return patched
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -313,17 +300,7 @@ def tiny():
 
 @pytest.mark.parametrize("name", NEW)
 def test_identity_and_gradients_on_tiny_resnet(tiny, name):
-    _assert_identity_and_gradients(tiny, name, _x(1, 3, 23, 29))
-
-
-def _timm(name):
-    torch.manual_seed(0)
-    model = perturb_bn(timm.create_model(name))
-    with torch.no_grad():  # timm starts ConvNeXt's layer scale at 1e-6: make the residual branches count
-        for pname, p in model.named_parameters():
-            if pname.endswith(".gamma"):
-                p.fill_(1.0)
-    return model.eval()
+    _add(tiny, name, _x(1, 3, 23, 29))
 
 
 TIMM = ["resnet18", "convnext_tiny", "mobilenetv3_small_100"]
@@ -339,7 +316,7 @@ def timm_model(request):
 def test_identity_and_gradients_model_wide_on_timm(timm_model, name):
     """Every new attention at every site of its default kind of resnet18, convnext_tiny, mobilenetv3."""
     model_name, model = timm_model
-    patched = _assert_identity_and_gradients(model, name, _x(1, 3, 64, 64))
+    patched = _add(model, name, _x(1, 3, 64, 64))
     kind = registry.get_attention(name).default_kind
     expected = {("resnet18", "residual"): 8, ("resnet18", "stage"): 3, ("convnext_tiny", "residual"): 18,
                 ("convnext_tiny", "stage"): 3, ("mobilenetv3_small_100", "residual"): 6,
@@ -356,7 +333,7 @@ AT = {"resnet18": ["layer1.0", "layer4.1"], "convnext_tiny": ["stages.0.blocks.0
 @pytest.mark.parametrize("name", SAMPLE)
 def test_identity_and_gradients_on_a_timm_model_sample(name):
     model_name = SAMPLE[name]
-    patched = _assert_identity_and_gradients(_timm(model_name), name, _x(1, 3, 64, 64), kind="residual",
+    patched = _add(_timm(model_name), name, _x(1, 3, 64, 64), kind="residual",
                                              at=AT[model_name])
     assert len(surgeon.edits(patched)) == 2
 
