@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon import registry
+from surgeon.errors import SurgeonError
 from surgeon.figures import R50_FIGURES
 
 log = logging.getLogger("surgeon")
@@ -85,6 +86,16 @@ def r50_added(att: registry.Attention, sites_by_kind: dict[str, list], **options
     return {"kind": kind, "sites": len(sites), "params": sum(_count(att.build, s, **options) for s in sites)}
 
 
+def _r50_or_none(att: registry.Attention, sites_by_kind: dict[str, list]) -> dict[str, Any] | None:
+    """`r50_added` with its defaults; None (and a log line) when the attention cannot be built there: one
+    plugin's attention that does not fit ResNet-50 must not break the listing."""
+    try:
+        return r50_added(att, sites_by_kind)
+    except (SurgeonError, ValueError, TypeError) as exc:
+        log.debug(f"{att.name}: no ResNet-50 count, {exc}")
+        return None
+
+
 def r50_sites() -> dict[str, list]:
     """The sites of a torchvision ResNet-50 (no weights), per kind."""
     import torch
@@ -109,7 +120,7 @@ def r50_params(atts: list[registry.Attention], *, refresh: bool = False) -> dict
     if missing:
         by_kind = r50_sites()
         for att in missing:
-            cached[att.name] = r50_added(att, by_kind)
+            cached[att.name] = _r50_or_none(att, by_kind)
         _write(path, cached)
     return {a.name: cached[a.name] for a in atts}
 

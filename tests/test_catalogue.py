@@ -116,3 +116,24 @@ def test_family_defaults_to_the_plugin_name():
     assert registry.default_family("surgeon.plugins.self_attention") == "self attention"
     assert registry.default_family("mylab") == "mylab"
     assert registry.get_attention("attnpool").family == "pooling"
+
+
+def test_an_attention_that_does_not_fit_resnet50_lists_without_a_count(tmp_path, monkeypatch, r50_sites):
+    from registered import plugin
+    from surgeon.hookspecs import hookimpl
+    from surgeon.errors import OptionError
+
+    class Picky:
+        @hookimpl
+        def register_attentions(self, register):
+            def build(site, *, init="identity"):
+                raise OptionError(f"needs at most 64 channels, site has {site.channels}")
+
+            register("picky", build, kinds=("residual",), summary="s", paper="p")
+
+    monkeypatch.setenv("SURGEON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(catalogue, "r50_sites", lambda: r50_sites)
+    with plugin(Picky(), "picky_plugin"):
+        rows = {e["name"]: e for e in catalogue.catalogue()}
+    assert rows["picky"]["r50"] is None and rows["picky"]["family"] == "picky plugin"
+    assert rows["se"]["r50"]["params"] == sum(2 * c * (c // 16) + c // 16 + c for c in RESNET50_BLOCKS)
