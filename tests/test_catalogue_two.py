@@ -254,7 +254,7 @@ def test_lambda_layer_content_and_position_lambdas_by_loops():
     k = qkv[6:9].softmax(-1)  # (K, M)
     v = _bn(lam.norm_v, qkv[None, 9:, :, None])[0, :, :, 0]  # (V, M)
     content = k @ v.t()  # (K, V)
-    e, bias = lam.conv_lambda.weight[:, 0, :, :, 0], lam.conv_lambda.bias  # (K, r, r)
+    e, bias = lam.conv_lambda.weight[:, 0], lam.conv_lambda.bias  # (K, r, r)
     out = torch.zeros(2, 2, 12)
     for n in range(12):
         yn, xn = divmod(n, 4)

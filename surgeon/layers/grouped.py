@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from surgeon.errors import OptionError
-from surgeon.layers._util import (check_odd_kernel, check_positive_int, check_ratio, get_act, make_divisible)
+from surgeon.layers._util import check_odd_kernel, check_positive_int, check_ratio, get_act, make_divisible
+from surgeon.layers.local_attention import same_format
 
 
 def _largest_group_count(channels: int, groups: int, per_group: int) -> int:
@@ -50,7 +51,8 @@ class ShuffleAttention(nn.Module):
         x1 = x1 * torch.sigmoid(self.cweight * x1.mean((2, 3), keepdim=True) + self.cbias)
         x2 = x2 * torch.sigmoid(self.sweight * self.gn(x2) + self.sbias)
         out = torch.cat([x1, x2], dim=1).reshape(b, c, h, w)
-        return out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle, 2 groups
+        out = out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle, 2 groups
+        return same_format(out, x)
 
 
 class SplitAttn(nn.Module):

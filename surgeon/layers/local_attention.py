@@ -16,6 +16,13 @@ from torch import nn
 from surgeon.layers._util import check_feat_size, check_odd_kernel, check_positive_int
 
 
+def same_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` in x's memory format: a channels_last map stays channels_last through reshapes."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 def _heads(channels: int, num_heads: int) -> int:
     check_positive_int("channels", channels)
     return math.gcd(channels, check_positive_int("num_heads", num_heads))
@@ -70,7 +77,7 @@ class BottleneckMHSA(nn.Module):
         logits = logits + _rel_logits(q, _resample(self.rel_h, 2 * h - 1), _resample(self.rel_w, 2 * w - 1),
                                       _rel_index(h, h, h - 1, x.device), _rel_index(w, w, w - 1, x.device))
         out = logits.softmax(dim=-1) @ v.transpose(-1, -2)  # (N, heads, HW, d)
-        return out.transpose(-1, -2).reshape(n, c, h, w)
+        return same_format(out.transpose(-1, -2).reshape(n, c, h, w), x)
 
 
 class HaloAttn(nn.Module):
@@ -118,7 +125,7 @@ class HaloAttn(nn.Module):
         logits = logits.masked_fill(~inside[:, :, None, :], float("-inf"))
         out = logits.softmax(dim=-1) @ v  # (N, heads, nH, nW, b², d)
         out = out.view(n, heads, nh, nw, b, b, d).permute(0, 1, 6, 2, 4, 3, 5).reshape(n, c, h + ph, w + pw)
-        return out[:, :, :h, :w]
+        return same_format(out[:, :, :h, :w], x)
 
 
 class LambdaLayer(nn.Module):
@@ -127,7 +134,7 @@ class LambdaLayer(nn.Module):
     Paper: LambdaNetworks: Modeling Long-Range Interactions Without Attention, Bello, ICLR 2021
     (arXiv:2102.08602), Fig. 3 and Appendix: q, k, v by one 1×1 conv without bias, BN on q and v,
     softmax over positions on k; content lambda λc = K̄ᵀV shared by all queries; position lambdas from a
-    local r×r context by a 3-D conv over (H, W) (the lambda convolution); y = qᵀ(λc + λp) per head.
+    local r×r context by the lambda convolution (r×r, per value channel); y = qᵀ(λc + λp) per head.
     dim_k = 16, 4 heads, r = 9 (timm's `LambdaLayer`); value depth C / heads.
     """
 
@@ -140,7 +147,8 @@ class LambdaLayer(nn.Module):
         self.qkv = nn.Conv2d(channels, self.num_heads * dim_qk + dim_qk + self.dim_v, 1, bias=False)
         self.norm_q = nn.BatchNorm2d(self.num_heads * dim_qk)
         self.norm_v = nn.BatchNorm2d(self.dim_v)
-        self.conv_lambda = nn.Conv3d(1, dim_qk, (r, r, 1), padding=(r // 2, r // 2, 0))
+        # the paper's 3-D lambda conv with an r×r×1 kernel, as a 2-D conv over each value channel (4-D weights)
+        self.conv_lambda = nn.Conv2d(1, dim_qk, r, padding=r // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -150,7 +158,7 @@ class LambdaLayer(nn.Module):
         v = self.norm_v(v).flatten(2).transpose(-1, -2)  # (N, M, V)
         k = k.flatten(2).softmax(dim=-1)  # (N, K, M)
         content = q @ (k @ v).unsqueeze(1)  # (N, heads, M, V)
-        lam = self.conv_lambda(v.reshape(n, 1, h, w, self.dim_v))  # (N, K, H, W, V)
-        lam = lam.reshape(n, 1, kq, m, self.dim_v).transpose(2, 3)  # (N, 1, M, K, V)
+        lam = self.conv_lambda(v.transpose(1, 2).reshape(n * self.dim_v, 1, h, w))  # (N·V, K, H, W)
+        lam = lam.view(n, self.dim_v, kq, m).permute(0, 3, 2, 1).unsqueeze(1)  # (N, 1, M, K, V)
         position = (q.unsqueeze(-2) @ lam).squeeze(-2)  # (N, heads, M, V)
-        return (content + position).transpose(-1, -2).reshape(n, c, h, w)
+        return same_format((content + position).transpose(-1, -2).reshape(n, c, h, w), x)
