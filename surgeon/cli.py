@@ -119,18 +119,21 @@ def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: st
 
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--refresh", is_flag=True, help="Recompute the ResNet-50 parameter counts instead of using the cache.")
 @handle_errors
-def list_cmd(as_json: bool) -> None:
-    """List the attentions: name, aliases, kinds, summary and paper."""
-    import surgeon
+def list_cmd(as_json: bool, refresh: bool) -> None:
+    """List the attentions by family: name, aliases, kinds, parameters added on ResNet-50, published
+    figure, summary and paper."""
+    from surgeon import catalogue
 
-    atts = surgeon.attentions()
+    with render.stderr().status("Counting parameters on ResNet-50 (cached after the first run)…"):
+        if refresh:
+            catalogue.r50_params(list(catalogue.registry.attentions().values()), refresh=True)
+        entries = catalogue.catalogue()
     if as_json:
-        click.echo(json.dumps([{"name": a.name, "aliases": list(a.aliases), "kinds": list(a.kinds),
-                                "options": {k: v for k, v in a.options.items()}, "summary": a.summary,
-                                "paper": a.paper, "plugin": a.plugin} for a in atts], indent=2, default=str))
+        click.echo(json.dumps(entries, indent=2, default=str))
         return
-    render.stdout().print(render.attentions_table(atts))
+    render.stdout().print(render.attentions_table(entries))
 
 
 @cli.command("sites")

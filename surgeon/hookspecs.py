@@ -19,9 +19,10 @@ hookimpl = pluggy.HookimplMarker("surgeon")
 def register_attentions(register: Callable[..., None]) -> None:
     """Register attention types.
 
-    Call ``register(name, build, *, kinds, summary, paper, aliases=(), layouts=("nchw",))`` once per
-    attention. ``build(site, *, init, **options) -> nn.Module`` makes the module for one site; its
-    keyword-only parameters other than ``init`` are the attention's options, with their defaults.
+    Call ``register(name, build, *, kinds, summary, paper, aliases=(), layouts=("nchw",), family="")``
+    once per attention; ``family`` groups it in ``surgeon list`` (default: the plugin's name).
+    ``build(site, *, init, **options) -> nn.Module`` makes the module for one site; its keyword-only
+    parameters other than ``init`` are the attention's options, with their defaults.
     ``kinds`` lists the site kinds it serves, the first being its default. ``gated(module, init)`` gives
     identity init by a zero gate; ``feature_map(MySE, name="myse", ranks=(4,))`` writes the build below
     for any layer ``cls(channels, **options)``.

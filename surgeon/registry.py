@@ -30,6 +30,10 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.self_attention",
     "surgeon.plugins.sequence",
     "surgeon.plugins.conv_gates",
+    "surgeon.plugins.recalibration",
+    "surgeon.plugins.grouped",
+    "surgeon.plugins.strip",
+    "surgeon.plugins.local_attention",
     "surgeon.plugins.sites",
     "surgeon.plugins.conv_sites",
     "surgeon.plugins.sequence_sites",
@@ -54,6 +58,7 @@ class Attention:
     plugin: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     option_types: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    family: str = ""
 
     @property
     def default_kind(self) -> str:
@@ -146,13 +151,20 @@ def _collect(hook_name: str, make: Callable[..., Any], key: Callable[[Any], list
 
 def _make_attention(name: str, build: Callable[..., Any], *, kinds: tuple[str, ...] | list[str], summary: str,
                     paper: str, aliases: tuple[str, ...] | list[str] = (), layouts: tuple[str, ...] | list[str] = ("nchw",),
-                    plugin: str = "") -> Attention:
+                    family: str = "", plugin: str = "") -> Attention:
     if not kinds:
         raise PluginError(f"Plugin {plugin!r}: attention {name!r} lists no kinds")
     option_types = build_option_types(build)
     return Attention(name=name, build=_checked(name, build, option_types), kinds=tuple(kinds), summary=summary,
                      paper=paper, aliases=tuple(aliases), layouts=tuple(layouts), plugin=plugin,
-                     options=build_options(build), option_types=option_types)
+                     options=build_options(build), option_types=option_types,
+                     family=family or default_family(plugin))
+
+
+def default_family(plugin: str) -> str:
+    """The family of an attention registered without one: its plugin's name, last dotted part, with spaces
+    ('surgeon.plugins.self_attention' -> 'self attention')."""
+    return plugin.rpartition(".")[2].replace("_", " ") or "other"
 
 
 def _option_params(build: Callable[..., Any]) -> list[inspect.Parameter]:

@@ -37,15 +37,33 @@ def size(n: int) -> str:
     return f"{n} B"
 
 
-def attentions_table(atts: list) -> Any:
-    """`surgeon list`: name, aliases, kinds, summary, paper."""
+def r50_cell(r50: dict | None) -> str:
+    """What an attention adds to ResNet-50: '+2.53M (residual ×16)', or '—' where ResNet-50 has no site for it."""
+    if not r50:
+        return "—"
+    return f"+{human(r50['params'])} ({r50['kind']} ×{r50['sites']})"
+
+
+def attentions_table(entries: list[dict]) -> Any:
+    """`surgeon list`: attentions grouped by family, with kinds, ResNet-50 parameters, published figure, paper
+    (aliases and summaries are in `surgeon list --json`)."""
     from rich.table import Table
 
-    t = Table(title=f"{len(atts)} attentions", title_justify="left")
-    for col in ("name", "aliases", "kinds", "summary", "paper"):
-        t.add_column(col, overflow="fold")
-    for a in atts:
-        t.add_row(a.name, ", ".join(a.aliases), ", ".join(a.kinds), a.summary, a.paper)
+    families = sorted({e["family"] for e in entries})
+    t = Table(title=f"{len(entries)} attentions in {len(families)} families", title_justify="left")
+    for col, just in (("name", "left"), ("kinds", "left"), ("ResNet-50", "right"), ("published", "right"),
+                      ("paper", "left")):
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col in ("name", "ResNet-50"))
+    for family in families:
+        t.add_row(f"[bold]{family}[/bold]")
+        for e in (e for e in entries if e["family"] == family):
+            fig = e.get("published")
+            published = f"+{human(fig['added'])}" if fig else ""
+            t.add_row(e["name"], ", ".join(e["kinds"]), r50_cell(e.get("r50")), published, e["paper"])
+        t.add_section()
+    t.caption = ("ResNet-50: parameters added at paper init on every site of the first kind ResNet-50 has (computed, "
+                 "cached); published: the paper's figure, asserted by the tests")
+    t.caption_justify = "left"
     return t
 
 

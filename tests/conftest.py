@@ -12,6 +12,13 @@ torch.set_num_threads(2)
 os.environ.setdefault("SURGEON_LOAD_PLUGINS", "")  # no third-party plugins leak into the tests
 
 
+def pytest_configure(config):
+    # `surgeon list` caches its ResNet-50 counts: in pytest's cache (kept between runs), never the user's
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        os.environ.setdefault("SURGEON_CACHE_DIR", str(cache.mkdir("surgeon")))
+
+
 @pytest.fixture
 def x32():
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

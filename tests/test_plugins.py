@@ -199,13 +199,13 @@ def test_attention_named_like_a_python_keyword_still_inserts():
 
                 return gated(Doubler(site.channels), init)
 
-            register("lambda", build, kinds=("residual",), summary="", paper="")
+            register("yield", build, kinds=("residual",), summary="", paper="")
 
     with plugin(Keyword(), "keyword-plugin"):
         x = torch.randn(2, 3, 32, 32)
         model = TinyResNet().eval()
-        patched = surgeon.add(model, "lambda", example_input=x)
-        assert "stage1.0.lambda_.gamma" in patched.state_dict() and torch.equal(patched(x), model(x))
+        patched = surgeon.add(model, "yield", example_input=x)
+        assert "stage1.0.yield_.gamma" in patched.state_dict() and torch.equal(patched(x), model(x))
 
 
 def test_surgeon_plugin_exports_everything_and_its_light_names_stay_torch_free():

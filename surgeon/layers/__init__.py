@@ -32,3 +32,16 @@ __all__ = [
     "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
     "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",
 ]
+
+# the catalogue's second part, one file per group
+from surgeon.layers.external import ExternalAttention  # noqa: E402
+from surgeon.layers.grouped import ShuffleAttention, SplitAttn  # noqa: E402
+from surgeon.layers.local_attention import BottleneckMHSA, HaloAttn, LambdaLayer  # noqa: E402
+from surgeon.layers.polarized import PolarizedSelfAttention  # noqa: E402
+from surgeon.layers.recalibration import GCT, CecaModule, EffectiveSE, SimAM  # noqa: E402
+from surgeon.layers.strip import ELA, StripPool  # noqa: E402
+
+__all__ += [
+    "SimAM", "GCT", "EffectiveSE", "CecaModule", "ShuffleAttention", "SplitAttn", "ELA", "StripPool",
+    "PolarizedSelfAttention", "ExternalAttention", "BottleneckMHSA", "HaloAttn", "LambdaLayer",
+]
