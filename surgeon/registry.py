@@ -30,6 +30,8 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.self_attention",
     "surgeon.plugins.sequence",
     "surgeon.plugins.conv_gates",
+    "surgeon.plugins.pyramid",
+    "surgeon.plugins.hard",
     "surgeon.plugins.sites",
     "surgeon.plugins.conv_sites",
     "surgeon.plugins.sequence_sites",
