@@ -1,15 +1,17 @@
 """Pyramid Attention Network's two modules: Feature Pyramid Attention (FPA) on the deepest feature map,
 and Global Attention Upsample (GAU) on a decoder's skip connection.
 
-FPA: y = ReLU(master(x) ⊙ A(x) + gpb(x)), a 1×1 conv branch weighted per pixel and channel by a U-shaped
-pyramid A (7×7, 5×5, 3×3 strided convs down, summed back up) plus a global-pooling branch.
+FPA: y = master(x) ⊙ A(x) + gpb(x): a 1×1 conv branch weighted per pixel by a U-shaped pyramid A (max pool
+then 7×7, 5×5, 3×3 convs down; each level refined by a second conv of its size; summed back up coarse to fine),
+plus a global-pooling branch (broadcast over the map).
 GAU: y = ReLU(low(x) ⊙ ctx(g) + up(g)), the skip x's 3×3 conv weighted per channel by the global context of
-the coarser decoder feature g, plus g projected and upsampled onto x's grid.
+the coarser decoder feature g, plus g projected by a 1×1 conv and upsampled onto x's grid.
 
 Paper: Li et al., Pyramid Attention Network for Semantic Segmentation, BMVC 2018 (arXiv:1805.10180).
-NOTE: where the paper's code upsamples by 4×4 transposed convs (stride 2, sizes that halve exactly), here
-maps are resampled bilinearly to the finer map's size, so any site size works (7×7 → 4 → 2 → 1 and back);
-FPA's pyramid has `mid_channels` (channels // 4 as in the paper's code) and a 1×1 conv back to `channels`.
+NOTE: FPA follows segmentation_models_pytorch's FPABlock (one-channel, pixel-level pyramid; `mid_channels` > 1
+adds a 1×1 conv back to `channels`) with ceil-mode pooling and each level's own size when upsampling, so
+odd sites work (7×7 → 4 → 2 → 1); its convs have no bias (BN follows). GAU follows the paper's reference code
+(ReLU context, final ReLU) but upsamples g bilinearly instead of by a 4×4 transposed conv, so any size ratio works.
 Both keep their input's shape; with `identity=True` the output is x + γ·(y − x), γ = 0 (`ZeroGate.mix`).
 """
 from __future__ import annotations
@@ -31,10 +33,10 @@ def conv_bn(cin: int, cout: int, kernel_size: int = 1, *, stride: int = 1, act: 
 
 
 def resize(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor:
-    """`x` resampled to spatial `size` (itself when it has that size)."""
+    """`x` resampled to spatial `size` (itself when it has that size); bilinear with aligned corners."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return F.interpolate(x, size=tuple(size), mode=mode, **({"align_corners": True} if mode == "bilinear" else {}))
 
 
 class FPA(ZeroGate):
@@ -42,42 +44,42 @@ class FPA(ZeroGate):
 
     Args:
         channels: channels of the feature map.
-        mid_channels: channels of the pyramid (default channels // 4, at least 1).
+        mid_channels: channels of the pyramid (1: a pixel-level map broadcast over the channels).
         kernel_sizes: odd kernel of each pyramid level, coarsest last (the paper's 7, 5, 3).
         identity: start as the identity (γ = 0), y = x + γ·(FPA(x) − x).
     """
 
     form = "mix"
 
-    def __init__(self, channels: int, *, mid_channels: int | None = None, kernel_sizes: tuple[int, ...] = (7, 5, 3),
+    def __init__(self, channels: int, *, mid_channels: int = 1, kernel_sizes: tuple[int, ...] = (7, 5, 3),
                  identity: bool = False):
         super().__init__(identity)
         check_positive_int("channels", channels)
-        check_optional_int("mid_channels", mid_channels)
+        mid = check_positive_int("mid_channels", mid_channels)
         if not isinstance(kernel_sizes, (tuple, list)) or not kernel_sizes:
             raise OptionError(f"kernel_sizes must be a non-empty list of positive odd integers, got {kernel_sizes!r}")
         ks = [check_odd_kernel("kernel_sizes", k) for k in kernel_sizes]
-        mid = mid_channels or max(channels // 4, 1)
-        self.master = conv_bn(channels, channels)
-        self.gpb = conv_bn(channels, channels)
-        self.down = nn.ModuleList(conv_bn(channels if i == 0 else mid, mid, k, stride=2, act=True)
-                                  for i, k in enumerate(ks))
-        self.refine = nn.ModuleList(conv_bn(mid, mid, k) for k in ks)
-        self.expand = conv_bn(mid, channels)
+        self.master = conv_bn(channels, channels, act=True)
+        self.gpb = conv_bn(channels, channels, act=True)
+        self.down = nn.ModuleList(conv_bn(channels if i == 0 else mid, mid, k, act=True) for i, k in enumerate(ks))
+        self.refine = nn.ModuleList(conv_bn(mid, mid, k, act=True) for k in ks)
+        self.expand = conv_bn(mid, channels) if mid > 1 else None
 
     def pyramid(self, x: torch.Tensor) -> torch.Tensor:
-        """The attention A(x) ≥ 0, shape of x: the pyramid's levels summed coarse to fine."""
+        """The attention A(x) on x's grid, (N, 1, H, W) (or (N, C, H, W) with mid_channels > 1)."""
         levels, h = [], x
         for down, refine in zip(self.down, self.refine):
-            h = down(h)
+            h = down(F.max_pool2d(h, 2, ceil_mode=True))
             levels.append(refine(h))
         a = levels[-1]
         for level in reversed(levels[:-1]):
-            a = F.relu(level + resize(a, level.shape[-2:]))
-        return F.relu(resize(self.expand(a), x.shape[-2:]))
+            a = level + resize(a, level.shape[-2:])
+        if self.expand is not None:
+            a = self.expand(a)
+        return resize(a, x.shape[-2:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.master(x) * self.pyramid(x) + self.gpb(x.mean((2, 3), keepdim=True)))
+        y = self.master(x) * self.pyramid(x) + self.gpb(x.mean((2, 3), keepdim=True))
         return self.mix(x, y)
 
 
