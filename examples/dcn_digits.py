@@ -15,7 +15,7 @@ Paper: Almahairi et al., Dynamic Capacity Networks, ICML 2016 (arXiv:1511.07838)
 NOTE: the paper's coarse and fine layers are conv stacks it designs; here the fine network is any model
 `surgeon.models.load` builds (1-channel input, D outputs), run on 16×16 patches (a cell with a 4-pixel margin).
 
-Run: .venv/bin/python examples/dcn_digits.py [--fine resnet10t] [--epochs 6] [--k 3]
+Run: .venv/bin/python examples/dcn_digits.py [--fine resnet10t] [--epochs 8] [--k 3]
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def accuracy(predict, data, batch_size=128) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fine", default="resnet10t", help="the fine network: a model reference (default resnet10t)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--k", type=int, default=3, help="cells that get fine features (of 25)")
     ap.add_argument("--train-cells", type=int, default=8, help="cells with fine features per training canvas")
     ap.add_argument("--copies", type=int, default=1, help="training canvases per digit")
