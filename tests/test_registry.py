@@ -188,7 +188,7 @@ def test_every_attention_has_a_default_kind_it_serves_and_only_known_kinds():
 
 BUILT_IN = {"aaconv", "adl", "attention_gate", "attnpool", "bam", "cbam", "ccnet", "coord", "cross", "danet", "eca",
             "ema", "fca", "gc", "ge", "hard", "inputattn", "local", "mhsa", "nl", "residual_attention", "scse", "se",
-            "sk", "spatial", "srm", "stn", "structured", "triplet"}
+            "sk", "spatial", "srm", "stn", "structured", "triplet", "fpa", "gau", "dham"}
 
 
 def test_every_built_in_attention_is_registered():
