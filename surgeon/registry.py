@@ -34,6 +34,8 @@ DEFAULT_PLUGINS = (
     "surgeon.plugins.grouped",
     "surgeon.plugins.strip",
     "surgeon.plugins.local_attention",
+    "surgeon.plugins.pyramid",
+    "surgeon.plugins.hard",
     "surgeon.plugins.sites",
     "surgeon.plugins.conv_sites",
     "surgeon.plugins.sequence_sites",

@@ -28,7 +28,7 @@ def _tokens(n=10):
 # kind -> factory of (model, example input)
 MODELS = {
     "residual": _tiny_resnet, "stage": _tiny_resnet, "after_conv": _tiny_resnet, "pool": _tiny_resnet,
-    "conv": _tiny_resnet,
+    "conv": _tiny_resnet, "last": _tiny_resnet,
     "skip": lambda: (unet(), (torch.randn(2, 3, 32, 32),)),
     "rnn": lambda: (readout(), (_tokens(),)),
     "rnn_input": lambda: (readout(), (_tokens(),)),

@@ -227,7 +227,8 @@ def test_gates_take_mixed_dtypes_as_autocast_makes_them():
 
 # -- the memory format and torch.compile pass through inserted modules ----------------------------------
 _NCHW_OPTIONS = {"sk": {"groups": 1}}
-_NO_SITE_HERE = {"attention_gate": "gates U-Net skips; TinyResNet has none (tests/test_scope.py covers smp Unets)"}
+_NO_SITE_HERE = {"attention_gate": "gates U-Net skips; TinyResNet has none (tests/test_scope.py covers smp Unets)",
+                 "gau": "U-Net skips too (tests/test_pyramid.py covers the test U-Net and an smp Unet)"}
 
 
 def test_channels_last_stays_channels_last_through_every_inserted_module():

@@ -190,7 +190,8 @@ BUILT_IN = {"aaconv", "adl", "attention_gate", "attnpool", "bam", "cbam", "ccnet
             "ema", "fca", "gc", "ge", "hard", "inputattn", "local", "mhsa", "nl", "residual_attention", "scse", "se",
             "sk", "spatial", "srm", "stn", "structured", "triplet"}
 # the catalogue's second part (issue 16)
-BUILT_IN |= {"simam", "gct", "ese", "ceca", "sa", "splat", "ela", "strip", "psa", "ea", "bot", "halo", "lambda"}
+BUILT_IN |= {"simam", "gct", "ese", "ceca", "sa", "splat", "ela", "strip", "psa", "ea", "bot", "halo", "lambda",
+             "fpa", "gau", "dham"}
 
 
 def test_every_built_in_attention_is_registered():

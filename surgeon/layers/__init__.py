@@ -8,9 +8,11 @@ from surgeon.layers.augmented import AAConv2d
 from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, GlobalContext, SEModule,
                                     SelectiveKernel)
 from surgeon.layers.drop import ADL
+from surgeon.layers.hard import HardAttn
 from surgeon.layers.gate import GatedReplacement, GatedResidual, ZeroGate, gated
 from surgeon.layers.mixed import BAM, CBAM, SCSE, ChannelAttn, TripletAttention
 from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
+from surgeon.layers.pyramid import FPA, GAU
 from surgeon.layers.residual_attention import ResidualAttention
 from surgeon.layers.self_attention import CrissCrossAttn, DualAttention, EMAUnit, NonLocal2d
 from surgeon.layers.sequence import (AdditiveScore, ConcatScore, CosineScore, DotScore, GeneralScore,
@@ -25,6 +27,8 @@ __all__ = [
     "SpatialAttn", "CoordAttn", "SpatialTransformer", "CBAM", "BAM", "ChannelAttn", "TripletAttention", "SCSE",
     # self-attention on feature maps
     "NonLocal2d", "DualAttention", "CrissCrossAttn", "EMAUnit", "AAConv2d", "ResidualAttention",
+    # Pyramid Attention Network, hard attention
+    "FPA", "GAU", "HardAttn",
     # pooling, drops, gates
     "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "ZeroGate",
     "gated",

@@ -101,3 +101,45 @@ def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
         sig = build.__signature__
         build.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "feat_size"])
     return build
+
+
+def gating_input(site: Any, gating: Any, *, attention: str) -> tuple[int, tuple[int, ...]]:
+    """For a two-input attention at a `skip` site: which of the site's gating candidates it reads.
+
+    Args:
+        gating: None (the coarser decoder feature upsampled for this concat, the default of Attention U-Net
+            and PAN), a site name ("dec2" or "site:dec2"), or a mapping {skip site: gating site}.
+        attention: the attention's name, for messages.
+
+    Returns:
+        (index of the chosen signal in `site.info["extra"]`, its shape).
+
+    Raises:
+        ShapeError: the site is not a skip site; OptionError: an unknown or missing gating name.
+    """
+    from surgeon.errors import OptionError, did_you_mean, preview
+
+    if site.kind != "skip" or "extra" not in site.info:
+        raise ShapeError(f"{attention} needs a skip site (a skip connection's input to a decoder concat), "
+                         f"not the {site.kind} site {site.name!r}")
+    roles = list(site.info["extra"])
+    names = {r: r for r in roles} | {r.split(":", 1)[1]: r for r in roles}
+    short = [r.split(":", 1)[1] for r in roles]
+    if gating is None:
+        role = site.info["gating"]
+    else:
+        if isinstance(gating, dict):
+            if site.name not in gating:
+                raise OptionError(f"{attention}: gating has no entry for the skip site {site.name!r}."
+                                  f"{did_you_mean(site.name, [str(k) for k in gating])} Add one, or limit the "
+                                  f"sites with at=")
+            gating = gating[site.name]
+        if not isinstance(gating, str):
+            raise OptionError(f"{attention}: gating must be a site name or a mapping {{skip site: gating "
+                              f"site}}, got {gating!r}")
+        if gating not in names:
+            raise OptionError(f"{attention} at {site.name!r}: unknown gating site {gating!r}."
+                              f"{did_you_mean(gating, short)} Valid: {preview(short)}")
+        role = names[gating]
+    idx = roles.index(role)
+    return idx, tuple(site.info["extra_shapes"][idx])

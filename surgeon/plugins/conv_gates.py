@@ -57,41 +57,13 @@ def build_residual_attention(site, *, init: str = "identity", p: int = 1, t: int
     return gated(ResidualAttention(site.channels, p=p, t=t, r=r, depth=depth), init)
 
 
-def _gating_role(site, gating) -> str:
-    from surgeon.errors import OptionError, did_you_mean, preview
-
-    roles = list(site.info.get("extra", ()))
-    names = {r: r for r in roles} | {r.split(":", 1)[1]: r for r in roles}
-    short = [r.split(":", 1)[1] for r in roles]
-    if gating is None:
-        return site.info["gating"]
-    if isinstance(gating, dict):
-        if site.name not in gating:
-            raise OptionError(f"attention_gate: gating has no entry for the skip site {site.name!r}."
-                              f"{did_you_mean(site.name, [str(k) for k in gating])} Add one, or limit the "
-                              f"sites with at=")
-        gating = gating[site.name]
-    if not isinstance(gating, str):
-        raise OptionError(f"attention_gate: gating must be a site name or a mapping {{skip site: gating "
-                          f"site}}, got {gating!r}")
-    if gating not in names:
-        raise OptionError(f"attention_gate at {site.name!r}: unknown gating site {gating!r}."
-                          f"{did_you_mean(gating, short)} Valid: {preview(short)}")
-    return names[gating]
-
-
 def build_attention_gate(site, *, init: str = "identity", gating=None, inter_channels: int | None = None,
                          mode: str = "bilinear"):
-    from surgeon.errors import ShapeError
     from surgeon.layers.attention_gate import AttentionGate
+    from surgeon.plugins._glue import gating_input
 
     _check_init(init)
-    if site.kind != "skip" or "extra" not in site.info:
-        raise ShapeError(f"attention_gate needs a skip site (a skip connection's input to a decoder concat), "
-                         f"not the {site.kind} site {site.name!r}")
-    role = _gating_role(site, gating)
-    idx = list(site.info["extra"]).index(role)
-    g_shape = site.info["extra_shapes"][idx]
+    idx, g_shape = gating_input(site, gating, attention="attention_gate")
     gate = AttentionGate(site.channels, gating_channels=g_shape[1], inter_channels=inter_channels, mode=mode,
                          identity=init == "identity")
     gate.site_args = (0, 1 + idx)  # the rewrite passes (skip, the chosen gating signal) only
