@@ -9,6 +9,7 @@ from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, Glo
                                     SelectiveKernel)
 from surgeon.layers.drop import ADL
 from surgeon.layers.gate import GatedReplacement, GatedResidual, ZeroGate, gated
+from surgeon.layers.layout import ChannelsLast
 from surgeon.layers.mixed import BAM, CBAM, SCSE, ChannelAttn, TripletAttention
 from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
 from surgeon.layers.residual_attention import ResidualAttention
@@ -27,7 +28,7 @@ __all__ = [
     "NonLocal2d", "DualAttention", "CrissCrossAttn", "EMAUnit", "AAConv2d", "ResidualAttention",
     # pooling, drops, gates
     "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "ZeroGate",
-    "gated",
+    "gated", "ChannelsLast",
     # sequences
     "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
     "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",
