@@ -123,6 +123,23 @@ def test_layout_follows_the_producing_op_through_permutes_and_reshapes():
     assert got["x"] == got["add"] == "nchw"
 
 
+def test_batch_stays_leading_through_window_folds():
+    """Swin-style windows fold the batch into dim 0 ((B·windows, N, C)) and unfold it again: the result is
+    still NHWC with the batch first."""
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):  # (2, 4, 6, 8) channels last
+            w = self.fc(x).view(2, 2, 2, 3, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, 8)  # (12, 4, 8)
+            w = w * 2
+            return w.view(2, 2, 3, 2, 2, 8).permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, 8)
+
+    got = _dims_of(Windows(), torch.randn(2, 4, 6, 8))
+    assert (got["mul"], got["reshape_1"]) == ("nlc", "nhwc")
+
+
 def test_nothing_fixes_a_layout_it_is_unknown_not_assumed():
     got = _dims_of(lambda x: torch.sigmoid(x) * 2, torch.randn(2, 3, 4, 5))
     assert set(got.values()) == {"unknown"}
