@@ -25,7 +25,10 @@ def register_attentions(register: Callable[..., None]) -> None:
     parameters other than ``init`` are the attention's options, with their defaults.
     ``kinds`` lists the site kinds it serves, the first being its default. ``gated(module, init)`` gives
     identity init by a zero gate; ``feature_map(MySE, name="myse", ranks=(4,))`` writes the build below
-    for any layer ``cls(channels, **options)``.
+    for any layer ``cls(channels, **options)``, and also acts on channels-last sites through ``ChannelsLast``.
+    ``layouts`` lists the site layouts it acts on: 'nchw' (channels at dim 1, any rank), 'nhwc' (channels
+    last behind positional dims), 'nlc' (tokens), 'lnc' (time-first tokens); a site's layout is derived
+    from the ops that produce its tensor.
 
     Example::
 

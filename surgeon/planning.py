@@ -196,14 +196,15 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
     else:
         candidates = list(att.kinds)
     unmatched: NoSitesError | None = None
+    elsewhere: list[Site] = []  # sites of the attention's kinds in a layout it does not act on
     for k in candidates:
         try:
-            found = [s for s in find_sites(prep.views, [k], list(at) if at else None,
-                                                 finders=registry.finders())
-                     if s.layout in att.layouts and _worth_editing(prep, s)]
+            every = find_sites(prep.views, [k], list(at) if at else None, finders=registry.finders())
         except NoSitesError as exc:  # --at matched no site of this kind: try the attention's next kind
             unmatched = unmatched or exc
             continue
+        found = [s for s in every if s.layout in att.layouts and _worth_editing(prep, s)]
+        elsewhere += [s for s in every if s.layout not in att.layouts]
         if found:
             if k == candidates[0]:
                 return found, ""
@@ -211,18 +212,32 @@ def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,
             tried = "/".join(candidates[:candidates.index(k)])
             if len(found) == 1 and k == "after_conv" and not at:
                 raise NoSitesError(
-                    f"{att.name} found no {tried} site in {model_name}, and its only {k} site is "
-                    f"{found[0].name!r}: one edit there would not be a meaningful retrofit. Pass --kind {k} "
-                    f"(kind={k!r}) to insert it anyway, or run 'surgeon sites MODEL' to see the model's sites")
+                    f"{att.name} found no {tried} site {_fitting(att, elsewhere, model_name) or f'in {model_name}'}"
+                    f", and its only {k} site is {found[0].name!r}: one edit there would not be a meaningful "
+                    f"retrofit. Pass --kind {k} (kind={k!r}) to insert it anyway, or run 'surgeon sites MODEL' "
+                    f"to see the model's sites")
             note = f"{att.name}: {model_name} has no {tried} site; using its {len(found)} {k} sites instead"
             log.info(note)
             return found, note
     if unmatched is not None:
         raise unmatched
     model_name = type(prep.model).__name__
+    where = _fitting(att, elsewhere, model_name)
     raise NoSitesError(f"{att.name} found no {'/'.join(candidates)} site with a {'/'.join(att.layouts)} layout "
-                       f"in {model_name}" + (f" matching {list(at)}" if at else "") +
+                       + (where if where else f"in {model_name}") + (f" matching {list(at)}" if at else "") +
                        ". Run 'surgeon sites MODEL' to see the model's sites")
+
+
+def _fitting(att: registry.Attention, elsewhere: list[Site], model_name: str) -> str:
+    """'in ViT (its 24 residual sites are nlc: se, eca, gc, srm act there)': the attentions that fit the sites
+    of `att`'s kinds that `att` cannot act on (a transformer's token residuals for a spatial attention)."""
+    if not elsewhere:
+        return ""
+    kind, layout = max(((s.kind, s.layout) for s in elsewhere), key=[(s.kind, s.layout) for s in elsewhere].count)
+    count = sum((s.kind, s.layout) == (kind, layout) for s in elsewhere)
+    fits = [a.name for a in registry.attentions().values() if layout in a.layouts and kind in a.kinds]
+    return (f"in {model_name} (its {count} {kind} sites are {layout}: "
+            + (f"{', '.join(fits)} act there)" if fits else "no attention acts there)"))
 
 
 class Plan:

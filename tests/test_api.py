@@ -197,7 +197,8 @@ def test_at_matching_no_site_of_the_first_kind_tries_the_next():
 
 
 def test_a_model_without_any_kind_of_the_attention():
-    with pytest.raises(NoSitesError, match="se found no residual/stage/after_conv site with a nchw layout in Linear"):
+    with pytest.raises(NoSitesError,
+                       match="se found no residual/stage/after_conv site with a nchw/nhwc/nlc layout in Linear"):
         surgeon.plan(nn.Linear(4, 2), "se", input_size=(4,))
 
 

@@ -10,6 +10,7 @@ from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, Glo
 from surgeon.layers.drop import ADL
 from surgeon.layers.hard import HardAttn
 from surgeon.layers.gate import GatedReplacement, GatedResidual, ZeroGate, gated
+from surgeon.layers.layout import ChannelsLast
 from surgeon.layers.mixed import BAM, CBAM, SCSE, ChannelAttn, TripletAttention
 from surgeon.layers.pooling import AttentionPool2d, PoolReplacement
 from surgeon.layers.pyramid import FPA, GAU
@@ -31,7 +32,7 @@ __all__ = [
     "FPA", "GAU", "HardAttn",
     # pooling, drops, gates
     "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "ZeroGate",
-    "gated",
+    "gated", "ChannelsLast",
     # sequences
     "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
     "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",

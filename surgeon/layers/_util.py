@@ -159,3 +159,28 @@ def reduced_channels(channels: int, rd_ratio: float, rd_channels: int | None, rd
 def spatial_dims(x) -> tuple[int, ...]:
     """The spatial dims of a channels-first tensor: (2, 3) for NCHW, (2,) for NCL."""
     return tuple(range(2, x.dim()))
+
+
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_ADAPTIVE_AVG_POOLS = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+def check_dims(dims: Any) -> int:
+    """The number of positional dims of a feature map: 1 (N, C, L), 2 (N, C, H, W) or 3 (N, C, D, H, W)."""
+    if not _is_int(dims) or dims not in _CONVS:
+        raise _bad("dims", dims, "1, 2 or 3 (positional dims of (N, C, L), (N, C, H, W), (N, C, D, H, W))")
+    return dims
+
+
+def conv_nd(dims: int) -> type[nn.Module]:
+    """nn.Conv1d, nn.Conv2d or nn.Conv3d for a map with `dims` positional dims."""
+    return _CONVS[check_dims(dims)]
+
+
+def batch_norm_nd(dims: int) -> type[nn.Module]:
+    return _BATCH_NORMS[check_dims(dims)]
+
+
+def adaptive_avg_pool_nd(dims: int) -> type[nn.Module]:
+    return _ADAPTIVE_AVG_POOLS[check_dims(dims)]

@@ -1,11 +1,15 @@
-"""Mixed attention: channel and spatial attention combined (CBAM in sequence; BAM, scSE, triplet in parallel)."""
+"""Mixed attention: channel and spatial attention combined (CBAM in sequence; BAM, scSE, triplet in parallel).
+
+All work on 1-D, 2-D and 3-D maps: CBAM, BAM and triplet take `dims` (their convs become Conv1d/2d/3d),
+scSE needs nothing (its spatial squeeze is a per-position linear map).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from surgeon.layers._util import (check_bool, check_choice, check_int, check_odd_kernel, check_positive_int, get_act,
-                                  reduced_channels)
+from surgeon.layers._util import (batch_norm_nd, check_bool, check_choice, check_dims, check_int, check_odd_kernel,
+                                  check_positive_int, conv_nd, get_act, reduced_channels)
 from surgeon.layers.gate import ZeroGate
 from surgeon.layers.spatial import SpatialAttn
 
@@ -35,16 +39,17 @@ class CBAM(nn.Module):
     Paper: CBAM: Convolutional Block Attention Module, Woo et al., ECCV 2018 (arXiv:1807.06521).
     Matches the official code: MLP with biases, 7×7 spatial conv without bias followed by batch norm.
     `identity=True` gates each part's weights with its own γ (`channel.gamma`, `spatial.gamma`).
+    `dims=1`/`3`: the spatial part's conv is a Conv1d/Conv3d, as CBAM for sequences and for video/volumes.
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
                  rd_divisor: int = 1, kernel_size: int = 7, spatial_norm: bool = True, act_layer: str = "relu",
-                 gate_layer: str = "sigmoid", identity: bool = False):
+                 gate_layer: str = "sigmoid", dims: int = 2, identity: bool = False):
         super().__init__()
         self.channel = ChannelAttn(channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
                                    act_layer=act_layer, gate_layer=gate_layer, identity=identity)
         self.spatial = SpatialAttn(channels, kernel_size=kernel_size, norm=spatial_norm, gate_layer=gate_layer,
-                                   identity=identity)
+                                   dims=dims, identity=identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
@@ -57,38 +62,40 @@ class BAM(ZeroGate):
     Matches the official code: channel branch avgpool → FC → BN → ReLU → FC; spatial branch
     1×1 reduce → `num_convs` dilated 3×3 convs (each with BN, ReLU) → 1×1 to one map, all with biases.
     `identity=True` gates the attention term: x · (1 + γ·σ(M_c ⊙ M_s)), γ = 0 (see `ZeroGate.add`).
+    `dims=1`/`3`: the spatial branch's convs are Conv1d/Conv3d, for (N, C, L) and (N, C, D, H, W) maps.
     """
 
     form = "add"
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
                  rd_divisor: int = 1, dilation: int = 4, num_convs: int = 2, act_layer: str = "relu",
-                 identity: bool = False):
+                 dims: int = 2, identity: bool = False):
         super().__init__(identity)
         rd = reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         check_positive_int("dilation", dilation)
         check_int("num_convs", num_convs, low=0)
+        conv, norm = conv_nd(dims), batch_norm_nd(dims)
         self.channel = nn.Sequential(nn.Linear(channels, rd), nn.BatchNorm1d(rd), get_act(act_layer),
                                      nn.Linear(rd, channels))
-        layers: list[nn.Module] = [nn.Conv2d(channels, rd, 1), nn.BatchNorm2d(rd), get_act(act_layer)]
+        layers: list[nn.Module] = [conv(channels, rd, 1), norm(rd), get_act(act_layer)]
         for _ in range(num_convs):
-            layers += [nn.Conv2d(rd, rd, 3, padding=dilation, dilation=dilation), nn.BatchNorm2d(rd),
-                       get_act(act_layer)]
-        layers.append(nn.Conv2d(rd, 1, 1))
+            layers += [conv(rd, rd, 3, padding=dilation, dilation=dilation), norm(rd), get_act(act_layer)]
+        layers.append(conv(rd, 1, 1))
         self.spatial = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.channel(x.mean((2, 3)))[:, :, None, None]
+        c = self.channel(x.mean(tuple(range(2, x.dim()))))
+        c = c.view(*c.shape, *([1] * (x.dim() - 2)))
         return x * self.add(x.new_ones(()), torch.sigmoid(c * self.spatial(x)))
 
 
 class _ZPoolGate(ZeroGate):
-    """σ(BN(conv_k×k([max_1(x); mean_1(x)]))) over dim 1: triplet attention's weights for one branch."""
+    """σ(BN(conv_k([max_1(x); mean_1(x)]))) over dim 1: triplet attention's weights for one branch."""
 
-    def __init__(self, kernel_size: int, identity: bool):
+    def __init__(self, kernel_size: int, dims: int, identity: bool):
         super().__init__(identity)
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
+        self.conv = conv_nd(dims)(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = batch_norm_nd(dims)(1, eps=1e-5, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
@@ -104,22 +111,35 @@ class TripletAttention(nn.Module):
     branch weights, (N, C, 1, W), (N, C, H, 1) and (N, 1, H, W), are averaged before the one product
     with x (the official code multiplies x three times). `identity=True` gates each branch's weights
     with its own γ (see `ZeroGate`); their average is then exactly 1.
+    `dims=1`/`3` carries the rotation to (N, C, L) and (N, C, D, H, W): one branch per dim of (C, positions),
+    each pooling that dim away and convolving the others (Conv1d: branches `l`, `c`; Conv3d: `dhw`, `chw`,
+    `dcw`, `dhc`), named like the 2-D ones after the dims they attend over.
     """
 
     def __init__(self, channels: int | None = None, *, kernel_size: int = 7, no_spatial: bool = False,
-                 identity: bool = False):
+                 dims: int = 2, identity: bool = False):
         super().__init__()
         check_odd_kernel("kernel_size", kernel_size)
         check_bool("no_spatial", no_spatial)
-        self.cw = _ZPoolGate(kernel_size, identity)  # H pooled away: attends over (C, W)
-        self.hc = _ZPoolGate(kernel_size, identity)  # W pooled away: attends over (H, C)
-        self.hw = None if no_spatial else _ZPoolGate(kernel_size, identity)
+        check_dims(dims)
+        letters = "c" + "dhw"[3 - dims:] if dims > 1 else "cl"
+        # branch a pools dim a away after x.transpose(1, a); it attends over the other dims in that order
+        self.branches: list[tuple[int, str]] = []
+        for a in (*range(2, dims + 2), 1):  # 2-D: cw, hc, hw, as before
+            if a == 1 and no_spatial:
+                continue
+            order = list(letters)
+            order[0], order[a - 1] = order[a - 1], order[0]
+            name = "".join(order[1:])
+            setattr(self, name, _ZPoolGate(kernel_size, dims, identity))
+            self.branches.append((a, name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.cw(x.transpose(1, 2)).transpose(1, 2) + self.hc(x.transpose(1, 3)).transpose(1, 3)
-        if self.hw is None:
-            return x * (w / 2)
-        return x * ((w + self.hw(x)) / 3)
+        w = None
+        for a, name in self.branches:
+            w_a = getattr(self, name)(x.transpose(1, a)).transpose(1, a)
+            w = w_a if w is None else w + w_a
+        return x * (w / len(self.branches))
 
 
 class SCSE(ZeroGate):

@@ -14,11 +14,20 @@ from typing import Any, Callable
 from surgeon.errors import ShapeError
 
 
-def require_feature_map(site: Any, attention: str, ranks: tuple[int, ...]) -> None:
-    """Raise ShapeError unless the site holds a channels-first tensor of one of `ranks`."""
-    if site.layout != "nchw" or len(site.shape) not in ranks:
-        want = " or ".join({3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}[r] for r in ranks)
-        raise ShapeError(f"{attention} needs a channels-first {want} feature map; site {site.name!r} has "
+# the layouts an attention over (N, C, ...) maps can act on: channels first as it is, channels last (NHWC
+# maps, and for channel attentions (N, L, C) tokens) through `ChannelsLast`
+FEATURE_MAPS = ("nchw", "nhwc")
+CHANNELS = ("nchw", "nhwc", "nlc")
+_SHAPES = {3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+
+
+def require_feature_map(site: Any, attention: str, ranks: tuple[int, ...],
+                        layouts: tuple[str, ...] = ("nchw",)) -> None:
+    """Raise ShapeError unless the site holds a feature map of one of `ranks` in one of `layouts`."""
+    if site.layout not in layouts or len(site.shape) not in ranks:
+        want = " or ".join(_SHAPES[r] for r in ranks)
+        order = "channels-first" if layouts == ("nchw",) else "channels-first or channels-last"
+        raise ShapeError(f"{attention} needs a {order} {want} feature map; site {site.name!r} has "
                          f"shape {tuple(site.shape)} ({site.layout})")
 
 
@@ -67,7 +76,12 @@ def with_options(build: Callable[..., Any], cls: type) -> Callable[..., Any]:
 
 def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
                 natural_identity: bool | Callable[[Any], bool] = False, feat_size: bool = False) -> Callable[..., Any]:
-    """A build for a shape-preserving layer `cls(channels, **options)` on channels-first feature maps.
+    """A build for a shape-preserving layer `cls(channels, **options)` on feature maps (N, C, ...).
+
+    The site's layout says where its channels are: at a channels-last site (NHWC maps, (N, L, C) tokens)
+    the layer is wrapped in `ChannelsLast`, so it reduces over the positions and weights the channels
+    there too. A layer with a keyword-only `dims` parameter is built for the site's number of positional
+    dims (1, 2 or 3: Conv1d/2d/3d inside); like `feat_size` it is no user option.
 
     Args:
         natural_identity: the layer is already the identity as constructed (a zero-initialised last
@@ -81,12 +95,22 @@ def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
     """
     own_gate = gates_itself(cls)
 
-    def build(site, *, init: str = "identity", **options):
-        from surgeon.layers.gate import check_init, gated
+    by_rank = any(p.name == "dims" for p in _keyword_only(cls))
 
-        require_feature_map(site, name, ranks)
+    def build(site, *, init: str = "identity", **options):
+        from surgeon.layers.layout import ChannelsLast
+
+        require_feature_map(site, name, ranks, CHANNELS)
+        module = _build(site, init, options)
+        return ChannelsLast(module) if site.layout != "nchw" else module
+
+    def _build(site, init, options):
+        from surgeon.layers.gate import check_init, gated
+        shape = site.channels_first
         if feat_size:
-            options["feat_size"] = tuple(site.shape[2:])
+            options["feat_size"] = tuple(shape[2:])
+        if by_rank:
+            options["dims"] = len(shape) - 2
         if own_gate:
             return cls(site.channels, identity=check_init(init) == "identity", **options)
         module = cls(site.channels, **options)
@@ -97,9 +121,11 @@ def feature_map(cls: type, *, name: str, ranks: tuple[int, ...] = (3, 4, 5),
         return gated(module, init)
 
     with_options(build, cls)
-    if feat_size:
+    hidden = {"feat_size"} if feat_size else set()
+    hidden |= {"dims"} if by_rank else set()
+    if hidden:
         sig = build.__signature__
-        build.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "feat_size"])
+        build.__signature__ = sig.replace(parameters=[p for p in sig.parameters.values() if p.name not in hidden])
     return build
 
 

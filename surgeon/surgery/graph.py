@@ -16,6 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from surgeon.surgery import layout
 from surgeon.surgery.shapes import shape as _shape
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -234,31 +235,19 @@ class GraphView:
             st = st[:-1]
         return st[-1] if st else ""
 
+    @cached_property
+    def _dims(self) -> tuple[dict, dict]:
+        return layout.derive(self.nodes, self.modules)
+
+    def channel_dim(self, node: fx.Node) -> int | None:
+        """The dim of the node's tensor that holds channels, derived from the ops that produce it (see
+        `surgeon.surgery.layout`); None when no op fixes it."""
+        return self._dims[0].get(node)
+
     def layout(self, node: fx.Node) -> str:
-        """'nchw' when channels are at dim 1, 'nlc' when channels are last; found by walking back to
-        the nearest layer that fixes the layout (conv and batch norm: nchw; linear and layer norm: nlc)."""
-        seen = 0
-        cur: fx.Node | None = node
-        while cur is not None and seen < 32:
-            m = self.module(cur)
-            if is_conv(cur, self.modules) or isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
-                return "nchw"
-            if is_linear(cur, self.modules) or isinstance(m, nn.LayerNorm):
-                return "nlc"
-            if cur.op == "call_method" and cur.target == "permute":
-                dims = cur.args[1] if len(cur.args) == 2 and isinstance(cur.args[1], (tuple, list)) else cur.args[1:]
-                if len(dims) >= 3 and dims[-1] == 1:
-                    return "nlc"  # NCHW -> NHWC
-                if len(dims) >= 3 and dims[1] == len(dims) - 1:
-                    return "nchw"  # NHWC -> NCHW
-                break
-            if cur.op == "call_method" and cur.target in ("transpose", "flatten", "view", "reshape"):
-                break
-            inputs = [a for a in cur.all_input_nodes if _shape(a) == _shape(node)]
-            cur = inputs[0] if inputs else None
-            seen += 1
-        s = self.shape(node)
-        return "nchw" if s is not None and len(s) == 4 else "nlc"
+        """'nchw' (channels at dim 1), 'nhwc' (channels last behind positional dims), 'nlc' (tokens), 'lnc'
+        (time-first tokens) or 'unknown', derived from the ops that produce the node (`surgery.layout`)."""
+        return layout.layout(self.shape(node), self._dims[0].get(node), self._dims[1].get(node))
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         return nx.ancestors(self.nx, node)

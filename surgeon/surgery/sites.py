@@ -36,7 +36,9 @@ class Site:
         name: stable dotted name in the whole model (e.g. 'layer1.0', 'global_pool').
         kind: 'residual', 'stage', 'after_conv', 'pool', or a plugin's kind.
         shape: shape of the tensor the inserted module receives (batch of the example input first).
-        layout: 'nchw' (channels at dim 1) or 'nlc' (channels last).
+        layout: 'nchw' (channels at dim 1, any rank), 'nhwc' (channels last behind two or more positional
+            dims), 'nlc' (tokens (N, L, C)), 'lnc' (time-first tokens) or 'unknown': derived from the ops
+            that produce the tensor (`surgeon.surgery.layout`).
         graph: path of the GraphModule holding the node ('' for the root).
         node: fx node the module is inserted after ('insert') or whose value it replaces ('replace').
         user: rewire only this user of `node` (None: every user); for 'replace', the module's call then goes
@@ -66,6 +68,13 @@ class Site:
     @property
     def channels(self) -> int:
         return self.shape[1] if self.layout == "nchw" else self.shape[-1]
+
+    @property
+    def channels_first(self) -> tuple[int, ...]:
+        """The shape as an attention over (N, C, ...) sees it: channels-last layouts moved to dim 1."""
+        if self.layout in ("nhwc", "nlc"):
+            return (self.shape[0], self.shape[-1], *self.shape[1:-1])
+        return tuple(self.shape)
 
     def module_path(self, attention: str) -> str:
         """Where an inserted module goes, relative to its graph."""
