@@ -164,10 +164,10 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
             row.update(status="identity_break", error=_one_line(exc))
         except SurgeonError as exc:
             row.update(status="refused", error=_one_line(f"{type(exc).__name__}: {exc}"))
-        except MemoryError:
-            row.update(status="oom", error="MemoryError")
         except Exception as exc:  # noqa: BLE001 - a crash is what the sweep exists to find
-            row.update(status="crash", error=_one_line(f"{type(exc).__name__}: {exc}{_where(exc)}"))
+            out_of_memory = isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
+            row.update(status="oom" if out_of_memory else "crash",
+                       error=_one_line(f"{type(exc).__name__}: {exc}{_where(exc)}"))
         row["surgery_s"] = f"{time.perf_counter() - t:.2f}"
         rows.append(row)
     return rows
@@ -236,8 +236,8 @@ def sweep(jobs: list[tuple[str, str | None]], path: Path, *, attentions: tuple[s
           memory_gb: float, max_params: float, progress: bool = True) -> None:
     """Run each (model reference, input size) not yet in the CSV at `path`, appending its rows."""
     done = done_keys(path)
-    todo = [(ref, size) for ref, size in jobs
-            if any((*ref.split(":", 1), a) not in done for a in attentions)]
+    todo = [(ref, size, missing) for ref, size in jobs
+            if (missing := tuple(a for a in attentions if (*ref.split(":", 1), a) not in done))]
     new_file = not path.exists()
     # the libraries are imported once here, so every forked child starts with them loaded
     import segmentation_models_pytorch  # noqa: F401
@@ -252,8 +252,8 @@ def sweep(jobs: list[tuple[str, str | None]], path: Path, *, attentions: tuple[s
         writer = csv.DictWriter(f, COLUMNS)
         if new_file:
             writer.writeheader()
-        for i, (ref, size) in enumerate(todo, 1):
-            rows = run_isolated(ref, attentions, size, timeout=timeout, memory_gb=memory_gb, max_params=max_params)
+        for i, (ref, size, missing) in enumerate(todo, 1):
+            rows = run_isolated(ref, missing, size, timeout=timeout, memory_gb=memory_gb, max_params=max_params)
             for row in rows:
                 writer.writerow({c: row.get(c, "") for c in COLUMNS})
             f.flush()
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, help="rows go here (default: zoo.csv, or zoo-ci.csv with --ci)")
     ap.add_argument("--attentions", default=",".join(ATTENTIONS))
     ap.add_argument("--timeout", type=float, default=300, help="seconds per model (default 300)")
-    ap.add_argument("--memory-gb", type=float, default=6, help="memory per model process (default 6)")
+    ap.add_argument("--memory-gb", type=float, default=8, help="address space per model process (default 8)")
     ap.add_argument("--max-params", type=float, default=400e6,
                     help="models with more parameters are recorded as too_big, not built twice (default 4e8)")
     ap.add_argument("--summary", type=Path, metavar="CSV", help="only print the summary of a CSV")
