@@ -274,6 +274,7 @@ def failure_class(error: str) -> str:
 
 def summary(rows: list[dict]):
     """Two rich tables: counts per source and status, and the failure classes with example models."""
+    from rich.markup import escape
     from rich.table import Table
 
     statuses = sorted({r["status"] for r in rows}, key=lambda s: (s != "ok", s))
@@ -296,7 +297,8 @@ def summary(rows: list[dict]):
         failures.add_column(col, justify="right" if col == "rows" else "left")
     for (status, cls), members in sorted(classes.items(), key=lambda kv: (kv[0][0] != "crash", -len(kv[1]))):
         examples = sorted({f"{m['source']}:{m['model']}" for m in members})
-        failures.add_row(status, str(len(members)), cls, ", ".join(examples[:3]) + (" …" if len(examples) > 3 else ""))
+        failures.add_row(status, str(len(members)), escape(cls),  # errors hold [brackets]: not rich markup
+                         ", ".join(examples[:3]) + (" …" if len(examples) > 3 else ""))
     return counts, failures
 
 

@@ -63,11 +63,13 @@ def test_failure_classes_blank_names_and_numbers():
 def test_summary_counts_per_source_and_status():
     rows = [{"source": "tv", "model": "m", "attention": "se", "status": "ok", "error": ""},
             {"source": "tv", "model": "n", "attention": "se", "status": "crash", "error": "KeyError: 'x'"},
-            {"source": "timm", "model": "o", "attention": "se", "status": "crash", "error": "KeyError: 'y'"}]
+            {"source": "timm", "model": "o", "attention": "se", "status": "crash", "error": "KeyError: 'y'"},
+            {"source": "timm", "model": "p", "attention": "se", "status": "oom", "error": "[enforce fail at a.cpp:1]"}]
     counts, failures = zoo.summary(rows)
-    assert [c.header for c in counts.columns] == ["source", "ok", "crash", "total"]
+    assert [c.header for c in counts.columns] == ["source", "ok", "crash", "oom", "total"]
     assert list(counts.columns[2].cells) == ["1", "1", "2"]  # timm, tv, all
-    assert list(failures.columns[1].cells) == ["2"] and list(failures.columns[3].cells) == ["timm:o, tv:n"]
+    assert list(failures.columns[1].cells) == ["2", "1"] and list(failures.columns[3].cells) == ["timm:o, tv:n", "timm:p"]
+    assert list(failures.columns[2].cells)[1] == "\\[enforce fail at a.cpp:N]"  # shown as text, not rich markup
 
 
 @pytest.mark.parametrize("ref,size", zoo.CI_SAMPLE)
