@@ -68,7 +68,8 @@ def test_summary_counts_per_source_and_status():
     counts, failures = zoo.summary(rows)
     assert [c.header for c in counts.columns] == ["source", "ok", "crash", "oom", "total"]
     assert list(counts.columns[2].cells) == ["1", "1", "2"]  # timm, tv, all
-    assert list(failures.columns[1].cells) == ["2", "1"] and list(failures.columns[3].cells) == ["timm:o, tv:n", "timm:p"]
+    assert list(failures.columns[1].cells) == ["2", "1"]
+    assert list(failures.columns[3].cells) == ["timm:o, tv:n", "timm:p"]
     assert list(failures.columns[2].cells)[1] == "\\[enforce fail at a.cpp:N]"  # shown as text, not rich markup
 
 
