@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo lint test test-slow bench clean
+.PHONY: demo lint test test-slow bench zoo zoo-ci clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,5 +33,13 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python scoped_latency.py
 	cd benchmarks && ../$(BIN)/python cli_help.py
 
+# the model-zoo sweep (hours; resumable: rerun to continue, SAMPLE=N for N models per source) and its fixed
+# 30-model CI sample (about 2 min; fails on any crash, identity break, timeout or memory overflow)
+zoo: $(STAMP)
+	cd benchmarks && ../$(BIN)/python zoo.py $(if $(SAMPLE),--sample $(SAMPLE))
+
+zoo-ci: $(STAMP)
+	rm -f zoo-ci.csv.tmp; cd benchmarks && ../$(BIN)/python zoo.py --ci --csv ../zoo-ci.csv.tmp; status=$$?; rm -f ../zoo-ci.csv.tmp; exit $$status
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out zoo-ci.csv.tmp

@@ -102,12 +102,14 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
     _check_options(att, options)
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     chosen, note = _choose_kind(att, kind, prep, at)
-    if note:
-        warnings.warn(note, stacklevel=2)
-    edits = []
+    edits, unfit = [], {}
     for site in chosen:
         try:
             module = att.build(site, init=init, **options)
+        except OptionError as exc:  # the options do not fit this site's shape: skipped, unless none fits
+            unfit[site.name] = exc
+            log.info("site %s: skipped, %s", site.name, exc)
+            continue
         except SurgeonError:
             raise
         except (ValueError, TypeError) as exc:
@@ -115,6 +117,14 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
         flops, checked = _edit_flops(site, module, att.name)
         edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
                           params=sum(p.numel() for p in module.parameters()), flops=flops, shape_checked=checked))
+    if unfit and not edits:
+        raise next(iter(unfit.values()))
+    if unfit:
+        first, exc = next(iter(unfit.items()))
+        more = f" and {len(unfit) - 1} more" if len(unfit) > 1 else ""
+        note = "; ".join(filter(None, [note, f"{att.name}: skipped {first!r}{more} ({exc})"]))
+    if note:
+        warnings.warn(note, stacklevel=2)
     plan = Plan(prep, edits)
     plan.note = note
     return plan

@@ -6,13 +6,14 @@ for an attention (its first kind, or the next kind the model has), and the `Edit
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from surgeon import hf, models, record, registry
+from surgeon import hf, models, record, registry, sizes
 from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
@@ -30,16 +31,6 @@ EXAMPLE_BATCH = 2
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def _configured_size(model: nn.Module) -> tuple[int, ...] | None:
-    if record.input_size(model):
-        return record.input_size(model)
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            return tuple(cfg["input_size"])
-    return None
-
-
 def _guess_input(model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     if hf.is_hf(model):
         found = hf.example_input(model, generator, EXAMPLE_BATCH)
@@ -67,13 +58,14 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
                    example_input: Any = None) -> tuple:
     """The example input used for shapes and verification, as a tuple of positional arguments.
 
-    Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own config
-    (timm `pretrained_cfg['input_size']`, or a surgery record); a guess from its first layer.
+    Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own metadata
+    (a surgery record, timm `pretrained_cfg['input_size']`, torchvision weights' crop size and clip
+    length: see `surgeon.sizes`); a guess from its first layer.
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     gen = torch.Generator().manual_seed(0)
-    size = tuple(input_size) if input_size else _configured_size(model)
+    size = tuple(input_size) if input_size else sizes.configured_size(model)
     if size:
         if any(not isinstance(d, int) or d <= 0 for d in size):
             raise OptionError(f"input size {size} must be positive integers, e.g. 3,224,224")
@@ -88,10 +80,11 @@ class _Prepared:
     traced: Traced
     inputs: tuple
     views: list[GraphView]
+    small_images: bool = False  # a detector traced and verified on small images (see sizes.small_images)
 
 
-def _prepare(model: nn.Module | str, *, example_input: Any = None,
-             input_size: Sequence[int] | None = None) -> _Prepared:
+def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: Sequence[int] | None = None,
+             small_images: bool | None = None) -> _Prepared:
     if isinstance(model, str):
         model = models.load(model)
     if not isinstance(model, nn.Module):
@@ -100,16 +93,19 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None,
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
     # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
-    copy = structural_copy(model)
-    traced = trace(copy, leaf_paths=leaf_paths, calls=shapes.record_calls(copy, inputs))
-    traced.extra_leaves = set(leaf_paths)
-    if not isinstance(traced.module, torch.fx.GraphModule):
-        # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
-        # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
-        traced.module = structural_copy(model)
-    shapes.propagate(traced, inputs)
+    copy, spare = structural_copy(model), structural_copy(model)
+    # a detector that resizes every image to 800 pixels runs on small ones, unless the user gave the input
+    small = sizes.resizes_large(model) and example_input is None if small_images is None else small_images
+    with sizes.small_images(copy, spare) if small else nullcontext():
+        traced = trace(copy, leaf_paths=leaf_paths, calls=shapes.record_calls(copy, inputs))
+        traced.extra_leaves = set(leaf_paths)
+        if not isinstance(traced.module, torch.fx.GraphModule):
+            # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
+            # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
+            traced.module = spare
+        shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
-    return _Prepared(model, traced, inputs, views)
+    return _Prepared(model, traced, inputs, views, small_images=small)
 
 @dataclass
 class Edit:
@@ -310,8 +306,8 @@ class Plan:
             not reach the new parameters.
         """
         if self._applied:  # the traced copy is consumed; plan again on a fresh trace
-            fresh = _prepare(self.model, example_input=self._prep.inputs)
-            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views)
+            fresh = _prepare(self.model, example_input=self._prep.inputs, small_images=self._prep.small_images)
+            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views, fresh.small_images)
             self._choice = None
         self._applied = True
         patched, paths, owners = scope.rewrite(self.model, self._chosen(), rw.insert)
@@ -331,12 +327,13 @@ class Plan:
             site=e.site.name, kind=e.site.kind, shape=tuple(e.site.shape), attention=e.attention,
             options=dict(e.options), init=e.init, module=paths[e.site.name], owner=owners[e.site.name],
             params=e.params, flops=e.flops, step=step) for e in self.edits])
-        _check_shapes(patched, self._prep.inputs, [e for e in self.edits if not e.shape_checked], paths)
-        if verify:
-            inits = {e.init for e in self.edits}
-            self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
-                                             tolerance=tolerance if inits == {"identity"} else None)
-            record.set_verification(patched, self.verification)
+        with sizes.small_images(self.model, patched) if self._prep.small_images else nullcontext():
+            _check_shapes(patched, self._prep.inputs, [e for e in self.edits if not e.shape_checked], paths)
+            if verify:
+                inits = {e.init for e in self.edits}
+                self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
+                                                 tolerance=tolerance if inits == {"identity"} else None)
+                record.set_verification(patched, self.verification)
         return patched
 
 

@@ -86,16 +86,19 @@ class SelectiveKernel(nn.Module):
 
     Paper: Selective Kernel Networks, Li et al., CVPR 2019 (arXiv:1903.06586).
     An insertable C→C block (the paper replaces the bottleneck's 3×3 conv with it): branch m is a grouped
-    k×k conv with dilation m+1 (the paper's 5×5 branch as a dilated 3×3), BN, ReLU; fuse
+    k×k conv (`groups` by default the paper's 32, or the largest divisor of C below 32 where 32 does not
+    divide C) with dilation m+1 (the paper's 5×5 branch as a dilated 3×3), BN, ReLU; fuse
     z = ReLU(BN(W·gap(ΣUₘ))) with d = max(C·rd_ratio, min_channels); select aₘ = softmax over m of Aₘz.
     """
 
-    def __init__(self, channels: int, *, num_branches: int = 2, kernel_size: int = 3, groups: int = 32,
+    def __init__(self, channels: int, *, num_branches: int = 2, kernel_size: int = 3, groups: int | None = None,
                  rd_ratio: float = 1 / 16, min_channels: int = 32, act_layer: str = "relu"):
         super().__init__()
         check_positive_int("channels", channels)
         check_int("num_branches", num_branches, low=2)
         check_odd_kernel("kernel_size", kernel_size)
+        if groups is None:  # the paper's cardinality 32, or the largest divisor of channels below it
+            groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
         check_positive_int("groups", groups)
         if channels % groups:
             raise OptionError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "

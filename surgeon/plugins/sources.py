@@ -16,8 +16,14 @@ def _timm_names():
 
 
 def _tv_create(name, *, pretrained=False, **kwargs):
+    import inspect
+
     import torchvision
 
+    builder = torchvision.models.get_model_builder(name)
+    if not pretrained and "weights_backbone" in inspect.signature(builder).parameters:
+        # a fresh detector or segmenter: without this its builder downloads ImageNet weights for the backbone
+        kwargs.setdefault("weights_backbone", None)
     return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
 
 

@@ -92,7 +92,10 @@ def count_flops(model: nn.Module, inputs: tuple) -> int:
     # scaled_dot_product_attention dispatches to, so attention products would count as zero
     extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
     counter = FlopCounterMode(display=False, custom_mapping=extra)
-    with torch.no_grad(), counter:
+    # NOTE: with autograd on: the counter's module tracker hooks every module input that requires grad, and
+    # a view of a parameter made under no_grad (a ViT's expanded class token passed to a child module, as
+    # in timm's PiT) requires grad without a gradient function, which the tracker cannot hook
+    with counter:
         model(*inputs)
     return int(counter.get_total_flops())
 

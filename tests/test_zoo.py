@@ -1,0 +1,86 @@
+"""benchmarks/zoo.py, the model-zoo sweep: one model in its own process (rows, timeout), a resumed sweep
+skipping what its CSV holds, failure classes grouping errors, the summary's counts."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+_spec = importlib.util.spec_from_file_location("zoo", _PATH)
+zoo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(zoo)
+
+
+def test_one_model_in_its_own_process_gives_a_row_per_attention():
+    rows = zoo.run_isolated("tv:squeezenet1_1", ("se", "bogus"), "3,64,64", timeout=300, memory_gb=8,
+                            max_params=4e8)
+    assert [(r["attention"], r["status"]) for r in rows] == [("se", "ok"), ("bogus", "refused")]
+    assert rows[0]["kind"] == "stage" and rows[0]["edits"] == 2 and float(rows[0]["max_abs_diff"]) <= 1e-5
+    assert rows[1]["error"].startswith("UnknownNameError: Unknown attention 'bogus'")
+
+
+def test_a_model_over_the_time_limit_is_a_timeout_row():
+    rows = zoo.run_isolated("tv:squeezenet1_1", ("se", "cbam"), None, timeout=0.01, memory_gb=8, max_params=4e8)
+    assert [r["status"] for r in rows] == ["timeout", "timeout"]
+
+
+def test_too_big_models_are_rows_saying_so():
+    rows = zoo.run_isolated("tv:squeezenet1_1", ("se",), "3,32,32", timeout=300, memory_gb=8, max_params=1e5)
+    assert rows[0]["status"] == "too_big" and "1M parameters > --max-params 0M" in rows[0]["error"]
+
+
+def test_a_resumed_sweep_runs_only_what_its_csv_lacks(tmp_path, monkeypatch):
+    path = tmp_path / "zoo.csv"
+    ran, attentions_run = [], []
+
+    def fake(ref, attentions, size, **kw):
+        ran.append(ref)
+        attentions_run.append(attentions)
+        return [{"source": ref.split(":")[0], "model": ref.split(":")[1], "attention": a, "status": "ok"}
+                for a in attentions]
+
+    monkeypatch.setattr(zoo, "run_isolated", fake)
+    jobs = [("tv:a", None), ("timm:b", None)]
+    zoo.sweep(jobs[:1], path, attentions=("se",), timeout=1, memory_gb=1, max_params=1, progress=False)
+    zoo.sweep(jobs, path, attentions=("se", "cbam"), timeout=1, memory_gb=1, max_params=1, progress=False)
+    assert ran == ["tv:a", "tv:a", "timm:b"]  # tv:a again for cbam only; its se row stays as it was
+    assert attentions_run == [("se",), ("cbam",), ("se", "cbam")]
+    with path.open() as f:
+        rows = [(r["model"], r["attention"]) for r in csv.DictReader(f)]
+    assert rows == [("a", "se"), ("a", "cbam"), ("b", "se"), ("b", "cbam")]
+    assert zoo.done_keys(path) == {("tv", "a", "se"), ("tv", "a", "cbam"), ("timm", "b", "se"),
+                                   ("timm", "b", "cbam")}
+
+
+def test_failure_classes_blank_names_and_numbers():
+    a = zoo.failure_class("ShapeError: cbam needs (N, C, H, W); site 'layer1.0' has shape (2, 64, 4, 16, 16)")
+    b = zoo.failure_class("ShapeError: cbam needs (N, C, H, W); site 'blocks.3' has shape (1, 8, 2, 7, 7)")
+    assert a == b == "ShapeError: cbam needs (N, C, H, W); site '…' has shape (…)"
+    assert zoo.failure_class("took 12.5 s") == "took N s"
+
+
+def test_summary_counts_per_source_and_status():
+    rows = [{"source": "tv", "model": "m", "attention": "se", "status": "ok", "error": ""},
+            {"source": "tv", "model": "n", "attention": "se", "status": "crash", "error": "KeyError: 'x'"},
+            {"source": "timm", "model": "o", "attention": "se", "status": "crash", "error": "KeyError: 'y'"},
+            {"source": "timm", "model": "p", "attention": "se", "status": "oom", "error": "[enforce fail at a.cpp:1]"}]
+    counts, failures = zoo.summary(rows)
+    assert [c.header for c in counts.columns] == ["source", "ok", "crash", "oom", "total"]
+    assert list(counts.columns[2].cells) == ["1", "1", "2"]  # timm, tv, all
+    assert list(failures.columns[1].cells) == ["2", "1"]
+    assert list(failures.columns[3].cells) == ["timm:o, tv:n", "timm:p"]
+    assert list(failures.columns[2].cells)[1] == "\\[enforce fail at a.cpp:N]"  # shown as text, not rich markup
+
+
+@pytest.mark.parametrize("ref,size", zoo.CI_SAMPLE)
+def test_the_ci_sample_names_models_the_libraries_have(ref, size):
+    source, name = ref.split(":")
+    known = {"tv": zoo._tv_names, "smp": lambda: zoo.SMP_MODELS}
+    if source == "timm":
+        import timm
+
+        assert timm.is_model(name)
+    else:
+        assert name in known[source]()
+    assert len(zoo.CI_SAMPLE) == 30

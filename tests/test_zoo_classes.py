@@ -1,0 +1,177 @@
+"""The failure classes the model-zoo sweep (benchmarks/zoo.py) found, each on a small model of its class:
+options that do not fit a site's shape, FLOPs of models passing parameter views to their children (timm's
+PiT), detectors (surgery on a model that never ran, at a small image size), input sizes read from
+torchvision's weights metadata, and hiera's mask branch."""
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import surgeon
+from surgeon import models, sizes
+from surgeon.errors import OptionError
+from surgeon.layers.channel import SelectiveKernel
+from surgeon.planning import example_inputs
+from surgeon.surgery.verify import count_flops
+
+from conftest import perturb_bn
+
+
+# -- options that cannot fit a site's shape --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def regnet():
+    torch.manual_seed(0)
+    return perturb_bn(torchvision.models.regnet_y_400mf()).eval()
+
+
+def test_sk_groups_default_to_a_divisor_of_the_channels(regnet):
+    # regnet_y_400mf's stages have 48, 104, 208 and 440 channels: the paper's 32 groups divide none of them
+    patched = surgeon.add(regnet, "sk", example_input=torch.randn(2, 3, 64, 64))
+    edits = surgeon.edits(patched)
+    assert len(edits) == 16
+    sk = {e.shape[1]: next(m for m in patched.get_submodule(e.module).modules() if isinstance(m, SelectiveKernel))
+          for e in edits}
+    groups = {c: m.branches[0][0].groups for c, m in sk.items()}
+    assert groups == {48: 24, 104: 26, 208: 26, 440: 22}  # the largest divisors up to 32
+    assert SelectiveKernel(256).branches[0][0].groups == 32  # the paper's, where it divides
+
+
+class _Block(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def _two_widths():
+    """Residual blocks at 48 and 64 channels: 32 groups fit only the second."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 48, 3, padding=1), _Block(48), nn.Conv2d(48, 64, 3, padding=1),
+                         _Block(64)).eval()
+
+
+def test_an_option_that_fits_only_some_sites_skips_the_others_with_a_note():
+    model = _two_widths()
+    with pytest.warns(UserWarning, match=r"sk: skipped '1' \(.*channels \(48\) must be divisible by groups \(32\)"):
+        plan = surgeon.plan(model, "sk", groups=32, example_input=torch.randn(2, 3, 16, 16))
+    assert [e.site.name for e in plan.edits] == ["3"]
+    patched = plan.apply()
+    assert plan.verification.max_abs_diff <= 1e-5 and [e.site for e in surgeon.edits(patched)] == ["3"]
+
+
+def test_an_option_that_fits_no_site_is_an_option_error():
+    with pytest.raises(OptionError, match=r"^sk: channels \(48\) must be divisible by groups \(7\)"):
+        surgeon.plan(_two_widths(), "sk", groups=7, example_input=torch.randn(2, 3, 16, 16))
+
+
+# -- FLOPs of a model that passes a view of a parameter to a child (PiT's class tokens) ---------------------
+class _Mix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, cls_tokens):
+        return x.flatten(2).mean(-1) + self.fc(cls_tokens[:, 0])
+
+
+class ClassTokenNet(nn.Module):
+    """PiT-like: a class token expanded to the batch and handed to a child module with the feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+        self.mix = _Mix()
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        return self.mix(x, self.cls_token.expand(x.shape[0], -1, -1))
+
+
+def test_flops_are_counted_when_a_child_gets_a_view_of_a_parameter():
+    torch.manual_seed(0)
+    model = ClassTokenNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    stem, body, fc = 2 * 8 * 3 * 9 * 16 * 16, 2 * (2 * 8 * 8 * 9 * 16 * 16), 2 * 8 * 8  # 2 FLOPs per MAC
+    assert count_flops(model, (x,)) == stem + body + fc
+    patched = surgeon.add(model, "se", kind="after_conv", example_input=torch.randn(2, 3, 16, 16))
+    assert len(surgeon.edits(patched)) == 3
+    assert surgeon.record.verification(patched).flops_after > surgeon.record.verification(patched).flops_before
+
+
+@pytest.mark.slow
+def test_timm_pit_distilled_patches():
+    model = timm.create_model("pit_ti_distilled_224", img_size=64).eval()
+    patched = surgeon.add(model, "se", example_input=torch.randn(2, 3, 64, 64))
+    assert len(surgeon.edits(patched)) == 3
+
+
+# -- detectors ------------------------------------------------------------------------------------------
+def test_a_detector_that_never_ran_patches_on_small_images():
+    """A fresh two-stage detector (its RoI pooler's scales not yet set) patches, and surgery runs it on
+    320-pixel images with 100 proposals instead of its own 800 and 1000, which it keeps afterwards."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None).eval()
+    assert model.roi_heads.box_roi_pool.scales is None
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape[-2:])))
+    plan = surgeon.plan(model, "se", input_size=(3, 96, 128))
+    patched = plan.apply()
+    assert len(surgeon.edits(patched)) == 11 and plan.verification.max_abs_diff <= 1e-5
+    assert seen and max(max(s) for s in seen) <= 448  # 96x128 images resized to 320x427, padded to 32s
+    for m in (model, patched):
+        assert m.transform.min_size == (800,) and m.transform.max_size == 1333
+        assert m.rpn._post_nms_top_n == {"training": 2000, "testing": 1000}
+
+
+def test_small_images_puts_the_settings_back_after_an_error():
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    with pytest.raises(RuntimeError, match="boom"), sizes.small_images(model):
+        assert model.transform.min_size == (320,) and model.transform.max_size == 533
+        assert model.rpn._pre_nms_top_n == {"training": 100, "testing": 100}
+        raise RuntimeError("boom")
+    assert model.transform.min_size == (800,) and model.rpn._pre_nms_top_n["testing"] == 1000
+
+
+# -- input sizes from model metadata --------------------------------------------------------------------
+@pytest.mark.parametrize("name,size", [
+    ("mvit_v2_s", (3, 16, 224, 224)),   # MViT (v1_b and v2_s agree): 16 frames at 224
+    ("s3d", (3, 16, 224, 224)),         # at least 14 frames
+    ("r3d_18", (3, 16, 112, 112)),      # VideoResNet: r3d, mc3, r2plus1d all 112
+    ("inception_v3", (3, 299, 299)),
+    ("vit_h_14", (3, 518, 518)),        # its reference names the builder (ViTs of other sizes share the class)
+])
+def test_torchvision_input_size_from_the_weights_metadata(name, size):
+    with torch.device("meta"):
+        model = torchvision.models.get_model(name, weights=None)
+    surgeon.record.ensure(model)
+    surgeon.record.set_base(model, {"ref": f"tv:{name}"})
+    assert sizes.configured_size(model) == size
+
+
+def test_torchvision_input_size_from_the_class_when_every_builder_agrees():
+    with torch.device("meta"):
+        video = torchvision.models.video.r2plus1d_18()
+        net = torchvision.models.efficientnet_b3()
+    assert sizes.configured_size(video) == (3, 16, 112, 112)
+    assert sizes.configured_size(net) is None  # b0..b7 differ: the class alone does not say
+    assert example_inputs(video)[0].shape == (2, 3, 16, 112, 112)
+
+
+def test_a_loaded_torchvision_model_knows_its_size():
+    model = models.load("tv:efficientnet_b3")
+    assert example_inputs(model)[0].shape == (2, 3, 300, 300)
+
+
+# -- hiera: the mask branch -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hiera_traces_with_its_mask_left_out():
+    model = timm.create_model("hiera_tiny_224", img_size=(64, 64)).eval()
+    found = surgeon.sites(model, example_input=torch.randn(2, 3, 64, 64))
+    assert not found.untraced
+    assert [s.name for s in found if s.kind == "residual"][:2] == ["blocks.0", "blocks.0#1"]
