@@ -7,6 +7,7 @@ from torch import nn
 
 from surgeon.layers._util import check_bool, check_choice, check_odd_kernel, check_positive_int, check_ratio, get_act, \
     reduced_channels
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -28,9 +29,16 @@ class SpatialAttn(ZeroGate):
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01) if norm else nn.Identity()
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * self.weights(self.gate(self.bn(self.conv(pooled))))
+        return self.gate(self.bn(self.conv(pooled)))  # (N, 1, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The spatial map (N, H, W) before the gate."""
+        return part("spatial", self._attn(x)[:, 0])
 
 
 class CoordAttn(ZeroGate):
@@ -60,14 +68,22 @@ class CoordAttn(ZeroGate):
         self.conv_w = nn.Conv2d(rd, channels, 1)
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The direction weights (N, C, H, 1) and (N, C, 1, W)."""
         h, w = x.shape[-2:]
         strips = torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2)
         y = self.act(self.bn(self.conv(strips)))  # (N, rd, H + W, 1)
         y_h, y_w = torch.split(y, [h, w], dim=2)
-        a_h = self.weights(self.gate(self.conv_h(y_h)))
-        a_w = self.weights(self.gate(self.conv_w(y_w.transpose(2, 3))))
-        return x * a_h * a_w
+        return self.gate(self.conv_h(y_h)), self.gate(self.conv_w(y_w.transpose(2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_h, a_w = self._attn(x)
+        return x * self.weights(a_h) * self.weights(a_w)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The product of the two direction weights, per-channel maps (N, C, H, W), before the gate."""
+        a_h, a_w = self._attn(x)
+        return part("maps", a_h * a_w)
 
 
 class SpatialTransformer(nn.Module):
@@ -107,6 +123,10 @@ class SpatialTransformer(nn.Module):
         grid = F.affine_grid(theta, list(x.shape), align_corners=self.align_corners)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding_mode,
                              align_corners=self.align_corners)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The affine transform θ (N, 2, 3) the map is resampled with (the identity [[1, 0, 0], [0, 1, 0]] at init)."""
+        return part("transform", self.theta(self.loc(x)).view(-1, 2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta = self.theta(self.loc(x)).view(-1, 2, 3).to(x.dtype)
