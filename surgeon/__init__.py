@@ -48,8 +48,8 @@ def __getattr__(name: str) -> Any:
         from surgeon import viz
 
         return getattr(viz, name)
-    if name == "maps":
-        from surgeon.maps import maps
+    if name == "maps":  # the module is `pictures`: a submodule `maps` would shadow the function
+        from surgeon.pictures import maps
 
         return maps
     if name in ("edits", "EditRecord"):

@@ -29,7 +29,9 @@ from surgeon.training import runs
 from surgeon.training.config import FinetuneConfig
 from surgeon.training.optim import (amp_context, apply_freeze, lr_factor, make_optimizer, param_groups,
                                     resolve_device, trainable_prefixes)
+from surgeon.record import edits
 from surgeon.training.record import set_input_size
+from surgeon.viz import gates
 
 log = logging.getLogger("surgeon")
 
@@ -221,7 +223,8 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
     if state is not None:
         start, step, history = runs.resume(model, opt, out_path, state, record)
 
-    # 4. The epochs.
+    # 4. The epochs (each logs the edits' gates on one fixed batch of validation, else training, data).
+    gate_batch = _gate_batch(val_data if val_data is not None else train_data) if edits(model) else None
     pin = dev.type == "cuda"
     loop = _Loop(forward=forward, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler,
                  clip_grad=cfg.clip_grad, device=dev, pin=pin,
@@ -251,6 +254,9 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
                     val = _run_eval(forward, vloader, dev, autocast, nn.CrossEntropyLoss())
                     rec.update(val_loss=val["loss"], val_acc=val["accuracy"])
                     bar.update(task, val=f"  val {val['accuracy']:.2%}")
+                if gate_batch is not None:  # which edits the network uses: mean |γ| and effect size per edit
+                    rec["gates"] = {g.site: {"gamma": g.gamma, "effect": g.effect}
+                                    for g in gates(model, gate_batch.to(dev))}
                 rec.update(seconds=rec.pop("seconds"), throughput=rec.pop("throughput"))  # timings last
                 history.append(rec)
                 if out_path is not None:
@@ -260,6 +266,20 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
         for n, p in model.named_parameters():
             p.requires_grad_(flags.get(n, True))
     return FinetuneResult(model=model.eval(), history=history, out=out_path, head=head)
+
+
+GATE_BATCH = 32
+
+
+def _gate_batch(data) -> torch.Tensor | None:
+    """Up to GATE_BATCH inputs of `data` (a Dataset, or the first batch of a loader), for `gates`."""
+    try:
+        if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+            return torch.stack([data[i][0] for i in range(min(GATE_BATCH, len(data)))])
+        x = next(iter(data))[0]
+    except (TypeError, IndexError, StopIteration):
+        return None
+    return x[:GATE_BATCH] if isinstance(x, torch.Tensor) else None
 
 
 def _resolve_data(model: nn.Module, train_data, val_data):
