@@ -31,7 +31,7 @@ def _sums(kind: str, w: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", names())
 def test_every_attention_says_what_it_applied(name):
     model, x, kw = target(name)
-    patched = surgeon.add(model, name, verify=False, **kw)
+    patched = surgeon.add(model, name, example_input=x, verify=False, **kw)
     caps = surgeon.capture(patched, *x)
     assert len(caps) == len(surgeon.edits(patched))
     for e in surgeon.edits(patched):
