@@ -109,7 +109,7 @@ class _ZPoolGate(ZeroGate):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01)
 
-    def forward(self, x: torch.Tensor, *, gated: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = True) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
         w = torch.sigmoid(self.bn(self.conv(pooled)))
         return self.weights(w) if gated else w
