@@ -163,7 +163,7 @@ def test_cli_maps_and_gates(saved, tmp_path):
     result = _run("gates", saved / "cbam", "--trust-code", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert len(rows) == 4 and all(r["gamma"] == 0 and r["effect"] == 0 for r in rows)
+    assert len(rows) == 6 and all(r["gamma"] == 0 and r["effect"] == 0 for r in rows)
     table = _run("gates", saved / "cbam", "--trust-code", "--data", "digits", "--batch", "4")
     assert table.exit_code == 0 and "stage1.0" in table.output and "effect" in table.output
 

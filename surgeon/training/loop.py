@@ -223,8 +223,10 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
     if state is not None:
         start, step, history = runs.resume(model, opt, out_path, state, record)
 
-    # 4. The epochs (each logs the edits' gates on one fixed batch of validation, else training, data).
-    gate_batch = _gate_batch(val_data if val_data is not None else train_data) if edits(model) else None
+    # 4. The epochs. Each logs the edits' gates on one fixed batch: the first validation images, else the
+    # first training batch this run sees (taken from the loader, so the training data is read as before).
+    log_gates = bool(edits(model))
+    gate_batch = _gate_batch(val_data) if log_gates and val_data is not None else None
     pin = dev.type == "cuda"
     loop = _Loop(forward=forward, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler,
                  clip_grad=cfg.clip_grad, device=dev, pin=pin,
@@ -243,7 +245,8 @@ def finetune(model: nn.Module, train_data, val_data=None, *, config: FinetuneCon
                 task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(loader), loss=0.0, acc=0.0,
                                     rate=0.0, val="")
                 rec, step = _train_epoch(loop, loader, step, lambda task=task, **kw: bar.update(task, advance=1, **kw))
-                size = rec.pop("input_size")
+                size, first = rec.pop("input_size"), rec.pop("first")
+                gate_batch = first if gate_batch is None and log_gates else gate_batch
                 if size is not None:  # what it was trained at is what it is evaluated, loaded and exported at
                     set_input_size(model, size)
                 rec = {"epoch": epoch + 1, "step": step, "lr": cfg.lr * rec.pop("factor"), "trainable": n_trainable,
@@ -314,13 +317,14 @@ class _Loop:
 
 def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any], int]:
     """One pass over `loader`. Returns the epoch's training metrics (with `input_size`, the per-sample
-    shape of a floating-point input, else None) and the new global step."""
+    shape of a floating-point input, else None, and `first`, up to GATE_BATCH inputs of its first batch)
+    and the new global step."""
     params = [p for g in loop.opt.param_groups for p in g["params"] if p.requires_grad]
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-    factor, size = loop.schedule(step), None
+    factor, size, first = loop.schedule(step), None, None
     for x, y in loader:
         if size is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-            size = list(x.shape[1:])
+            size, first = list(x.shape[1:]), x[:GATE_BATCH].clone()
         x, y = x.to(loop.device, non_blocking=loop.pin), y.to(loop.device, non_blocking=loop.pin)
         factor = loop.schedule(step)
         for g in loop.opt.param_groups:
@@ -348,7 +352,7 @@ def _train_epoch(loop: _Loop, loader, step: int, report) -> tuple[dict[str, Any]
         seen += len(y)
         report(loss=loss_sum / seen, acc=correct / seen, rate=seen / max(time.perf_counter() - t0, 1e-9))
     seconds = time.perf_counter() - t0
-    return {"factor": factor, "input_size": size, "train_loss": loss_sum / max(seen, 1),
+    return {"factor": factor, "input_size": size, "first": first, "train_loss": loss_sum / max(seen, 1),
             "train_acc": correct / max(seen, 1), "seconds": round(seconds, 3),
             "throughput": round(seen / max(seconds, 1e-9), 1)}, step
 
