@@ -7,6 +7,9 @@
 3. Fine-tune each retrofit for a fixed budget, and the base alone for the same budget from the same
    checkpoint; evaluate on the held-out split, over 3 seeds. Same with init='paper'.
 4. Print the table (markdown, ready for the README).
+5. Where CBAM's spatial attention looks (identity init, first seed): the share of its attention mass on
+   ink pixels of held-out digits, before and after fine-tuning (uniform attention would give the ink's
+   share of the image), and maps for a few held-out digits (`surgeon.maps`) in OUT/maps.
 
 Run: .venv/bin/python examples/retrofit_digits.py [--budget 3] [--seeds 0 1 2] [--freeze two-phase] [--out DIR]
 """
@@ -19,9 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import surgeon
 from surgeon import models
+from surgeon.pictures import SPATIAL, upsampled
 from surgeon.surgery.rewrite import edits_of
 
 MODEL = "resnet10t"
@@ -32,6 +37,36 @@ PRETRAIN = {"epochs": 6, "lr": 2e-3, "warmup_epochs": 0.5, "seed": 0}
 # the fine-tuning budget: the same for the base and the retrofits
 FINETUNE = {"lr": 5e-4, "warmup_epochs": 0.0, "freeze": "none"}
 NEW_LR_MULT = 10.0  # the inserted modules start from zero gates; let them move faster
+INK = 0.5  # a pixel is ink where the digit's scan (scaled to [0, 1], resized to the input) exceeds this
+MAP_DIGITS = 4  # held-out digits drawn by surgeon.maps
+
+
+def ink_share(model: torch.nn.Module, test) -> tuple[float, float]:
+    """(share of spatial attention mass on ink pixels, share of pixels that are ink) over the held-out
+    split, averaged over every spatial map of every edit; maps are upsampled to the input first."""
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    ink = F.interpolate(test.images[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0] > INK
+    shares = []
+    for cap in surgeon.capture(model, images).values():
+        for part in cap.parts.values():
+            if part.kind in SPATIAL:
+                m = upsampled(part.weights, tuple(images.shape[-2:]))
+                shares.append(float(((m * ink).sum((1, 2)) / m.sum((1, 2))).mean()))
+    return sum(shares) / len(shares), float(ink.float().mean())
+
+
+def draw_maps(model: torch.nn.Module, test, folder: Path) -> list[Path]:
+    """surgeon.maps for the first MAP_DIGITS held-out digits, written as PNG scans first."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(MAP_DIGITS):
+        scan = (test.images[i] * 255).to(torch.uint8).numpy()
+        path = folder / f"digit{i}-label{int(test.targets[i])}.png"
+        Image.fromarray(scan).resize((64, 64), Image.NEAREST).convert("RGB").save(path)
+        paths.append(path)
+    return surgeon.maps(model, images=paths, out=folder / "maps")
 
 
 def fmt(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
@@ -91,6 +126,7 @@ def main() -> None:
 
     base_eval = surgeon.evaluate(pretrained(), test)
     rows: list[Row] = []
+    looks: dict[str, tuple] = {}  # where the first identity retrofit looks, before and after fine-tuning
 
     # 3a. The base alone, fine-tuned for the budget.
     row = Row("base (no attention)")
@@ -110,9 +146,14 @@ def main() -> None:
                 start = surgeon.evaluate(patched, test)
                 if init == "identity" and start["accuracy"] != base_eval["accuracy"]:
                     raise SystemExit(f"{name}: identity init changed the accuracy ({start} vs {base_eval})")
+                first = init == "identity" and seed == args.seeds[0] and not looks and _has_spatial(patched)
+                before = ink_share(patched, test) if first else None
                 r = surgeon.finetune(patched, train, test, epochs=args.budget, seed=seed, progress=False,
                                      new_lr_mult=NEW_LR_MULT, **FINETUNE)
                 row.add(start, r.last)
+                if before is not None:
+                    looks[name] = (before, ink_share(r.model, test), r.last["gates"],
+                                   draw_maps(r.model, test, work / f"{name}-maps"))
             row.label += f", +{sum(e['params'] for e in edits_of(patched)):,} params"
             rows.append(row)
             print(f"{name} {init}: {fmt(row.acc0)}% at step 0 -> {fmt(row.acc)}% after {args.budget} epochs")
@@ -129,7 +170,17 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row.cells()) + " |")
+    for name, (before, after, gates, written) in looks.items():
+        print(f"\nWhere {name}'s spatial attention looks (identity init, seed {args.seeds[0]}; held-out digits, "
+              f"{100 * before[1]:.1f}% of pixels are ink): {100 * before[0]:.1f}% of its mass on ink before "
+              f"fine-tuning, {100 * after[0]:.1f}% after {args.budget} epochs")
+        print("mean |γ| per edit after fine-tuning: " + ", ".join(f"{s} {g['gamma']:.3f}" for s, g in gates.items()))
+        print(f"maps: {written[0].parent} ({len(written)} pictures, e.g. {written[-1].name})")
     print(f"\n({time.perf_counter() - t_start:.0f} s; checkpoint in {work})")
+
+
+def _has_spatial(model: torch.nn.Module) -> bool:
+    return any(p.kind in SPATIAL for c in surgeon.capture(model).values() for p in c.parts.values())
 
 
 if __name__ == "__main__":

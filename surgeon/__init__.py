@@ -44,6 +44,14 @@ def __getattr__(name: str) -> Any:
         from surgeon import merging
 
         return getattr(merging, name)
+    if name in ("capture", "gates", "Capture", "GateStat"):
+        from surgeon import viz
+
+        return getattr(viz, name)
+    if name == "maps":  # the module is `pictures`: a submodule `maps` would shadow the function
+        from surgeon.pictures import maps
+
+        return maps
     if name in ("edits", "EditRecord"):
         from surgeon import record
 
@@ -68,6 +76,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["add", "plan", "edits", "EditRecord", "sites", "attentions", "save", "load", "load_model", "replay",
-           "summary", "export_model", "merge", "merge_plan", "finetune", "evaluate", "FinetuneConfig", "hookimpl",
+           "summary", "export_model", "merge", "merge_plan", "capture", "gates", "Capture", "GateStat", "maps",
+           "finetune", "evaluate", "FinetuneConfig", "hookimpl",
            "SurgeonError",
            "__version__"]

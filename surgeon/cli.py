@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import click
 
-from surgeon import render
+from surgeon import cli_viz, render
 from surgeon.cli_options import RawArgsCommand, finetune_options, model_options
 from surgeon.errors import SurgeonError
 
@@ -499,6 +499,15 @@ def evaluate_cmd(model: str, data: str, batch_size: int, device: str, amp: bool,
         return
     click.echo(f"{model} on {data}: accuracy {100 * result['accuracy']:.2f}% "
                f"({round(result['accuracy'] * result['samples'])}/{result['samples']}), loss {result['loss']:.4f}")
+
+
+def _add_commands(*commands: click.Command) -> None:
+    for cmd in commands:
+        cmd.callback = handle_errors(cmd.callback)
+        cli.add_command(cmd)
+
+
+_add_commands(cli_viz.gates_cmd, cli_viz.maps_cmd)
 
 
 def main() -> None:

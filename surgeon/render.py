@@ -216,3 +216,16 @@ def merge_table(folds: list) -> Any:
         lo, hi = f.gamma
         t.add_row(f.gate, f.form, f"{lo:.4g}" if lo == hi else f"{lo:.4g} … {hi:.4g}", f.action, f.why)
     return t
+
+
+def gates_table(stats: list, title: str) -> Any:
+    """`surgeon gates`: mean |γ| and effect size (mean |y − x| / mean |x|) per edit."""
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left")
+    for col, justify in (("site", "left"), ("attention", "left"), ("|γ|", "right"), ("effect", "right")):
+        t.add_column(col, justify=justify)
+    for s in stats:
+        t.add_row(s.site or "(root)", s.attention, "—" if s.gamma is None else f"{s.gamma:.4g}",
+                  "—" if s.effect is None else f"{s.effect:.4g}")
+    return t

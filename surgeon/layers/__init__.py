@@ -3,6 +3,7 @@
     from surgeon.layers import CBAM
     block = nn.Sequential(conv, bn, act, CBAM(256))
 """
+from surgeon.layers.applied import Applied
 from surgeon.layers.attention_gate import AttentionGate
 from surgeon.layers.augmented import AAConv2d
 from surgeon.layers.channel import (SRM, EcaModule, FcaModule, GatherExcite, GlobalContext, SEModule,
@@ -32,7 +33,7 @@ __all__ = [
     "FPA", "GAU", "HardAttn",
     # pooling, drops, gates
     "AttentionPool2d", "PoolReplacement", "ADL", "AttentionGate", "GatedResidual", "GatedReplacement", "ZeroGate",
-    "gated", "ChannelsLast",
+    "gated", "ChannelsLast", "Applied",
     # sequences
     "DotScore", "ScaledDotScore", "CosineScore", "GeneralScore", "ConcatScore", "AdditiveScore", "SeqAttnPool",
     "HardAttnPool", "LocalAttnPool", "StructuredSelfAttn", "MultiHeadSelfAttn", "LocalSelfAttn", "InputAttn",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_choice, check_optional_int, check_positive_int
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -51,3 +52,7 @@ class AttentionGate(ZeroGate):
 
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return x * self.weights(self.coefficients(x, g))
+
+    def applied(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, Applied]:
+        """The coefficients α (N, H, W) before the gate."""
+        return part("spatial", self.coefficients(x, g)[:, 0])

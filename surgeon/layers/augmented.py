@@ -18,6 +18,7 @@ from torch import nn
 
 from surgeon.errors import OptionError
 from surgeon.layers._util import check_bool, check_divisible, check_positive_int, check_ratio
+from surgeon.layers.applied import Applied, centre, part
 from surgeon.layers.gate import GatedReplacement
 
 
@@ -126,8 +127,8 @@ class AAConv2d(nn.Module):
         self.rel_w = nn.Parameter(torch.randn(2 * width - 1, d, device=dev) * self.rel_std)
         self.rel_h = nn.Parameter(torch.randn(2 * height - 1, d, device=dev) * self.rel_std)
 
-    def attend(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """The d_v attention channels on the output grid `size`, shape (B, d_v, *size)."""
+    def _qkv(self, x: torch.Tensor, size: tuple[int, int]):
+        """(q, k, v, scale) per head, (B, heads, H·W, d), with the relative logits' features in q and k."""
         b = x.shape[0]
         qkv = self.qkv(x)
         if tuple(qkv.shape[-2:]) != tuple(size):
@@ -145,11 +146,24 @@ class AAConv2d(nn.Module):
             q_rel, k_rel = relative_features(q, self.rel_w, self.rel_h, h, w)
             q = torch.cat([q, q_rel], dim=-1)
             k = torch.cat([k, k_rel.expand(b, nh, n, w + h)], dim=-1)
-            out = _attention(q, k, v, scale=1.0)  # (B, nh, N, dv/nh)
-        else:
-            out = _attention(q, k, v, scale=(self.dk // nh) ** -0.5)
-        out = out.transpose(-1, -2).reshape(b, self.dv, h, w)
-        return self.proj(out)
+            return q, k, v, 1.0
+        return q, k, v, (self.dk // nh) ** -0.5
+
+    def attend(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The d_v attention channels on the output grid `size`, shape (B, d_v, *size)."""
+        q, k, v, scale = self._qkv(x, size)
+        out = _attention(q, k, v, scale=scale)  # (B, nh, N, dv/nh)
+        return self.proj(out.transpose(-1, -2).reshape(x.shape[0], self.dv, *size))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The centre output position's attention row over the output grid (N, H, W), averaged over heads."""
+        size = tuple(self.conv(x).shape[-2:])
+        if self.relative and self.rel_w is None:
+            self.init_relative(*size)
+        q, k, _, scale = self._qkv(x, size)
+        i = centre(*size)
+        row = torch.softmax(torch.einsum("bhd,bhmd->bhm", q[:, :, i], k) * scale, -1).mean(1)
+        return part("self", row.reshape(x.shape[0], *size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)

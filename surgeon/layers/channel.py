@@ -15,6 +15,7 @@ from surgeon.errors import OptionError
 from surgeon.layers._util import (check_act, check_bool, check_choice, check_feat_size, check_int, check_number,
                                   check_odd_kernel, check_positive, check_positive_int, check_ratio, get_act,
                                   reduced_channels, spatial_dims)
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -38,10 +39,16 @@ class SEModule(ZeroGate):
         self.fc2 = nn.Linear(rd, channels, bias=bias)
         self.gate = get_act(gate_layer, "gate_layer")
 
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc2(self.act(self.fc1(x.mean(spatial_dims(x))))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(spatial_dims(x))
-        w = self.weights(self.gate(self.fc2(self.act(self.fc1(s)))))
+        w = self.weights(self._attn(x))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, beta: float = 1) -> int:
@@ -70,10 +77,16 @@ class EcaModule(ZeroGate):
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.gate = get_act(gate_layer, "gate_layer")
 
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.conv(x.mean(spatial_dims(x)).unsqueeze(1))).squeeze(1)  # (N, 1, C) -> (N, C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(spatial_dims(x)).unsqueeze(1)  # (N, 1, C)
-        w = self.weights(self.gate(self.conv(s)).squeeze(1))
+        w = self.weights(self._attn(x))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))
 
 
 def _expand(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -115,10 +128,18 @@ class SelectiveKernel(nn.Module):
         self.fc = nn.Sequential(nn.Linear(channels, d, bias=False), nn.BatchNorm1d(d), get_act(act_layer))
         self.select = nn.Linear(d, num_branches * channels, bias=False)
 
+    def _select(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """The softmax over branches, (N, M, C)."""
+        z = self.fc(sum(feats).mean((2, 3)))
+        return self.select(z).view(z.shape[0], self.num_branches, -1).softmax(dim=1)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The branch weights (N, M, C), summing to 1 over the M branches."""
+        return part("branches", self._select([branch(x) for branch in self.branches]))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [branch(x) for branch in self.branches]
-        z = self.fc(sum(feats).mean((2, 3)))
-        a = self.select(z).view(x.shape[0], self.num_branches, x.shape[1]).softmax(dim=1)[..., None, None]
+        a = self._select(feats)[..., None, None]
         # a running sum rather than stacking the branches: elementwise ops keep channels_last maps as they are
         out = feats[0] * a[:, 0]
         for i in range(1, self.num_branches):
@@ -185,7 +206,8 @@ class GatherExcite(ZeroGate):
             rd = reduced_channels(channels, rd_ratio, None, 1)
             self.mlp = nn.Sequential(nn.Conv2d(channels, rd, 1), get_act(act_layer), nn.Conv2d(rd, channels, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """σ(gathered context), (N, C, h, w) on the gathered grid."""
         if self.gather is not None:
             g = self.gather(x)
         elif self.extent == 0:
@@ -195,8 +217,18 @@ class GatherExcite(ZeroGate):
             g = F.avg_pool2d(x, 2 * e - 1, stride=e, padding=e - 1, count_include_pad=False)
         if self.mlp is not None:
             g = self.mlp(g)
+        return torch.sigmoid(g)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """Channel weights (N, C) for the global extent; else per-channel maps (N, C, H, W) on x's grid."""
+        w = self._attn(x)
+        if w.shape[-2:] == (1, 1):
+            return part("channel", w.flatten(1))
+        return part("maps", F.interpolate(w, size=tuple(x.shape[-2:]), mode="nearest"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # σ and the gate act on the gathered map; nearest upsampling only repeats their values
-        w = self.weights(torch.sigmoid(g))
+        w = self.weights(self._attn(x))
         if w.shape[-2:] != x.shape[-2:] and w.shape[-2:] != (1, 1):
             w = F.interpolate(w, size=tuple(x.shape[-2:]), mode="nearest")
         return x * w
@@ -229,12 +261,21 @@ class GlobalContext(ZeroGate):
         nn.init.zeros_(self.transform[-1].weight)
         nn.init.zeros_(self.transform[-1].bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(softmax over positions (N, L, 1), transformed context (N, C))."""
         flat = x.flatten(2)  # (N, C, L)
         scores = self.conv_attn(flat.transpose(1, 2)).softmax(dim=1)  # (N, L, 1)
-        context = torch.bmm(flat, scores).squeeze(-1)  # (N, C)
-        t = _expand(self.transform(context), x)
+        return scores, self.transform(torch.bmm(flat, scores).squeeze(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = _expand(self._pool(x)[1], x)
         return x + t if self.fusion == "add" else x * self.weights(torch.sigmoid(t))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The context pooling's softmax over positions (N, *spatial); with fusion 'mul', channel weights too."""
+        scores, t = self._pool(x)
+        out = part("pool", scores.reshape(x.shape[0], *x.shape[2:]))
+        return out | (part("channel", torch.sigmoid(t)) if self.fusion == "mul" else {})
 
 
 class SRM(ZeroGate):
@@ -253,12 +294,18 @@ class SRM(ZeroGate):
         self.bn = nn.BatchNorm1d(channels)
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(2)
         mean = flat.mean(-1)
         std = (flat.var(-1, correction=1 if flat.shape[-1] > 1 else 0) + self.eps).sqrt()
-        z = mean * self.cfc[:, 0] + std * self.cfc[:, 1]
-        return x * _expand(self.weights(self.gate(self.bn(z))), x)
+        return self.gate(self.bn(mean * self.cfc[:, 0] + std * self.cfc[:, 1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * _expand(self.weights(self._attn(x)), x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))
 
 
 # FcaNet's frequency orders on a 7×7 DCT grid (u, v), from the paper's per-frequency ImageNet study
@@ -317,10 +364,16 @@ class FcaModule(ZeroGate):
         self.fc2 = nn.Linear(rd, channels, bias=False)
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         dct = self.dct
         if tuple(dct.shape[-2:]) != tuple(x.shape[-2:]):
             dct = dct_filters(tuple(x.shape[-2:]), self.freqs, dtype=x.dtype, device=x.device)
         s = torch.einsum("nchw,chw->nc", x, dct.to(x.dtype)[self.group])
-        w = self.weights(self.gate(self.fc2(self.act(self.fc1(s)))))
-        return x * w[:, :, None, None]
+        return self.gate(self.fc2(self.act(self.fc1(s))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))[:, :, None, None]
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))

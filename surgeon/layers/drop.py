@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from surgeon.layers._util import check_fraction
+from surgeon.layers.applied import Applied, part
 
 
 class ADL(nn.Module):
@@ -31,6 +32,10 @@ class ADL(nn.Module):
             peak = attn.flatten(1).amax(1).view(-1, *([1] * (x.dim() - 1)))
             return x * (attn < self.gamma * peak).to(x.dtype)
         return x * torch.sigmoid(attn)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The importance map σ(mean_c(x)) (N, H, W) it applies in training when it does not drop (eval: nothing)."""
+        return part("spatial", torch.sigmoid(x.mean(1)))
 
     def extra_repr(self) -> str:
         return f"drop_rate={self.drop_rate}, gamma={self.gamma}"

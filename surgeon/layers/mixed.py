@@ -10,6 +10,7 @@ from torch import nn
 
 from surgeon.layers._util import (batch_norm_nd, check_bool, check_choice, check_dims, check_int, check_odd_kernel,
                                   check_positive_int, conv_nd, get_act, reduced_channels)
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 from surgeon.layers.spatial import SpatialAttn
 
@@ -26,11 +27,18 @@ class ChannelAttn(ZeroGate):
         self.fc2 = nn.Linear(rd, channels)
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(2, x.dim()))
         mlp = lambda s: self.fc2(self.act(self.fc1(s)))  # noqa: E731
-        w = self.weights(self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims))))
+        return self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights(self._attn(x))
         return x * w.view(*w.shape, *([1] * (x.dim() - 2)))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))
 
 
 class CBAM(nn.Module):
@@ -53,6 +61,10 @@ class CBAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.spatial(self.channel(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C), then the spatial map (N, H, W) of the channel-weighted x."""
+        return self.channel.applied(x) | self.spatial.applied(self.channel(x))
 
 
 class BAM(ZeroGate):
@@ -83,10 +95,17 @@ class BAM(ZeroGate):
         layers.append(conv(rd, 1, 1))
         self.spatial = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         c = self.channel(x.mean(tuple(range(2, x.dim()))))
         c = c.view(*c.shape, *([1] * (x.dim() - 2)))
-        return x * self.add(x.new_ones(()), torch.sigmoid(c * self.spatial(x)))
+        return torch.sigmoid(c * self.spatial(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.add(x.new_ones(()), self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """σ(M_c ⊙ M_s), per-channel maps (N, C, H, W): x is multiplied by 1 + γ·σ(…)."""
+        return part("maps", self._attn(x))
 
 
 class _ZPoolGate(ZeroGate):
@@ -97,9 +116,10 @@ class _ZPoolGate(ZeroGate):
         self.conv = conv_nd(dims)(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
         self.bn = batch_norm_nd(dims)(1, eps=1e-5, momentum=0.01)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = True) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return self.weights(torch.sigmoid(self.bn(self.conv(pooled))))
+        w = torch.sigmoid(self.bn(self.conv(pooled)))
+        return self.weights(w) if gated else w
 
 
 class TripletAttention(nn.Module):
@@ -134,12 +154,20 @@ class TripletAttention(nn.Module):
             setattr(self, name, _ZPoolGate(kernel_size, dims, identity))
             self.branches.append((a, name))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor, gated: bool = True) -> torch.Tensor:
+        """The branch weights' average, broadcasting to x's shape."""
         w = None
         for a, name in self.branches:
-            w_a = getattr(self, name)(x.transpose(1, a)).transpose(1, a)
+            w_a = getattr(self, name)(x.transpose(1, a), gated=gated).transpose(1, a)
             w = w_a if w is None else w + w_a
-        return x * (w / len(self.branches))
+        return w / len(self.branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._attn(x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The average of the branches' weights before their gates, per-channel maps (N, C, H, W)."""
+        return part("maps", self._attn(x, gated=False).expand_as(x))
 
 
 class SCSE(ZeroGate):
@@ -167,11 +195,20 @@ class SCSE(ZeroGate):
         self.spatial = nn.Linear(channels, 1)  # a 1×1 conv to one map, for any number of spatial dims
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channel weights (N, C, 1, ...) and the spatial map (N, 1, ...)."""
         dims = tuple(range(2, x.dim()))
         w = self.gate(self.fc2(self.act(self.fc1(x.mean(dims)))))
         w = w.view(*w.shape, *([1] * len(dims)))  # (N, C, 1, ...)
-        s = self.gate(self.spatial(x.movedim(1, -1))).movedim(-1, 1)  # (N, 1, ...)
+        return w, self.gate(self.spatial(x.movedim(1, -1))).movedim(-1, 1)  # (N, 1, ...)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) and the spatial map (N, H, W), before the gate."""
+        w, s = self._attn(x)
+        return part("channel", w.flatten(1)) | part("spatial", s[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, s = self._attn(x)
         if self.fusion == "add":
             return x * self.add(self.weights(w), s)  # 1 + γ·(w − 1) + γ·s
         if self.fusion == "max":

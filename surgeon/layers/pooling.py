@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_divisible, check_positive_int
+from surgeon.layers.applied import Applied, part
 
 
 class AttentionPool2d(nn.Module):
@@ -65,6 +66,10 @@ class AttentionPool2d(nn.Module):
         """The normalised weights over all positions (N, heads, H, W), for visualisation."""
         e = self.weights(x)
         return e / e.sum((2, 3), keepdim=True)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The pooling weights over all positions (N, H, W), averaged over heads (uniform at init)."""
+        return part("pool", self.attention_map(x).mean(1))
 
 
 class PoolReplacement(nn.Module):

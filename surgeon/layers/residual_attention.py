@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_int, check_positive_int
+from surgeon.layers.applied import Applied, part
 
 
 class PreActUnit(nn.Module):
@@ -98,3 +99,7 @@ class ResidualAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x)
         return self.post((1 + self.mask(x)) * self.trunk(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The soft mask M (N, C, H, W) in [0, 1] that scales the trunk by 1 + M."""
+        return part("maps", self.mask(self.pre(x)))

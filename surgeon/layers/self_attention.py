@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_bool, check_choice, check_number, check_positive_int, reduced_channels
+from surgeon.layers.applied import Applied, centre, part, query_row
 from surgeon.layers.gate import ZeroGate
 
 NONLOCAL_MODES = ("embedded_gaussian", "gaussian", "dot", "concat")
@@ -122,6 +123,21 @@ class NonLocal2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.norm(self.z(self.attend(x)))
 
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The centre position's weights f(x_c, x_j)/C(x) over the key grid (N, H', W'), H' = H/2 with sub_sample."""
+        keys = self.pool(x if self.mode == "gaussian" else self.phi(x))
+        q, k = _tokens(x if self.mode == "gaussian" else self.theta(x)), _tokens(keys)
+        i = centre(*x.shape[-2:])
+        if self.mode in ("embedded_gaussian", "gaussian"):
+            row = query_row(q, k, i)
+        elif self.mode == "dot":
+            row = torch.einsum("bd,bmd->bm", q[:, i], k) / k.shape[1]
+        else:
+            wf = self.concat_project.weight.flatten()
+            rd = q.shape[-1]
+            row = F.relu(q[:, i] @ wf[:rd, None] + k @ wf[rd:]) / k.shape[1]
+        return part("self", row.reshape(x.shape[0], *keys.shape[-2:]))
+
 
 class PositionAttn(ZeroGate):
     """DANet's position attention: x + γ·(V·softmax(QᵀK)ᵀ), Q, K 1×1 convs to C/8, V to C, γ = 0."""
@@ -182,6 +198,12 @@ class DualAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.channel.add(self.position.add(x, self.position.attend(x)), self.channel.attend(x))
 
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The position attention's row for the centre position (N, H, W)."""
+        p = self.position
+        row = query_row(_tokens(p.query(x)), _tokens(p.key(x)), centre(*x.shape[-2:]))
+        return part("self", row.reshape(x.shape[0], *x.shape[-2:]), "position")
+
 
 class CrissCrossAttn(ZeroGate):
     """Recurrent criss-cross attention: each position attends to its row and column, `recurrence` times.
@@ -220,6 +242,19 @@ class CrissCrossAttn(ZeroGate):
         for _ in range(self.recurrence):
             x = self.add(x, self.attend(x))
         return x
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The first recurrence's weights for the centre position (N, H, W): non-zero on its row and column."""
+        h, w = x.shape[-2:]
+        q, k = self.query(x)[..., h // 2, w // 2], self.key(x)  # (B, C'), (B, C', H, W)
+        col, row = k[..., w // 2], k[:, :, h // 2]  # (B, C', H), (B, C', W)
+        e_col = torch.einsum("bc,bck->bk", q, col)
+        e_col[:, h // 2] = float("-inf")  # the position itself is counted once, on the row
+        a_col, a_row = torch.softmax(torch.cat([e_col, torch.einsum("bc,bck->bk", q, row)], -1), -1).split([h, w], -1)
+        out = x.new_zeros(x.shape[0], h, w)
+        out[:, :, w // 2] = a_col
+        out[:, h // 2, :] += a_row
+        return part("self", out)
 
 
 class EMAUnit(ZeroGate):
@@ -272,6 +307,16 @@ class EMAUnit(ZeroGate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add(x, self.norm(self.conv_out(F.relu(self.attend(x)))))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The final E-step's responsibilities as maps (N, K, H, W): each position's softmax over the K bases."""
+        f = self.conv_in(x).flatten(2)
+        mu = self.bases.expand(x.shape[0], -1, -1)
+        for _ in range(self.num_iters):  # as `attend` without the training-mode update of the bases
+            z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu), -1)
+            mu_prev, mu = mu, self._l2norm(torch.einsum("bcn,bnk->bck", f, z / (1e-6 + z.sum(1, keepdim=True))))
+        z = torch.softmax(torch.einsum("bcn,bck->bnk", f, mu_prev), -1)
+        return part("maps", z.transpose(1, 2).reshape(x.shape[0], -1, *x.shape[-2:]))
 
 
 __all__ = ["NonLocal2d", "PositionAttn", "ChannelSelfAttn", "DualAttention", "CrissCrossAttn", "EMAUnit",

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from surgeon.layers._util import check_bool, check_choice, check_divisible, check_positive, check_positive_int
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 # score functions and masks live in scores.py; importable from here as before
 from surgeon.layers.scores import (MASK_FORMS, SCORES, AdditiveScore, ConcatScore, CosineScore,  # noqa: F401
@@ -85,6 +86,11 @@ class SeqAttnPool(nn.Module):
         self.attn_weights = a.detach()
         return torch.einsum("bt,btc->bc", a, x)
 
+    def applied(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                query: torch.Tensor | None = None) -> dict[str, Applied]:
+        """The weights over time steps (N, T): a softmax (local-p: times its Gaussian window)."""
+        return part("tokens", self.weights(x, mask, query))
+
 
 class HardAttnPool(SeqAttnPool):
     """Hard attention: picks one step. Training uses straight-through Gumbel-softmax (one-hot forward,
@@ -110,6 +116,10 @@ class HardAttnPool(SeqAttnPool):
         soft = s.softmax(-1)
         hard = F.one_hot(s.argmax(-1), s.shape[-1]).to(x.dtype)
         return hard - soft.detach() + soft
+
+    def applied(self, x, mask=None, query=None) -> dict[str, Applied]:
+        """The chosen step (N,) (in training a Gumbel sample, so one call's choice, not the forward's)."""
+        return part("selection", self.weights(x, mask, query).argmax(-1))
 
 
 def _local_weights(scores: torch.Tensor, centers: torch.Tensor, window: int, gaussian: bool,
@@ -181,6 +191,12 @@ class StructuredSelfAttn(nn.Module):
         self.penalty = (a @ a.transpose(1, 2) - eye).pow(2).sum((1, 2)).mean()
         self.attn_weights = a.detach()
         return (a @ x).flatten(1)
+
+    def applied(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                query: torch.Tensor | None = None) -> dict[str, Applied]:
+        """The hops' weights over time steps, averaged over the r hops (N, T)."""
+        s = self.w2(torch.tanh(self.w1(x))).transpose(1, 2)
+        return part("tokens", masked_softmax(s, None if mask is None else mask.unsqueeze(1)).mean(1))
 
     def __getstate__(self):
         # NOTE: the penalty of the latest forward is part of an autograd graph, which deepcopy (EMA
@@ -274,6 +290,13 @@ class MultiHeadSelfAttn(ZeroGate):
         y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
         return self.add(x, self.proj(y.transpose(1, 2).reshape(b, n, c)))
 
+    def applied(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Applied]:
+        """Token 0's attention row (N, T), averaged over heads."""
+        b, n, c = x.shape
+        q, k, _ = self.qkv(self.norm(x)).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        s = torch.einsum("bhd,bhtd->bht", q[:, :, 0], k) * (c // self.heads) ** -0.5
+        return part("self", masked_softmax(s, None if mask is None else mask[:, None]).mean(1))
+
 
 class LocalSelfAttn(ZeroGate):
     """Local self-attention block: each position attends within `window` steps of itself (mode 'm') or
@@ -301,13 +324,20 @@ class LocalSelfAttn(ZeroGate):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, N, C); mask (B, N) booleans, True on real tokens: padded ones are never attended to."""
         h = self.norm(x)
-        n = x.shape[1]
+        return self.add(x, self.proj(self._weights(h, mask) @ h))
+
+    def _weights(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The (B, N, N) local weights of the normalised tokens h."""
+        n = h.shape[1]
         if self.mode == "m":
-            centers = torch.arange(n, device=x.device, dtype=x.dtype).expand(x.shape[0], n)
+            centers = torch.arange(n, device=h.device, dtype=h.dtype).expand(h.shape[0], n)
         else:
             centers = (n - 1) * torch.sigmoid(self.predict(h)[..., 0])
-        a = _local_weights(self.score(h, h), centers, self.window, self.mode == "p", mask)
-        return self.add(x, self.proj(a @ h))
+        return _local_weights(self.score(h, h), centers, self.window, self.mode == "p", mask)
+
+    def applied(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Applied]:
+        """Token 0's attention row (N, T) (mode 'p': times its Gaussian window)."""
+        return part("self", self._weights(self.norm(x), mask)[:, 0])
 
 
 class SequenceFirst(nn.Module):
@@ -365,8 +395,15 @@ class InputAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, T, n); mask (B, T) booleans, True on real steps: padded steps do not shape the weights."""
-        series = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
-        e = torch.tanh(self.u(series.transpose(1, 2))) @ self.v + self.prior  # (B, n)
-        a = e.softmax(-1)
+        a = self._weights(x, mask)
         self.attn_weights = a.detach()
         return x * (a * x.shape[-1]).unsqueeze(1)
+
+    def _weights(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        series = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        e = torch.tanh(self.u(series.transpose(1, 2))) @ self.v + self.prior  # (B, n)
+        return e.softmax(-1)
+
+    def applied(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Applied]:
+        """The weights α over the n input series (N, n), summing to 1 (x is scaled by n·α)."""
+        return part("series", self._weights(x, mask))

@@ -12,6 +12,7 @@ from torch import nn
 from surgeon.layers._util import (adaptive_avg_pool_nd, batch_norm_nd, check_bool, check_choice, check_dims,
                                   check_odd_kernel, check_positive_int, check_ratio, conv_nd, get_act, reduced_channels)
 from surgeon.errors import OptionError
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -34,9 +35,16 @@ class SpatialAttn(ZeroGate):
         self.bn = batch_norm_nd(dims)(1, eps=1e-5, momentum=0.01) if norm else nn.Identity()
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return x * self.weights(self.gate(self.bn(self.conv(pooled))))
+        return self.gate(self.bn(self.conv(pooled)))  # (N, 1, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The spatial map (N, H, W) before the gate."""
+        return part("spatial", self._attn(x)[:, 0])
 
 
 class CoordAttn(ZeroGate):
@@ -73,18 +81,32 @@ class CoordAttn(ZeroGate):
             setattr(self, f"conv_{axis}", conv(rd, channels, 1))
         self.gate = get_act(gate_layer, "gate_layer")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One weight per positional dim, shaped to broadcast over x: (N, C, S_i, 1, ...) along dim i."""
         n, c, *sizes = x.shape
         dims = len(sizes)
         ones = [1] * (dims - 1)
         # strip i: x pooled over every positional dim but i, (N, C, S_i); all strips share one conv
         strips = torch.cat([x.mean([2 + j for j in range(dims) if j != i]) for i in range(dims)], dim=2)
         y = self.act(self.bn(self.conv(strips.reshape(n, c, -1, *ones))))  # (N, rd, ΣS, 1, ...)
+        return [self.gate(getattr(self, f"conv_{axis}")(y_i)).reshape(n, c, *[s if j == i else 1
+                                                                              for j, s in enumerate(sizes)])
+                for i, (axis, y_i) in enumerate(zip(self.axes, torch.split(y, sizes, dim=2)))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for i, (axis, y_i) in enumerate(zip(self.axes, torch.split(y, sizes, dim=2))):
-            a = self.weights(self.gate(getattr(self, f"conv_{axis}")(y_i)))  # (N, C, S_i, 1, ...)
-            out = out * a.reshape(n, c, *[s if j == i else 1 for j, s in enumerate(sizes)])
+        for a in self._attn(x):
+            out = out * self.weights(a)
         return out
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The product of the direction weights, per-channel maps (N, C, H, W) (or (N, C, D, H, W)), before
+        the gate."""
+        maps = self._attn(x)
+        prod = maps[0]
+        for a in maps[1:]:
+            prod = prod * a
+        return part("maps", prod)
 
 
 class SpatialTransformer(nn.Module):
@@ -128,6 +150,10 @@ class SpatialTransformer(nn.Module):
         grid = F.affine_grid(theta, list(x.shape), align_corners=self.align_corners)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode=self.padding_mode,
                              align_corners=self.align_corners)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The affine transform θ (N, 2, 3) the map is resampled with (the identity [[1, 0, 0], [0, 1, 0]] at init)."""
+        return part("transform", self.theta(self.loc(x)).view(-1, *self._identity.shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta = self.theta(self.loc(x)).view(-1, *self._identity.shape).to(x.dtype)

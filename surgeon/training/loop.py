@@ -36,7 +36,9 @@ from surgeon.training import distributed, runs
 from surgeon.training.config import FinetuneConfig
 from surgeon.training.optim import (amp_context, apply_freeze, lr_factor, make_optimizer, param_groups,
                                     resolve_device, trainable_prefixes)
+from surgeon.record import edits
 from surgeon.training.record import set_input_size
+from surgeon.viz import gates
 
 log = logging.getLogger("surgeon")
 
@@ -268,7 +270,10 @@ def _finetune(model: nn.Module, train_data, val_data, cfg: FinetuneConfig, world
     if state is not None:
         start, step, history = runs.resume(model, opt, out, state, record)
 
-    # 4. The epochs.
+    # 4. The epochs. Each logs the edits' gates on one fixed batch: the first validation images, else the
+    # first training batch this run sees (taken from the loader, so the training data is read as before).
+    log_gates = bool(edits(model))
+    gate_batch = _gate_batch(val_data) if log_gates and val_data is not None else None
     pin = dev.type == "cuda"
     loop = _Loop(forward=None, ddp=None, opt=opt, criterion=criterion, autocast=autocast, scaler=scaler,
                  clip_grad=cfg.clip_grad, device=dev, pin=pin, accum_steps=cfg.accum_steps,
@@ -301,6 +306,8 @@ def _finetune(model: nn.Module, train_data, val_data, cfg: FinetuneConfig, world
                                     loss=0.0, acc=0.0, rate=0.0, val="")
                 rec, step = _train_epoch(loop, batches, steps_per_epoch, step,
                                          lambda task=task, **kw: bar.update(task, advance=1, **kw))
+                first = rec.pop("first")
+                gate_batch = first if gate_batch is None and log_gates else gate_batch
                 if rec["input_size"] is not None:  # what it was trained at is what it is evaluated at
                     set_input_size(model, rec["input_size"])
                 loss_sum, correct, seen = distributed.reduce_sums(world, rec["sums"], dev)
@@ -315,6 +322,9 @@ def _finetune(model: nn.Module, train_data, val_data, cfg: FinetuneConfig, world
                     val = _eval_metrics(distributed.reduce_sums(world, sums, dev))
                     rec.update(val_loss=val["loss"], val_acc=val["accuracy"])
                     bar.update(task, val=f"  val {val['accuracy']:.2%}")
+                if gate_batch is not None:  # which edits the network uses: mean |γ| and effect size per edit
+                    rec["gates"] = {g.site: {"gamma": g.gamma, "effect": g.effect}
+                                    for g in gates(model, gate_batch.to(dev))}
                 rec.update(seconds=round(seconds, 3), throughput=round(seen / max(seconds, 1e-9), 1))  # timings last
                 history.append(rec)
                 if out is not None and world.is_main:
@@ -336,6 +346,20 @@ def _steps(batches: int, accum_steps: int, batch_size: int) -> int:
         raise DataError(f"The training data gives {batches} batch(es) of {batch_size} per process and epoch, "
                         f"fewer than accum_steps={accum_steps}; lower --accum-steps or --batch-size")
     return batches // accum_steps
+
+
+GATE_BATCH = 32
+
+
+def _gate_batch(data) -> torch.Tensor | None:
+    """Up to GATE_BATCH inputs of `data` (a Dataset, or the first batch of a loader), for `gates`."""
+    try:
+        if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+            return torch.stack([data[i][0] for i in range(min(GATE_BATCH, len(data)))])
+        x = next(iter(data))[0]
+    except (TypeError, IndexError, StopIteration):
+        return None
+    return x[:GATE_BATCH] if isinstance(x, torch.Tensor) else None
 
 
 def _resolve_data(model: nn.Module, train_data, val_data):
@@ -372,11 +396,12 @@ class _Loop:
 
 def _train_epoch(loop: _Loop, batches, steps: int, step: int, report) -> tuple[dict[str, Any], int]:
     """`steps` optimizer steps of `accum_steps` batches each from the iterator `batches`. Returns this
-    process's [loss sum, correct, samples], the last learning-rate factor, the seconds taken and
-    `input_size` (the per-sample shape of a floating-point input, else None); and the new global step."""
+    process's [loss sum, correct, samples], the last learning-rate factor, the seconds taken,
+    `input_size` (the per-sample shape of a floating-point input, else None) and `first` (up to GATE_BATCH
+    inputs of its first batch); and the new global step."""
     params = [p for g in loop.opt.param_groups for p in g["params"] if p.requires_grad]
     loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
-    factor, size = loop.schedule(step), None
+    factor, size, first = loop.schedule(step), None, None
     for _ in range(steps):
         factor = loop.schedule(step)
         for g in loop.opt.param_groups:
@@ -385,7 +410,7 @@ def _train_epoch(loop: _Loop, batches, steps: int, step: int, report) -> tuple[d
         for k in range(loop.accum_steps):
             x, y = next(batches)
             if size is None and isinstance(x, torch.Tensor) and x.is_floating_point():
-                size = list(x.shape[1:])
+                size, first = list(x.shape[1:]), x[:GATE_BATCH].clone()
             x, y = x.to(loop.device, non_blocking=loop.pin), y.to(loop.device, non_blocking=loop.pin)
             # gradients are averaged over the processes once per step, at its last batch
             accumulating = loop.ddp is not None and k < loop.accum_steps - 1
@@ -412,5 +437,5 @@ def _train_epoch(loop: _Loop, batches, steps: int, step: int, report) -> tuple[d
         else:
             loop.opt.step()
         step += 1
-    return {"factor": factor, "input_size": size, "sums": [loss_sum, correct, seen],
+    return {"factor": factor, "input_size": size, "first": first, "sums": [loss_sum, correct, seen],
             "seconds": time.perf_counter() - t0}, step

@@ -23,6 +23,7 @@ log = logging.getLogger("surgeon")
 
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
+GATES_PLOT = "gates.png"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 STATE_FORMAT = "surgeon.trainer"
@@ -145,6 +146,8 @@ def write_run(model: nn.Module, out: Path, *, state: dict[str, Any], opt: torch.
             f.write(json.dumps(rec) + "\n")
     if plot:
         plot_history(history, tmp / PLOT)
+        if any("gates" in r for r in history):
+            plot_gates(history, tmp / GATES_PLOT)
     old = out.parent / f".{out.name}.old"
     if out.exists():
         if old.exists():
@@ -184,6 +187,35 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> bool
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return True
+
+
+def plot_gates(history: list[dict[str, Any]], path: str | os.PathLike) -> bool:
+    """Draw mean |γ| and effect size per edit and epoch (the records' "gates") into a PNG; False without
+    matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return False
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    epochs = [r["epoch"] for r in history]
+    sites = list(dict.fromkeys(s for r in history for s in r.get("gates", {})))
+    for i, (key, title) in enumerate((("gamma", "mean |γ| per edit"), ("effect", "effect: mean |y − x| / mean |x|"))):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for site in sites:
+            values = [(r.get("gates", {}).get(site) or {}).get(key) for r in history]
+            ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", label=site or "(root)")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if len(sites) <= 12:
+        fig.axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(str(path))
     return True
