@@ -45,7 +45,9 @@ def _randomised(module, seed=0):
 
 def _site(shape):
     """A stand-in for a traced site: what a feature-map build reads."""
-    return type("Site", (), {"layout": "nchw", "shape": shape, "channels": shape[1], "name": "layer1.0"})()
+    from surgeon.surgery.sites import Site
+
+    return Site(name="layer1.0", kind="residual", shape=tuple(shape), layout="nchw")
 
 
 def _bn(bn, t):
