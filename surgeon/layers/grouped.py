@@ -12,6 +12,7 @@ from torch import nn
 
 from surgeon.errors import OptionError
 from surgeon.layers._util import check_odd_kernel, check_positive_int, check_ratio, get_act, make_divisible
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.local_attention import same_format
 
 
@@ -45,14 +46,33 @@ class ShuffleAttention(nn.Module):
         self.sbias = nn.Parameter(torch.ones(1, half, 1, 1))
         self.gn = nn.GroupNorm(half, half)
 
+    def _halves(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x's channel halves x₁, x₂ of every group, (N·G, C/2G, H, W) each."""
+        b, c, h, w = x.shape
+        return x.reshape(b * self.groups, c // self.groups, h, w).chunk(2, dim=1)
+
+    def _attn(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The channel half's weights (N·G, C/2G, 1, 1) and the spatial half's (N·G, C/2G, H, W)."""
+        return (torch.sigmoid(self.cweight * x1.mean((2, 3), keepdim=True) + self.cbias),
+                torch.sigmoid(self.sweight * self.gn(x2) + self.sbias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        x1, x2 = x.reshape(b * self.groups, c // self.groups, h, w).chunk(2, dim=1)
-        x1 = x1 * torch.sigmoid(self.cweight * x1.mean((2, 3), keepdim=True) + self.cbias)
-        x2 = x2 * torch.sigmoid(self.sweight * self.gn(x2) + self.sbias)
+        x1, x2 = self._halves(x)
+        a1, a2 = self._attn(x1, x2)
+        x1 = x1 * a1
+        x2 = x2 * a2
         out = torch.cat([x1, x2], dim=1).reshape(b, c, h, w)
         out = out.reshape(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel shuffle, 2 groups
         return same_format(out, x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The weight each element of x is multiplied by, per-channel maps (N, C, H, W) in x's channel order
+        (before the shuffle): σ(w₁·gap + b₁), constant over positions, on each group's channel half and
+        σ(w₂·GN + b₂) on its spatial half."""
+        x1, x2 = self._halves(x)
+        a1, a2 = self._attn(x1, x2)
+        return part("maps", torch.cat([a1.expand_as(x1), a2], dim=1).reshape(x.shape))
 
 
 class SplitAttn(nn.Module):
@@ -92,17 +112,30 @@ class SplitAttn(nn.Module):
         self.act1 = get_act(act_layer)
         self.fc2 = nn.Conv2d(rd, mid, 1, groups=groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
+    def _branches(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The R radix branches (N, C, H, W) of the grouped conv."""
         feats = self.act0(self.bn0(self.conv(x)))
-        branches = feats.chunk(self.radix, dim=1) if self.radix > 1 else (feats,)
+        return feats.chunk(self.radix, dim=1) if self.radix > 1 else (feats,)
+
+    def _attn(self, branches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The branch weights (N, R, C, 1, 1): a softmax over the R branches (radix 1: a sigmoid)."""
+        n, c = branches[0].shape[:2]
         gap = sum(branches).mean((2, 3), keepdim=True)
         logits = self.fc2(self.act1(self.bn1(self.fc1(gap))))  # (N, R·C, 1, 1), cardinal-group-major
         if self.radix > 1:
             a = logits.view(n, self.groups, self.radix, c // self.groups).softmax(dim=2)
-            a = a.transpose(1, 2).reshape(n, self.radix, c, 1, 1)
-        else:
-            a = torch.sigmoid(logits).view(n, 1, c, 1, 1)
+            return a.transpose(1, 2).reshape(n, self.radix, c, 1, 1)
+        return torch.sigmoid(logits).view(n, 1, c, 1, 1)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The branch weights (N, R, C), summing to 1 over the R radix branches; radix 1: the channel
+        weights (N, C) of its sigmoid."""
+        a = self._attn(self._branches(x)).flatten(2)
+        return part("branches", a) if self.radix > 1 else part("channel", a[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = self._branches(x)
+        a = self._attn(branches)
         out = branches[0] * a[:, 0]
         for i in range(1, self.radix):
             out = out + branches[i] * a[:, i]

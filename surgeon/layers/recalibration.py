@@ -12,6 +12,7 @@ from torch import nn
 
 from surgeon.errors import OptionError
 from surgeon.layers._util import check_choice, check_positive, get_act, spatial_dims
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.channel import EcaModule
 from surgeon.layers.gate import ZeroGate
 
@@ -33,12 +34,19 @@ class SimAM(ZeroGate):
         super().__init__(identity)
         self.e_lambda = check_positive("e_lambda", e_lambda)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         dims = spatial_dims(x)
         n = max(x[0, 0].numel() - 1, 1)  # a 1×1 map has no other neuron: σ² = 0
         d = (x - x.mean(dims, keepdim=True)).square()
         inv_energy = d / (4 * (d.sum(dims, keepdim=True) / n + self.e_lambda)) + 0.5
-        return x * self.weights(torch.sigmoid(inv_energy))
+        return torch.sigmoid(inv_energy)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """One weight per neuron, per-channel maps (N, C, H, W) (x's shape), before the gate."""
+        return part("maps", self._attn(x))
 
 
 class GCT(nn.Module):
@@ -58,7 +66,8 @@ class GCT(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(channels))
         self.beta = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """1 + tanh(γ·ŝ + β), (N, C, 1, ...)."""
         dims = spatial_dims(x)
         alpha, gamma, beta = (p.view(1, -1, *([1] * len(dims))) for p in (self.alpha, self.gamma, self.beta))
         if self.mode == "l2":
@@ -67,7 +76,15 @@ class GCT(nn.Module):
         else:
             s = x.abs().sum(dims, keepdim=True) * alpha
             norm = gamma / (s.abs().mean(1, keepdim=True) + self.eps)
-        return x * (1 + torch.tanh(s * norm + beta))
+        return 1 + torch.tanh(s * norm + beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self._attn(x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights 1 + tanh(γ·ŝ + β), (N, C) in [0, 2]: exactly 1 at the paper's init (GCT has no
+        identity gate of its own)."""
+        return part("channel", self._attn(x).flatten(1))
 
 
 class EffectiveSE(ZeroGate):
@@ -83,9 +100,16 @@ class EffectiveSE(ZeroGate):
         self.fc = nn.Linear(channels, channels)
         self.gate = get_act(gate_layer, "gate_layer")
 
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc(x.mean(spatial_dims(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weights(self.gate(self.fc(x.mean(spatial_dims(x)))))
+        w = self.weights(self._attn(x))
         return x * _per_channel(w, x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The channel weights (N, C) before the gate."""
+        return part("channel", self._attn(x))
 
 
 class CecaModule(EcaModule):
@@ -93,7 +117,7 @@ class CecaModule(EcaModule):
 
     Paper: ECA-Net, Wang et al., CVPR 2020 (arXiv:1910.03151), with the circular padding of timm's
     `CecaModule` (C. Ha): channels have no ends, so the first and last channels get full neighbourhoods.
-    Same parameters as eca.
+    Same parameters as eca. `forward` and `applied` are eca's, on this `_attn`.
     """
 
     def __init__(self, channels: int, *, kernel_size: int | None = None, gamma: float = 2, beta: float = 1,
@@ -105,8 +129,8 @@ class CecaModule(EcaModule):
                               f"use at most {2 * channels + 1}")
         self.conv.padding = (0,)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        # the conv has no padding of its own (eca's `_attn` would give C − 2·pad weights): pad circularly here
         pad = (self.kernel_size - 1) // 2
         s = F.pad(x.mean(spatial_dims(x)).unsqueeze(1), (pad, pad), mode="circular")  # (N, 1, C + 2·pad)
-        w = self.weights(self.gate(self.conv(s)).squeeze(1))
-        return x * _per_channel(w, x)
+        return self.gate(self.conv(s)).squeeze(1)  # (N, C)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from surgeon.layers._util import check_choice, check_positive_int, get_act
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 # ELA's four sizes (Table 1 of the paper, as the official code): kernel, conv groups (0: depthwise,
@@ -36,10 +37,17 @@ class ELA(ZeroGate):
         self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, groups=groups, bias=False)
         self.gn = nn.GroupNorm(math.gcd(channels, gn_groups), channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         a_h = torch.sigmoid(self.gn(self.conv(x.mean(3))))  # (N, C, H)
         a_w = torch.sigmoid(self.gn(self.conv(x.mean(2))))  # (N, C, W)
-        return x * self.weights(a_h.unsqueeze(3) * a_w.unsqueeze(2))
+        return a_h.unsqueeze(3) * a_w.unsqueeze(2)  # (N, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The product of the height and width weights, per-channel maps (N, C, H, W), before the gate."""
+        return part("maps", self._attn(x))
 
 
 class StripPool(ZeroGate):
@@ -63,7 +71,14 @@ class StripPool(ZeroGate):
         self.act = get_act(act_layer)
         self.fuse = nn.Conv2d(mid, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
         h = self.bn_h(self.conv_h(x.mean(3, keepdim=True)))  # (N, mid, H, 1)
         w = self.bn_w(self.conv_w(x.mean(2, keepdim=True)))  # (N, mid, 1, W)
-        return x * self.weights(torch.sigmoid(self.fuse(self.act(h + w))))
+        return torch.sigmoid(self.fuse(self.act(h + w)))  # (N, C, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weights(self._attn(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The sigmoid map, per-channel maps (N, C, H, W), before the gate."""
+        return part("maps", self._attn(x))
