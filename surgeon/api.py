@@ -12,7 +12,7 @@ from torch import nn
 
 from surgeon import registry
 from surgeon.render import human  # noqa: F401  (re-exported: surgeon.api.human)
-from surgeon.errors import OptionError, SurgeonError, did_you_mean
+from surgeon.errors import OptionError, SiteShapeError, SurgeonError, did_you_mean
 from surgeon.layers.gate import INITS
 # the planning steps, importable from here as before (surgeon.api.Plan, surgeon.api.example_inputs, ...)
 from surgeon.planning import (EXAMPLE_BATCH, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
@@ -106,7 +106,7 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
     for site in chosen:
         try:
             module = att.build(site, init=init, **options)
-        except OptionError as exc:  # the options do not fit this site's shape: skipped, unless none fits
+        except SiteShapeError as exc:  # the options do not fit this site's shape: skipped, unless none fits
             unfit[site.name] = exc
             log.info("site %s: skipped, %s", site.name, exc)
             continue

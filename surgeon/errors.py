@@ -27,6 +27,11 @@ class OptionError(SurgeonError, ValueError):
     does not serve, --include without --adapter)."""
 
 
+class SiteShapeError(OptionError):
+    """An option that does not fit one site's shape (channels not divisible by the groups asked for):
+    `surgeon.add` skips such sites with a warning, and refuses only when no site fits."""
+
+
 class TraceError(SurgeonError):
     """A model (or part of it) could not be traced by torch.fx."""
 

@@ -241,7 +241,7 @@ def _checked(attention: str, build: Callable[..., Any], option_types: dict[str, 
         except OptionError as exc:
             if str(exc).startswith(attention):
                 raise
-            raise OptionError(f"{attention}: {exc}") from exc
+            raise type(exc)(f"{attention}: {exc}") from exc  # the same class: SiteShapeError stays one
 
     return checked
 

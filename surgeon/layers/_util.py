@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from surgeon.errors import OptionError, did_you_mean
+from surgeon.errors import OptionError, SiteShapeError, did_you_mean
 
 _ACTS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU,
@@ -134,7 +134,14 @@ def check_feat_size(value: Any, name: str = "feat_size") -> tuple[int, int]:
 
 def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
     if value % by:
-        raise OptionError(f"{name} ({value}) must be divisible by {by_name} ({by})")
+        raise SiteShapeError(f"{name} ({value}) must be divisible by {by_name} ({by})")
+
+
+def check_groups(channels: int, groups: int) -> None:
+    """Grouped layers: the site's channels must split into `groups` (SiteShapeError: another site may fit)."""
+    if channels % groups:
+        raise SiteShapeError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "
+                             f"or a divisor of {channels}")
 
 
 def make_divisible(v: float, divisor: int = 1, min_value: int | None = None, round_limit: float = 0.9) -> int:

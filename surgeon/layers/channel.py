@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.errors import OptionError
-from surgeon.layers._util import (check_act, check_bool, check_choice, check_feat_size, check_int, check_number,
-                                  check_odd_kernel, check_positive, check_positive_int, check_ratio, get_act,
-                                  reduced_channels, spatial_dims)
+from surgeon.layers._util import (check_act, check_bool, check_choice, check_feat_size, check_groups, check_int,
+                                  check_number, check_odd_kernel, check_positive, check_positive_int, check_ratio,
+                                  get_act, reduced_channels, spatial_dims)
 from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
@@ -113,9 +113,7 @@ class SelectiveKernel(nn.Module):
         if groups is None:  # the paper's cardinality 32, or the largest divisor of channels below it
             groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
         check_positive_int("groups", groups)
-        if channels % groups:
-            raise OptionError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "
-                              f"or a divisor of {channels}")
+        check_groups(channels, groups)
         check_ratio("rd_ratio", rd_ratio)
         check_positive_int("min_channels", min_channels)
         d = max(int(channels * rd_ratio), min_channels)

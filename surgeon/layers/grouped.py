@@ -10,8 +10,9 @@ import math
 import torch
 from torch import nn
 
-from surgeon.errors import OptionError
-from surgeon.layers._util import check_odd_kernel, check_positive_int, check_ratio, get_act, make_divisible
+from surgeon.errors import SiteShapeError
+from surgeon.layers._util import (check_groups, check_odd_kernel, check_positive_int, check_ratio, get_act,
+                                  make_divisible)
 from surgeon.layers.applied import Applied, part
 from surgeon.layers.local_attention import same_format
 
@@ -37,7 +38,7 @@ class ShuffleAttention(nn.Module):
         check_positive_int("channels", channels)
         check_positive_int("groups", groups)
         if channels % 2:
-            raise OptionError(f"shuffle attention splits channels into halves; {channels} channels is odd")
+            raise SiteShapeError(f"shuffle attention splits channels into halves; {channels} channels is odd")
         self.groups = _largest_group_count(channels, groups, 2)
         half = channels // (2 * self.groups)
         self.cweight = nn.Parameter(torch.zeros(1, half, 1, 1))
@@ -93,9 +94,7 @@ class SplitAttn(nn.Module):
         self.radix = check_positive_int("radix", radix)
         self.groups = check_positive_int("groups", groups)
         check_odd_kernel("kernel_size", kernel_size)
-        if channels % groups:
-            raise OptionError(f"channels ({channels}) must be divisible by groups ({groups}); pass groups=1 "
-                              f"or a divisor of {channels}")
+        check_groups(channels, groups)
         check_ratio("rd_ratio", rd_ratio)
         check_positive_int("rd_divisor", rd_divisor)
         if rd_channels is None:
