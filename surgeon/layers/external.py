@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from surgeon.layers._util import check_positive, check_positive_int
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -39,9 +40,18 @@ class ExternalAttention(ZeroGate):
         self.proj_out = nn.Conv2d(channels, channels, 1, bias=False)
         self.norm = nn.BatchNorm2d(channels)
 
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """The double-normalised attention (N, S, HW) of the positions to the S memory units."""
+        attn = self.mk(self.proj_in(x).flatten(2)).softmax(dim=-1)  # (N, S, HW): softmax over positions
+        return attn / (attn.sum(dim=1, keepdim=True) + self.eps)  # then ℓ1 over the memory units
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        attn = self.mk(self.proj_in(x).flatten(2)).softmax(dim=-1)  # (N, S, HW): softmax over positions
-        attn = attn / (attn.sum(dim=1, keepdim=True) + self.eps)  # then ℓ1 over the memory units
-        branch = self.norm(self.proj_out(self.mv(attn).view(n, c, h, w)))
+        branch = self.norm(self.proj_out(self.mv(self._attn(x)).view(n, c, h, w)))
         return self.add(x, branch)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The attention as "maps" (N, S, H, W), one per memory unit; at each position the S weights sum to 1
+        (the ℓ1 step, up to eps), the weights M_v mixes into the branch."""
+        n, _, h, w = x.shape
+        return part("maps", self._attn(x).view(n, -1, h, w))

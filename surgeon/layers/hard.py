@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from surgeon.layers._util import check_positive_int, check_ratio
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -51,3 +52,8 @@ class HardAttn(ZeroGate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weights(self.mask(x))
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The kept positions as "spatial" (N, H, W) in {0, 1}: the mask forward multiplies by (the
+        straight-through term σ(s) − σ(s) is exactly 0), not the scores σ(s) it was chosen from."""
+        return part("spatial", self.mask(x)[:, 0])

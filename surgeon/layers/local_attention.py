@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.layers._util import check_feat_size, check_odd_kernel, check_positive_int
+from surgeon.layers.applied import Applied, centre, part
 
 
 def same_format(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,8 @@ class BottleneckMHSA(nn.Module):
         self.rel_h = nn.Parameter(torch.randn(2 * h - 1, self.dim_head) * self.dim_head ** -0.5)
         self.rel_w = nn.Parameter(torch.randn(2 * w - 1, self.dim_head) * self.dim_head ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention (N, heads, HW, HW), softmax over the keys, and the values (N, heads, d, HW)."""
         n, c, h, w = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.dim_head, h, w).unbind(1)
         q = q.permute(0, 1, 3, 4, 2)  # (N, heads, H, W, d)
@@ -76,8 +78,18 @@ class BottleneckMHSA(nn.Module):
         logits = (q.flatten(2, 3) @ k) * self.dim_head ** -0.5
         logits = logits + _rel_logits(q, _resample(self.rel_h, 2 * h - 1), _resample(self.rel_w, 2 * w - 1),
                                       _rel_index(h, h, h - 1, x.device), _rel_index(w, w, w - 1, x.device))
-        out = logits.softmax(dim=-1) @ v.transpose(-1, -2)  # (N, heads, HW, d)
+        return logits.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        attn, v = self._attn(x)
+        out = attn @ v.transpose(-1, -2)  # (N, heads, HW, d)
         return same_format(out.transpose(-1, -2).reshape(n, c, h, w), x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The centre position's attention row over the map as "self" (N, H, W), averaged over the heads."""
+        n, _, h, w = x.shape
+        return part("self", self._attn(x)[0][:, :, centre(h, w)].mean(1).view(n, h, w))
 
 
 class HaloAttn(nn.Module):
@@ -109,7 +121,9 @@ class HaloAttn(nn.Module):
         t = F.pad(t, [self.halo] * 4)
         return t.unfold(2, win, b).unfold(3, win, b).flatten(-2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention (N, heads, nH, nW, b², win²) of each block's queries to its window, softmax over the
+        window (positions outside the map get 0), and the values (N, heads, nH, nW, win², d)."""
         n, c, h, w = x.shape
         b, heads, d = self.block, self.num_heads, self.dim_head
         ph, pw = -h % b, -w % b
@@ -123,9 +137,30 @@ class HaloAttn(nn.Module):
         logits = logits + _rel_logits(q, self.rel_h, self.rel_w, idx, idx)
         inside = self._windows(F.pad(x.new_ones(1, 1, h, w), (0, pw, 0, ph)))[0, 0] > 0  # (nH, nW, win²)
         logits = logits.masked_fill(~inside[:, :, None, :], float("-inf"))
-        out = logits.softmax(dim=-1) @ v  # (N, heads, nH, nW, b², d)
+        return logits.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        b, heads, d = self.block, self.num_heads, self.dim_head
+        ph, pw = -h % b, -w % b
+        nh, nw = (h + ph) // b, (w + pw) // b
+        attn, v = self._attn(x)
+        out = attn @ v  # (N, heads, nH, nW, b², d)
         out = out.view(n, heads, nh, nw, b, b, d).permute(0, 1, 6, 2, 4, 3, 5).reshape(n, c, h + ph, w + pw)
         return same_format(out[:, :, :h, :w], x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The centre position's attention row as "self" (N, H, W), averaged over the heads: its block's window
+        placed on the map, 0 elsewhere (the window's positions outside the map have weight 0)."""
+        n, _, h, w = x.shape
+        b, win = self.block, self.block + 2 * self.halo
+        cy, cx = h // 2, w // 2
+        by, bx = cy // b, cx // b
+        row = self._attn(x)[0][:, :, by, bx, (cy % b) * b + cx % b].mean(1).view(n, win, win)
+        # on the map padded to whole blocks and by the halo on every side, window (by, bx) starts at (by·b, bx·b)
+        canvas = row.new_zeros(n, h + (-h % b) + 2 * self.halo, w + (-w % b) + 2 * self.halo)
+        canvas[:, by * b:by * b + win, bx * b:bx * b + win] = row
+        return part("self", canvas[:, self.halo:self.halo + h, self.halo:self.halo + w])
 
 
 class LambdaLayer(nn.Module):
@@ -150,15 +185,33 @@ class LambdaLayer(nn.Module):
         # the paper's 3-D lambda conv with an r×r×1 kernel, as a 2-D conv over each value channel (4-D weights)
         self.conv_lambda = nn.Conv2d(1, dim_qk, r, padding=r // 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (N, heads, M, K), the keys softmaxed over the M positions (N, K, M), v (N, M, V)."""
         n, c, h, w = x.shape
         m, kq = h * w, self.dim_qk
         q, k, v = torch.split(self.qkv(x), [self.num_heads * kq, kq, self.dim_v], dim=1)
         q = self.norm_q(q).view(n, self.num_heads, kq, m).transpose(-1, -2)  # (N, heads, M, K)
         v = self.norm_v(v).flatten(2).transpose(-1, -2)  # (N, M, V)
         k = k.flatten(2).softmax(dim=-1)  # (N, K, M)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        m, kq = h * w, self.dim_qk
+        q, k, v = self._attn(x)
         content = q @ (k @ v).unsqueeze(1)  # (N, heads, M, V)
         lam = self.conv_lambda(v.transpose(1, 2).reshape(n * self.dim_v, 1, h, w))  # (N·V, K, H, W)
         lam = lam.view(n, self.dim_v, kq, m).permute(0, 3, 2, 1).unsqueeze(1)  # (N, 1, M, K, V)
         position = (q.unsqueeze(-2) @ lam).squeeze(-2)  # (N, heads, M, V)
         return same_format((content + position).transpose(-1, -2).reshape(n, c, h, w), x)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The normalised keys K̄ as "maps" (N, K, H, W): each a softmax over the positions (summing to 1), the
+        weights with which the content lambda λc = K̄ᵀV pools the values, shared by every query.
+
+        A lambda layer has no per-query attention row: each query applies the linear maps λc + λp to
+        itself, and the position lambdas λp are a learned convolution, not normalised weights, so they
+        are not reported.
+        """
+        n, _, h, w = x.shape
+        return part("maps", self._attn(x)[1].view(n, -1, h, w))

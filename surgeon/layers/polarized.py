@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from surgeon.layers._util import check_choice, check_positive_int
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -62,8 +63,24 @@ class PolarizedSelfAttention(ZeroGate):
         self.channel = _ChannelOnly(channels, inner)
         self.spatial = _SpatialOnly(channels, inner)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attn(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A_ch (N, C, 1, 1), A_sp (N, 1, H, W) and the map A_sp was computed on (x' in sequence, else x)."""
+        a_ch = self.channel(x)
         if self.mode == "sequential":
-            x = x * self.weights(self.channel(x))
-            return x * self.weights(self.spatial(x))
-        return x * self.weights(self.channel(x) + self.spatial(x))
+            x = x * self.weights(a_ch)
+        return a_ch, self.spatial(x), x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_ch, a_sp, x = self._attn(x)
+        if self.mode == "sequential":
+            return x * self.weights(a_sp)
+        return x * self.weights(a_ch + a_sp)
+
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The two branches' sigmoid weights: A_ch as "channel" (N, C) and A_sp as "spatial" (N, H, W).
+
+        In parallel mode the map is multiplied by their sum A_ch + A_sp (in [0, 2]), reported as its two
+        terms; in sequence A_sp is the spatial branch's weights for x' = A_ch(x)·x (gated as in forward).
+        """
+        a_ch, a_sp, _ = self._attn(x)
+        return part("channel", a_ch.flatten(1)) | part("spatial", a_sp[:, 0])

@@ -22,6 +22,7 @@ from torch import nn
 
 from surgeon.layers._util import check_choice, check_odd_kernel, check_optional_int, check_positive_int
 from surgeon.errors import OptionError
+from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate
 
 
@@ -82,6 +83,12 @@ class FPA(ZeroGate):
         y = self.master(x) * self.pyramid(x) + self.gpb(x.mean((2, 3), keepdim=True))
         return self.mix(x, y)
 
+    def applied(self, x: torch.Tensor) -> dict[str, Applied]:
+        """The pyramid A(x) that weights master(x): "spatial" (N, H, W) with one channel, "maps" (N, C, H, W)
+        with mid_channels > 1. Not a sigmoid: a sum of ReLU levels (a BN output with mid_channels > 1)."""
+        a = self.pyramid(x)
+        return part("spatial", a[:, 0]) if a.shape[1] == 1 else part("maps", a)
+
 
 class GAU(ZeroGate):
     """Global Attention Upsample: forward(x, g) -> a map of x's shape; g is the coarser decoder feature.
@@ -106,7 +113,15 @@ class GAU(ZeroGate):
         self.context = conv_bn(high, channels, act=True)
         self.high = conv_bn(high, channels)
 
+    def _attn(self, g: torch.Tensor) -> torch.Tensor:
+        """The channel weights (N, C, 1, 1) from g's global context."""
+        return self.context(g.mean((2, 3), keepdim=True))
+
     def forward(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        w = self.context(g.mean((2, 3), keepdim=True))
+        w = self._attn(g)
         y = F.relu(self.low(x) * w + resize(self.high(g), x.shape[-2:], self.mode))
         return self.mix(x, y)
+
+    def applied(self, x: torch.Tensor, g: torch.Tensor) -> dict[str, Applied]:
+        """The context weights on low(x)'s channels as "channel" (N, C): ReLU outputs (≥ 0), not a sigmoid."""
+        return part("channel", self._attn(g).flatten(1))
