@@ -197,17 +197,22 @@ def run_isolated(ref: str, attentions: tuple[str, ...], input_size: str | None, 
     proc.start()
     send.close()
     rows, status, error = None, "", ""
-    if recv.poll(timeout):
+    in_time = recv.poll(timeout)
+    if in_time:
         try:
             rows = recv.recv()
-        except EOFError:
+        except EOFError:  # the child died without a result
             pass
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
+    proc.join(5 if in_time else 0)
+    if not in_time:  # over the limit: stopped, whether or not it would have finished a moment later
+        if proc.is_alive():
+            proc.kill()
         proc.join()
         status, error = "timeout", f"no result within {timeout:.0f} s"
-    elif rows is None:
+    elif proc.is_alive():
+        proc.kill()
+        proc.join()
+    if rows is None and not status:
         status = "oom" if proc.exitcode in (0, -9) else "crash"
         error = f"the process ended with code {proc.exitcode} (memory limit {memory_gb:g} GB)"
     if rows is None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from surgeon import record
-from surgeon.errors import SurgeonError
+from surgeon.errors import ModelError
 from surgeon.layers.applied import Applied
 from surgeon.layers.gate import ZeroGate
 
@@ -145,7 +145,7 @@ def capture(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, Capture]
         module path).
 
     Raises:
-        SurgeonError: the model has no edits.
+        ModelError: the model has no edits.
 
     Example:
         >>> caps = surgeon.capture(patched, images)
@@ -154,7 +154,7 @@ def capture(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, Capture]
     """
     edits = record.edits(model)
     if not edits:
-        raise SurgeonError("This model has no inserted attention to capture; patch it with surgeon.add (or "
+        raise ModelError("This model has no inserted attention to capture; patch it with surgeon.add (or "
                            "load a folder that `surgeon add --out` or `surgeon finetune --out` wrote)")
     found: dict[str, Capture] = {}
     with ExitStack() as stack:
