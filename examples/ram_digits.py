@@ -66,6 +66,15 @@ class RAM(nn.Module):
         self.baseline = nn.Linear(hidden, 1)
         self.classify = nn.Linear(hidden, classes)
 
+    def train(self, mode: bool = True):
+        """BatchNorm in the glimpse network stays in eval mode: each glimpse step is its own batch, so batch
+        statistics would normalise every step separately, which running statistics cannot reproduce."""
+        super().train(mode)
+        for m in self.encoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
     def forward(self, x: torch.Tensor, *, sample: bool = False):
         """Class logits; with `sample`, also the log-probabilities of the sampled locations and the
         baselines, (N, T) each."""
@@ -77,7 +86,7 @@ class RAM(nn.Module):
             what = self.encoder(glimpse(x, loc, self.size, self.scales))
             g = F.relu(self.merge(torch.cat([what, F.relu(self.where(loc))], 1)))
             h = self.core(g, h)
-            mean = torch.tanh(self.locate(h))
+            mean = torch.tanh(self.locate(h.detach()))
             if sample:
                 loc = (mean + self.std * torch.randn_like(mean)).clamp(-1, 1).detach()
                 logps.append(torch.distributions.Normal(mean, self.std).log_prob(loc).sum(1))
