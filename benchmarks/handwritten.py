@@ -9,7 +9,8 @@
    (identity init): the patched models should gain what the base model gains.
 
 All models are timed side by side in one process, in interleaved rounds, the minimum over rounds of each
-round's median. ROUNDS, REPEAT set the effort; COMPILE=0 skips part 2 (compiling takes minutes on CPU);
+round's median. ROUNDS, REPEAT set the effort; COMPILE=0 skips part 2 (compiling takes minutes on CPU),
+HANDWRITTEN=0 part 1;
 CLOCK=cpu measures CPU time on one thread instead of wall time on two.
 """
 import os
@@ -99,10 +100,11 @@ def compiled() -> list[dict]:
     return rows
 
 
-before = load_average()
-rows = handwritten()
-report(f"patched vs hand-written, resnet50, 224x224, CPU, {SETTING}; load average {before} before, "
-       f"{load_average()} after", rows)
+if os.environ.get("HANDWRITTEN", "1") != "0":
+    before = load_average()
+    rows = handwritten()
+    report(f"patched vs hand-written, resnet50, 224x224, CPU, {SETTING}; load average {before} before, "
+           f"{load_average()} after", rows)
 if os.environ.get("COMPILE", "1") != "0":
     before = load_average()
     rows = compiled()
