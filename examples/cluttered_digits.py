@@ -64,3 +64,27 @@ def batches(n: int, batch_size: int, *, generator: torch.Generator | None = None
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for i in range(0, n, batch_size):
         yield order[i:i + batch_size]
+
+
+def accuracy(predict, data, batch_size: int = 256) -> float:
+    """Share of `data`'s canvases whose class `predict` (images -> logits) gets right, without gradients."""
+    right = 0
+    with torch.no_grad():
+        for idx in batches(len(data["labels"]), batch_size):
+            right += (predict(data["images"][idx]).argmax(1) == data["labels"][idx]).sum().item()
+    return right / len(data["labels"])
+
+
+def print_results(result: dict, title: str, *, as_json: bool) -> None:
+    """The examples' result: JSON, or `title` and a markdown table of accuracy and MFLOPs per row."""
+    import json
+
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"\n{title}\n")
+    print("| model | accuracy (%) | MFLOPs / image |")
+    print("| --- | ---: | ---: |")
+    for name, r in result["rows"].items():
+        print(f"| {name} | {100 * r['accuracy']:.1f} | {r['mflops']:.2f} |")
+    print(f"\n({result['seconds']} s)")

@@ -20,7 +20,6 @@ Run: .venv/bin/python examples/dcn_digits.py [--fine resnet10t] [--epochs 8] [--
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from surgeon.layers.hard import topk_mask
 from surgeon.surgery.verify import count_flops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluttered_digits import batches, cluttered  # noqa: E402
+from cluttered_digits import accuracy, batches, cluttered, print_results  # noqa: E402
 
 SIZE, CELL, MARGIN, DIM = 40, 8, 4, 32
 GRID = SIZE // CELL
@@ -115,13 +114,6 @@ def hybrid(coarse, fine, top, x, k, *, random: torch.Generator | None = None, ex
     return top(fc * (1 - mask) + ff * mask), (fc, ff, mask)
 
 
-def accuracy(predict, data, batch_size=128) -> float:
-    right = 0
-    with torch.no_grad():
-        for idx in batches(len(data["labels"]), batch_size):
-            right += (predict(data["images"][idx]).argmax(1) == data["labels"][idx]).sum().item()
-    return right / len(data["labels"])
-
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,29 +167,22 @@ def main(argv=None) -> dict:
     f_saliency = counter.get_total_flops()
     rnd = torch.Generator().manual_seed(1)
     rows = {
-        "coarse only": (accuracy(lambda x: top(coarse(x)), test), f_coarse),
-        "fine everywhere": (accuracy(lambda x: top(fine_grid(fine, x)), test), count_flops(top, (coarse(x1),))
+        "coarse only": (accuracy(lambda x: top(coarse(x)), test, 128), f_coarse),
+        "fine everywhere": (accuracy(lambda x: top(fine_grid(fine, x)), test, 128), count_flops(top, (coarse(x1),))
                             + GRID * GRID * f_patch),
         f"DCN, fine on the {args.k} most salient cells": (
-            accuracy(lambda x: hybrid(coarse, fine, top, x, args.k)[0], test),
+            accuracy(lambda x: hybrid(coarse, fine, top, x, args.k)[0], test, 128),
             f_coarse + f_saliency + count_flops(top, (coarse(x1),)) + args.k * f_patch),
         f"fine on {args.k} random cells": (
-            accuracy(lambda x: hybrid(coarse, fine, top, x, args.k, random=rnd)[0], test),
+            accuracy(lambda x: hybrid(coarse, fine, top, x, args.k, random=rnd)[0], test, 128),
             f_coarse + f_saliency + count_flops(top, (coarse(x1),)) + args.k * f_patch),
     }
     result = {"fine": args.fine, "k": args.k, "epochs": args.epochs, "test_images": len(test["labels"]),
               "rows": {name: {"accuracy": acc, "mflops": fl / 1e6} for name, (acc, fl) in rows.items()},
               "seconds": round(time.perf_counter() - t0)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"\nDynamic Capacity Network on {SIZE}×{SIZE} cluttered digits ({len(test['labels'])} test canvases), "
-              f"fine network {args.fine}, {args.epochs} epochs\n")
-        print("| model | accuracy (%) | MFLOPs / image |")
-        print("| --- | ---: | ---: |")
-        for name, r in result["rows"].items():
-            print(f"| {name} | {100 * r['accuracy']:.1f} | {r['mflops']:.2f} |")
-        print(f"\n({result['seconds']} s)")
+    title = (f"Dynamic Capacity Network on {SIZE}×{SIZE} cluttered digits ({len(test['labels'])} test canvases), "
+             f"fine network {args.fine}, {args.epochs} epochs")
+    print_results(result, title, as_json=args.json)
     return result
 
 

@@ -21,7 +21,6 @@ Run: .venv/bin/python examples/ram_digits.py [--base resnet10t] [--epochs 10] [-
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from surgeon import models
 from surgeon.surgery.verify import count_flops
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cluttered_digits import batches, cluttered  # noqa: E402
+from cluttered_digits import accuracy, batches, cluttered, print_results  # noqa: E402
 
 SIZE = 40
 BASE_ARGS = {"resnet10t": {"channels": (16, 32, 64, 128), "stem_width": 8}}
@@ -97,13 +96,6 @@ class RAM(nn.Module):
         return (logits, torch.stack(logps, 1), torch.stack(bases, 1)) if sample else logits
 
 
-def accuracy(model, data, batch_size=256) -> float:
-    right = 0
-    with torch.no_grad():
-        for idx in batches(len(data["labels"]), batch_size):
-            right += (model(data["images"][idx]).argmax(1) == data["labels"][idx]).sum().item()
-    return right / len(data["labels"])
-
 
 def _train(model, train, loss_fn, epochs, seed, lr=2e-3):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -165,16 +157,9 @@ def main(argv=None) -> dict:
     result = {"base": args.base, "glimpses": args.glimpses, "epochs": args.epochs, "test_images": len(test["labels"]),
               "rows": {name: {"accuracy": acc, "mflops": fl / 1e6} for name, (acc, fl) in rows.items()},
               "seconds": round(time.perf_counter() - t0)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"\nRecurrent attention model on {SIZE}×{SIZE} cluttered digits ({len(test['labels'])} test canvases), "
-              f"{args.epochs} epochs\n")
-        print("| model | accuracy (%) | MFLOPs / image |")
-        print("| --- | ---: | ---: |")
-        for name, r in result["rows"].items():
-            print(f"| {name} | {100 * r['accuracy']:.1f} | {r['mflops']:.2f} |")
-        print(f"\n({result['seconds']} s)")
+    title = (f"Recurrent attention model on {SIZE}×{SIZE} cluttered digits ({len(test['labels'])} test canvases), "
+             f"{args.epochs} epochs")
+    print_results(result, title, as_json=args.json)
     return result
 
 
