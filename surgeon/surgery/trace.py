@@ -199,12 +199,13 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
             raise
 
 
-_NOTING: list = []  # [depth, the tracer noting reads] while `noting_training_reads` is active
+_NOTING: list = []  # one entry per active `noting_training_reads`: the tracer noting reads (or None)
 
 
 def _read_training(module: nn.Module) -> bool:
-    if _NOTING and _NOTING[1] is not None:
-        _NOTING[1].read_training = True
+    tracer = next((t for t in reversed(_NOTING) if t is not None), None)
+    if tracer is not None:
+        tracer.read_training = True
     try:
         return module.__dict__["training"]
     except KeyError:
@@ -217,21 +218,18 @@ def _write_training(module: nn.Module, value: bool) -> None:
 
 @contextlib.contextmanager
 def noting_training_reads(tracer: fx.Tracer | None = None):
-    """While active, reads of any module's `training` flag set `tracer.read_training`: a data descriptor
-    on nn.Module takes precedence over the instance attribute it reads. Re-entrant; the outermost use
-    installs it (changing nn.Module costs about a millisecond: wrap a whole surgery step in one)."""
-    outer = bool(_NOTING)
-    if not outer:
+    """While active, reads of any module's `training` flag set `tracer.read_training` (the innermost tracer
+    given): a data descriptor on nn.Module takes precedence over the instance attribute it reads.
+    Re-entrant; the outermost use installs it (changing nn.Module costs about a millisecond: wrap a whole
+    surgery step in one)."""
+    if not _NOTING:
         nn.Module.training = property(_read_training, _write_training)
-        _NOTING[:] = [0, None]
-    depth, previous = _NOTING[0], _NOTING[1]
-    _NOTING[:] = [depth + 1, tracer if tracer is not None else previous]
+    _NOTING.append(tracer)
     try:
         yield
     finally:
-        _NOTING[:] = [depth, previous]
-        if not outer:
-            _NOTING.clear()
+        _NOTING.pop()
+        if not _NOTING:
             del nn.Module.training
 
 
