@@ -11,12 +11,15 @@ to a CSV as they finish, so an interrupted sweep resumes where it stopped.
 
 Statuses: ok (patched, identity verified), refused (a one-line SurgeonError: no site fits, an option the
 model cannot take), identity_break (VerificationError), crash (any other exception: a bug), timeout, oom
-(the memory limit), too_big (over --max-params: not built here; the row says so), build_failed (the
-library could not build the model without downloads).
+(the memory limit), meta (over --max-params: built and patched on the meta device, the patched model's output
+shapes checked against the original's, identity not computed; the row says so), too_big (over --max-params
+and the library cannot build it on the meta device), build_failed (the library could not build the model
+without downloads).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import multiprocessing as mp
 import os
@@ -120,46 +123,103 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:300]
 
 
+def _count_params(ref: str) -> int | None:
+    """The model's parameter count from a build on the meta device (no memory, no initialisation), or None
+    when the library cannot build it there (then the real build counts)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in _build(ref).parameters())
+    except Exception:  # noqa: BLE001 - e.g. a constructor reading a value (.item(), .tolist()) on meta
+        return None
+
+
+def _output_shapes(model, inputs: tuple) -> list[tuple[int, ...]]:
+    """The shapes of a model's output tensors in eval mode, from a run on meta tensors."""
+    import torch
+
+    from surgeon.surgery import meta
+    from surgeon.surgery.shapes import tensors
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return [tuple(t.shape) for t in tensors(meta.run([model], model, *inputs))]
+    finally:
+        model.train(was)
+
+
+def _patch(model, attention: str, size: tuple[int, ...] | None, row: dict) -> None:
+    """Patch `model` with `attention` and verify it (surgeon's own check; on a meta model, the patched model's
+    output shapes against the original's instead), filling `row`."""
+    import surgeon
+    from surgeon.planning import on_meta
+    from surgeon.surgery import meta
+
+    plan = surgeon.plan(model, attention, input_size=size)
+    patched = plan.apply()
+    edits = surgeon.edits(patched)
+    row.update(kind="/".join(sorted({e.kind for e in edits})), edits=len(edits), params_added=plan.params,
+               error=_one_line(plan.note))
+    if not size:
+        row["input_size"] = ",".join(map(str, plan.example_inputs[0].shape[1:]))
+    if on_meta(model):
+        want = _output_shapes(model, plan.example_inputs)
+        try:
+            have = _output_shapes(patched, plan.example_inputs)
+        except meta.NeedsValues as exc:
+            raise AssertionError(f"the patched model fails on meta tensors where the original runs ({exc})") from exc
+        if want != have:
+            raise AssertionError(f"the patched model's output shapes {have} differ from the original's {want}")
+        row.update(status="meta")
+        return
+    v = plan.verification
+    row.update(status="ok", max_abs_diff=f"{v.max_abs_diff:.3g}",
+               train_diff="" if v.train_max_abs_diff is None else f"{v.train_max_abs_diff:.3g}")
+
+
 def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max_params: float) -> list[dict]:
-    """Patch one model with each attention; one row per attention (run inside the child process)."""
+    """Patch one model with each attention; one row per attention (run inside the child process). A model over
+    `max_params` is built and patched on the meta device: shapes, sites and the rewrite are checked, identity
+    cannot be (status meta)."""
     import warnings
 
     import torch
 
-    import surgeon
     from surgeon.errors import SurgeonError, VerificationError
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     source, name = ref.split(":", 1)
     base = {"source": source, "model": name, "input_size": input_size or ""}
+    n_params = _count_params(ref)
+    big = n_params is not None and n_params > max_params
     try:
-        model = _build(ref)
+        with torch.device("meta") if big else contextlib.nullcontext():
+            model = _build(ref)
     except Exception as exc:  # noqa: BLE001 - a model the library cannot build here is a row, not the end
         return [{**base, "attention": a, "status": "build_failed", "error": _one_line(f"{type(exc).__name__}: {exc}")}
                 for a in attentions]
     n_params = sum(p.numel() for p in model.parameters())
-    if n_params > max_params:
+    if n_params > max_params and not big:  # could not be built on meta: too big to build twice and verify
         return [{**base, "attention": a, "status": "too_big",
-                 "error": f"{n_params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M"}
+                 "error": f"{n_params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M, "
+                          "and the library cannot build it on the meta device"}
                 for a in attentions]
-    _perturb_bn(model)
+    if not big:
+        _perturb_bn(model)
     size = tuple(int(d) for d in input_size.split(",")) if input_size else None
     rows = []
     for attention in attentions:
         row = {**base, "attention": attention}
         t = time.perf_counter()
         try:
-            plan = surgeon.plan(model, attention, input_size=size)
-            patched = plan.apply()
-            v = plan.verification
-            edits = surgeon.edits(patched)
-            row.update(status="ok", kind="/".join(sorted({e.kind for e in edits})), edits=len(edits),
-                       max_abs_diff=f"{v.max_abs_diff:.3g}",
-                       train_diff="" if v.train_max_abs_diff is None else f"{v.train_max_abs_diff:.3g}",
-                       params_added=v.params_added, error=_one_line(plan.note))
-            if not size:
-                row["input_size"] = ",".join(map(str, plan.example_inputs[0].shape[1:]))
+            _patch(model, attention, size, row)
+            if big:
+                row["error"] = _one_line(f"{n_params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M: "
+                                         "patched on the meta device, output shapes checked, identity not computed")
         except VerificationError as exc:
             row.update(status="identity_break", error=_one_line(exc))
         except SurgeonError as exc:

@@ -8,6 +8,7 @@ import logging
 import warnings
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from surgeon import registry
@@ -15,7 +16,7 @@ from surgeon.render import human  # noqa: F401  (re-exported: surgeon.api.human)
 from surgeon.errors import OptionError, SiteShapeError, SurgeonError, did_you_mean
 from surgeon.layers.gate import INITS
 # the planning steps, importable from here as before (surgeon.api.Plan, surgeon.api.example_inputs, ...)
-from surgeon.planning import (EXAMPLE_BATCH, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
+from surgeon.planning import (EXAMPLE_BATCH, placement, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
                               example_inputs, verify_model)
 from surgeon.surgery.sites import Site, find_sites
 
@@ -103,9 +104,13 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     chosen, note = _choose_kind(att, kind, prep, at)
     edits, unfit = [], {}
+    device, dtype = placement(prep.model)
+    # new modules live where the model's weights do, in their dtype; on a meta model they are real (on the CPU), so
+    # that loading the original weights into the patched model (`load_state_dict(..., assign=True)`) completes it
+    device = torch.device("cpu") if device.type == "meta" else device
     for site in chosen:
         try:
-            module = att.build(site, init=init, **options)
+            module = att.build(site, init=init, **options).to(device, dtype)
         except SiteShapeError as exc:  # the options do not fit this site's shape: skipped, unless none fits
             unfit[site.name] = exc
             log.info("site %s: skipped, %s", site.name, exc)

@@ -6,6 +6,7 @@ for an attention (its first kind, or the next kind the model has), and the `Edit
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -31,6 +32,27 @@ EXAMPLE_BATCH = 2
 
 
 # -- inputs ------------------------------------------------------------------------------------------
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype of the model's weights (its first floating parameter or buffer; CPU and
+    the default dtype for a model without any). Example inputs and inserted modules follow them."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.get_default_dtype()
+
+
+def on_meta(model: nn.Module) -> bool:
+    """Whether the model was built on the meta device (shapes and no values: surgery works, verification
+    cannot run)."""
+    return placement(model)[0].type == "meta"
+
+
+def _placed(inputs: tuple, model: nn.Module) -> tuple:
+    device, dtype = placement(model)
+    return tuple(x.to(device, dtype if x.is_floating_point() else x.dtype) if isinstance(x, torch.Tensor) else x
+                 for x in inputs)
+
+
 def _guess_input(model: nn.Module, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     if hf.is_hf(model):
         found = hf.example_input(model, generator, EXAMPLE_BATCH)
@@ -60,7 +82,8 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
 
     Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own metadata
     (a surgery record, timm `pretrained_cfg['input_size']`, torchvision weights' crop size and clip
-    length: see `surgeon.sizes`); a guess from its first layer.
+    length: see `surgeon.sizes`); a guess from its first layer. Made inputs are on the model's device,
+    floating ones in its dtype (see `placement`).
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -69,8 +92,8 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
     if size:
         if any(not isinstance(d, int) or d <= 0 for d in size):
             raise OptionError(f"input size {size} must be positive integers, e.g. 3,224,224")
-        return (torch.randn(EXAMPLE_BATCH, *size, generator=gen),)
-    return _guess_input(model, gen)
+        return _placed((torch.randn(EXAMPLE_BATCH, *size, generator=gen),), model)
+    return _placed(_guess_input(model, gen), model)
 
 
 # -- the steps ---------------------------------------------------------------------------------------
@@ -144,7 +167,8 @@ def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int
     out: list = []
     hook = module.register_forward_hook(lambda _m, _a, y: out.append(y))
     # ones: a mask of ones keeps every step, so masked attentions count their full cost
-    inputs = tuple(torch.ones(1, *s[1:]) for s in shapes_in)
+    device, dtype = placement(module)
+    inputs = tuple(torch.ones(1, *s[1:], device=device, dtype=dtype) for s in shapes_in)
     module.eval()
     try:
         flops = count_flops(module, inputs)  # (on meta tensors the counter's dispatch is slower than this)
@@ -329,7 +353,12 @@ class Plan:
             params=e.params, flops=e.flops, step=step) for e in self.edits])
         with sizes.small_images(self.model, patched) if self._prep.small_images else nullcontext():
             _check_shapes(patched, self._prep.inputs, [e for e in self.edits if not e.shape_checked], paths)
-            if verify:
+            if verify and on_meta(self.model):  # nothing to compare: say so, never pass silently
+                unverified = (f"not verified: {type(self.model).__name__} is on the meta device (shapes, no values); "
+                              "load its weights, then check with surgeon.verify_model")
+                self.note = "; ".join(filter(None, [self.note, unverified]))
+                warnings.warn(unverified, stacklevel=2)
+            elif verify:
                 inits = {e.init for e in self.edits}
                 self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
                                                  tolerance=tolerance if inits == {"identity"} else None)

@@ -6,6 +6,7 @@ from torch import nn
 
 import surgeon
 from surgeon.surgery import meta
+from conftest import perturb_bn
 
 
 class Block(nn.Module):
@@ -94,3 +95,58 @@ def test_surgery_falls_back_to_real_tensors(cls):
     assert torch.equal(patched(x), m(x))
     assert [(s.name, s.shape) for s in surgeon.sites(cls().eval(), kind="after_conv", input_size=(3, 16, 16))] \
         == [("block.conv", (2, 8, 16, 16))]
+
+
+# -- models built on the meta device, and models in other dtypes -----------------------------------------
+def test_a_model_built_on_the_meta_device_is_patched_and_completed_by_its_weights():
+    import timm
+
+    with torch.device("meta"):
+        big = timm.create_model("resnet18")
+    with pytest.warns(UserWarning, match="not verified: ResNet is on the meta device"):
+        patched = surgeon.add(big, "cbam", input_size=(3, 64, 64))
+    assert len(surgeon.edits(patched)) == 8 and patched.layer1[0].conv1.weight.is_meta
+    # the new modules are real, identity-initialised: loading the original weights completes the model
+    assert not any(p.is_meta for p in patched.layer1[0].cbam.parameters())
+    real = perturb_bn(timm.create_model("resnet18")).eval()
+    missing = patched.load_state_dict(real.state_dict(), strict=False, assign=True).missing_keys
+    assert missing and all(".cbam." in k for k in missing)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(patched.eval()(x), real(x))
+
+
+def test_a_meta_model_whose_forward_needs_values_is_refused_in_one_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * 2 if y.sum() > 0 else y
+
+    with torch.device("meta"):
+        model = Branchy()
+    with pytest.raises(surgeon.SurgeonError, match="Branchy on the meta device: its forward needs tensor values") \
+            as info:
+        surgeon.add(model, "se", input_size=(3, 16, 16))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_inserted_modules_and_example_inputs_take_the_models_dtype(dtype):
+    import timm
+
+    model = perturb_bn(timm.create_model("resnet18")).to(dtype).eval()
+    plan = surgeon.plan(model, "cbam", input_size=(3, 32, 32))
+    patched = plan.apply()
+    assert plan.example_inputs[0].dtype == dtype and plan.verification.max_abs_diff == 0
+    assert {p.dtype for e in surgeon.edits(patched) for p in patched.get_submodule(e.module).parameters()} == {dtype}
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    assert torch.equal(patched(x), model(x))
+
+
+def test_a_shape_run_of_a_meta_model_is_not_taken_for_one_that_stored_state():
+    with torch.device("meta"):
+        model = Net()
+    assert meta.run([model], model, torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)

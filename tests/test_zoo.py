@@ -25,9 +25,40 @@ def test_a_model_over_the_time_limit_is_a_timeout_row():
     assert [r["status"] for r in rows] == ["timeout", "timeout"]
 
 
-def test_too_big_models_are_rows_saying_so():
-    rows = zoo.run_isolated("tv:squeezenet1_1", ("se",), "3,32,32", timeout=300, memory_gb=8, max_params=1e5)
-    assert rows[0]["status"] == "too_big" and "1M parameters > --max-params 0M" in rows[0]["error"]
+def test_models_over_the_size_limit_are_patched_on_the_meta_device():
+    rows = zoo.run_isolated("tv:squeezenet1_1", ("se", "cbam"), "3,64,64", timeout=300, memory_gb=8, max_params=1e5)
+    real = zoo.run_isolated("tv:squeezenet1_1", ("se", "cbam"), "3,64,64", timeout=300, memory_gb=8, max_params=4e8)
+    assert [r["status"] for r in rows] == ["meta", "meta"] and [r["status"] for r in real] == ["ok", "ok"]
+    # the same sites, edits and added parameters as the real model's surgery
+    assert [(r["kind"], r["edits"], r["params_added"]) for r in rows] == \
+        [(r["kind"], r["edits"], r["params_added"]) for r in real] == [("stage", 2, 10650), ("stage", 2, 10852)]
+    assert "1M parameters > --max-params 0M: patched on the meta device" in rows[0]["error"]
+    assert rows[0].get("max_abs_diff", "") == ""
+
+
+def test_a_meta_patch_that_changes_the_output_shape_is_a_crash(monkeypatch):
+    import torch
+
+    import surgeon.api
+    import surgeon.planning
+    from surgeon.layers.channel import SEModule
+
+    # an attention that doubles its channels, with surgeon's own shape checks switched off: the sweep's check
+    # of the patched model's output shapes is what must catch it
+    monkeypatch.setattr(SEModule, "forward", lambda self, x: torch.cat([x, x], 1))
+    monkeypatch.setattr(surgeon.planning, "_check_shapes", lambda *a: None)
+    monkeypatch.setattr(surgeon.api, "_edit_flops", lambda site, module, attention="": (0, True))
+    row = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=1e5)[0]
+    assert row["status"] == "crash" and "the patched model fails on meta tensors" in row["error"], row
+    monkeypatch.setattr(SEModule, "forward", lambda self, x: torch.cat([x, x], 0))  # runs on: twice the batch
+    row = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=1e5)[0]
+    assert row["status"] == "crash" and "output shapes" in row["error"], row
+
+
+def test_models_the_meta_device_cannot_build_are_too_big_rows(monkeypatch):
+    monkeypatch.setattr(zoo, "_count_params", lambda ref: None)
+    rows = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=1e5)
+    assert rows[0]["status"] == "too_big" and "cannot build it on the meta device" in rows[0]["error"]
 
 
 def test_a_resumed_sweep_runs_only_what_its_csv_lacks(tmp_path, monkeypatch):

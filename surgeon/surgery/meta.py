@@ -39,7 +39,8 @@ def _snapshot(m: nn.Module) -> dict[str, Any]:
     sizes of container attributes (a cache filled in place)."""
     d = m.__dict__
     return {"attrs": dict(d), **{s: dict(d.get(s) or {}) for s in _STORES},
-            "contents": {k: copy.copy(v) for k, v in d.items() if type(v) in _CONTAINERS and k not in _STORES}}
+            "contents": {k: copy.copy(v) for k, v in d.items() if type(v) in _CONTAINERS and k not in _STORES},
+            "meta": _meta_ids(d)}
 
 
 def _undo(m: nn.Module, before: dict[str, Any]) -> bool:
@@ -55,11 +56,11 @@ def _undo(m: nn.Module, before: dict[str, Any]) -> bool:
             store.update(before[s])
     for k, saved in before["contents"].items():  # containers filled or emptied in place
         now = before["attrs"][k]
-        if len(now) != len(saved) or _holds_meta({0: now}):
+        if len(now) != len(saved) or _meta_ids({0: now}) - before["meta"]:
             changed = True
             now.clear()
             (now.extend if isinstance(now, list) else now.update)(saved)
-    changed = changed or _holds_meta(d)
+    changed = changed or bool(_meta_ids(d) - before["meta"])
     if changed:
         for k in list(d):
             if k not in before["attrs"]:
@@ -68,12 +69,14 @@ def _undo(m: nn.Module, before: dict[str, Any]) -> bool:
     return changed
 
 
-def _holds_meta(d: dict) -> bool:
+def _meta_ids(d: dict) -> set[int]:
+    """The ids of the meta tensors among `d`'s values and one level into its containers: a model built on
+    the meta device holds them from the start, and a run that stores new ones changed the module."""
+    ids = set()
     for v in d.values():
-        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else (v,)
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in items):
-            return True
-    return False
+        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else (v,)
+        ids.update(id(t) for t in items if isinstance(t, torch.Tensor) and t.is_meta)
+    return ids
 
 
 def _meta(t: torch.Tensor) -> torch.Tensor:
