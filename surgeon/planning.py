@@ -253,7 +253,8 @@ def _fitting(att: registry.Attention, elsewhere: list[Site], model_name: str) ->
     of `att`'s kinds that `att` cannot act on (a transformer's token residuals for a spatial attention)."""
     if not elsewhere:
         return ""
-    kind, layout = max(((s.kind, s.layout) for s in elsewhere), key=[(s.kind, s.layout) for s in elsewhere].count)
+    pairs = [(s.kind, s.layout) for s in elsewhere]  # the most common known layout; unknown only when all are
+    kind, layout = max(pairs, key=lambda pair: (pair[1] != "unknown", pairs.count(pair)))
     count = sum((s.kind, s.layout) == (kind, layout) for s in elsewhere)
     fits = [a.name for a in registry.attentions().values() if layout in a.layouts and kind in a.kinds]
     return (f"in {model_name} (its {count} {kind} sites are {layout}: "

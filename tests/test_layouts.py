@@ -93,8 +93,10 @@ class _Leaves(fx.Tracer):
 def _dims_of(fn, *example):
     gm = fx.GraphModule(fn, _Leaves().trace(fn)) if isinstance(fn, nn.Module) else fx.symbolic_trace(fn)
     _Recorder(gm).run(*example)
-    channel, batch = layout.derive(list(gm.graph.nodes), dict(gm.named_modules()))
-    return {n.name: layout.layout(n.meta.get("shape"), channel[n], batch[n]) for n in gm.graph.nodes
+    nodes, modules = list(gm.graph.nodes), dict(gm.named_modules())
+    channel, batch = layout.derive(nodes, modules)
+    mixed = layout.mixed_positions(nodes, modules, channel, batch)
+    return {n.name: layout.layout(n.meta.get("shape"), channel[n], batch[n], n in mixed) for n in gm.graph.nodes
             if isinstance(n.meta.get("shape"), tuple) and all(isinstance(d, int) for d in n.meta["shape"])}
 
 
@@ -140,6 +142,89 @@ def test_batch_stays_leading_through_window_folds():
     assert (got["mul"], got["reshape_1"]) == ("nlc", "nhwc")
 
 
+class TvWindows(nn.Module):
+    """torchvision MaxViT's partition: (B, C, H, W) → (B, windows, positions, C), where `windows` runs over
+    both H and W: a list of positions, not a grid; its departition gives the grid back."""
+
+    def __init__(self, p: int = 2, grid_swap: bool = False):
+        super().__init__()
+        self.p, self.grid_swap = p, grid_swap
+        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.conv(x)
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p, c)
+        if self.grid_swap:
+            t = t.swapaxes(-2, -3)
+        t = t + self.fc(t)
+        if self.grid_swap:
+            t = t.swapaxes(-2, -3)
+        back = t.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+        return back.permute(0, 2, 3, 1) * 2
+
+
+@pytest.mark.parametrize("grid_swap", [False, True])
+def test_windows_merging_both_image_axes_are_positions_not_a_grid(grid_swap):
+    got = _dims_of(TvWindows(grid_swap=grid_swap), torch.randn(2, 3, 4, 6))
+    assert got["reshape_1"] == got["add"] == "nlc"  # (2, 6, 4, 8): windows × positions, channels last
+    assert (got["reshape_2"], got["reshape_3"], got["mul_1"]) == ("nhwc", "nchw", "nhwc")  # the grid is back
+
+
+def test_windows_of_another_size_after_a_departition_are_positions_too():
+    """Partition 6×6 into 2×2 windows, merge back, partition into 3×3 windows: the merged H is one axis again
+    (its parts 3 and 2 coalesce), so the second partition's windows are seen to mix H and W as well."""
+    def part(x, p):
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p, c)
+
+    def unpart(t, p, h, w):
+        b, _, _, c = t.shape
+        return t.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+
+    def fn(x):
+        y = torch.nn.functional.conv2d(x, torch.ones(4, 3, 1, 1))
+        return part(unpart(part(y, 2) * 2, 2, 6, 6), 3) * 3
+
+    got = _dims_of(fn, torch.randn(2, 3, 6, 6))
+    assert (got["mul_1"], got["reshape_3"], got["mul_3"]) == ("nlc", "nchw", "nlc")
+
+
+def test_a_window_grid_reversed_by_merging_parts_of_one_axis_stays_a_grid():
+    """(B, H/p, W/p, p, p, C) merged back to (B, H, W, C) after the window dims were split and moved: every
+    merged dim holds parts of one axis only."""
+    def fn(x):  # (2, 4, 6, 8) channels last, made so by the linear layer below
+        y = torch.nn.functional.linear(x, torch.eye(8))
+        w = y.view(2, 2, 2, 3, 2, 8).permute(0, 1, 3, 2, 4, 5)                 # (2, 2, 3, 2, 2, 8)
+        return w.reshape(2, 6, 4, 8), w.permute(0, 1, 3, 2, 4, 5).reshape(2, 4, 6, 8)
+
+    got = _dims_of(fn, torch.randn(2, 4, 6, 8))
+    assert (got["reshape"], got["reshape_1"]) == ("nlc", "nhwc")
+
+
+class MHAEncoder(nn.Module):
+    """torchvision's ViT encoder block in small: nn.MultiheadAttention returns (out, weights)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.attn = nn.MultiheadAttention(c, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, x):
+        y = self.norm1(x)
+        y, _ = self.attn(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.norm2(x))
+
+
+def test_an_attention_returning_a_tuple_keeps_its_query_layout():
+    model = MHAEncoder().eval()
+    assert list(_layouts(model, None, example_input=torch.randn(2, 5, 16)).values()) == ["nlc", "nlc"]
+    assert len(surgeon.edits(surgeon.add(model, "se", example_input=torch.randn(2, 5, 16)))) == 2
+
+
 def test_nothing_fixes_a_layout_it_is_unknown_not_assumed():
     got = _dims_of(lambda x: torch.sigmoid(x) * 2, torch.randn(2, 3, 4, 5))
     assert set(got.values()) == {"unknown"}
@@ -178,8 +263,8 @@ def test_nhwc_toy_spatial_and_mixed_attentions_stay_identity(attention):
     assert isinstance(inner, ChannelsLast)
 
 
-def _layouts(model, input_size, kind="residual"):
-    return {s.name: s.layout for s in surgeon.sites(model, kind=kind, input_size=input_size)}
+def _layouts(model, input_size, kind="residual", **kw):
+    return {s.name: s.layout for s in surgeon.sites(model, kind=kind, input_size=input_size, **kw)}
 
 
 def test_convnext_nhwc_inside_its_blocks():
@@ -215,6 +300,19 @@ def test_maxvit_channels_last_sites_are_nhwc_and_se_gates_channels():
         assert _scales_channels(se, e.shape, channel_dim)
         checked += 1
     assert checked == 5
+
+
+@pytest.mark.slow
+def test_torchvision_maxvit_window_tensors_get_channel_attention_only():
+    """Its 22 attention residuals hold (B, windows, positions, C): se acts there on channels, cbam's spatial
+    convolution (a grid op) does not; the 11 MBConv residuals are NCHW."""
+    model = torchvision.models.maxvit_t().eval()
+    lay = _layouts(model, (3, 224, 224))
+    assert sum(v == "nlc" for v in lay.values()) == 22 and "nhwc" not in lay.values()
+    se = surgeon.plan(model, "se", input_size=(3, 224, 224))
+    cbam = surgeon.plan(model, "cbam", input_size=(3, 224, 224))
+    assert sorted(e.site.layout for e in se.edits) == ["nchw"] * 11 + ["nlc"] * 22
+    assert [e.site.layout for e in cbam.edits] == ["nchw"] * 11
 
 
 def test_swin_torchvision_residuals_are_nhwc():

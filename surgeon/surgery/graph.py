@@ -236,8 +236,9 @@ class GraphView:
         return st[-1] if st else ""
 
     @cached_property
-    def _dims(self) -> tuple[dict, dict]:
-        return layout.derive(self.nodes, self.modules)
+    def _dims(self) -> tuple[dict, dict, set]:
+        channel, batch = layout.derive(self.nodes, self.modules)
+        return channel, batch, layout.mixed_positions(self.nodes, self.modules, channel, batch)
 
     def channel_dim(self, node: fx.Node) -> int | None:
         """The dim of the node's tensor that holds channels, derived from the ops that produce it (see
@@ -245,9 +246,9 @@ class GraphView:
         return self._dims[0].get(node)
 
     def layout(self, node: fx.Node) -> str:
-        """'nchw' (channels at dim 1), 'nhwc' (channels last behind positional dims), 'nlc' (tokens), 'lnc'
-        (time-first tokens) or 'unknown', derived from the ops that produce the node (`surgery.layout`)."""
-        return layout.layout(self.shape(node), self._dims[0].get(node), self._dims[1].get(node))
+        """'nchw' (channels at dim 1), 'nhwc' (channels last behind a grid of positional dims), 'nlc' (tokens, or
+        channels last behind positions that are not a grid), 'lnc' (time-first tokens) or 'unknown', derived from the ops that produce the node (`surgery.layout`)."""
+        return layout.layout(self.shape(node), self._dims[0].get(node), self._dims[1].get(node), node in self._dims[2])
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         return nx.ancestors(self.nx, node)

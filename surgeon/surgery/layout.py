@@ -10,12 +10,14 @@
    is taken from the first consumer that fixes it (a conv reading it: dim 1), then step 2 runs again.
 
 `layout(shape, channel, batch)` names the result: 'nchw' (channels at dim 1, any rank ≥ 3: NCL, NCHW,
-NCDHW), 'nhwc' (channels last behind two or more positional dims), 'nlc' (tokens or features, (B, N, C) or
-(B, C)), 'lnc' (time-first tokens), 'unknown' (no op fixes it, or the channels sit elsewhere).
+NCDHW), 'nhwc' (channels last behind two or more positional dims that form a grid), 'nlc' (tokens or features,
+(B, N, C) or (B, C), or channels last behind positional dims that merge image axes, such as windows × positions:
+see `mixed_positions`), 'lnc' (time-first tokens), 'unknown' (no op fixes it, or the channels sit elsewhere).
 """
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -32,6 +34,9 @@ _FIRST_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LocalResponseNo
 _LAST_LAYERS = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.RMSNorm)
 _PERMUTES = {torch.permute, torch.Tensor.permute}
 _TRANSPOSES = {torch.transpose, torch.swapaxes, torch.swapdims, torch.Tensor.transpose}
+_RESHAPES = {torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, torch.Tensor.view,
+             torch.Tensor.reshape, torch.Tensor.flatten, torch.Tensor.unflatten}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 
 
 def channel_setter(node: fx.Node, modules: dict[str, nn.Module]) -> int | None:
@@ -61,25 +66,32 @@ def _dims_arg(node: fx.Node) -> list | None:
     return rest if rest and all(isinstance(d, int) for d in rest) else None
 
 
-def _moved(node: fx.Node, d: int, s_in: tuple, s_out: tuple, *, batch: bool) -> int | None:
-    """Where dim `d` of `node`'s input (of shape `s_in`) lands in its output (of shape `s_out`). A leading
-    batch dim stays leading through reshapes, also when they fold windows or heads into it (Swin's
-    (B·windows, N, C)) and unfold them again."""
-    target = node.target
-    method = node.op == "call_method"
+def _order(node: fx.Node, rank: int) -> tuple[bool, list[int] | None]:
+    """Whether `node` is a permute or transpose, and then the input dim each output dim takes (None when its
+    dims are not constants)."""
+    target, method = node.target, node.op == "call_method"
     if (method and target == "permute") or (node.op == "call_function" and target in _PERMUTES):
         perm = _dims_arg(node)
-        if perm is None or len(perm) != len(s_in):
-            return None
-        perm = [p % len(s_in) for p in perm]
-        return perm.index(d) if d in perm else None
+        return True, [p % rank for p in perm] if perm is not None and len(perm) == rank else None
     if (method and target in ("transpose", "swapaxes", "swapdims")) or \
             (node.op == "call_function" and target in _TRANSPOSES):
         pair = _dims_arg(node)
         if pair is None or len(pair) != 2:
-            return None
-        a, b = (p % len(s_in) for p in pair)
-        return b if d == a else a if d == b else d
+            return True, None
+        a, b = (p % rank for p in pair)
+        order = list(range(rank))
+        order[a], order[b] = b, a
+        return True, order
+    return False, None
+
+
+def _moved(node: fx.Node, d: int, s_in: tuple, s_out: tuple, *, batch: bool) -> int | None:
+    """Where dim `d` of `node`'s input (of shape `s_in`) lands in its output (of shape `s_out`). A leading
+    batch dim stays leading through reshapes, also when they fold windows or heads into it (Swin's
+    (B·windows, N, C)) and unfold them again."""
+    moves, order = _order(node, len(s_in))
+    if moves:
+        return order.index(d) if order is not None and d in order else None
     if batch and d == 0:
         return 0
     # reshapes, flattens, reductions: the dim whose size and leading product survive
@@ -106,6 +118,16 @@ def _follow(node: fx.Node, dims: dict[fx.Node, int | None], *, batch: bool = Fal
     return None
 
 
+def _tuple_source(node: fx.Node, dims: dict) -> fx.Node | None:
+    """For `out[i]` of an op returning a tuple, the op's first input of the same shape with known dims
+    (nn.MultiheadAttention's output is its query's layout), else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and node.args
+            and isinstance(node.args[0], fx.Node) and _shape(node.args[0]) is None):
+        return None
+    s = _shape(node)
+    return next((a for a in node.args[0].all_input_nodes if _shape(a) == s and dims.get(a) is not None), None)
+
+
 def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[fx.Node, int]) -> tuple[dict, dict]:
     channel: dict[fx.Node, int | None] = {}
     batch: dict[fx.Node, int | None] = {}
@@ -120,7 +142,106 @@ def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[
         batch[n] = _follow(n, batch, batch=True)
         fixed = channel_setter(n, modules)
         channel[n] = fixed % len(s) if fixed is not None else _follow(n, channel)
+        same = _tuple_source(n, channel)
+        if same is not None:  # an element of an op's tuple output (an attention's (out, weights)): as its input
+            batch[n] = batch[n] if batch[n] is not None else batch.get(same)
+            channel[n] = channel[n] if channel[n] is not None else channel.get(same)
     return channel, batch
+
+
+Pieces = tuple  # one dim's image axes in row-major order: ((axis, size), ...)
+
+
+def _regroup(labels: list[Pieces], s_in: tuple, s_out: tuple) -> list[Pieces] | None:
+    """The axis pieces each output dim of a reshape from `s_in` to `s_out` holds. Dims are matched in groups
+    of equal product; within a group the pieces are dealt out in order by size, so a merged dim holds the
+    pieces of the dims it merges and splitting it again gives them back (a window of p×p positions,
+    flattened to p·p and unflattened). None when the sizes do not regroup (a reduction)."""
+    out: list[Pieces] = [()] * len(s_out)
+    i = j = 0
+    while i < len(s_in) and j < len(s_out):
+        group_in, group_out, p_in, p_out = [i], [j], s_in[i], s_out[j]
+        while p_in != p_out:
+            if p_in < p_out and i + 1 < len(s_in):
+                i += 1
+                group_in.append(i)
+                p_in *= s_in[i]
+            elif p_out < p_in and j + 1 < len(s_out):
+                j += 1
+                group_out.append(j)
+                p_out *= s_out[j]
+            else:
+                return None
+        pieces: list = []
+        for axis, size in (piece for k in group_in for piece in labels[k]):
+            if pieces and axis is not None and pieces[-1][0] == axis:  # adjacent parts of one axis: one piece
+                pieces[-1] = (axis, pieces[-1][1] * size)
+            else:
+                pieces.append((axis, size))
+        for k in group_out:
+            need, taken = s_out[k], []
+            while need > 1 and pieces:
+                axis, size = pieces.pop(0)
+                if need % size == 0:
+                    taken.append((axis, size))
+                    need //= size
+                elif size % need == 0:  # the dim takes part of this axis; the rest stays for the next dim
+                    taken.append((axis, need))
+                    pieces.insert(0, (axis, size // need))
+                    need = 1
+                else:
+                    return None
+            out[k] = tuple(taken)
+        i, j = i + 1, j + 1
+    return out
+
+
+def _carry(node: fx.Node, labels: list[Pieces], s_in: tuple, s_out: tuple) -> list[Pieces] | None:
+    moves, order = _order(node, len(s_in))
+    if moves:
+        return [labels[k] for k in order] if order is not None else None
+    target, method = node.target, node.op == "call_method"
+    if len(s_out) == len(s_in) and (s_in == s_out or math.prod(s_in) != math.prod(s_out)):
+        return list(labels)  # elementwise ops, concatenation, pooling, padding: the dims keep their meaning
+    if (method and target in _RESHAPE_METHODS) or (node.op == "call_function" and target in _RESHAPES):
+        return _regroup(labels, s_in, s_out)
+    if len(s_out) == len(s_in) and sorted(s_in) == sorted(s_out):  # an opaque op that moves dims (SwapAxes)
+        free = list(range(len(s_in)))
+        moved = []
+        for j, size in enumerate(s_out):
+            k = j if j in free and s_in[j] == size else next(k for k in free if s_in[k] == size)
+            free.remove(k)
+            moved.append(labels[k])
+        return moved
+    return None  # an opaque function (a window partition written as one) may move dims inside
+
+
+def mixed_positions(nodes: list[fx.Node], modules: dict[str, nn.Module], channel: dict, batch: dict) -> set[fx.Node]:
+    """The nodes with a positional dim (neither batch nor channels) that merges two image axes: a list of
+    positions, not a grid. torchvision's MaxViT folds (B, C, H, W) into (B, windows, positions, C), where
+    `windows` runs over both H and W; a swin window reversal merging H/p and p back into H stays a grid.
+
+    Each dim is labelled with the axis pieces it holds: a graph input's and a channels-first op's output dims
+    are new axes, reshapes split and merge them (`_regroup`); batch dims may absorb axes (windows). Where the
+    trail is lost (an op returning a tuple, a reduction) the pieces are unknown and mix with nothing."""
+    labels: dict[fx.Node, list[Pieces]] = {}
+    mixed = set()
+    for n in nodes:
+        s = _shape(n)
+        if s is None or not s:
+            continue
+        ins = sorted((a for a in n.all_input_nodes if a in labels), key=lambda a: _shape(a) != s)
+        source = n.op == "placeholder" or channel_setter(n, modules) == 1
+        carried = None if source or not ins else _carry(n, labels[ins[0]], _shape(ins[0]), s)
+        if carried is None:  # new axes where a grid starts; where the trail is lost (tuples, reductions), unknown
+            carried = [((f"{n.name}:{d}" if source else None, size),) if size > 1 else () for d, size in enumerate(s)]
+        labels[n] = carried
+        if channel_setter(n, modules) == -1 and s[-1] > 1:  # a linear layer's outputs: new channels, same positions
+            labels[n][-1] = ((None, s[-1]),)
+        positional = [d for d in range(len(s)) if d not in (channel.get(n), batch.get(n))]
+        if any(len({axis for axis, _ in labels[n][d]} - {None}) > 1 for d in positional):
+            mixed.add(n)
+    return mixed
 
 
 def derive(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, dict]:
@@ -138,15 +259,16 @@ def derive(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, d
     return channel, batch
 
 
-def layout(shape: tuple | None, channel: int | None, batch: int | None) -> str:
-    """The layout name for a tensor of `shape` with channels at dim `channel` and the batch at `batch`."""
+def layout(shape: tuple | None, channel: int | None, batch: int | None, mixed: bool = False) -> str:
+    """The layout name for a tensor of `shape` with channels at dim `channel` and the batch at `batch`;
+    `mixed`: its positional dims are a list of positions, not a grid (see `mixed_positions`)."""
     if shape is None or channel is None or batch is None:
         return "unknown"
     rank = len(shape)
     if batch == 0 and channel == 1 and rank >= 3:
         return "nchw"
     if batch == 0 and channel == rank - 1 and rank >= 2:
-        return "nhwc" if rank >= 4 else "nlc"
+        return "nhwc" if rank >= 4 and not mixed else "nlc"
     if batch == 1 and channel == 2 and rank == 3:
         return "lnc"
     return "unknown"
