@@ -589,3 +589,64 @@ def test_libraries_models_load_in_a_new_process_bit_exact(tmp_path, case):
                                inputs=str(tmp_path / "inputs.pt"), pick=pick, expected=str(tmp_path / "expected.pt"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == f"{type(model).__name__} equal", done.stderr[-2000:]
+
+
+# -- blocks passing sizes along (torchvision MViT: `x, thw = block(x, thw)`) --------------------------------
+class Pool(nn.Module):
+    """A strided conv over tokens (B, N, C) laid out on their grid (H, W); returns the pooled tokens and the
+    new grid size, read off the conv's output (MViT's attention pooling)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1, groups=c)
+
+    def forward(self, x, hw):
+        b, n, c = x.shape
+        grid = self.conv(x.transpose(1, 2).reshape((b, c) + hw))
+        return grid.flatten(2).transpose(1, 2), (grid.shape[2], grid.shape[3])
+
+
+class PoolingBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm, self.fc, self.pool = nn.LayerNorm(c), nn.Linear(c, c), Pool(c)
+
+    def forward(self, x, hw):
+        x = x + self.fc(self.norm(x))
+        return self.pool(x, hw)
+
+
+class SizesAlong(nn.Module):
+    """`x, hw = block(x, hw)`: blocks pass the grid size along as a tuple of ints (torchvision's MViT)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 4, stride=4)
+        self.blocks = nn.ModuleList([PoolingBlock(c), PoolingBlock(c)])
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        hw = (x.shape[2], x.shape[3])
+        x = x.flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x, hw = block(x, hw)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("attention, kind, edits", [("se", "residual", 2), ("cbam", "after_conv", 3)])
+def test_blocks_returning_tokens_and_sizes_are_patched_with_the_root(attention, kind, edits):
+    """se: the residuals hold (B, N, C) tokens unpacked from a tuple (channels last, not unknown); cbam: the
+    pools are rewritten alone (the model's graph computes the sizes they get, their own traces have them as
+    the constants of their recorded call), and the stem in the root, which keeps the edited pools whole and
+    unpacks their tuples."""
+    model = SizesAlong().eval()
+    plan = surgeon.plan(model, attention, input_size=(3, 32, 32))
+    patched = plan.apply()
+    layout = "nlc" if kind == "residual" else "nchw"
+    assert [(e.site.kind, e.site.layout) for e in plan.edits] == [(kind, layout)] * edits
+    assert plan.owners() == ({"blocks.0": "blocks.0", "blocks.1": "blocks.1"} if attention == "se" else
+                             {"stem": "", "blocks.0.pool.conv": "blocks.0.pool", "blocks.1.pool.conv": "blocks.1.pool"})
+    assert plan.verification.max_abs_diff == 0 and plan.verification.with_grad == plan.verification.new_params > 0
+    x = _x(2, 3, 32, 32)
+    assert torch.equal(patched(x), model(x))

@@ -118,14 +118,26 @@ def _follow(node: fx.Node, dims: dict[fx.Node, int | None], *, batch: bool = Fal
     return None
 
 
-def _tuple_source(node: fx.Node, dims: dict) -> fx.Node | None:
-    """For `out[i]` of an op returning a tuple, the op's first input of the same shape with known dims
-    (nn.MultiheadAttention's output is its query's layout), else None."""
+def _tuple_dim(node: fx.Node, dims: dict, tokens: int) -> int | None:
+    """For `out[i]` of an op returning a tuple, the tracked dim of `out[i]` taken from the op's first input
+    with a known one: `unbind` drops its dim; an output of the input's rank keeps the dims where they are
+    (split, chunk, nn.MultiheadAttention's output is its query's layout); (B, N', C') tokens from (B, N, C)
+    keep a token layout whose tracked dim is `tokens` (MViT's attention and skip pooling return (tokens, thw)).
+    None when it is not such an element or nothing is known."""
     if not (node.op == "call_function" and node.target is operator.getitem and node.args
             and isinstance(node.args[0], fx.Node) and _shape(node.args[0]) is None):
         return None
-    s = _shape(node)
-    return next((a for a in node.args[0].all_input_nodes if _shape(a) == s and dims.get(a) is not None), None)
+    op, s = node.args[0], _shape(node)
+    known = [a for a in op.all_input_nodes if dims.get(a) is not None and _shape(a) is not None]
+    if not known:
+        return None
+    first, d = known[0], dims[known[0]]
+    if op.target in ("unbind", torch.unbind) and len(_shape(first)) == len(s) + 1:
+        gone = (op.args[1] if len(op.args) > 1 else op.kwargs.get("dim", 0)) % (len(s) + 1)
+        return None if d == gone else d - (d > gone)
+    if len(_shape(first)) == len(s):
+        return d
+    return d if len(s) == 3 and len(_shape(first)) == 3 and _shape(first)[0] == s[0] and d == tokens else None
 
 
 def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[fx.Node, int]) -> tuple[dict, dict]:
@@ -142,10 +154,10 @@ def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[
         batch[n] = _follow(n, batch, batch=True)
         fixed = channel_setter(n, modules)
         channel[n] = fixed % len(s) if fixed is not None else _follow(n, channel)
-        same = _tuple_source(n, channel)
-        if same is not None:  # an element of an op's tuple output (an attention's (out, weights)): as its input
-            batch[n] = batch[n] if batch[n] is not None else batch.get(same)
-            channel[n] = channel[n] if channel[n] is not None else channel.get(same)
+        # an element of an op's tuple output (an attention's (out, weights)): as the op's input
+        for dims, tokens in ((batch, 0), (channel, 2)):
+            if dims[n] is None:
+                dims[n] = _tuple_dim(n, dims, tokens)
     return channel, batch
 
 

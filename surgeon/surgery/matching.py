@@ -3,6 +3,8 @@ of the whole model's graph: what scoped surgery (`surgery.scope`) needs to pick 
 """
 from __future__ import annotations
 
+import operator
+
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -184,6 +186,19 @@ def _input(n: fx.Node) -> bool:
     return n.op == "placeholder" or bool(n.meta.get("surgeon_call"))
 
 
+def _unpacks(node: fx.Node, calls: set[fx.Node]) -> bool:
+    """Whether `node` takes an element out of one of `calls`' tuple outputs."""
+    return node.op == "call_function" and node.target is operator.getitem and node.args[0] in calls
+
+
+def _same_scalar(node: fx.Node, value: object) -> bool:
+    """Whether `node` computed the int or bool `value` when shapes were recorded. An owner traced alone for its
+    recorded call has its arguments' sizes as constants (checked at every call), where the whole model's
+    graph computes them from tensor shapes (MViT passes (T, H, W) from block to block)."""
+    return type(value) in (int, bool) and node.meta.get("surgeon_scalar", None) == value \
+        and type(node.meta["surgeon_scalar"]) is type(value)
+
+
 def match(sc: Scopes, key: str | None, own: fx.GraphModule,
           inner: dict[str, str]) -> dict[fx.Node, fx.Node] | None:
     """Map the nodes of scope `key` in the big graph (and the inputs they read) to the nodes of `own`, the
@@ -205,7 +220,11 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
                 units.append(("call", hit))
         else:
             units.append(("node", n))
-    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output") and not _boundary(m)]
+    calls = {m for m in own.graph.nodes if m.op == "call_module" and m.target in inner.values()}
+    # an inner call returning a tuple is unpacked in `own` (`x, thw = block(x, thw)`): those getitems belong to
+    # the call, whose body the model's graph inlines
+    mine = [m for m in own.graph.nodes if m.op not in ("placeholder", "output") and not _boundary(m)
+            and not _unpacks(m, calls)]
     if len(units) != len(mine):
         log.debug("scope %r: %d nodes in the model's graph, %d traced alone", prefix, len(units), len(mine))
         return None
@@ -222,9 +241,9 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
                 return None
             seg = set(sc.nodes[item])
             outs = [n for n in sc.nodes[item] if any(u not in seg for u in n.users)]
-            if len(outs) > 1:
+            if len(outs) > 1 and not (m.users and all(_unpacks(u, calls) for u in m.users)):
                 return None
-            if outs:
+            if len(outs) == 1:
                 mapping[outs[0]] = m
             continue
         n = item
@@ -237,6 +256,8 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
         if len(a_args) != len(m_args):
             return None
         for a, b in zip(a_args, m_args):
+            if isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same_scalar(a, b):
+                continue  # a size the big graph computes, a constant of the call the owner was traced for
             if isinstance(a, fx.Node) != isinstance(b, fx.Node):
                 return None
             if isinstance(a, fx.Node) and a not in inside:

@@ -48,6 +48,8 @@ class _Recorder(fx.Interpreter):
         result = super().run_node(n)
         n.meta["shape"] = _shape_of(result)
         n.meta["dtype"] = _dtype_of(result)
+        if type(result) in (int, bool):  # a size or flag computed in the graph (see matching.match)
+            n.meta["surgeon_scalar"] = result
         return result
 
 
