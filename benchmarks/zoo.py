@@ -123,15 +123,34 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:300]
 
 
-def _count_params(ref: str) -> int | None:
-    """The model's parameter count from a build on the meta device (no memory, no initialisation), or None
-    when the library cannot build it there (then the real build counts)."""
-    import torch
+@contextlib.contextmanager
+def _empty_weights():
+    """Build models with their parameters on the meta device: each parameter moves there as it is registered,
+    so the constructor's own arithmetic (torchvision's RegNet widths, computed with tensors and `.tolist()`)
+    still runs on real tensors, while no weight is kept or initialised. Buffers stay real (small, and some
+    constructors read them)."""
+    from torch import nn
 
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param if param is None or param.is_meta else
+                 nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad))
+
+    nn.Module.register_parameter = on_meta
     try:
-        with torch.device("meta"):
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _count_params(ref: str) -> int | None:
+    """The model's parameter count from a build without weights (`_empty_weights`), or None when the library
+    cannot build it so (then the real build counts)."""
+    try:
+        with _empty_weights():
             return sum(p.numel() for p in _build(ref).parameters())
-    except Exception:  # noqa: BLE001 - e.g. a constructor reading a value (.item(), .tolist()) on meta
+    except Exception:  # noqa: BLE001 - e.g. a constructor reading a weight's value
         return None
 
 
@@ -197,7 +216,7 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
     n_params = _count_params(ref)
     big = n_params is not None and n_params > max_params
     try:
-        with torch.device("meta") if big else contextlib.nullcontext():
+        with _empty_weights() if big else contextlib.nullcontext():
             model = _build(ref)
     except Exception as exc:  # noqa: BLE001 - a model the library cannot build here is a row, not the end
         return [{**base, "attention": a, "status": "build_failed", "error": _one_line(f"{type(exc).__name__}: {exc}")}
