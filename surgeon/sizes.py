@@ -1,6 +1,6 @@
 """The input size a model says it takes, read from the model instead of guessed: a surgery record, timm's
-`pretrained_cfg['input_size']`, or torchvision's weights metadata (the transforms' crop size, the minimum
-image size, a video model's minimum clip length).
+`pretrained_cfg['input_size']`, a torchvision model's own `image_size`, or torchvision's weights metadata
+(the transforms' crop size, the minimum image size, a video model's minimum clip length).
 """
 from __future__ import annotations
 
@@ -25,7 +25,13 @@ def configured_size(model) -> tuple[int, ...] | None:
         cfg = getattr(model, attr, None)
         if isinstance(cfg, dict) and cfg.get("input_size"):
             return tuple(cfg["input_size"])
-    sizes = {_torchvision_size(name) for name in _torchvision_builders(model)}
+    builders = _torchvision_builders(model)
+    own = getattr(model, "image_size", None)
+    if builders and isinstance(own, int) and not isinstance(own, bool):
+        # the size the model was built for (torchvision's ViT: 224 unless built for weights at 518), which
+        # its weights' metadata would contradict when it was built without them
+        return (3, own, own)
+    sizes = {_torchvision_size(name) for name in builders}
     if len(sizes) == 1:  # every builder of the model's class agrees (or the model's builder is known)
         return sizes.pop()
     return None

@@ -144,7 +144,7 @@ def test_small_images_puts_the_settings_back_after_an_error():
     ("s3d", (3, 16, 224, 224)),         # at least 14 frames
     ("r3d_18", (3, 16, 112, 112)),      # VideoResNet: r3d, mc3, r2plus1d all 112
     ("inception_v3", (3, 299, 299)),
-    ("vit_h_14", (3, 518, 518)),        # its reference names the builder (ViTs of other sizes share the class)
+    ("vit_h_14", (3, 224, 224)),        # built without weights: its own image_size, not the SWAG weights' 518
 ])
 def test_torchvision_input_size_from_the_weights_metadata(name, size):
     with torch.device("meta"):
@@ -152,6 +152,14 @@ def test_torchvision_input_size_from_the_weights_metadata(name, size):
     surgeon.record.ensure(model)
     surgeon.record.set_base(model, {"ref": f"tv:{name}"})
     assert sizes.configured_size(model) == size
+
+
+def test_a_torchvision_model_built_for_another_size_says_so():
+    with torch.device("meta"):
+        model = torchvision.models.vit_b_16(image_size=384)
+    surgeon.record.ensure(model)
+    surgeon.record.set_base(model, {"ref": "tv:vit_b_16"})
+    assert sizes.configured_size(model) == (3, 384, 384)
 
 
 def test_torchvision_input_size_from_the_class_when_every_builder_agrees():

@@ -130,8 +130,9 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
     shapes = ", ".join(str(tuple(x.shape)) for x in tensors(inputs))
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     if any(x.is_meta for x in tensors(inputs)):
-        return ShapeError(f"{type(model).__name__} on the meta device: its forward needs tensor values, which meta "
-                          f"tensors do not have ({type(exc).__name__}: {first}). Build it on the CPU to patch it")
+        return ShapeError(f"{type(model).__name__} on the meta device does not run on the example input "
+                          f"{', '.join(str(tuple(x.shape)) for x in tensors(inputs))} ({type(exc).__name__}: {first}): "
+                          "pass the input it takes, or build it on the CPU if its forward needs tensor values")
     return ShapeError(
         f"The example input {shapes or '(no tensors)'} does not go through {type(model).__name__} "
         f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
