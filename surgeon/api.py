@@ -103,7 +103,7 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
     _check_options(att, options)
     prep = _prepare(model, example_input=example_input, input_size=input_size)
     chosen, note = _choose_kind(att, kind, prep, at)
-    edits, unfit = [], {}
+    edits, unfit, counted = [], {}, {}
     device, dtype = placement(prep.model)
     # new modules live where the model's weights do, in their dtype; on a meta model they are real (on the CPU), so
     # that loading the original weights into the patched model (`load_state_dict(..., assign=True)`) completes it
@@ -119,7 +119,12 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
             raise
         except (ValueError, TypeError) as exc:
             raise OptionError(f"{att.name}: {exc}") from exc
-        flops, checked = _edit_flops(site, module, att.name)
+        # modules built for sites of the same shapes are the same computation: count it once
+        same = (site.kind, site.action, site.layout, tuple(site.shape), tuple(site.out_shape or ()),
+                repr(site.info.get("arg_shapes")), repr(site.info.get("extra_shapes")), type(module))
+        if same not in counted:
+            counted[same] = _edit_flops(site, module, att.name)
+        flops, checked = counted[same]
         edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
                           params=sum(p.numel() for p in module.parameters()), flops=flops, shape_checked=checked))
     if unfit and not edits:

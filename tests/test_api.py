@@ -265,3 +265,14 @@ def test_identity_init_fast_sample(ref, attention):
 @pytest.mark.parametrize("ref", ZOO)
 def test_identity_init_zoo(ref, attention):
     check(ref, attention, 224)
+
+
+def test_each_edit_counts_the_flops_of_its_own_module():
+    """Counted once per distinct site shape: every edit's figure is its module's own count on its site."""
+    from surgeon.surgery.verify import count_flops
+
+    model = timm.create_model("resnet18").eval()
+    plan = surgeon.plan(model, "cbam", input_size=(3, 64, 64))
+    own = [count_flops(e.module.eval(), (torch.ones(1, *e.site.shape[1:]),)) for e in plan.edits]
+    assert [e.flops for e in plan.edits] == own
+    assert len(set(own)) == 4 and len(own) == 8  # two blocks per stage, four stages
