@@ -5,6 +5,7 @@ for an attention (its first kind, or the next kind the model has), and the `Edit
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from contextlib import nullcontext
@@ -82,8 +83,9 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
 
     Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own metadata
     (a surgery record, timm `pretrained_cfg['input_size']`, torchvision weights' crop size and clip
-    length: see `surgeon.sizes`); a guess from its first layer. Made inputs are on the model's device,
-    floating ones in its dtype (see `placement`).
+    length: see `surgeon.sizes`); a guess from its first layer; a forward with several required arguments
+    (two frames) gets one such tensor each. Made inputs are on the model's device, floating ones in its
+    dtype (see `placement`).
     """
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
@@ -92,8 +94,21 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
     if size:
         if any(not isinstance(d, int) or d <= 0 for d in size):
             raise OptionError(f"input size {size} must be positive integers, e.g. 3,224,224")
-        return _placed((torch.randn(EXAMPLE_BATCH, *size, generator=gen),), model)
-    return _placed(_guess_input(model, gen), model)
+        inputs = (torch.randn(EXAMPLE_BATCH, *size, generator=gen),)
+    else:
+        inputs = _guess_input(model, gen)
+    if len(inputs) == 1 and inputs[0].is_floating_point():  # a forward taking two frames (RAFT): one each
+        inputs = inputs + tuple(torch.randn(inputs[0].shape, generator=gen) for _ in range(_required(model) - 1))
+    return _placed(inputs, model)
+
+
+def _required(model: nn.Module) -> int:
+    """How many positional arguments without a default the model's forward takes."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 # -- the steps ---------------------------------------------------------------------------------------

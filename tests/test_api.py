@@ -276,3 +276,22 @@ def test_each_edit_counts_the_flops_of_its_own_module():
     own = [count_flops(e.module.eval(), (torch.ones(1, *e.site.shape[1:]),)) for e in plan.edits]
     assert [e.flops for e in plan.edits] == own
     assert len(set(own)) == 4 and len(own) == 8  # two blocks per stage, four stages
+
+
+def test_a_forward_taking_two_frames_gets_two_example_inputs():
+    class TwoFrames(nn.Module):  # RAFT's signature: forward(image1, image2, num_flow_updates=12)
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.body = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+        def forward(self, image1, image2, steps: int = 2):
+            x = self.conv(image1) - self.conv(image2)
+            return x + self.body(x)
+
+    model = TwoFrames().eval()
+    plan = surgeon.plan(model, "se", input_size=(3, 16, 16))
+    assert [tuple(x.shape) for x in plan.example_inputs] == [(2, 3, 16, 16)] * 2
+    assert not torch.equal(*plan.example_inputs)
+    plan.apply()
+    assert plan.verification.max_abs_diff == 0 and len(plan.edits) == 1
