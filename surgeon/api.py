@@ -110,7 +110,7 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
     device = torch.device("cpu") if device.type == "meta" else device
     for site in chosen:
         try:
-            module = att.build(site, init=init, **options).to(device, dtype)
+            module = att.build(site, init=init, **options).to(device, dtype).train(prep.model.training)
         except SiteShapeError as exc:  # the options do not fit this site's shape: skipped, unless none fits
             unfit[site.name] = exc
             log.info("site %s: skipped, %s", site.name, exc)

@@ -543,6 +543,7 @@ def test_a_detector_saves_and_loads_on_its_base(tmp_path):
 _NEW_PROCESS = """
 import sys, torch, warnings
 warnings.simplefilter("ignore")
+torch.set_num_threads({threads})  # as the test process: another thread count sums in another order
 import surgeon
 {imports}
 model = surgeon.load({out!r}, base={base})
@@ -585,7 +586,7 @@ def test_libraries_models_load_in_a_new_process_bit_exact(tmp_path, case):
     assert isinstance(patched, type(model)) and surgeon.edits(patched)  # (smp's gates rewrite the root)
     save_trained_looking(patched, xs, tmp_path, (lambda out: out[0]["boxes"]) if case == "detector" else
                          (lambda out: out))
-    code = _NEW_PROCESS.format(imports=imports, out=str(tmp_path / "out"), base=base,
+    code = _NEW_PROCESS.format(imports=imports, out=str(tmp_path / "out"), base=base, threads=torch.get_num_threads(),
                                inputs=str(tmp_path / "inputs.pt"), pick=pick, expected=str(tmp_path / "expected.pt"))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == f"{type(model).__name__} equal", done.stderr[-2000:]

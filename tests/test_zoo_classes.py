@@ -183,3 +183,16 @@ def test_hiera_traces_with_its_mask_left_out():
     found = surgeon.sites(model, example_input=torch.randn(2, 3, 64, 64))
     assert not found.untraced
     assert [s.name for s in found if s.kind == "residual"][:2] == ["blocks.0", "blocks.0#1"]
+
+
+def test_a_residual_named_after_its_block_but_computed_inside_an_edited_child():
+    """timm RepGhost: the residual site 'blocks.0.0' sits inside 'blocks.0.0.ghost2', which has an edit of its
+    own and is kept whole in its block's trace: the edit goes into ghost2 (it was a KeyError crash)."""
+    model = timm.create_model("repghostnet_050").eval()
+    plan = surgeon.plan(model, "se", input_size=(3, 32, 32), at=["blocks.0.0*"])
+    patched = plan.apply()
+    assert plan.owners() == {"blocks.0.0.ghost1": "blocks.0.0.ghost1", "blocks.0.0.ghost2": "blocks.0.0.ghost2",
+                             "blocks.0.0": "blocks.0.0.ghost2"}
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(patched(x), model(x))

@@ -121,8 +121,15 @@ def candidates(sc: Scopes, site: Site, nodes: dict[str, fx.Node]) -> list[str | 
         for key, _ in reversed(sc.stacks[nodes[name]]):
             if key not in seen:
                 seen.append(key)
-    # the module the site is named after (a stage's `layer1`) comes first when it can hold the edit
+    # the module the site is named after (a stage's `layer1`) comes first when it can hold the edit, unless the
+    # site and the use it rewires both sit deeper inside it (a residual named after its block, computed and
+    # used inside a child that may be edited and kept whole: RepGhost's ghost2)
     named = [k for k in seen if k is not ROOT and sc.paths[k] == site.owner]
+    if named and site.user is not None:
+        node_keys = {k for k, _ in sc.stacks[nodes[site.node]]}
+        common = next((k for k, _ in reversed(sc.stacks[nodes[site.user]]) if k in node_keys), ROOT)
+        if common is not ROOT and common != named[0] and sc.paths[common].startswith(sc.paths[named[0]] + "."):
+            named = []
     return named + [k for k in seen if k not in named] + [ROOT]
 
 
