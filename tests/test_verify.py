@@ -136,3 +136,23 @@ def test_verify_model_raises_what_failed():
     with pytest.raises(VerificationError, match="Identity init changed the output"):
         surgeon.verify_model(original, patched, inputs, ["attn"])
     assert surgeon.verify_model(*_pair()[:2], inputs, ["attn"]).ok
+
+
+def test_verification_leaves_no_state_the_originals_forward_stores():
+    """RAFT's correlation block keeps its pyramid on itself after each forward: the checks run the original
+    with autograd on, and must not leave it holding those tensors (deep copies of it then failed)."""
+    class Stores(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.cache = [torch.tensor(0)]
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            self.cache = [y * 2]
+            return y.relu() + y
+
+    model = Stores().eval()
+    before = model.cache
+    surgeon.add(model, "se", input_size=(3, 8, 8), kind="after_conv")
+    assert model.cache is before and copy.deepcopy(model).cache[0].item() == 0

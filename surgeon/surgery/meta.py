@@ -36,7 +36,7 @@ def _modules(roots: Iterable[nn.Module]) -> list[nn.Module]:
     return list(seen.values())
 
 
-def _snapshot(m: nn.Module) -> dict[str, Any]:
+def snapshot(m: nn.Module) -> dict[str, Any]:
     """What a forward could change on `m`: its attributes, the entries of its stores, its hooks, and the
     sizes of container attributes (a cache filled in place)."""
     d = m.__dict__
@@ -45,7 +45,7 @@ def _snapshot(m: nn.Module) -> dict[str, Any]:
             "meta": _meta_ids(d)}
 
 
-def _undo(m: nn.Module, before: dict[str, Any]) -> bool:
+def undo(m: nn.Module, before: dict[str, Any]) -> bool:
     """Restore what the run changed on `m`; whether anything had changed."""
     d = m.__dict__
     changed = d.keys() != before["attrs"].keys() or any(d[k] is not v for k, v in before["attrs"].items())
@@ -113,7 +113,7 @@ def run(roots: Iterable[nn.Module], fn: Callable[..., Any], *args: Any) -> Any:
         NeedsValues: the run needed real values, or stored state on a module (undone).
     """
     modules = _modules(roots)
-    before = [_snapshot(m) for m in modules]
+    before = [snapshot(m) for m in modules]
     swapped = []
     try:
         for m in modules:
@@ -131,7 +131,7 @@ def run(roots: Iterable[nn.Module], fn: Callable[..., Any], *args: Any) -> Any:
     finally:
         for store, k, t in swapped:
             store[k] = t
-        changed = [type(m).__name__ for m, b in zip(modules, before) if _undo(m, b)]
+        changed = [type(m).__name__ for m, b in zip(modules, before) if undo(m, b)]
     if failure is not None:
         raise NeedsValues(f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}") \
             from failure

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from surgeon.surgery import meta
+
 
 @dataclass
 class Verification:
@@ -103,7 +105,6 @@ def count_flops(model: nn.Module, inputs: tuple) -> int:
 def _flops(model: nn.Module, inputs: tuple) -> int:
     """`count_flops` on meta tensors (about half the time of a real run), on real ones when the model's
     forward needs values."""
-    from surgeon.surgery import meta
 
     try:
         return meta.run([model], lambda *xs: count_flops(model, xs), *inputs)
@@ -234,6 +235,9 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     modes = (original.training, patched.training)
     original.eval(), patched.eval()
     saved = {p: p.grad for p in patched.parameters()}
+    # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
+    # must not leave the user's model holding this run's tensors (and their autograd graph)
+    stored = [(m, meta.snapshot(m)) for m in original.modules()]
     try:
         expected = original(*_copy_inputs(inputs))
         structure = _grad_structure(expected)
@@ -271,6 +275,8 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     finally:
         for p, g in saved.items():
             p.grad = g
+        for m, before in stored:
+            meta.undo(m, before)
         original.train(modes[0]), patched.train(modes[1])
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
