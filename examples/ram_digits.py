@@ -147,6 +147,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--glimpses", args.glimpses, 2), ("--glimpse-size", args.glimpse_size, 1),
+                               ("--scales", args.scales, 1), ("--epochs", args.epochs, 1)):
+        if value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     test = cluttered("test", size=SIZE, limit=args.limit)

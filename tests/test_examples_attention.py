@@ -52,6 +52,15 @@ def test_ram_example_tiny():
     assert learned == random < whole  # 2 glimpses of 3×16×16 cost less than resnet10t on the 40×40 canvas
 
 
+@pytest.mark.parametrize("flag, value", [("--glimpses", "1"), ("--scales", "0"), ("--glimpse-size", "0")])
+def test_ram_example_rejects_bad_settings(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _example("ram_digits").main([flag, value])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"error: {flag} must be at least {int(value) + 1}, got {value}")
+
+
 def test_ram_loss_credits_each_location_with_the_next_glimpses_gain():
     """d loss / d log π(l_t) = −(log p_{t+1}(y) − log p_t(y)) / N: the location chosen after glimpse t is
     rewarded by what glimpse t+1 (taken there) adds to the right class's log-probability."""
