@@ -1,22 +1,33 @@
 """The recurrent attention model on cluttered digits: a recurrent network looks at a few small glimpses
-(multi-resolution patches at locations it picks), never the whole canvas, and is trained with REINFORCE
-for where to look and backpropagation for what it sees.
+(multi-resolution patches at locations it picks), never the whole canvas at full resolution, and is trained
+with REINFORCE for where to look and backpropagation for what it sees.
 
-1. Data: 40×40 cluttered digits (examples/cluttered_digits.py).
+1. Data: 40×40 cluttered digits (examples/cluttered_digits.py), new canvases of the training digits every epoch.
 2. RAM: glimpse sensor (`scales` patches of side `glimpse`·2^i around l, resampled to `glimpse`², stacked as
    channels) → glimpse network (the base model you name, e.g. a timm resnet, on the patch stack; plus an
-   embedding of l) → GRU core → location policy N(tanh(W·h), σ²) and a reward baseline; after T glimpses a
-   classifier. Loss: cross-entropy + REINFORCE (reward 1 when the class is right, minus the baseline) + the
-   baseline's squared error.
-3. For comparison the same base model on the whole canvas, trained for the same epochs.
-4. Accuracy and FLOPs per image (`surgeon.surgery.verify.count_flops`) of both.
+   embedding of l) → GRU core → location policy N(tanh(W·h), σ²); a classifier reads the core's state.
+   Loss: cross-entropy after every glimpse + REINFORCE for the locations (`ram_loss`).
+3. For comparison the same base model on the whole canvas, trained on the same canvases.
+4. Accuracy and FLOPs per image (`surgeon.surgery.verify.count_flops`); also the same RAM with random glimpse
+   locations, which measures what the learned policy adds.
 
 Paper: Mnih et al., Recurrent Models of Visual Attention, NeurIPS 2014 (arXiv:1406.6247).
-NOTE: the paper's glimpse network is two linear layers and its core a plain RNN or LSTM; here the glimpse
-network is the base model `surgeon.models.load` builds and the core a GRU cell. Evaluation uses the policy's
-mean locations (no sampling).
+NOTE: where this differs from the paper, and why (measured on this task: 6 glimpses, 30 epochs):
+- The glimpse network is the base model `surgeon.models.load` builds, the core a GRU cell (paper: two linear
+  layers, a plain RNN or LSTM). Its BatchNorm uses batch statistics in training (each glimpse step its own
+  batch) and running statistics, pooled over the steps, in evaluation: kept in eval mode from init instead,
+  the network is never normalised and barely learns (16-px glimpses, 2 scales: 29.5% vs 59.6%).
+- Glimpses of 16 px, not 8: timm's resnets shrink 8×8 to 1×1 after the stem (8 px at 3 scales: 20.3%, 16 px at
+  2 scales: 59.6%).
+- Rewards per glimpse: the reward of the location chosen after glimpse t is the gain in log p(right class) from
+  glimpse t to t+1, and log p after glimpse t is its baseline; the paper's reward, 1 at the end when the class
+  is right, with a learned baseline, made the policy worse than random locations here (59.6%; trained and
+  tested at random locations: 62.4%; per-glimpse rewards: 65.5%). The classifier is trained after every
+  glimpse (paper: after the last).
+- Training canvases change every epoch: on 1,438 fixed canvases RAM memorises them (train 60%, test 41%).
+Evaluation uses the policy's mean locations (no sampling).
 
-Run: .venv/bin/python examples/ram_digits.py [--base resnet10t] [--epochs 10] [--glimpses 6]
+Run: .venv/bin/python examples/ram_digits.py [--base resnet10t] [--epochs 60] [--glimpses 3] [--threads 1]
 """
 from __future__ import annotations
 
@@ -54,7 +65,7 @@ def glimpse(x: torch.Tensor, loc: torch.Tensor, size: int, scales: int) -> torch
 
 
 class RAM(nn.Module):
-    def __init__(self, encoder: nn.Module, *, features: int, hidden: int = 128, glimpse_size: int = 8,
+    def __init__(self, encoder: nn.Module, *, features: int, hidden: int = 128, glimpse_size: int = 16,
                  scales: int = 3, glimpses: int = 6, std: float = 0.15, classes: int = 10):
         super().__init__()
         self.encoder, self.size, self.scales, self.steps, self.std = encoder, glimpse_size, scales, glimpses, std
@@ -62,48 +73,57 @@ class RAM(nn.Module):
         self.merge = nn.Linear(2 * features, hidden)
         self.core = nn.GRUCell(hidden, hidden)
         self.locate = nn.Linear(hidden, 2)
-        self.baseline = nn.Linear(hidden, 1)
         self.classify = nn.Linear(hidden, classes)
 
-    def train(self, mode: bool = True):
-        """BatchNorm in the glimpse network stays in eval mode: each glimpse step is its own batch, so batch
-        statistics would normalise every step separately, which running statistics cannot reproduce."""
-        super().train(mode)
-        for m in self.encoder.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-        return self
-
-    def forward(self, x: torch.Tensor, *, sample: bool = False):
-        """Class logits; with `sample`, also the log-probabilities of the sampled locations and the
-        baselines, (N, T) each."""
+    def forward(self, x: torch.Tensor, *, sample: bool = False, random: torch.Generator | None = None):
+        """Class logits after the last glimpse. With `sample` (training): the logits after every glimpse
+        (N, T, classes) and the log-probabilities of the sampled locations (N, T-1). With `random`: every
+        glimpse after the first at a uniform random location (the policy unused)."""
         n = x.shape[0]
         h = x.new_zeros(n, self.core.hidden_size)
         loc = x.new_zeros(n, 2)
-        logps, bases = [], []
-        for _ in range(self.steps):
+        hs, logps = [], []
+        for t in range(self.steps):
             what = self.encoder(glimpse(x, loc, self.size, self.scales))
             g = F.relu(self.merge(torch.cat([what, F.relu(self.where(loc))], 1)))
             h = self.core(g, h)
+            hs.append(h)
+            if t == self.steps - 1:
+                break
             mean = torch.tanh(self.locate(h.detach()))
-            if sample:
+            if random is not None:
+                loc = torch.rand(n, 2, generator=random) * 2 - 1
+            elif sample:
                 loc = (mean + self.std * torch.randn_like(mean)).clamp(-1, 1).detach()
                 logps.append(torch.distributions.Normal(mean, self.std).log_prob(loc).sum(1))
-                bases.append(self.baseline(h.detach()).squeeze(1))
             else:
                 loc = mean
-        logits = self.classify(h)
-        return (logits, torch.stack(logps, 1), torch.stack(bases, 1)) if sample else logits
+        if sample:
+            return self.classify(torch.stack(hs, 1)), torch.stack(logps, 1)
+        return self.classify(h)
 
 
+def ram_loss(ram: RAM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy after every glimpse, plus REINFORCE for the locations: the reward of the location chosen
+    after glimpse t is what the glimpse there adds to log p(right class), log p after glimpse t+1 minus log p
+    after glimpse t (the latter, which the location cannot change, is the baseline)."""
+    logits, logp = ram(x, sample=True)
+    right = F.log_softmax(logits, 2).gather(2, y[:, None, None].expand(-1, logits.shape[1], 1)).squeeze(2)
+    gain = (right[:, 1:] - right[:, :-1]).detach()
+    return -right.mean() - (logp * gain).sum(1).mean()
 
-def _train(model, train, loss_fn, epochs, seed, lr=2e-3):
+
+def _train(model, loss_fn, epochs, seed, *, copies, limit, same, lr=2e-3):
+    """AdamW, one-cycle schedule, batches of 64; every epoch on new canvases unless `same`."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = max(epochs * -(-len(train["labels"]) // 64), 1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    sched = None
     g = torch.Generator().manual_seed(seed)
     model.train()
     for epoch in range(epochs):
+        train = cluttered("train", size=SIZE, copies=copies, limit=limit, seed=0 if same else epoch)
+        if sched is None:
+            steps = epochs * -(-len(train["labels"]) // 64)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
         for idx in batches(len(train["labels"]), 64, generator=g):
             loss = loss_fn(train["images"][idx], train["labels"][idx])
             opt.zero_grad()
@@ -117,48 +137,55 @@ def _train(model, train, loss_fn, epochs, seed, lr=2e-3):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default="resnet10t", help="the glimpse network: a model reference (default resnet10t)")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--glimpses", type=int, default=6)
-    ap.add_argument("--copies", type=int, default=1, help="training canvases per digit")
+    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--glimpses", type=int, default=3)
+    ap.add_argument("--glimpse-size", type=int, default=16, help="a glimpse's side in pixels (each scale doubles it)")
+    ap.add_argument("--scales", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=1, help="training canvases per digit and epoch")
+    ap.add_argument("--same-canvases", action="store_true",
+                    help="train on the same canvases every epoch (default: new canvases every epoch)")
     ap.add_argument("--limit", type=int, help="digits per split (quick runs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
+    for flag, value, least in (("--glimpses", args.glimpses, 2), ("--glimpse-size", args.glimpse_size, 1),
+                               ("--scales", args.scales, 1), ("--epochs", args.epochs, 1)):
+        if value < least:
+            ap.error(f"{flag} must be at least {least}, got {value}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    train = cluttered("train", size=SIZE, copies=args.copies, limit=args.limit)
     test = cluttered("test", size=SIZE, limit=args.limit)
     extra = BASE_ARGS.get(args.base, {})
+    data = {"copies": args.copies, "limit": args.limit, "same": args.same_canvases}
 
     # 2. RAM
     torch.manual_seed(args.seed)
     features = 64
-    ram = RAM(models.load(args.base, model_args={"in_chans": 3, "num_classes": features, **extra}),
-              features=features, glimpses=args.glimpses)
-
-    def ram_loss(x, y):
-        logits, logp, base = ram(x, sample=True)
-        reward = (logits.argmax(1) == y).float()[:, None]
-        reinforce = -(logp * (reward - base).detach()).sum(1).mean()
-        return F.cross_entropy(logits, y) + reinforce + F.mse_loss(base, reward.expand_as(base))
-
-    _train(ram, train, ram_loss, args.epochs, args.seed)
+    ram = RAM(models.load(args.base, model_args={"in_chans": args.scales, "num_classes": features, **extra}),
+              features=features, glimpse_size=args.glimpse_size, scales=args.scales, glimpses=args.glimpses)
+    _train(ram, lambda x, y: ram_loss(ram, x, y), args.epochs, args.seed, **data)
 
     # 3. the base model on the whole canvas
     torch.manual_seed(args.seed)
     full = models.load(args.base, model_args={"in_chans": 1, "num_classes": 10, **extra})
-    _train(full, train, lambda x, y: F.cross_entropy(full(x), y), args.epochs, args.seed)
+    _train(full, lambda x, y: F.cross_entropy(full(x), y), args.epochs, args.seed, **data)
 
     # 4. numbers
     x1 = test["images"][:1]
-    rows = {f"RAM, {args.glimpses} glimpses of 3×8×8 ({args.base})": (accuracy(ram, test), count_flops(ram, (x1,))),
-            f"{args.base} on the whole 40×40 canvas": (accuracy(full, test), count_flops(full, (x1,)))}
-    result = {"base": args.base, "glimpses": args.glimpses, "epochs": args.epochs, "test_images": len(test["labels"]),
+    side = f"{args.scales}×{args.glimpse_size}×{args.glimpse_size}"
+    rnd = torch.Generator().manual_seed(1)
+    f_ram = count_flops(ram, (x1,))
+    rows = {f"RAM, {args.glimpses} glimpses of {side} ({args.base}), learned locations": (accuracy(ram, test), f_ram),
+            "the same RAM, random locations": (accuracy(lambda x: ram(x, random=rnd), test), f_ram),
+            f"{args.base} on the whole {SIZE}×{SIZE} canvas": (accuracy(full, test), count_flops(full, (x1,)))}
+    result = {"base": args.base, "glimpses": args.glimpses, "glimpse_size": args.glimpse_size, "scales": args.scales,
+              "epochs": args.epochs, "test_images": len(test["labels"]),
               "rows": {name: {"accuracy": acc, "mflops": fl / 1e6} for name, (acc, fl) in rows.items()},
               "seconds": round(time.perf_counter() - t0)}
+    canvases = "the same canvases every epoch" if args.same_canvases else "new canvases every epoch"
     title = (f"Recurrent attention model on {SIZE}×{SIZE} cluttered digits ({len(test['labels'])} test canvases), "
-             f"{args.epochs} epochs")
+             f"{args.epochs} epochs on {canvases}")
     print_results(result, title, as_json=args.json)
     return result
 

@@ -47,7 +47,52 @@ def test_dcn_example_tiny():
 
 def test_ram_example_tiny():
     result = _example("ram_digits").main(["--epochs", "1", "--limit", "20", "--glimpses", "2", "--json"])
-    _check_rows(result, 2)
+    _check_rows(result, 3)
+    learned, random, whole = (r["mflops"] for r in result["rows"].values())
+    assert learned == random < whole  # 2 glimpses of 3×16×16 cost less than resnet10t on the 40×40 canvas
+
+
+@pytest.mark.parametrize("flag, value", [("--glimpses", "1"), ("--scales", "0"), ("--glimpse-size", "0")])
+def test_ram_example_rejects_bad_settings(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _example("ram_digits").main([flag, value])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"error: {flag} must be at least {int(value) + 1}, got {value}")
+
+
+def test_ram_loss_credits_each_location_with_the_next_glimpses_gain():
+    """d loss / d log π(l_t) = −(log p_{t+1}(y) − log p_t(y)) / N: the location chosen after glimpse t is
+    rewarded by what glimpse t+1 (taken there) adds to the right class's log-probability."""
+    ram_digits = _example("ram_digits")
+    y = torch.tensor([3, 5])
+    logits = torch.zeros(2, 3, 10)  # 2 canvases, 3 glimpses
+    logits[0, 1, 3] = 2.0  # canvas 0: the 2nd glimpse raises log p(3), the 3rd loses it again
+    logits[1, 2, 5] = -2.0  # canvas 1: the 2nd glimpse changes nothing, the 3rd lowers log p(5)
+    logp = torch.zeros(2, 2, requires_grad=True)
+    loss = ram_digits.ram_loss(lambda x, *, sample: (logits, logp), None, y)
+    loss.backward()
+    right = torch.log_softmax(logits, 2)[torch.arange(2), :, y]  # (2, 3)
+    assert torch.allclose(loss, -right.mean())  # at logp = 0 only the cross-entropy after every glimpse is left
+    assert torch.allclose(logp.grad, -(right[:, 1:] - right[:, :-1]) / 2)
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1] and logp.grad[1, 0] == 0 < logp.grad[1, 1]
+
+
+def test_ram_random_locations_ignore_the_policy():
+    ram_digits = _example("ram_digits")
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 16))
+    ram = ram_digits.RAM(encoder, features=16, hidden=32, glimpse_size=8, scales=2, glimpses=3).eval()
+    x = torch.rand(4, 1, 40, 40)
+    with torch.no_grad():
+        a, b = (ram(x, random=torch.Generator().manual_seed(1)) for _ in range(2))
+        other = ram(x, random=torch.Generator().manual_seed(2))
+        policy = ram(x)
+        torch.nn.init.normal_(ram.locate.weight)  # another policy: random locations stay where they were
+        again = ram(x, random=torch.Generator().manual_seed(1))
+        moved = ram(x)
+    assert torch.equal(a, b) and torch.equal(a, again) and not torch.allclose(a, other)
+    assert not torch.allclose(policy, moved)
 
 
 @pytest.mark.slow
