@@ -158,7 +158,8 @@ class TvWindows(nn.Module):
         t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, (h // p) * (w // p), p * p, c)
         if self.grid_swap:
             t = t.swapaxes(-2, -3)
-        t = t + self.fc(t)
+        first, second, third = self.fc(t).split(3, -1)  # 8 channels in 3 parts
+        t = t + torch.cat([first, second, third], -1)
         if self.grid_swap:
             t = t.swapaxes(-2, -3)
         back = t.reshape(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
@@ -168,7 +169,9 @@ class TvWindows(nn.Module):
 @pytest.mark.parametrize("grid_swap", [False, True])
 def test_windows_merging_both_image_axes_are_positions_not_a_grid(grid_swap):
     got = _dims_of(TvWindows(grid_swap=grid_swap), torch.randn(2, 3, 4, 6))
-    assert got["reshape_1"] == got["add"] == "nlc"  # (2, 6, 4, 8): windows × positions, channels last
+    # (2, 6, 4, 8): windows × positions, channels last; the branch whose trail is lost (an op returning a tuple,
+    # as an attention does) takes the positions of what it is added to
+    assert got["reshape_1"] == got["cat"] == got["add"] == "nlc"
     assert (got["reshape_2"], got["reshape_3"], got["mul_1"]) == ("nhwc", "nchw", "nhwc")  # the grid is back
 
 
@@ -304,14 +307,14 @@ def test_maxvit_channels_last_sites_are_nhwc_and_se_gates_channels():
 
 @pytest.mark.slow
 def test_torchvision_maxvit_window_tensors_get_channel_attention_only():
-    """Its 22 attention residuals hold (B, windows, positions, C): se acts there on channels, cbam's spatial
+    """Its 44 attention residuals hold (B, windows, positions, C): se acts there on channels, cbam's spatial
     convolution (a grid op) does not; the 11 MBConv residuals are NCHW."""
     model = torchvision.models.maxvit_t().eval()
     lay = _layouts(model, (3, 224, 224))
-    assert sum(v == "nlc" for v in lay.values()) == 22 and "nhwc" not in lay.values()
+    assert sum(v == "nlc" for v in lay.values()) == 44 and "nhwc" not in lay.values()
     se = surgeon.plan(model, "se", input_size=(3, 224, 224))
     cbam = surgeon.plan(model, "cbam", input_size=(3, 224, 224))
-    assert sorted(e.site.layout for e in se.edits) == ["nchw"] * 11 + ["nlc"] * 22
+    assert sorted(e.site.layout for e in se.edits) == ["nchw"] * 11 + ["nlc"] * 44
     assert [e.site.layout for e in cbam.edits] == ["nchw"] * 11
 
 

@@ -250,10 +250,23 @@ def mixed_positions(nodes: list[fx.Node], modules: dict[str, nn.Module], channel
         labels[n] = carried
         if channel_setter(n, modules) == -1 and s[-1] > 1:  # a linear layer's outputs: new channels, same positions
             labels[n][-1] = ((None, s[-1]),)
-        positional = [d for d in range(len(s)) if d not in (channel.get(n), batch.get(n))]
-        if any(len({axis for axis, _ in labels[n][d]} - {None}) > 1 for d in positional):
+    # a tensor whose trail was lost, added to one with known axes (an attention branch and its residual), holds
+    # the same positions: it takes their axes
+    for n in nodes:
+        same = [a for a in n.all_input_nodes if a in labels and _shape(a) == _shape(n)]
+        known = next((a for a in same if _known(labels[a])), None)
+        for a in same if known is not None and n.op == "call_function" else ():
+            if not _known(labels[a]):
+                labels[a] = labels[known]
+    for n, lab in labels.items():
+        positional = [d for d in range(len(lab)) if d not in (channel.get(n), batch.get(n))]
+        if any(len({axis for axis, _ in lab[d]} - {None}) > 1 for d in positional):
             mixed.add(n)
     return mixed
+
+
+def _known(labels: list[Pieces]) -> bool:
+    return any(axis is not None for pieces in labels for axis, _ in pieces)
 
 
 def derive(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, dict]:
