@@ -127,7 +127,7 @@ def bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     finally:
         for h in handles:
             h.remove()
-    traced = trace(copy_, calls=shapes.record_calls(copy_, inputs))
+    traced = trace(copy_, calls=shapes.record_calls(copy_, inputs).calls)
     pairs = []
     for prefix, gm in traced.graphs.items():
         def full(target, prefix=prefix):

@@ -135,8 +135,10 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     # a detector that resizes every image to 800 pixels runs on small ones, unless the user gave the input
     small = sizes.resizes_large(model) and example_input is None if small_images is None else small_images
     with sizes.small_images(copy, spare) if small else nullcontext():
-        traced = trace(copy, leaf_paths=leaf_paths, calls=shapes.record_calls(copy, inputs))
+        recorded = shapes.record_calls(copy, inputs)
+        traced = trace(copy, leaf_paths=leaf_paths, calls=recorded.calls)
         traced.extra_leaves = set(leaf_paths)
+        traced.packed = recorded
         if not isinstance(traced.module, torch.fx.GraphModule):
             # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
             # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)

@@ -196,3 +196,123 @@ def test_a_residual_named_after_its_block_but_computed_inside_an_edited_child():
     assert plan.verification.max_abs_diff == 0
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(patched(x), model(x))
+
+
+class _ListBlock(nn.Module):
+    """A block passing `[x, skip]` lists from block to block, as timm SelecSLS's do."""
+
+    def __init__(self, c: int, first: bool, stride: int = 1):
+        super().__init__()
+        self.first = first
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, stride, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.mix = nn.Conv2d(c if first else 2 * c, c, 1)
+
+    def forward(self, x):
+        if not isinstance(x, list):
+            x = [x]
+        y = self.conv(x[0])
+        if self.first:
+            out = self.mix(y)
+            return [out, out]
+        return [self.mix(torch.cat([y, x[1]], 1)), x[1]]
+
+
+class _ListSequential(nn.Sequential):
+    def forward(self, x):
+        for block in self:
+            x = block(x)
+        return x
+
+
+class ListNet(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.features = _ListSequential(_ListBlock(c, True), _ListBlock(c, False), _ListBlock(c, True, 2),
+                                        _ListBlock(c, False))
+        self.head = nn.Sequential(nn.Conv2d(c, c, 3, 2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.head(self.features([self.stem(x)])[0])
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("attention", ["se", "cbam"])
+def test_stage_sites_of_blocks_passing_lists(attention):
+    """timm SelecSLS: blocks take and return `[x, skip]`. The stage end of `features` is one tensor of the last
+    block's list: keeping that block whole gave the attention the list, and `features` traced alone gets a
+    proxy where its caller passes a list (both crashed). Now the edit goes where the tensor is."""
+    model = perturb_bn(ListNet()).eval()
+    plan = surgeon.plan(model, attention, kind="stage", input_size=(3, 16, 16))
+    assert [e.site.name for e in plan.edits] == ["features.1", "features"]
+    patched = plan.apply()
+    assert plan.owners() == {"features.1": "", "features": ""}  # every block is given a list
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), model(x))
+    assert isinstance(patched.features, _ListSequential)
+
+
+class ConstantScale(nn.Module):
+    """A forward that makes a tensor (timm Swin V2 CR clamps its logit scale to `torch.tensor(100).log()`):
+    tracing stores it on the traced module as `_tensor_constant0`."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x) * torch.tensor(0.01).log().neg()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_owner_whose_forward_makes_a_tensor_keeps_it():
+    model = perturb_bn(ConstantScale()).eval()
+    plan = surgeon.plan(model, "se", kind="residual", input_size=(3, 16, 16))
+    patched = plan.apply()  # was AttributeError: no attribute '_tensor_constant0'
+    assert plan.owners() == {"add": ""}
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), model(x))
+    assert not hasattr(model, "_tensor_constant0")  # the user's model is left as it was
+
+
+class _SkipBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x, skip=None):
+        x = self.block(x)
+        if skip is not None and skip.shape[1] != 0:  # smp Linknet: a decision on a size, traced with values
+            x = x + skip
+        return x
+
+
+class SizeDecisions(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.ModuleList([_SkipBlock(c), _SkipBlock(c)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x, x)
+        return x.mean((2, 3))
+
+
+def test_values_computed_while_tracing_leave_no_grad_mode_nodes():
+    """Values are computed under no_grad; that block was recorded into the graph being traced (smp Linknet:
+    150 grad-mode nodes in `decoder.blocks.0`, so no owner matched its trace and the add was refused)."""
+    model = perturb_bn(SizeDecisions()).eval()
+    plan = surgeon.plan(model, "se", kind="residual", input_size=(3, 16, 16))
+    patched = plan.apply()
+    assert plan.owners() == {"blocks.0": "blocks.0", "blocks.1": "blocks.1"}
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), model(x))

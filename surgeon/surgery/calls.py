@@ -75,10 +75,32 @@ class Call:
                 and {k: key(v) for k, v in self.kwargs.items()} == {k: key(v) for k, v in other.kwargs.items()})
 
 
-def record(model: nn.Module, run) -> dict[str, Call]:
-    """{module path: its call} for every module `run(model)` calls with arguments a trace can follow (tensors
-    and constants), and with the same constants every time it is called."""
+@dataclass
+class Recorded:
+    """What one forward showed of how each module is called."""
+
+    calls: dict[str, Call]  # {path: its call} where a trace can follow it (see `record`)
+    returns_packed: set[str]  # paths of modules returning something other than one tensor (a list of features)
+    takes_packed: set[str]  # paths of modules given tensors inside a list, tuple or dict
+
+
+def _packs_tensors(value: Any) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(isinstance(v, torch.Tensor) or _packs_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return _packs_tensors(list(value.values()))
+    return False
+
+
+def record(model: nn.Module, run) -> Recorded:
+    """How `run(model)` calls each module: the call of every module called with arguments a trace can follow
+    (tensors and constants), and with the same constants every time; and which modules take or return
+    tensors packed in containers. A module traced alone gets a proxy where its caller passes a list (timm
+    SelecSLS's `[x, skip]`), so it cannot stand in for its real calls; a graph keeping a call whole that
+    returns a list cannot take one tensor of it as a site's value."""
     calls: dict[str, Call | None] = {}
+    returns: set[str] = set()
+    takes: set[str] = set()
     handles = []
     for path, m in model.named_modules(remove_duplicate=False):
         def pre_hook(_m, args, kwargs, path=path):
@@ -87,13 +109,20 @@ def record(model: nn.Module, run) -> dict[str, Call]:
                 calls[path] = call
             elif calls[path] is not None and (call is None or not calls[path].same(call)):
                 calls[path] = None  # called in different ways: traced for its signature, as plain fx does
+            if any(_packs_tensors(a) for a in (*args, *kwargs.values())):
+                takes.add(path)
+
+        def hook(_m, _args, out, path=path):
+            if not isinstance(out, torch.Tensor):
+                returns.add(path)
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+        handles.append(m.register_forward_hook(hook))
     try:
         run(model)
     finally:
         for h in handles:
             h.remove()
-    return {p: c for p, c in calls.items() if c is not None}
+    return Recorded({p: c for p, c in calls.items() if c is not None}, returns, takes)
 
 
 # -- the checks a specialised forward makes at every call ---------------------------------------------

@@ -41,10 +41,13 @@ class Scopes:
     paths: dict[str, str] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     stacks: dict[fx.Node, list[tuple[str, str]]] = field(default_factory=dict)
+    returns_packed: set[str] = field(default_factory=set)  # modules returning more than one tensor
+    takes_packed: set[str] = field(default_factory=set)  # modules given tensors in lists (see calls.record)
 
     @classmethod
-    def of(cls, gm: fx.GraphModule, root: nn.Module) -> Scopes:
-        sc = cls(gm, root)
+    def of(cls, gm: fx.GraphModule, root: nn.Module, returns_packed: set[str] = frozenset(),
+           takes_packed: set[str] = frozenset()) -> Scopes:
+        sc = cls(gm, root, returns_packed=set(returns_packed), takes_packed=set(takes_packed))
         for n in gm.graph.nodes:
             st = _stack(n)
             sc.stacks[n] = st
@@ -68,7 +71,8 @@ class Scopes:
         """{scope key: path relative to `key`} of the outermost module calls inside `key` that the edits at
         `sites` do not reach into: they stay calls of their modules when `key` is rewritten (a rewritten
         `layer1` still calls `layer1[0]`, whose hooks, checkpointing and site names stay its own). A call
-        may hold a site's value when that value is its one output (the stage end a block returns)."""
+        may hold a site's value when that value is its one output (the stage end a block returns), and the
+        module returns that tensor itself, not a list holding it (timm SelecSLS's blocks)."""
         outer = self.path(key)
         values = {nodes[s.node] for s in sites}
         touched = {nodes[n] for s in sites for n in (s.user, *s.args) if n is not None}
@@ -87,7 +91,7 @@ class Scopes:
                 continue
             outs = [n for n in self.nodes[k] if any(u not in seg for u in n.users)]
             hit = seg & values
-            if seg & touched or (hit and (len(outs) != 1 or hit != set(outs))):
+            if seg & touched or (hit and (len(outs) != 1 or hit != set(outs) or path in self.returns_packed)):
                 continue
             kept[k] = path[len(outer) + 1:] if outer else path
             covered |= seg
@@ -145,6 +149,8 @@ def fits(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Node]) -> 
     path = sc.paths[key]
     if sc.calls[path] > 1:
         return f"{path!r} is called {sc.calls[path]} times"
+    if path in sc.takes_packed:  # traced alone it would get a proxy where its caller passes a list
+        return f"{path!r} is given tensors in a list or tuple"
     inside = sc.members(key)
 
     def available(n: fx.Node) -> bool:  # computed inside, or one of the scope's inputs

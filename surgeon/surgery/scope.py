@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from surgeon.errors import InternalError, TraceError
+from surgeon.surgery import calls
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
 from surgeon.surgery.owned import (LeafReplacement, forward_source, patched_class, shallow_copy,
                                     structural_copy)
@@ -275,9 +276,10 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
     prune(own, dead)
     own.graph.lint()
     new = shallow_copy(module)
-    # every module or attribute the graph reads that the user's module does not have goes on the copy
+    # every module or attribute the graph reads that the user's module does not have goes on the copy (tracing
+    # stores the tensors a forward makes, `torch.tensor(100.).log()`, on the traced twin as `_tensor_constant0`)
     for n in own.graph.nodes:
-        if n.op not in ("call_module", "get_attr") or _resolves(twin, n.target):
+        if n.op not in ("call_module", "get_attr") or (_resolves(twin, n.target) and _resolves(module, n.target)):
             continue
         obj = _get(own, n.target)
         name = n.target if "." not in n.target and n.target in added else _unique_name(
@@ -406,7 +408,9 @@ def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
 def _choose_all(model, traced, by_graph, tracing, leaf_paths, owners, scopes) -> None:
     for g, group in by_graph.items():
         user_module = model.get_submodule(g) if g else model
-        sc = scopes[g] = Scopes.of(traced.graphs[g], user_module)
+        packed = traced.packed or calls.Recorded({}, set(), set())
+        sc = scopes[g] = Scopes.of(traced.graphs[g], user_module, _below(packed.returns_packed, g),
+                                   _below(packed.takes_packed, g))
         local_leaves = set(_local_leaves(leaf_paths, g)) if g else set(leaf_paths)
         local_leaves.discard("")
         for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
@@ -426,6 +430,11 @@ def _arity(module: nn.Module) -> int:
     from surgeon.surgery.rewrite import arg_indices
 
     return len(arg_indices(module, 2))
+
+
+def _below(paths: set[str], outer: str) -> set[str]:
+    """`paths` inside `outer`, relative to it."""
+    return {p[len(outer) + 1:] if outer else p for p in paths if _inside(p, outer)}
 
 
 def _inside(path: str, outer: str) -> bool:

@@ -139,9 +139,8 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
         f"command line, example_input= in Python")
 
 
-def record_calls(model: torch.nn.Module, inputs: tuple) -> dict[str, calls.Call]:
-    """How `model` calls each of its modules on `inputs` (see `calls.record`): one forward in eval mode, no
-    grad, fake tensors for big models as in `propagate`.
+def record_calls(model: torch.nn.Module, inputs: tuple) -> calls.Recorded:
+    """How `model` calls each of its modules on `inputs` (see `calls.record`): one forward in eval mode, no grad, fake tensors for big models as in `propagate`.
 
     Raises:
         ShapeError: when the example input does not go through the model.

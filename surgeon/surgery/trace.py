@@ -50,6 +50,7 @@ class Traced:
     leaves: dict[str, str] = field(default_factory=dict)  # module path -> why it is not traced
     extra_leaves: set[str] = field(default_factory=set)  # paths asked to stay leaves (inserted modules)
     calls: dict[str, calls_.Call] = field(default_factory=dict)  # how each module was called (see calls.py)
+    packed: calls_.Recorded | None = None  # which modules take or return tensors in containers (calls.record)
 
 
 def _timm_notrace() -> tuple[set[type], set]:
@@ -165,6 +166,8 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
             enter, exit_ = cm.__enter__, cm.__exit__
 
             def recording_enter(cm_self):
+                if getattr(tracer, "_computing", False):  # a value computed on the side (values.py): not code
+                    return enter(cm_self)
                 cm_self._surgeon_prev = tracer.create_proxy("call_function", torch.is_grad_enabled, (), {})
                 tracer.create_proxy("call_function", torch._C._set_grad_enabled, (mode,), {})
                 return enter(cm_self)
