@@ -91,6 +91,7 @@ _LOADER = """
 import json, sys, torch, surgeon
 from safetensors.torch import load_file
 results = {}
+torch.set_num_threads(int(sys.argv[2]))  # the parent's: the sums of a conv run in another order elsewhere
 for case in json.loads(sys.argv[1]):
     try:
         data = load_file(case["io"])
@@ -125,7 +126,8 @@ def round_trip(request, tmp_path_factory):
                      "trust": case_id == "lstm-rnn"})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            "SURGEON_LOAD_PLUGINS": ""}
-    proc = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(jobs)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(jobs), str(torch.get_num_threads())],
+                          capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     outcome.update(json.loads(proc.stdout.strip().splitlines()[-1]))
