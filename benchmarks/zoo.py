@@ -11,10 +11,11 @@ to a CSV as they finish, so an interrupted sweep resumes where it stopped.
 
 Statuses: ok (patched, identity verified), refused (a one-line SurgeonError: no site fits, an option the
 model cannot take), identity_break (VerificationError), crash (any other exception: a bug), timeout, oom
-(the memory limit), meta (over --max-params: built and patched on the meta device, the patched model's output
-shapes checked against the original's, identity not computed; the row says so), too_big (over --max-params
-and the library cannot build it on the meta device), build_failed (the library could not build the model
-without downloads).
+(the memory limit, at the model's own size and again at half of it), reduced (verified at half the model's
+own image size, after the verification at its own size ran out of memory; the row names both), meta (over
+--max-params: built and patched on the meta device, the patched model's output shapes checked against the
+original's, identity not computed; the row says so), too_big (over --max-params and the library cannot
+build it on the meta device), build_failed (the library could not build the model without downloads).
 """
 from __future__ import annotations
 
@@ -85,7 +86,9 @@ def model_refs(sources: list[str]) -> list[str]:
 
 
 # -- one model, in its own process ---------------------------------------------------------------------
-def _build(ref: str):
+def _build(ref: str, image_size: tuple[int, int] | None = None):
+    """The model; with `image_size`, a timm model built for that image size where it takes one (ViTs size
+    their position embeddings by it), else as it comes (convolutional networks take any size)."""
     from surgeon import models
 
     source, name = ref.split(":", 1)
@@ -93,7 +96,17 @@ def _build(ref: str):
         import segmentation_models_pytorch as smp
 
         return getattr(smp, name)(encoder_name="resnet18", encoder_weights=None, classes=2).eval()
+    if image_size and source == "timm":
+        try:
+            return models.load(name, model_args={"img_size": image_size})
+        except Exception:  # noqa: BLE001 - a model without an img_size argument
+            pass
     return models.load(ref if source != "timm" else name)
+
+
+def _halved(size: tuple[int, ...]) -> tuple[int, ...]:
+    """An input size with its image sides halved (channels and a video's frames kept)."""
+    return (*size[:-2], *(max(1, d // 2) for d in size[-2:]))
 
 
 def _perturb_bn(model) -> None:
@@ -199,10 +212,12 @@ def _patch(model, attention: str, size: tuple[int, ...] | None, row: dict) -> No
                train_diff="" if v.train_max_abs_diff is None else f"{v.train_max_abs_diff:.3g}")
 
 
-def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max_params: float) -> list[dict]:
+def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max_params: float,
+              reduced: bool = False) -> list[dict]:
     """Patch one model with each attention; one row per attention (run inside the child process). A model over
     `max_params` is built and patched on the meta device: shapes, sites and the rewrite are checked, identity
-    cannot be (status meta)."""
+    cannot be (status meta). With `reduced`, the model is patched and verified at half its own image size
+    (status reduced): for models whose verification at their own size ran out of memory."""
     import warnings
 
     import torch
@@ -216,8 +231,17 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
     n_params = _count_params(ref)
     big = n_params is not None and n_params > max_params
     try:
+        own = small = None
+        if reduced:
+            from surgeon import sizes
+
+            own = tuple(int(d) for d in input_size.split(",")) if input_size else sizes.configured_size(_build(ref))
+            if not own or len(own) < 3:
+                return []  # no image size to halve: the out-of-memory rows stand
+            small = _halved(own)
+            base["input_size"] = ",".join(map(str, small))
         with _empty_weights() if big else contextlib.nullcontext():
-            model = _build(ref)
+            model = _build(ref, small[-2:] if small else None)
     except Exception as exc:  # noqa: BLE001 - a model the library cannot build here is a row, not the end
         return [{**base, "attention": a, "status": "build_failed", "error": _one_line(f"{type(exc).__name__}: {exc}")}
                 for a in attentions]
@@ -229,7 +253,7 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
                 for a in attentions]
     if not big:
         _perturb_bn(model)
-    size = tuple(int(d) for d in input_size.split(",")) if input_size else None
+    size = small or (tuple(int(d) for d in input_size.split(",")) if input_size else None)
     rows = []
     for attention in attentions:
         row = {**base, "attention": attention}
@@ -239,6 +263,10 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
             if big:
                 row["error"] = _one_line(f"{n_params / 1e6:.0f}M parameters > --max-params {max_params / 1e6:.0f}M: "
                                          "patched on the meta device, output shapes checked, identity not computed")
+            elif reduced and row["status"] == "ok":
+                row.update(status="reduced", error=_one_line(
+                    f"verified at {'×'.join(map(str, small))}: at its own {'×'.join(map(str, own))} the "
+                    f"verification ran out of memory; {row['error']}".rstrip("; ")))
         except VerificationError as exc:
             row.update(status="identity_break", error=_one_line(exc))
         except SurgeonError as exc:
@@ -253,25 +281,25 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
 
 
 def _child(conn, ref: str, attentions: tuple[str, ...], input_size: str | None, memory_gb: float,
-           max_params: float) -> None:
+           max_params: float, reduced: bool) -> None:
     # the limit counts the address space the parent already mapped (the libraries), plus the budget
     with open("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * resource.getpagesize()
     limit = mapped + int(memory_gb * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     try:
-        conn.send(run_model(ref, attentions, input_size, max_params))
+        conn.send(run_model(ref, attentions, input_size, max_params, reduced))
     except MemoryError:
         conn.send(None)
     conn.close()
 
 
 def run_isolated(ref: str, attentions: tuple[str, ...], input_size: str | None, *, timeout: float,
-                 memory_gb: float, max_params: float) -> list[dict]:
+                 memory_gb: float, max_params: float, reduced: bool = False) -> list[dict]:
     """`run_model` in a forked process (the parent imported the libraries once), killed after `timeout`."""
     ctx = mp.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, ref, attentions, input_size, memory_gb, max_params))
+    proc = ctx.Process(target=_child, args=(send, ref, attentions, input_size, memory_gb, max_params, reduced))
     start = time.perf_counter()
     proc.start()
     send.close()
@@ -338,12 +366,24 @@ def sweep(jobs: list[tuple[str, str | None]], path: Path, *, attentions: tuple[s
             writer.writeheader()
         for i, (ref, size, missing) in enumerate(todo, 1):
             rows = run_isolated(ref, missing, size, timeout=timeout, memory_gb=memory_gb, max_params=max_params)
+            rows = _retry_reduced(rows, ref, size, timeout=timeout, memory_gb=memory_gb, max_params=max_params)
             for row in rows:
                 writer.writerow({c: row.get(c, "") for c in COLUMNS})
             f.flush()
             if progress:
                 line = " ".join(f"{r['attention']}={r['status']}" for r in rows)
                 print(f"[{i}/{len(todo)}] {ref} {line}", file=sys.stderr, flush=True)
+
+
+def _retry_reduced(rows: list[dict], ref: str, size: str | None, **limits) -> list[dict]:
+    """The out-of-memory rows run again at half the model's image size; a row that passes there replaces its
+    oom row (status reduced, naming both sizes), one that fails again keeps the oom row."""
+    oom = tuple(r["attention"] for r in rows if r["status"] == "oom")
+    if not oom:
+        return rows
+    retried = {r["attention"]: r for r in run_isolated(ref, oom, size, reduced=True, **limits)
+               if r["status"] not in FAILING}
+    return [retried.get(r["attention"], r) if r["status"] == "oom" else r for r in rows]
 
 
 # -- the summary ---------------------------------------------------------------------------------------
@@ -376,7 +416,8 @@ def summary(rows: list[dict]):
     for r in rows:
         if r["status"] != "ok":
             classes[(r["status"], failure_class(r["error"]))].append(r)
-    failures = Table(title="failure classes (status, error with names and numbers blanked)", title_justify="left")
+    failures = Table(title="rows not plainly ok, by class (status, message with names and numbers blanked)",
+                     title_justify="left")
     for col in ("status", "rows", "class", "examples"):
         failures.add_column(col, justify="right" if col == "rows" else "left")
     for (status, cls), members in sorted(classes.items(), key=lambda kv: (kv[0][0] != "crash", -len(kv[1]))):
@@ -384,6 +425,20 @@ def summary(rows: list[dict]):
         failures.add_row(status, str(len(members)), escape(cls),  # errors hold [brackets]: not rich markup
                          ", ".join(examples[:3]) + (" …" if len(examples) > 3 else ""))
     return counts, failures
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """The summary's two tables as Markdown (for the README)."""
+    lines = []
+    for table in summary(rows):
+        cols = [c.header for c in table.columns]
+        cells = [list(c.cells) for c in table.columns]
+        lines += [f"{table.title}:", "", "| " + " | ".join(cols) + " |",
+                  "|" + "|".join("---:" if c.justify == "right" else "---" for c in table.columns) + "|"]
+        lines += ["| " + " | ".join(str(col[i]).replace("\\[", "[").replace("|", "\\|") for col in cells) + " |"
+                  for i in range(len(cells[0]) if cells else 0)]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def print_summary(rows: list[dict]) -> None:
@@ -407,9 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-params", type=float, default=400e6,
                     help="models with more parameters are recorded as too_big, not built twice (default 4e8)")
     ap.add_argument("--summary", type=Path, metavar="CSV", help="only print the summary of a CSV")
+    ap.add_argument("--markdown", action="store_true", help="with --summary: the tables as Markdown")
     args = ap.parse_args(argv)
     if args.summary:
-        print_summary(read_rows(args.summary))
+        rows = read_rows(args.summary)
+        if args.markdown:
+            print(markdown_summary(rows))
+        else:
+            print_summary(rows)
         return 0
     attentions = tuple(a for a in args.attentions.split(",") if a)
     path = args.csv or Path("zoo-ci.csv" if args.ci else "zoo.csv")

@@ -84,6 +84,36 @@ def test_a_resumed_sweep_runs_only_what_its_csv_lacks(tmp_path, monkeypatch):
                                    ("timm", "b", "cbam")}
 
 
+def test_out_of_memory_rows_are_retried_at_half_the_image_size(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(ref, attentions, size, *, reduced=False, **kw):
+        calls.append((attentions, reduced))
+        if not reduced:
+            return [{"source": "timm", "model": "m", "attention": a, "status": "oom" if a != "eca" else "ok",
+                     "error": "own size"} for a in attentions]
+        return [{"source": "timm", "model": "m", "attention": a, "status": "reduced" if a == "se" else "oom",
+                 "error": "half size"} for a in attentions]
+
+    monkeypatch.setattr(zoo, "run_isolated", fake)
+    path = tmp_path / "zoo.csv"
+    zoo.sweep([("timm:m", None)], path, attentions=("se", "eca", "cbam"), timeout=1, memory_gb=1, max_params=1,
+              progress=False)
+    assert calls == [(("se", "eca", "cbam"), False), (("se", "cbam"), True)]  # only the oom rows again
+    assert [(r["attention"], r["status"], r["error"]) for r in zoo.read_rows(path)] == \
+        [("se", "reduced", "half size"), ("eca", "ok", "own size"), ("cbam", "oom", "own size")]
+    # (cbam ran out of memory at half the size too: the row of its own size stands)
+
+
+def test_a_reduced_row_is_a_model_built_and_verified_at_half_its_size():
+    row = zoo.run_model("timm:vit_tiny_patch16_224", ("se",), None, 4e8, reduced=True)[0]
+    assert row["status"] == "reduced" and row["input_size"] == "3,112,112", row
+    assert row["error"].startswith("verified at 3×112×112: at its own 3×224×224 the verification ran out of memory")
+    assert row["edits"] == 24 and float(row["max_abs_diff"]) <= 1e-5
+    vit = zoo._build("timm:vit_tiny_patch16_224", (112, 112))  # its position embedding is built for 7×7 patches
+    assert vit.pos_embed.shape[1] == 1 + 7 * 7
+
+
 def test_failure_classes_blank_names_and_numbers():
     a = zoo.failure_class("ShapeError: cbam needs (N, C, H, W); site 'layer1.0' has shape (2, 64, 4, 16, 16)")
     b = zoo.failure_class("ShapeError: cbam needs (N, C, H, W); site 'blocks.3' has shape (1, 8, 2, 7, 7)")
@@ -102,6 +132,10 @@ def test_summary_counts_per_source_and_status():
     assert list(failures.columns[1].cells) == ["2", "1"]
     assert list(failures.columns[3].cells) == ["timm:o, tv:n", "timm:p"]
     assert list(failures.columns[2].cells)[1] == "\\[enforce fail at a.cpp:N]"  # shown as text, not rich markup
+    md = zoo.markdown_summary(rows).splitlines()
+    assert md[2:8] == ["| source | ok | crash | oom | total |", "|---|---:|---:|---:|---:|", "| timm | 0 | 1 | 1 | 2 |",
+                       "| tv | 1 | 1 | 0 | 2 |", "| all | 1 | 2 | 1 | 4 |", ""]
+    assert "| oom | 1 | [enforce fail at a.cpp:N] | timm:p |" in md
 
 
 @pytest.mark.parametrize("ref,size", zoo.CI_SAMPLE)
