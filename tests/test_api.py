@@ -295,3 +295,27 @@ def test_a_forward_taking_two_frames_gets_two_example_inputs():
     assert not torch.equal(*plan.example_inputs)
     plan.apply()
     assert plan.verification.max_abs_diff == 0 and len(plan.edits) == 1
+
+
+def test_surgery_pauses_garbage_collection_and_restores_it(monkeypatch):
+    import gc
+
+    from surgeon.surgery import scope
+
+    seen = []
+    real = scope.rewrite
+    monkeypatch.setattr(scope, "rewrite", lambda *a, **k: (seen.append(gc.isenabled()), real(*a, **k))[1])
+    model = torchvision.models.resnet18().eval()
+    plan = surgeon.plan(model, "se", input_size=(3, 32, 32))
+    assert gc.isenabled()
+    plan.apply(verify=False)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(UnknownNameError):
+        surgeon.plan(model, "sse", input_size=(3, 32, 32))
+    assert gc.isenabled()  # back on after an error too
+    gc.disable()
+    try:
+        surgeon.plan(model, "se", input_size=(3, 32, 32))
+        assert not gc.isenabled()  # a caller's own choice is left alone
+    finally:
+        gc.enable()
