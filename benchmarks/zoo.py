@@ -86,9 +86,10 @@ def model_refs(sources: list[str]) -> list[str]:
 
 
 # -- one model, in its own process ---------------------------------------------------------------------
-def _build(ref: str, image_size: tuple[int, int] | None = None):
+def _build(ref: str, image_size: tuple[int, int] | None = None, device: str | None = None):
     """The model; with `image_size`, a timm model built for that image size where it takes one (ViTs size
-    their position embeddings by it), else as it comes (convolutional networks take any size)."""
+    their position embeddings by it), else as it comes (convolutional networks take any size); with `device`,
+    a timm model built there by its own constructor."""
     from surgeon import models
 
     source, name = ref.split(":", 1)
@@ -96,12 +97,27 @@ def _build(ref: str, image_size: tuple[int, int] | None = None):
         import segmentation_models_pytorch as smp
 
         return getattr(smp, name)(encoder_name="resnet18", encoder_weights=None, classes=2).eval()
-    if image_size and source == "timm":
+    if source != "timm":
+        return models.load(ref)
+    extra = {"device": device} if device else {}
+    if image_size:
         try:
-            return models.load(name, model_args={"img_size": image_size})
+            return models.load(name, model_args={"img_size": image_size, **extra})
         except Exception:  # noqa: BLE001 - a model without an img_size argument
             pass
-    return models.load(ref if source != "timm" else name)
+    return models.load(name, model_args=extra) if extra else models.load(name)
+
+
+def _meta_build(ref: str):
+    """The model without weights: parameters moved to meta as they are registered (`_empty_weights`), or, for
+    a timm constructor that computes buffers from its parameters' device (Swin V2 CR), built on meta whole."""
+    try:
+        with _empty_weights():
+            return _build(ref)
+    except Exception:  # noqa: BLE001 - the whole-meta build below is the last resort
+        if not ref.startswith("timm:"):
+            raise
+        return _build(ref, device="meta")
 
 
 def _halved(size: tuple[int, ...]) -> tuple[int, ...]:
@@ -161,8 +177,7 @@ def _count_params(ref: str) -> int | None:
     """The model's parameter count from a build without weights (`_empty_weights`), or None when the library
     cannot build it so (then the real build counts)."""
     try:
-        with _empty_weights():
-            return sum(p.numel() for p in _build(ref).parameters())
+        return sum(p.numel() for p in _meta_build(ref).parameters())
     except Exception:  # noqa: BLE001 - e.g. a constructor reading a weight's value
         return None
 
@@ -240,8 +255,7 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
                 return []  # no image size to halve: the out-of-memory rows stand
             small = _halved(own)
             base["input_size"] = ",".join(map(str, small))
-        with _empty_weights() if big else contextlib.nullcontext():
-            model = _build(ref, small[-2:] if small else None)
+        model = _meta_build(ref) if big else _build(ref, small[-2:] if small else None)
     except Exception as exc:  # noqa: BLE001 - a model the library cannot build here is a row, not the end
         return [{**base, "attention": a, "status": "build_failed", "error": _one_line(f"{type(exc).__name__}: {exc}")}
                 for a in attentions]

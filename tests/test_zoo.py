@@ -55,6 +55,14 @@ def test_a_meta_patch_that_changes_the_output_shape_is_a_crash(monkeypatch):
     assert row["status"] == "crash" and "output shapes" in row["error"], row
 
 
+def test_a_timm_model_whose_constructor_needs_real_parameters_is_built_on_meta_whole():
+    """timm Swin V2 CR computes a buffer from its parameters' device and copies it in: with parameters moved
+    to meta as they are registered, that copy fails; timm's own device='meta' build does not."""
+    row = zoo.run_model("timm:swinv2_cr_tiny_ns_224", ("se",), None, max_params=1e5)[0]
+    assert row["status"] == "meta" and row["edits"] == 24, row
+    assert zoo._count_params("timm:swinv2_cr_tiny_ns_224") == 28_333_468
+
+
 def test_models_the_meta_device_cannot_build_are_too_big_rows(monkeypatch):
     monkeypatch.setattr(zoo, "_count_params", lambda ref: None)
     rows = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=1e5)
