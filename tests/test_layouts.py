@@ -463,3 +463,16 @@ def test_channels_last_wrapper_is_exact_and_moves_the_channel_dim():
     x = torch.randn(2, 3, 4, 6)
     assert torch.equal(ChannelsLast(se)(x), x)
     assert _scales_channels(ChannelsLast(SEModule(6, identity=True)), (2, 3, 4, 6), channel_dim=3)
+
+
+def test_tokens_from_an_opaque_embedding_that_returns_a_tuple():
+    """timm NaFlexViT embeds the image in a leaf module returning (tokens, grid): the batch stays at dim 0 of
+    the tokens, so its residuals are nlc and se acts there (all 14 NaFlexViTs were refused: 'unknown')."""
+    model = timm.create_model("naflexvit_base_patch16_gap", depth=2, embed_dim=64, num_heads=2, img_size=64).eval()
+    plan = surgeon.plan(model, "se", input_size=(3, 64, 64))
+    assert [(e.site.name, e.site.layout) for e in plan.edits] == [
+        ("blocks.0", "nlc"), ("blocks.0#1", "nlc"), ("blocks.1", "nlc"), ("blocks.1#1", "nlc")]
+    patched = plan.apply()
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(patched(x), model(x))

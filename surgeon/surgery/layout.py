@@ -122,8 +122,9 @@ def _tuple_dim(node: fx.Node, dims: dict, tokens: int) -> int | None:
     """For `out[i]` of an op returning a tuple, the tracked dim of `out[i]` taken from the op's first input
     with a known one: `unbind` drops its dim; an output of the input's rank keeps the dims where they are
     (split, chunk, nn.MultiheadAttention's output is its query's layout); (B, N', C') tokens from (B, N, C)
-    keep a token layout whose tracked dim is `tokens` (MViT's attention and skip pooling return (tokens, thw)).
-    None when it is not such an element or nothing is known."""
+    keep a token layout whose tracked dim is `tokens` (MViT's attention and skip pooling return (tokens, thw));
+    a batch at dim 0 stays there when the leading size does (an embedding leaf taking an image and returning
+    (tokens, grid)). None when it is not such an element or nothing is known."""
     if not (node.op == "call_function" and node.target is operator.getitem and node.args
             and isinstance(node.args[0], fx.Node) and _shape(node.args[0]) is None):
         return None
@@ -137,6 +138,8 @@ def _tuple_dim(node: fx.Node, dims: dict, tokens: int) -> int | None:
         return None if d == gone else d - (d > gone)
     if len(_shape(first)) == len(s):
         return d
+    if tokens == 0 and d == 0 and _shape(first)[0] == s[0]:  # the batch leads on: an image in, (B, N, C) tokens
+        return 0                                              # out (timm NaFlexViT's patch embedding leaf)
     return d if len(s) == 3 and len(_shape(first)) == 3 and _shape(first)[0] == s[0] and d == tokens else None
 
 
