@@ -5,7 +5,6 @@ Every CLI command is one of these calls plus rendering.
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch import nn
 
 from surgeon import registry
 from surgeon.render import human  # noqa: F401  (re-exported: surgeon.api.human)
-from surgeon.errors import OptionError, SiteShapeError, SurgeonError, did_you_mean
+from surgeon.errors import OptionError, SiteShapeError, SurgeonError, did_you_mean, warn
 from surgeon.layers.gate import INITS
 # the planning steps, importable from here as before (surgeon.api.Plan, surgeon.api.example_inputs, ...)
 from surgeon.planning import (EXAMPLE_BATCH, placement, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
@@ -49,7 +48,7 @@ def sites(model: nn.Module | str, *, kind: str | Sequence[str] | None = None, at
                                  finders=registry.finders()))
     found.untraced = dict(prep.traced.leaves)
     if not found and found.untraced:
-        warnings.warn(f"No sites found; {found.why_few()}", stacklevel=2)
+        warn(f"No sites found; {found.why_few()}")
     return found
 
 
@@ -135,7 +134,7 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
         more = f" and {len(unfit) - 1} more" if len(unfit) > 1 else ""
         note = "; ".join(filter(None, [note, f"{att.name}: skipped {first!r}{more} ({exc})"]))
     if note:
-        warnings.warn(note, stacklevel=2)
+        warn(note)
     plan = Plan(prep, edits)
     plan.note = note
     return plan

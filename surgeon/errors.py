@@ -123,3 +123,17 @@ class InternalError(RuntimeError):
 
     def __init__(self, message: str):
         super().__init__(f"{message}. This is a bug in surgeon, please report it (with the traceback)")
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside surgeon (the user's line, not surgeon's own
+    wrappers and entry points)."""
+    import os
+    import sys
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

@@ -9,7 +9,6 @@ import functools
 import gc
 import inspect
 import logging
-import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from surgeon import hf, models, record, registry, sizes
-from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError
+from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError, warn
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
@@ -403,7 +402,7 @@ class Plan:
                 unverified = (f"not verified: {type(self.model).__name__} is on the meta device (shapes, no values); "
                               "load its weights, then check with surgeon.verify_model")
                 self.note = "; ".join(filter(None, [self.note, unverified]))
-                warnings.warn(unverified, stacklevel=2)
+                warn(unverified)
             elif verify:
                 inits = {e.init for e in self.edits}
                 self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),

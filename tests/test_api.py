@@ -1,5 +1,7 @@
 """The public functions (surgeon.add, plan, sites) on the first attentions: paper-exact architectures, identity
 init (also across model families), the kind chosen per attention and its fallbacks, options and errors."""
+import sys
+
 import pytest
 import timm
 import torch
@@ -319,3 +321,10 @@ def test_surgery_pauses_garbage_collection_and_restores_it(monkeypatch):
         assert not gc.isenabled()  # a caller's own choice is left alone
     finally:
         gc.enable()
+
+
+def test_warnings_point_at_the_users_line():
+    model = torchvision.models.squeezenet1_1().eval()
+    with pytest.warns(UserWarning, match="has no residual site; using its 2 stage sites") as got:
+        surgeon.add(model, "se", input_size=(3, 64, 64), verify=False)
+    assert [(w.filename, w.lineno) for w in got] == [(__file__, sys._getframe().f_lineno - 1)]  # the add line
