@@ -316,3 +316,16 @@ def test_values_computed_while_tracing_leave_no_grad_mode_nodes():
     assert plan.verification.max_abs_diff == 0
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(patched(x), model(x))
+
+
+def test_an_owner_holding_another_owners_edit_rewrites_both():
+    """timm MViTv2: `stages.1` could own the edits of its second block, while its first block's edits only
+    match from the root, which then kept the rewritten `stages.1` whole and could not reach them (a KeyError
+    crash on all 8 MViTv2s). The root now takes the inner owner's edits too."""
+    model = perturb_bn(timm.create_model("mvitv2_tiny", img_size=64)).eval()
+    plan = surgeon.plan(model, "cbam", input_size=(3, 64, 64))
+    patched = plan.apply()
+    assert len(plan.edits) == 10 and set(plan.owners().values()) == {""}
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(patched(x), model(x))

@@ -413,8 +413,35 @@ def _choose_all(model, traced, by_graph, tracing, leaf_paths, owners, scopes) ->
                                    _below(packed.takes_packed, g))
         local_leaves = set(_local_leaves(leaf_paths, g)) if g else set(leaf_paths)
         local_leaves.discard("")
+        mine: dict[str, Owner] = {}
         for owner, edit in choose_owners(sc, group, tracing, user_module, g, local_leaves):
-            owners.setdefault(owner.full, owner).edits.append(edit)
+            mine.setdefault(owner.full, owner).edits.append(edit)
+        owners.update(_absorb(mine, sc))
+
+
+def _absorb(owners: dict[str, Owner], sc: Scopes) -> dict[str, Owner]:
+    """Owners of one graph, where an owner whose edit lies inside another owner also takes that owner's edits.
+    Each edit's owner is chosen on its own: an edit can go to `stages.3` while another edit inside
+    `stages.3.blocks.0` only matches from the root. Rewriting the root keeps the rewritten `stages.3` whole, so
+    the root's edit would have nothing to reach (timm MViTv2: a KeyError); the outer owner rewrites both."""
+    nodes = {n.name: n for n in sc.gm.graph.nodes}
+    merged = True
+    while merged:
+        merged = False
+        for full, o in sorted(owners.items(), key=lambda kv: kv[1].path.count(".") if kv[1].path else -1):
+            touched = {nodes[n] for site, _m, _a in o.edits for n in (site.node, site.user) if n is not None}
+            for inner_full, inner in list(owners.items()):
+                if inner is o or SWAP in (o.key, inner.key) or not (o.key is ROOT or _inside(inner.path, o.path)):
+                    continue
+                if inner.key is not ROOT and touched & sc.members(inner.key):
+                    log.debug("owner %r takes the edits of %r, inside which one of its edits lies",
+                              full or "the root", inner_full)
+                    o.edits.extend(inner.edits)
+                    del owners[inner_full]
+                    merged = True
+            if merged:
+                break
+    return owners
 
 
 def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
