@@ -476,3 +476,27 @@ def test_tokens_from_an_opaque_embedding_that_returns_a_tuple():
     assert plan.verification.max_abs_diff == 0
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(patched(x), model(x))
+
+
+class _ParallelTokens(nn.Module):
+    """Two branches summed from a stack, as timm's parallel ViT blocks (vit_base_patch16_18x2_224) do."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, c)
+        self.branches = nn.ModuleList([nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c)) for _ in range(2)])
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + torch.stack([b(x) for b in self.branches], dim=1).sum(dim=1)
+        return self.head(x.mean(1))
+
+
+def test_layouts_go_through_stack_and_a_reduction_over_the_stacked_dim():
+    plan = surgeon.plan(_ParallelTokens().eval(), "se", kind="residual", example_input=torch.randn(2, 10, 8))
+    assert [(e.site.name, e.site.layout) for e in plan.edits] == [("add", "nlc")]
+    patched = plan.apply()
+    assert plan.verification.max_abs_diff == 0
+    x = torch.randn(2, 10, 8)
+    assert torch.equal(patched(x), plan.model(x))

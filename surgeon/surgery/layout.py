@@ -85,6 +85,30 @@ def _order(node: fx.Node, rank: int) -> tuple[bool, list[int] | None]:
     return False, None
 
 
+_NOT = object()
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "nansum", "nanmean"}
+
+
+def _stacked_or_reduced(node: fx.Node, d: int, rank_in: int, rank_out: int):
+    """Where dim `d` lands through `torch.stack` (a new dim in front of it shifts it) or a reduction over
+    given dims without keepdim (each reduced dim in front of it shifts it back; reduced itself: None);
+    `_NOT` for other ops. timm's parallel ViT blocks sum a stack of their branches."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    if node.op not in ("call_method", "call_function") or not isinstance(name, str):
+        return _NOT
+    if name == "stack" and node.op == "call_function" and rank_out == rank_in + 1:
+        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        return d + (d >= k % rank_out) if isinstance(k, int) else None
+    if name in _REDUCTIONS and rank_out < rank_in and not node.kwargs.get("keepdim", False):
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = [dims] if isinstance(dims, int) else dims
+        if not (isinstance(dims, (tuple, list)) and all(isinstance(x, int) for x in dims)):
+            return _NOT
+        gone = {x % rank_in for x in dims}
+        return None if d in gone else d - sum(x < d for x in gone)
+    return _NOT
+
+
 def _moved(node: fx.Node, d: int, s_in: tuple, s_out: tuple, *, batch: bool) -> int | None:
     """Where dim `d` of `node`'s input (of shape `s_in`) lands in its output (of shape `s_out`). A leading
     batch dim stays leading through reshapes, also when they fold windows or heads into it (Swin's
@@ -94,6 +118,9 @@ def _moved(node: fx.Node, d: int, s_in: tuple, s_out: tuple, *, batch: bool) -> 
         return order.index(d) if order is not None and d in order else None
     if batch and d == 0:
         return 0
+    kept = _stacked_or_reduced(node, d, len(s_in), len(s_out))
+    if kept is not _NOT:
+        return kept
     # reshapes, flattens, reductions: the dim whose size and leading product survive
     lead = math.prod(s_in[:d])
     for j, size in enumerate(s_out):
