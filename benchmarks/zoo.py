@@ -250,7 +250,9 @@ def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max
         if reduced:
             from surgeon import sizes
 
-            own = tuple(int(d) for d in input_size.split(",")) if input_size else sizes.configured_size(_build(ref))
+            # the model's own size is metadata: read it from a build without weights, not a second real build
+            own = (tuple(int(d) for d in input_size.split(",")) if input_size
+                   else sizes.configured_size(_meta_build(ref)))
             if not own or len(own) < 3:
                 return []  # no image size to halve: the out-of-memory rows stand
             small = _halved(own)
