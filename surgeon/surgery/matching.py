@@ -43,12 +43,14 @@ class Scopes:
     stacks: dict[fx.Node, list[tuple[str, str]]] = field(default_factory=dict)
     returns_packed: set[str] = field(default_factory=set)  # modules returning more than one tensor
     takes_packed: set[str] = field(default_factory=set)  # modules given tensors in lists (see calls.record)
+    by_name: dict[str, fx.Node] = field(default_factory=dict)  # the graph's nodes by name
 
     @classmethod
     def of(cls, gm: fx.GraphModule, root: nn.Module, returns_packed: set[str] = frozenset(),
            takes_packed: set[str] = frozenset()) -> Scopes:
         sc = cls(gm, root, returns_packed=set(returns_packed), takes_packed=set(takes_packed))
         for n in gm.graph.nodes:
+            sc.by_name[n.name] = n
             st = _stack(n)
             sc.stacks[n] = st
             for key, path in st:

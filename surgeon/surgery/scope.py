@@ -83,7 +83,7 @@ class _Tracing:
 def choose_owners(sc: Scopes, edits: list, tracing: _Tracing, graph_module: nn.Module, graph: str,
                   leaf_paths: set[str]) -> list[tuple[Owner, tuple]]:
     """The owner of each edit: the innermost scope that fits and whose module traces alone to the same graph."""
-    nodes = {n.name: n for n in sc.gm.graph.nodes}
+    nodes = sc.by_name
     chosen = []
     for edit in edits:
         site = edit[0]
@@ -350,7 +350,7 @@ def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[
         same_graph = {owners[p].key: (p[len(full) + 1:] if full else p) for p in done
                       if _inside(p, full) and owners[p].graph == g and owners[p].key != SWAP}
         same_graph.update(sc.hooked_inside(o.key))
-        nodes = {n.name: n for n in sc.gm.graph.nodes}
+        nodes = sc.by_name
         leaves = set(_local_leaves(leaf_paths, full))
         leaves.discard("")
         current = result.get_submodule(full) if full else result
@@ -424,7 +424,7 @@ def _absorb(owners: dict[str, Owner], sc: Scopes) -> dict[str, Owner]:
     Each edit's owner is chosen on its own: an edit can go to `stages.3` while another edit inside
     `stages.3.blocks.0` only matches from the root. Rewriting the root keeps the rewritten `stages.3` whole, so
     the root's edit would have nothing to reach (timm MViTv2: a KeyError); the outer owner rewrites both."""
-    nodes = {n.name: n for n in sc.gm.graph.nodes}
+    nodes = sc.by_name
     merged = True
     while merged:
         merged = False
