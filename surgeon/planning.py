@@ -9,7 +9,7 @@ import functools
 import gc
 import inspect
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -156,10 +156,12 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
     # module (lazily set scales, caches): trace a structural copy so the user's model is never changed
-    copy, spare = structural_copy(model), structural_copy(model)
+    copy = structural_copy(model)
     # a detector that resizes every image to 800 pixels runs on small ones, unless the user gave the input
     small = sizes.resizes_large(model) and example_input is None if small_images is None else small_images
-    with sizes.small_images(copy, spare) if small else nullcontext():
+    with ExitStack() as smaller:
+        if small:
+            smaller.enter_context(sizes.small_images(copy))
         recorded = shapes.record_calls(copy, inputs)
         traced = trace(copy, leaf_paths=leaf_paths, calls=recorded.calls)
         traced.extra_leaves = set(leaf_paths)
@@ -167,7 +169,9 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         if not isinstance(traced.module, torch.fx.GraphModule):
             # the Python parts around the graphs run for real when shapes are recorded: on a fresh copy, since
             # tracing may have left proxies in lazily set attributes of the traced copy (RoI poolers' scales)
-            traced.module = spare
+            traced.module = structural_copy(model)
+            if small:
+                smaller.enter_context(sizes.small_images(traced.module))
         shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
     return _Prepared(model, traced, inputs, views, small_images=small)

@@ -48,3 +48,66 @@ def test_structured_penalty_keeps_its_graph_and_copies_keep_its_value():
     assert c.penalty.grad_fn is None and torch.equal(c.penalty, m.penalty.detach())
     structured_penalty(m).backward()
     assert m.w1.weight.grad is not None
+
+
+class _Odd(torch.nn.Module):
+    """Everything a module tree may hold beside its tables: a shared child, a plain list naming a child, a
+    tensor attribute, a hook, an RNN, a module with its own __setstate__ and one with its own __deepcopy__."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = self.a                       # the same child twice
+        self.rnn = torch.nn.GRU(3, 3)
+        self.custom = _CustomCopy()
+        self.restores = _Restores()
+        self.listed = [self.a, "x", 2]        # a plain attribute that names a child
+        self.scale = torch.tensor(2.0)        # a plain tensor attribute (copied, not shared)
+        self.a.register_forward_hook(_Count())
+
+    def forward(self, x):
+        return self.custom(self.rnn(self.b(x))[0]) * self.scale
+
+
+class _Count:
+    """A hook that is an object (functions are never copied; objects are, unless kept)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, module, args, out):
+        self.n += 1
+
+
+class _Restores(torch.nn.Identity):
+    def __setstate__(self, state):  # copies and unpickling both come through here
+        super().__setstate__(state)
+        self.restored = True
+
+
+class _CustomCopy(torch.nn.Identity):
+    def __deepcopy__(self, memo):
+        new = _CustomCopy()
+        new.copied_by_itself = True
+        return new
+
+
+def test_structural_copy_matches_deepcopy_sharing_only_parameters_and_buffers():
+    from surgeon.surgery.owned import structural_copy
+
+    model = _Odd()
+    for keep_hooks in (False, True):
+        twin = structural_copy(model, keep_hooks=keep_hooks)
+        assert twin.a is not model.a and twin.b is twin.a and twin.listed[0] is twin.a
+        assert twin.a.weight is model.a.weight and twin.rnn.weight_hh_l0 is model.rnn.weight_hh_l0
+        assert twin.rnn._flat_weights[0] is model.rnn.weight_ih_l0
+        assert twin.custom.copied_by_itself and twin.restores.restored
+        assert twin.scale is not model.scale and torch.equal(twin.scale, model.scale)
+        assert twin.a._forward_hooks is not model.a._forward_hooks
+        hook, = twin.a._forward_hooks.values()
+        assert (hook is next(iter(model.a._forward_hooks.values()))) == keep_hooks and isinstance(hook, _Count)
+        assert twin.a._non_persistent_buffers_set is not model.a._non_persistent_buffers_set
+        x = torch.randn(2, 4, 3)
+        assert torch.equal(twin(x), model(x))
+        twin.a.extra = 1  # the copy's own tables and attributes
+        assert not hasattr(model.a, "extra")

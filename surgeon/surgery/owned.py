@@ -30,7 +30,57 @@ def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module
             for attr in _HOOK_DICTS:
                 for fn in (m.__dict__.get(attr) or {}).values():
                     memo[id(fn)] = fn
-    return copy.deepcopy(module, memo)
+    return _copy_module(module, memo)
+
+
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain(cls: type) -> bool:
+    """Whether `copy.deepcopy` would copy instances of `cls` as nn.Module does (a new instance whose
+    `__setstate__` gets a deep copy of its __dict__ but a compiled call), so that `_copy_module` may do the
+    same without the generic reduce machinery."""
+    if cls not in _PLAIN:
+        _PLAIN[cls] = (getattr(cls, "__deepcopy__", None) is None
+                       and cls.__reduce_ex__ in (object.__reduce_ex__, _reduce)
+                       and cls.__reduce__ is object.__reduce__
+                       and cls.__getstate__ is nn.Module.__getstate__)
+    return _PLAIN[cls]
+
+
+_SHARED_TABLES = ("_parameters", "_buffers")
+_ATOMIC = (bool, int, float, str, type(None))  # their tensors are in the memo: the table's copy shares them
+
+
+def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """`copy.deepcopy(module, memo)`, with the tables every module has copied directly: a tree of a few hundred
+    modules holds thousands of (mostly empty) hook and parameter tables, and the generic path reduces and
+    rebuilds each of them."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    if not _plain(cls):
+        return copy.deepcopy(module, memo)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for k, v in module.__dict__.items():
+        if k == "_compiled_call_impl":
+            continue
+        if k == "_modules":
+            state[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items()) \
+                if type(v) in (dict, OrderedDict) else copy.deepcopy(v, memo)
+        elif type(v) in (dict, OrderedDict) and (not v or k in _SHARED_TABLES and all(
+                t is None or id(t) in memo for t in v.values())):
+            state[k] = type(v)((n, None if t is None else memo[id(t)]) for n, t in v.items())
+        elif type(v) in _ATOMIC or type(v) is tuple and all(type(e) in _ATOMIC for e in v):
+            state[k] = v
+        elif type(v) is set and all(type(e) is str for e in v):  # the non-persistent buffers' names
+            state[k] = set(v)
+        else:
+            state[k] = copy.deepcopy(v, memo)
+    new.__setstate__(state)
+    return new
 
 
 class LeafReplacement(nn.Module):
