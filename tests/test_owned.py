@@ -111,3 +111,29 @@ def test_structural_copy_matches_deepcopy_sharing_only_parameters_and_buffers():
         assert torch.equal(twin(x), model(x))
         twin.a.extra = 1  # the copy's own tables and attributes
         assert not hasattr(model.a, "extra")
+
+
+class _KeepsNormFrozen(torch.nn.Sequential):
+    """A model whose `train` keeps its norm in eval mode (as detection backbones do)."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self[1].eval()
+        return self
+
+
+def test_in_mode_sets_every_flag_and_puts_each_back():
+    from surgeon.surgery.owned import in_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.BatchNorm1d(2)))
+    model[1][0].eval()  # mixed flags: the root trains, one norm does not
+    with in_mode(model, False):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    with in_mode(model, True):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    frozen = _KeepsNormFrozen(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)).eval()
+    with in_mode(frozen, True):  # a class with its own `train` is asked, not overridden
+        assert [m.training for m in frozen.modules()] == [True, True, False]
+    assert not any(m.training for m in frozen.modules())

@@ -19,6 +19,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from surgeon.surgery.owned import FLAG_TABLES, HOOK_TABLES
+
 
 class NeedsValues(Exception):
     """The run needs real tensors: an op needed values, or the forward stored state on a module."""
@@ -71,11 +73,18 @@ def undo(m: nn.Module, before: dict[str, Any]) -> bool:
     return changed
 
 
+# a module's own tables: the stores are compared entry by entry in `undo`, and the rest hold hooks and names
+_TABLES = frozenset((*_STORES, "_non_persistent_buffers_set", *HOOK_TABLES, *FLAG_TABLES))
+
+
 def _meta_ids(d: dict) -> set[int]:
-    """The ids of the meta tensors among `d`'s values and one level into its containers: a model built on
-    the meta device holds them from the start, and a run that stores new ones changed the module."""
+    """The ids of the meta tensors among `d`'s values (but a module's own tables) and one level into its
+    containers: a model built on the meta device holds them from the start, and a run that stores new ones
+    changed the module."""
     ids = set()
-    for v in d.values():
+    for k, v in d.items():
+        if k in _TABLES:
+            continue
         items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else (v,)
         ids.update(id(t) for t in items if isinstance(t, torch.Tensor) and t.is_meta)
     return ids

@@ -6,17 +6,20 @@ parameter and buffer tensors and hook functions.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections import OrderedDict
+from typing import Iterator
 
 import torch.fx as fx
 from torch import nn
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-               "_state_dict_pre_hooks")
+               "_state_dict_pre_hooks")  # a module's tables of hook functions
+FLAG_TABLES = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
 def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module:
@@ -27,7 +30,7 @@ def structural_copy(module: nn.Module, *, keep_hooks: bool = False) -> nn.Module
         memo[id(t)] = t
     if keep_hooks:
         for m in module.modules():
-            for attr in _HOOK_DICTS:
+            for attr in HOOK_TABLES:
                 for fn in (m.__dict__.get(attr) or {}).values():
                     memo[id(fn)] = fn
     return _copy_module(module, memo)
@@ -81,6 +84,26 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
     return new
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """`module.train(training)` within the block, and every module's own flag put back after it (a frozen
+    norm in eval mode inside a training model stays so). Trees whose classes keep nn.Module's `train` get
+    their flags set directly, without a `__setattr__` per module."""
+    modules = list(module.modules())
+    saved = [m.__dict__.get("training") for m in modules]  # not `m.training`: tracing may be noting reads
+    if all(type(m).train is nn.Module.train for m in modules):
+        for m in modules:
+            m.__dict__["training"] = training
+    else:
+        module.train(training)
+    try:
+        yield module
+    finally:
+        for m, flag in zip(modules, saved):
+            if flag is not None:
+                m.__dict__["training"] = flag
 
 
 class LeafReplacement(nn.Module):
@@ -152,10 +175,7 @@ def _rebuild(base: type, source: str) -> nn.Module:
 def shallow_copy(module: nn.Module) -> nn.Module:
     """A copy sharing parameters, buffers, children and hooks, whose own tables can change independently."""
     new = copy.copy(module)
-    for attr in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks",
-                 "_backward_hooks", "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                 "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
-                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks", "_state_dict_pre_hooks"):
+    for attr in ("_modules", "_parameters", "_buffers", *HOOK_TABLES, *FLAG_TABLES):
         if attr in module.__dict__:
             new.__dict__[attr] = copy.copy(module.__dict__[attr])
     for attr in ("_surgeon_added",):

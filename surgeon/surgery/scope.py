@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch import nn
 
 from surgeon.errors import InternalError, TraceError
@@ -296,6 +297,7 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
             n.target = name
         added.append(name)
     own.recompile()
+    _LazyGraphModule.force_recompile(own)  # a lazy one only notes that it must, and its forward is a stand-in
     new.__class__ = patched_class(type(module), type(own).forward, forward_source(own))
     new.__dict__["_surgeon_added"] = set(new.__dict__.get("_surgeon_added", ())) | set(added)
     return new, paths
@@ -473,5 +475,4 @@ def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    new = fx.GraphModule(gm, graph, class_name=gm.__class__.__name__)
-    return new
+    return _LazyGraphModule(gm, graph, class_name=gm.__class__.__name__)  # its code is written once, when edited

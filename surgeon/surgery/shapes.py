@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from surgeon.errors import ShapeError
 from surgeon.surgery import calls, meta
+from surgeon.surgery.owned import in_mode
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
 
@@ -89,10 +90,8 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    was = traced.module.training
-    traced.module.eval()
     small = sum(p.numel() for p in traced.module.parameters()) <= SMALL_MODEL_PARAMS
-    try:
+    with in_mode(traced.module, False):
         try:
             meta.run([traced.module, *traced.graphs.values()], lambda *xs: _run(traced, xs), *example_inputs)
             return
@@ -114,8 +113,6 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
             _run(traced, example_inputs)
         except Exception as exc:
             raise _wrong_input(traced.module, example_inputs, exc) from exc
-    finally:
-        traced.module.train(was)
 
 
 def shape(node: fx.Node) -> tuple | None:
@@ -163,10 +160,8 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
             if isinstance(out, torch.Tensor):
                 got[p] = tuple(out.shape)
         handles.append(model.get_submodule(p).register_forward_hook(hook))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), in_mode(model, False):
             try:
                 meta.run([model], model, *inputs)
                 return got
@@ -185,7 +180,6 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
                 got.clear()
                 model(*inputs)
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     return got

@@ -26,6 +26,7 @@ from torch import nn
 
 from surgeon.errors import TraceError
 from surgeon.surgery import calls as calls_
+from surgeon.surgery.owned import in_mode
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -239,9 +240,7 @@ def noting_training_reads(tracer: fx.Tracer | None = None):
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
                  call: calls_.Call | None) -> tuple[fx.Graph, bool]:
     """The graph of `module` in the given mode, and whether tracing read any module's `training` flag."""
-    was = module.training
-    module.train(training)
-    try:
+    with in_mode(module, training):
         tracer = SurgeonTracer(leaf_paths, call=call)
         try:
             graph = tracer.trace(module)
@@ -252,8 +251,6 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
             # knowing every value's shape, which is slower
             tracer = SurgeonTracer(leaf_paths, call=call, values=True)
             graph = tracer.trace(module)
-    finally:
-        module.train(was)
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
@@ -373,11 +370,12 @@ def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
     return graph
 
 
-def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None) -> fx.GraphModule:
+def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None, *,
+                 lazy: bool = False) -> fx.GraphModule:
     if isinstance(module, fx.GraphModule):
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
-        return _graph_module(module, _copy_graph(module))
+        return _graph_module(module, _copy_graph(module), lazy=lazy)
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
@@ -387,20 +385,24 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
         # the code depends on the mode: trace it in train mode too, and keep what differs (or refuse)
         g_train, _ = _trace_graph(module, leaf_paths, training=True, call=call)
         dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
-    gm = _graph_module(module, g_eval)
+    gm = _graph_module(module, g_eval, lazy=lazy)
     _modularise_dropouts(gm, dropouts)
     return gm
 
 
 def trace_alone(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None) -> fx.GraphModule:
     """One module traced whole, in both modes (see the module docstring), for `call` when given (see
-    `calls.py`); raises when it does not trace."""
-    return _trace_whole(module, leaf_paths, call)
+    `calls.py`); raises when it does not trace. Its Python code is generated only when it runs or is read:
+    surgery compares such graphs and writes its own code from them."""
+    return _trace_whole(module, leaf_paths, call, lazy=True)
 
 
-def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes."""
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+def _graph_module(module: nn.Module, graph: fx.Graph, *, lazy: bool = False) -> fx.GraphModule:
+    """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes
+    (with `lazy`, one that generates its code when first run or read)."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    gm = (_LazyGraphModule if lazy else fx.GraphModule)(module, graph, class_name=type(module).__name__)
     _restore_unused(gm, module)
     gm.train(module.training)
     for attr in _KEEP_ATTRS:
