@@ -459,3 +459,33 @@ def test_gc_identity_needs_no_gate_but_mul_fusion_does(tiny):
     assert build(site).gamma is None  # the official zero-initialised last conv is the identity
     mul = build(site, fusion="mul")  # x·σ(0) = x/2 is not: its weights are gated
     assert isinstance(mul, GlobalContext) and mul.gamma is not None
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_cbam_without_autograd_multiplies_in_place_and_computes_the_same(identity):
+    from surgeon.layers.mixed import CBAM
+
+    torch.manual_seed(0)
+    cbam = CBAM(32, identity=identity).eval()
+    if identity:
+        with torch.no_grad():
+            cbam.channel.gamma.fill_(0.7), cbam.spatial.gamma.fill_(-0.4)
+    x = torch.randn(2, 32, 9, 9)
+    kept = x.clone()
+    expected = cbam.spatial(cbam.channel(x))          # the two parts one after the other, out of place
+    outs = []
+    handle = cbam.channel.register_forward_hook(lambda m, i, o: outs.append(o))
+    try:
+        with torch.no_grad():
+            got = cbam(x)
+    finally:
+        handle.remove()
+    assert torch.allclose(got, expected, atol=1e-6) and torch.equal(x, kept)  # the input is never written
+    assert outs[0] is got                             # the spatial map went into the channel part's own map
+    y = cbam(x.requires_grad_())                      # with autograd: out of place, gradients flow
+    y.sum().backward()
+    assert torch.allclose(y, expected, atol=1e-6) and x.grad is not None and torch.equal(x.detach(), kept)
+    for dtype in (torch.float32, torch.bfloat16):     # under autocast too (a bfloat16 map on a float32 one)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = cbam.spatial(cbam.channel(x.detach().to(dtype)))
+            assert cbam(x.detach().to(dtype)).dtype == want.dtype

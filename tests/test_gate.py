@@ -261,3 +261,25 @@ def test_a_compiled_patched_model_computes_what_eager_does():
     compiled = torch.compile(patched)
     with torch.no_grad():
         assert (compiled(x) - patched(x)).abs().max() <= 1e-4
+
+
+def test_mul_own_multiplies_in_place_only_when_nothing_needs_the_map():
+    from surgeon.layers.gate import mul_own
+
+    out, w = torch.randn(2, 3, 4, 4), torch.rand(2, 1, 4, 4)
+    want = out * w
+    with torch.no_grad():
+        got = mul_own(out, w)
+    assert got is out and torch.equal(got, want)                   # no autograd: into the map itself
+    out = torch.randn(2, 3, 4, 4)
+    assert mul_own(out, w) is out                                  # autograd on, but nothing requires grad
+    w.requires_grad_()
+    out = torch.randn(2, 3, 4, 4)
+    got = mul_own(out, w)
+    assert got is not out and got.grad_fn is not None              # w's gradient needs the map as it was
+    with torch.no_grad():
+        assert mul_own(out, w) is out
+        small = torch.randn(2, 3, 1, 4)
+        assert mul_own(small, torch.rand(2, 3, 4, 4)).shape == (2, 3, 4, 4)   # a product larger than the map
+        half = torch.randn(2, 3, 4, 4, dtype=torch.bfloat16)
+        assert mul_own(half, torch.rand(2, 3, 4, 4)).dtype == torch.float32   # a wider dtype than the map's

@@ -69,6 +69,18 @@ class ZeroGate(nn.Module):
         return torch.lerp(a.to(dtype), b.to(dtype), self._gamma(a, dtype))
 
 
+def mul_own(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out · w, for a map `out` that the calling layer made itself: in place when autograd needs neither (eval,
+    inference) and the product keeps out's shape and dtype. A layer that multiplies a map by several weights in
+    turn (CBAM's channel then spatial weights, coord's directions) then allocates one full-size map, not one
+    per weight."""
+    if (torch.is_grad_enabled() and (out.requires_grad or w.requires_grad)) \
+            or torch.promote_types(out.dtype, w.dtype) != out.dtype \
+            or torch.broadcast_shapes(out.shape, w.shape) != out.shape:
+        return out * w
+    return out.mul_(w)
+
+
 class GatedResidual(ZeroGate):
     """Wraps an attention that has no weights to gate so it starts as the identity: y = x + γ·(attn(x) − x).
 

@@ -11,7 +11,7 @@ from torch import nn
 from surgeon.layers._util import (batch_norm_nd, check_bool, check_choice, check_dims, check_int, check_odd_kernel,
                                   check_positive_int, conv_nd, get_act, reduced_channels)
 from surgeon.layers.applied import Applied, part
-from surgeon.layers.gate import ZeroGate
+from surgeon.layers.gate import ZeroGate, mul_own
 from surgeon.layers.spatial import SpatialAttn
 
 
@@ -48,6 +48,8 @@ class CBAM(nn.Module):
     Matches the official code: MLP with biases, 7×7 spatial conv without bias followed by batch norm.
     `identity=True` gates each part's weights with its own γ (`channel.gamma`, `spatial.gamma`).
     `dims=1`/`3`: the spatial part's conv is a Conv1d/Conv3d, as CBAM for sequences and for video/volumes.
+    Without autograd (eval, inference) the spatial map is multiplied into the channel-weighted map in place
+    (`mul_own`): one full-size map allocated per call instead of two.
     """
 
     def __init__(self, channels: int, *, rd_ratio: float = 1 / 16, rd_channels: int | None = None,
@@ -60,7 +62,8 @@ class CBAM(nn.Module):
                                    dims=dims, identity=identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial(self.channel(x))
+        y = self.channel(x)  # a new map, this module's own
+        return mul_own(y, self.spatial.weights(self.spatial._attn(y)))
 
     def applied(self, x: torch.Tensor) -> dict[str, Applied]:
         """The channel weights (N, C), then the spatial map (N, H, W) of the channel-weighted x."""

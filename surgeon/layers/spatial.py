@@ -13,7 +13,7 @@ from surgeon.layers._util import (adaptive_avg_pool_nd, batch_norm_nd, check_boo
                                   check_odd_kernel, check_positive_int, check_ratio, conv_nd, get_act, reduced_channels)
 from surgeon.errors import OptionError
 from surgeon.layers.applied import Applied, part
-from surgeon.layers.gate import ZeroGate
+from surgeon.layers.gate import ZeroGate, mul_own
 
 
 class SpatialAttn(ZeroGate):
@@ -95,8 +95,8 @@ class CoordAttn(ZeroGate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
-        for a in self._attn(x):
-            out = out * self.weights(a)
+        for a in self._attn(x):  # the first product is a new map; the others multiply into it (see mul_own)
+            out = out * self.weights(a) if out is x else mul_own(out, self.weights(a))
         return out
 
     def applied(self, x: torch.Tensor) -> dict[str, Applied]:
