@@ -1,0 +1,70 @@
+"""What CBAM's in-place second product saves: resnet50 with `cbam --init paper` as surgeon builds it (the spatial
+map multiplied into the channel-weighted map in place when autograd is off, `layers/gate.py: mul_own`) against
+the same patched model whose CBAM layers allocate a new map for that product, and timm's CBAM resnet50; each
+one's overhead over resnet50, at batch 1 and 8, eval and train (in training both variants run out of place).
+
+Side by side in one process, interleaved rounds, the minimum of each round's median; CPU time on one thread.
+ROUNDS and REPEAT set the effort.
+"""
+import copy
+import os
+import time
+import warnings
+
+import timm
+import torch
+
+import surgeon
+from _common import load_average, median_time, report
+from surgeon.layers.mixed import CBAM
+
+warnings.filterwarnings("ignore", category=UserWarning)
+torch.set_num_threads(1)
+ROUNDS, REPEAT = int(os.environ.get("ROUNDS", 5)), int(os.environ.get("REPEAT", 3))
+
+
+class AllocatingCBAM(CBAM):
+    """CBAM as it was before the in-place product: the spatial part multiplies out of place."""
+
+    def forward(self, x):
+        return self.spatial(self.channel(x))
+
+
+def _step(model, x, train: bool):
+    if not train:
+        with torch.no_grad():
+            return model(x)
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+
+
+def compare() -> list[dict]:
+    base = timm.create_model("resnet50").eval()
+    in_place = surgeon.add(base, "cbam", init="paper", input_size=(3, 224, 224), verify=False)
+    allocating = copy.deepcopy(in_place)
+    for m in allocating.modules():
+        if type(m) is CBAM:
+            m.__class__ = AllocatingCBAM
+    models = {"resnet50": base, "timm cbam": timm.create_model("resnet50", block_args=dict(attn_layer="cbam")),
+              "cbam in place": in_place, "cbam allocating": allocating}
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+        for train in (False, True):
+            for m in models.values():
+                m.train(train)
+            times: dict[str, float] = {}
+            for _round in range(ROUNDS):
+                for name, m in models.items():
+                    t, _ = median_time(lambda m=m, x=x, train=train: _step(m, x, train), repeat=REPEAT, warmup=1,
+                                       clock=time.process_time)
+                    times[name] = min(times.get(name, float("inf")), t)
+            rows.append({"case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": times["resnet50"],
+                         **{f"{k} overhead": times[k] / times["resnet50"] - 1 for k in models if k != "resnet50"}})
+    return rows
+
+
+before = load_average()
+rows = compare()
+report(f"CBAM's in-place product, resnet50 224x224, CPU time, 1 thread, min of {ROUNDS} interleaved rounds; "
+       f"load average {before} before, {load_average()} after", rows)
