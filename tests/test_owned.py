@@ -63,6 +63,8 @@ class _Odd(torch.nn.Module):
         self.restores = _Restores()
         self.listed = [self.a, "x", 2]        # a plain attribute that names a child
         self.scale = torch.tensor(2.0)        # a plain tensor attribute (copied, not shared)
+        self.cache = {}                       # an empty dict held twice: one dict in the copy too
+        self.a.cache = self.cache
         self.a.register_forward_hook(_Count())
 
     def forward(self, x):
@@ -103,6 +105,7 @@ def test_structural_copy_matches_deepcopy_sharing_only_parameters_and_buffers():
         assert twin.rnn._flat_weights[0] is model.rnn.weight_ih_l0
         assert twin.custom.copied_by_itself and twin.restores.restored
         assert twin.scale is not model.scale and torch.equal(twin.scale, model.scale)
+        assert twin.cache is twin.a.cache and twin.cache is not model.cache
         assert twin.a._forward_hooks is not model.a._forward_hooks
         hook, = twin.a._forward_hooks.values()
         assert (hook is next(iter(model.a._forward_hooks.values()))) == keep_hooks and isinstance(hook, _Count)

@@ -70,16 +70,17 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     for k, v in module.__dict__.items():
         if k == "_compiled_call_impl":
             continue
-        if k == "_modules":
-            state[k] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items()) \
-                if type(v) in (dict, OrderedDict) else copy.deepcopy(v, memo)
+        if type(v) in _ATOMIC or type(v) is tuple and all(type(e) in _ATOMIC for e in v):
+            state[k] = v
+        elif id(v) in memo:  # an object the tree holds twice stays one object in the copy
+            state[k] = memo[id(v)]
+        elif k == "_modules" and type(v) in (dict, OrderedDict):
+            state[k] = memo[id(v)] = type(v)((n, None if c is None else _copy_module(c, memo)) for n, c in v.items())
         elif type(v) in (dict, OrderedDict) and (not v or k in _SHARED_TABLES and all(
                 t is None or id(t) in memo for t in v.values())):
-            state[k] = type(v)((n, None if t is None else memo[id(t)]) for n, t in v.items())
-        elif type(v) in _ATOMIC or type(v) is tuple and all(type(e) in _ATOMIC for e in v):
-            state[k] = v
+            state[k] = memo[id(v)] = type(v)((n, None if t is None else memo[id(t)]) for n, t in v.items())
         elif type(v) is set and all(type(e) is str for e in v):  # the non-persistent buffers' names
-            state[k] = set(v)
+            state[k] = memo[id(v)] = set(v)
         else:
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
