@@ -151,3 +151,57 @@ def test_a_shape_run_of_a_meta_model_is_not_taken_for_one_that_stored_state():
     with torch.device("meta"):
         model = Net()
     assert meta.run([model], model, torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)
+
+
+class _Hooked(nn.Module):
+    """Kept whole in its parent's graph for its hook, so it gets a graph of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_forward_hook(lambda m, i, o: None)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class _Pieces(nn.Module):
+    """A root fx cannot trace (a decision on data) holding a traceable head with a hooked child."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.head = nn.Sequential(_Hooked(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x):
+        y = self.head(self.block(x))
+        return y * 2 if y.sum() > 0 else y
+
+
+def test_piecewise_graphs_run_in_place_of_their_modules_once_and_record_every_shape(monkeypatch):
+    from surgeon.surgery import shapes
+    from surgeon.surgery.owned import structural_copy
+    from surgeon.surgery.trace import trace
+
+    model = _Pieces().eval()
+    x = torch.randn(2, 3, 12, 12)
+    recorded = shapes.record_calls(model, (x,))
+    traced = trace(structural_copy(model), calls=recorded.calls)
+    traced.module = structural_copy(model)  # as planning does: the Python parts run on a fresh copy
+    assert {"block", "head", "head.0"} <= set(traced.graphs) and not isinstance(traced.module, torch.fx.GraphModule)
+    calls = []  # every 8-to-8 convolution run, whichever copy of the model it belongs to
+    conv = nn.Conv2d._conv_forward
+
+    def counted(self, x, weight, bias):
+        if weight.shape[:2] == (8, 8):
+            calls.append(x.device.type)
+        return conv(self, x, weight, bias)
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", counted)
+    shapes.propagate(traced, (x,))
+    # the root needs values, so shapes come from a real run after the meta one; in each, the hooked child's
+    # graph ran in place of its forward, not beside it
+    assert calls == ["meta", "cpu"]
+    for path, gm in traced.graphs.items():
+        got = {n.name: n.meta.get("shape") for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
+        assert got and all(s is not None for s in got.values()), path
+    assert next(n for n in traced.graphs["head.0"].graph.nodes if n.op == "call_module").meta["shape"] == (2, 8, 12, 12)

@@ -55,13 +55,37 @@ class _Recorder(fx.Interpreter):
 
 
 def _run(traced: Traced, inputs: tuple) -> None:
-    handles = []
+    """One forward of the traced model recording every graph's shapes. The modules traced piecewise run their
+    graphs in place of their forwards (the graph is what their forward computes for this call), so each runs
+    once; should that fail (a module called in ways its graph was not traced for), the forward runs again
+    with each graph recorded beside its module's own forward (on real or fake tensors: on meta tensors the
+    failure goes to `propagate`, which runs on those next)."""
+    try:
+        _run_once(traced, inputs, graphs_run=True)
+    except Exception as exc:  # noqa: BLE001 - retried the slower, plainer way; its failure propagates
+        if any(x.is_meta for x in tensors(inputs)):  # most likely an op needing values: `propagate` moves on
+            raise
+        log.debug("shapes: graphs in place of their modules failed (%s: %s); running both", type(exc).__name__, exc)
+        _run_once(traced, inputs, graphs_run=False)
+
+
+def _run_once(traced: Traced, inputs: tuple, *, graphs_run: bool) -> None:
+    handles, replaced = [], []
     for path, gm in traced.graphs.items():
         if gm is traced.module:
             continue
-        def pre_hook(mod, args, kwargs, gm=gm):
-            _Recorder(gm).run(initial_env=calls.bind(gm, args, kwargs))
-        handles.append(traced.module.get_submodule(path).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        module = traced.module.get_submodule(path)
+        if graphs_run:
+            def forward(*args, gm=gm, module=module, **kwargs):
+                # the graph's modules and attributes are read from the running model's module, not from the
+                # copy it was traced on, so graphs inside it (kept-whole children) run in place too
+                return _Recorder(module, graph=gm.graph).run(initial_env=calls.bind(gm, args, kwargs))
+            replaced.append((module, module.__dict__.get("forward", _ABSENT)))
+            module.__dict__["forward"] = forward
+        else:
+            def pre_hook(mod, args, kwargs, gm=gm):
+                _Recorder(gm).run(initial_env=calls.bind(gm, args, kwargs))
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
     try:
         with torch.no_grad():
             if isinstance(traced.module, fx.GraphModule):
@@ -71,6 +95,14 @@ def _run(traced: Traced, inputs: tuple) -> None:
     finally:
         for h in handles:
             h.remove()
+        for module, own in reversed(replaced):
+            if own is _ABSENT:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = own
+
+
+_ABSENT = object()
 
 
 # Below this many parameters a real CPU forward (no grad) is faster than fake tensors and its
