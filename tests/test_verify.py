@@ -156,3 +156,65 @@ def test_verification_leaves_no_state_the_originals_forward_stores():
     before = model.cache
     surgeon.add(model, "se", input_size=(3, 8, 8), kind="after_conv")
     assert model.cache is before and copy.deepcopy(model).cache[0].item() == 0
+
+
+def _torch_counter_total(model, inputs) -> int:
+    """FLOPs as torch's FlopCounterMode counts them (with surgeon's formula for CPU flash attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from surgeon.surgery.verify import _cpu_sdpa_flops
+
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+    with counter:
+        model(*inputs)
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("attention", ["cbam", "nl", "lambda", "mhsa"])
+def test_flops_are_what_torchs_counter_counts(attention):
+    import timm
+
+    from surgeon.surgery.verify import count_flops
+    from toy_models import TinyResNet
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2) if attention == "mhsa" \
+        else TinyResNet(width=16)
+    patched = surgeon.add(model.eval(), attention, example_input=(x,), verify=False)
+    for m in (model, patched):
+        with torch.no_grad():
+            assert count_flops(m, (x,)) == _torch_counter_total(m, (x,)) > 0
+
+
+class _Branches(nn.Module):
+    """torch.cond: a higher-order op the plain sum does not take; torch's counter counts the larger branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda x: self.fc(x), lambda x: self.fc(self.fc(x)), (x,))
+
+
+def test_flops_of_a_forward_with_higher_order_ops_fall_back_to_torchs_counter():
+    from surgeon.surgery.verify import count_flops
+
+    model, x = _Branches(), torch.randn(2, 4)
+    assert count_flops(model, (x,)) == _torch_counter_total(model, (x,)) == 2 * (2 * 2 * 4 * 4)
+
+
+def test_flops_of_norms_followed_by_in_place_activations_are_counted_on_meta_tensors(monkeypatch):
+    from surgeon.surgery.verify import _flops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    want = _torch_counter_total(model, (x,))
+    devices = []
+    conv = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward",
+                        lambda self, x, w, b: devices.append(x.device.type) or conv(self, x, w, b))
+    assert torch.is_grad_enabled() and _flops(model, (x,)) == want > 0  # as verify calls it: autograd on
+    assert devices == ["meta", "meta"]  # no real forward after a failed meta one
