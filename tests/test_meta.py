@@ -161,8 +161,8 @@ class _Hooked(nn.Module):
         self.conv = nn.Conv2d(8, 8, 3, padding=1)
         self.register_forward_hook(lambda m, i, o: None)
 
-    def forward(self, x):
-        return self.conv(x).relu()
+    def forward(self, x):  # a dropout following the mode: tracing makes it a module of the traced copy's graph
+        return torch.nn.functional.dropout(self.conv(x), 0.1, self.training).relu()
 
 
 class _Pieces(nn.Module):

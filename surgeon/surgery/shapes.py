@@ -54,6 +54,29 @@ class _Recorder(fx.Interpreter):
         return result
 
 
+class _InPlace(_Recorder):
+    """Runs a module's graph in place of its forward. Modules and attributes are read from the running model's
+    module, not from the copy the graph was traced on, so graphs inside it (kept-whole children) run in place
+    too; what tracing added to that copy (modularised dropouts, tensors a forward makes) is read from the graph's
+    own GraphModule."""
+
+    def __init__(self, module: torch.nn.Module, gm: fx.GraphModule):
+        super().__init__(module, graph=gm.graph)
+        self._traced = gm
+
+    def fetch_attr(self, target: str) -> Any:
+        try:
+            return _lookup(self.module, target)
+        except AttributeError:
+            return _lookup(self._traced, target)
+
+
+def _lookup(root: Any, target: str) -> Any:
+    for atom in target.split("."):
+        root = getattr(root, atom)
+    return root
+
+
 def _run(traced: Traced, inputs: tuple) -> None:
     """One forward of the traced model recording every graph's shapes. The modules traced piecewise run their
     graphs in place of their forwards (the graph is what their forward computes for this call), so each runs
@@ -77,9 +100,7 @@ def _run_once(traced: Traced, inputs: tuple, *, graphs_run: bool) -> None:
         module = traced.module.get_submodule(path)
         if graphs_run:
             def forward(*args, gm=gm, module=module, **kwargs):
-                # the graph's modules and attributes are read from the running model's module, not from the
-                # copy it was traced on, so graphs inside it (kept-whole children) run in place too
-                return _Recorder(module, graph=gm.graph).run(initial_env=calls.bind(gm, args, kwargs))
+                return _InPlace(module, gm).run(initial_env=calls.bind(gm, args, kwargs))
             replaced.append((module, module.__dict__.get("forward", _ABSENT)))
             module.__dict__["forward"] = forward
         else:
