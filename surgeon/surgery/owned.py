@@ -51,8 +51,8 @@ def _plain(cls: type) -> bool:
     return _PLAIN[cls]
 
 
-_SHARED_TABLES = ("_parameters", "_buffers")
-_ATOMIC = (bool, int, float, str, type(None))  # their tensors are in the memo: the table's copy shares them
+_SHARED_TABLES = ("_parameters", "_buffers")  # their tensors are in the memo: the table's copy shares them
+_ATOMIC = (bool, int, float, str, type(None))  # kept as they are, as deepcopy keeps them
 
 
 def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
