@@ -21,6 +21,32 @@ def median_time(fn: Callable[[], Any], *, repeat: int, warmup: int = 1,
     return statistics.median(times), times
 
 
+def step(model, x, train: bool) -> None:
+    """One timed step: a forward without autograd (eval), or a forward and backward from zeroed gradients."""
+    import torch
+
+    if not train:
+        with torch.no_grad():
+            model(x)
+        return
+    model.zero_grad(set_to_none=True)
+    model(x).sum().backward()
+
+
+def side_by_side(models: dict, x, *, train: bool = False, rounds: int, repeat: int,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per step (see `step`) of each model, put in train or eval mode: interleaved rounds, so drift in
+    the machine's load hits every model alike, and the minimum of each round's median."""
+    for m in models.values():
+        m.train(train)
+    times: dict[str, float] = {}
+    for _round in range(rounds):
+        for name, m in models.items():
+            t, _ = median_time(lambda m=m: step(m, x, train), repeat=repeat, warmup=1, clock=clock)
+            times[name] = min(times.get(name, float("inf")), t)
+    return times
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, e.g. '0.52/0.61/0.70' (2 cores: above 2 the clock is shared)."""
     import os

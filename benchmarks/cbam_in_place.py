@@ -15,7 +15,7 @@ import timm
 import torch
 
 import surgeon
-from _common import load_average, median_time, report
+from _common import load_average, report, side_by_side
 from surgeon.layers.mixed import CBAM
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -28,14 +28,6 @@ class AllocatingCBAM(CBAM):
 
     def forward(self, x):
         return self.spatial(self.channel(x))
-
-
-def _step(model, x, train: bool):
-    if not train:
-        with torch.no_grad():
-            return model(x)
-    model.zero_grad(set_to_none=True)
-    model(x).sum().backward()
 
 
 def compare() -> list[dict]:
@@ -51,14 +43,7 @@ def compare() -> list[dict]:
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)
         for train in (False, True):
-            for m in models.values():
-                m.train(train)
-            times: dict[str, float] = {}
-            for _round in range(ROUNDS):
-                for name, m in models.items():
-                    t, _ = median_time(lambda m=m, x=x, train=train: _step(m, x, train), repeat=REPEAT, warmup=1,
-                                       clock=time.process_time)
-                    times[name] = min(times.get(name, float("inf")), t)
+            times = side_by_side(models, x, train=train, rounds=ROUNDS, repeat=REPEAT, clock=time.process_time)
             rows.append({"case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": times["resnet50"],
                          **{f"{k} overhead": times[k] / times["resnet50"] - 1 for k in models if k != "resnet50"}})
     return rows

@@ -20,7 +20,7 @@ import timm
 import torch
 
 import surgeon
-from _common import load_average, median_time, report
+from _common import load_average, report, side_by_side
 
 CPU = os.environ.get("CLOCK", "wall") == "cpu"
 torch.set_num_threads(1 if CPU else 2)
@@ -28,24 +28,8 @@ CLOCK, SETTING = (time.process_time, "CPU time, 1 thread") if CPU else (time.per
 ROUNDS, REPEAT = int(os.environ.get("ROUNDS", 3)), int(os.environ.get("REPEAT", 3))
 
 
-def _step(model, x, train: bool):
-    if not train:
-        with torch.no_grad():
-            return model(x)
-    model.zero_grad(set_to_none=True)
-    model(x).sum().backward()
-
-
-def side_by_side(models: dict, x: torch.Tensor, train: bool) -> dict[str, float]:
-    """Seconds per step of each model: interleaved rounds, the minimum of each round's median."""
-    for m in models.values():
-        m.train(train)
-    times: dict[str, float] = {}
-    for _round in range(ROUNDS):
-        for name, m in models.items():
-            t, _ = median_time(lambda m=m: _step(m, x, train), repeat=REPEAT, warmup=1, clock=CLOCK)
-            times[name] = min(times.get(name, float("inf")), t)
-    return times
+def _side_by_side(models: dict, x: torch.Tensor, train: bool) -> dict[str, float]:
+    return side_by_side(models, x, train=train, rounds=ROUNDS, repeat=REPEAT, clock=CLOCK)
 
 
 def handwritten() -> list[dict]:
@@ -61,7 +45,7 @@ def handwritten() -> list[dict]:
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)
         for train in (False, True):
-            t = side_by_side(models, x, train)
+            t = _side_by_side(models, x, train)
             base = t["resnet50"]
             rows.append({
                 "case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": base,
@@ -93,7 +77,7 @@ def compiled() -> list[dict]:
             both[name] = m
             both[f"{name} compiled"] = c
             print(f"compiled {name} at batch {batch} in {time.perf_counter() - t:.0f} s", flush=True)
-        t = side_by_side(both, x, train=False)
+        t = _side_by_side(both, x, train=False)
         for name in eager:
             rows.append({"case": f"b{batch} {name}", "eager s": t[name], "compiled s": t[f"{name} compiled"],
                          "speed-up": t[name] / t[f"{name} compiled"]})

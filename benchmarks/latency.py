@@ -15,24 +15,13 @@ import timm
 import torch
 
 import surgeon
-from _common import load_average, median_time, report
+from _common import load_average, report, side_by_side
 
 CPU = os.environ.get("CLOCK", "wall") == "cpu"
 torch.set_num_threads(1 if CPU else 2)
 CLOCK, SETTING = (time.process_time, "CPU time, 1 thread") if CPU else (time.perf_counter, "wall time, 2 threads")
 ROUNDS, REPEAT = int(os.environ.get("ROUNDS", 3)), int(os.environ.get("REPEAT", 5))
 ATTENTIONS = os.environ.get("ATTENTIONS", "se,eca,sk,ge,gc,srm,fca,spatial,coord,cbam,bam,triplet,scse,adl").split(",")
-
-
-def side_by_side(models: dict, x: torch.Tensor, *, rounds: int, repeat: int) -> dict[str, float]:
-    """Seconds per forward of each model: interleaved rounds, the minimum of each round's median."""
-    times: dict[str, float] = {}
-    with torch.no_grad():
-        for _round in range(rounds):
-            for name, m in models.items():
-                t, _ = median_time(lambda m=m: m(x), repeat=repeat, warmup=1, clock=CLOCK)
-                times[name] = min(times.get(name, float("inf")), t)
-    return times
 
 
 # 1. paper init vs the hand-written seresnet50
@@ -44,7 +33,7 @@ models = {
     "surgeon se --init identity on resnet50": surgeon.add(timm.create_model("resnet50").eval(), "se"),
 }
 params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-times = side_by_side(models, x8, rounds=2, repeat=7)
+times = side_by_side(models, x8, rounds=2, repeat=7, clock=CLOCK)
 ref = times["timm seresnet50 (hand-written)"]
 report(f"forward latency, batch 8, 224x224, CPU, {SETTING}", [
     {"model": k, "params": f"{params[k]:,}", "median s": times[k], "vs seresnet50": times[k] / ref} for k in models
@@ -59,7 +48,7 @@ for attention in ATTENTIONS:
             for init in ("paper", "identity")}
     row = {"case": attention}
     for batch in (1, 8):
-        t = side_by_side(pair, torch.randn(batch, 3, 224, 224), rounds=ROUNDS, repeat=REPEAT)
+        t = side_by_side(pair, torch.randn(batch, 3, 224, 224), rounds=ROUNDS, repeat=REPEAT, clock=CLOCK)
         row[f"paper s, b{batch}"] = t["paper"]
         row[f"identity/paper, b{batch}"] = t["identity"] / t["paper"]
     rows.append(row)
