@@ -87,6 +87,13 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     return new
 
 
+def attr_at(root: object, target: str) -> object:
+    """The attribute at a dotted path (`layer1.0.conv1`, `_tensor_constant0`); AttributeError when missing."""
+    for part in target.split("."):
+        root = getattr(root, part)
+    return root
+
+
 @contextlib.contextmanager
 def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
     """`module.train(training)` within the block, and every module's own flag put back after it (a frozen

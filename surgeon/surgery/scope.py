@@ -25,10 +25,10 @@ from torch import nn
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
-from surgeon.surgery.owned import (LeafReplacement, forward_source, patched_class, shallow_copy,
+from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, patched_class, shallow_copy,
                                     structural_copy)
 from surgeon.surgery.sites import Site
-from surgeon.surgery.trace import noting_training_reads
+from surgeon.surgery.trace import copy_graph, noting_training_reads
 
 log = logging.getLogger("surgeon")
 
@@ -217,13 +217,6 @@ def _resolves(module: nn.Module, target: str) -> bool:
     return obj is not None
 
 
-def _get(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _pure_module(m: nn.Module) -> bool:
     """A stateless torch.nn layer that draws no random numbers (a pooling or flatten layer)."""
     return (type(m).__module__.startswith("torch.nn.modules") and not isinstance(m, nn.modules.dropout._DropoutNd)
@@ -282,7 +275,7 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
     for n in own.graph.nodes:
         if n.op not in ("call_module", "get_attr") or (_resolves(twin, n.target) and _resolves(module, n.target)):
             continue
-        obj = _get(own, n.target)
+        obj = attr_at(own, n.target)
         name = n.target if "." not in n.target and n.target in added else _unique_name(
             module, _sanitize(n.target.replace(".", "_")), taken)
         if new.__dict__.get(name, 0) is None:
@@ -472,7 +465,4 @@ def _inside(path: str, outer: str) -> bool:
 
 def _fresh(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with its own copy of the graph (a cached trace may serve several owners' checks)."""
-    graph = fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
-    graph.output(out)
-    return _LazyGraphModule(gm, graph, class_name=gm.__class__.__name__)  # its code is written once, when edited
+    return _LazyGraphModule(gm, copy_graph(gm), class_name=gm.__class__.__name__)  # its code is written once, when edited

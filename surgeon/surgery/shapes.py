@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from surgeon.errors import ShapeError
 from surgeon.surgery import calls, meta
-from surgeon.surgery.owned import in_mode
+from surgeon.surgery.owned import attr_at, in_mode
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
 
@@ -66,15 +66,9 @@ class _InPlace(_Recorder):
 
     def fetch_attr(self, target: str) -> Any:
         try:
-            return _lookup(self.module, target)
+            return attr_at(self.module, target)
         except AttributeError:
-            return _lookup(self._traced, target)
-
-
-def _lookup(root: Any, target: str) -> Any:
-    for atom in target.split("."):
-        root = getattr(root, atom)
-    return root
+            return attr_at(self._traced, target)
 
 
 def _run(traced: Traced, inputs: tuple) -> None:

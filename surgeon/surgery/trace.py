@@ -26,7 +26,7 @@ from torch import nn
 
 from surgeon.errors import TraceError
 from surgeon.surgery import calls as calls_
-from surgeon.surgery.owned import in_mode
+from surgeon.surgery.owned import attr_at, in_mode
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -327,11 +327,10 @@ def unique_path(gm: nn.Module, owner: str, name: str) -> str:
 
 
 def _has_attr_path(root: nn.Module, path: str) -> bool:
-    obj = root
-    for part in path.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
+    try:
+        attr_at(root, path)
+    except AttributeError:
+        return False
     return True
 
 
@@ -362,7 +361,7 @@ def _restore_unused(gm: fx.GraphModule, original: nn.Module) -> None:
 _KEEP_ATTRS = ("pretrained_cfg", "default_cfg", "num_classes", "num_features", "_surgeon")
 
 
-def _copy_graph(gm: fx.GraphModule) -> fx.Graph:
+def copy_graph(gm: fx.GraphModule) -> fx.Graph:
     """A copy of an existing graph; node metadata (module stacks, hence site names) comes along."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
@@ -375,7 +374,7 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
     if isinstance(module, fx.GraphModule):
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
-        return _graph_module(module, _copy_graph(module), lazy=lazy)
+        return _graph_module(module, copy_graph(module), lazy=lazy)
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
@@ -504,4 +503,4 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
 
-__all__ = ["Traced", "SurgeonTracer", "trace", "trace_alone", "unique_path"]
+__all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "unique_path"]
