@@ -17,6 +17,7 @@ from conftest import perturb_bn
 from surgeon.layers import (BAM, CBAM, SCSE, SRM, AttentionGate, CoordAttn, EcaModule, FcaModule, GatherExcite,
                             GlobalContext, MultiHeadSelfAttn, SEModule, SpatialAttn, TripletAttention)
 from surgeon.layers.gate import GatedResidual, ZeroGate
+from surgeon.layers.self_attention import DualAttention
 from toy_models import TinyResNet
 
 # every feature-map attention, with the option variants whose gating differs
@@ -229,6 +230,30 @@ def test_gates_take_mixed_dtypes_as_autocast_makes_them():
 _NCHW_OPTIONS = {"sk": {"groups": 1}}
 _NO_SITE_HERE = {"attention_gate": "gates U-Net skips; TinyResNet has none (tests/test_scope.py covers smp Unets)",
                  "gau": "U-Net skips too (tests/test_pyramid.py covers the test U-Net and an smp Unet)"}
+
+
+def test_a_gated_branch_keeps_the_exact_strides_of_its_input_on_1x1_maps():
+    # a 1×1 map's strides leave the dims' order open; DANet's branch (token reshapes) lays its result out
+    # channels-last there, and a product with it took that layout. The convolution after the module picks its
+    # kernel by the strides, so the identity at init was off by rounding (and train-mode batch norm on two
+    # values per channel made that 5e-5)
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 1, 1)
+    conv = nn.Conv2d(64, 64, 1)
+    for gamma in (0.0, 0.5):  # at init and after training
+        danet = DualAttention(64).eval()
+        for m in (danet.position, danet.channel):
+            m.gamma.data.fill_(gamma)
+        with torch.no_grad():
+            out = danet(x)
+            mixed = GatedResidual(danet).eval()(x)
+        assert out.stride() == x.stride() and mixed.stride() == x.stride()
+        if gamma == 0:
+            with torch.no_grad():
+                assert torch.equal(conv(out), conv(x))
+    x = torch.randn(2, 64, 4, 4).to(memory_format=torch.channels_last)  # a real layout is followed too
+    with torch.no_grad():
+        assert DualAttention(64).eval()(x).stride() == x.stride()
 
 
 def test_channels_last_stays_channels_last_through_every_inserted_module():

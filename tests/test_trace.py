@@ -184,3 +184,49 @@ def test_modules_that_never_read_the_mode_are_traced_once(monkeypatch):
     modes.clear()
     trace(ModeViaHelper().eval())
     assert modes == [False, True]
+
+
+class _Augmented(torch.nn.Module):
+    """`+=` and `*=` on a map another name still holds, on a buffer, and on a size."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        y = self.conv(x)
+        held = y
+        y += x
+        y *= 2
+        self.calls += 1
+        n = x.shape[0]
+        n -= 1
+        return held, y.sum() * n
+
+
+def test_augmented_assignments_trace_in_place():
+    # fx's own Proxy records `y += x` as `y + x`: the traced forward allocated a new map, and `held`, which
+    # the model's code sees changed, kept the value from before
+    model = _Augmented().eval()
+    traced = trace(copy.deepcopy(model)).module
+    assert isinstance(traced, fx.GraphModule)
+    assert "y += x" not in traced.code and "+= " in traced.code and "*= " in traced.code
+    x = torch.randn(3, 3, 4, 4)
+    want, got = model(x.clone()), traced(x.clone())
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    assert float(model.calls) == float(traced.calls) == 1  # the buffer is updated in place, as in the model
+
+
+def test_a_rewritten_residual_block_adds_its_shortcut_in_place():
+    # timm's Bottleneck ends `x += shortcut; x = self.act3(x)` (an in-place ReLU): the block returns the map
+    # bn3 wrote. Rewritten with SE before the add, it returns the map SE wrote: the same number of maps
+    # allocated as the hand-written SE-ResNet's block
+    model = timm.create_model("resnet50").eval()
+    patched = surgeon.add(model, "se", init="paper", input_size=(3, 64, 64), verify=False)
+    block = patched.layer1[1]
+    seen = {}
+    block.se.register_forward_hook(lambda m, i, o: seen.__setitem__("se", o.data_ptr()))
+    with torch.no_grad():
+        out = block(torch.randn(2, 256, 16, 16))
+    assert out.data_ptr() == seen["se"]

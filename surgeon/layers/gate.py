@@ -59,14 +59,31 @@ class ZeroGate(nn.Module):
         if self.gamma is None:
             return x + a
         dtype = torch.promote_types(x.dtype, a.dtype)
-        return torch.addcmul(x.to(dtype), self._gamma(x, dtype), a.to(dtype))
+        return strided_like(torch.addcmul(x.to(dtype), self._gamma(x, dtype), a.to(dtype)), x)
 
     def mix(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """a + γ·(b − a): `b` in place of `a`, starting at exactly `a`."""
         if self.gamma is None:
             return b
         dtype = torch.promote_types(a.dtype, b.dtype)
-        return torch.lerp(a.to(dtype), b.to(dtype), self._gamma(a, dtype))
+        return strided_like(torch.lerp(a.to(dtype), b.to(dtype), self._gamma(a, dtype)), a)
+
+
+def strided_like(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`out` laid out in memory as `x` is, when it has x's shape. An elementwise op lays its result out by
+    its inputs' strides, and where x's strides leave the order open (dims of size 1: a 1×1 map), a branch
+    computed through token reshapes decides it; the layers after the module, which may pick their kernel by
+    the strides (a convolution's channels-last path), must see what they saw without it: the identity at
+    init is then bit-exact, and the rewritten forward's `out += shortcut` keeps the original's layout."""
+    if out.stride() == x.stride() or out.shape != x.shape or not _dense(x):
+        return out
+    return torch.empty_like(x, dtype=out.dtype).copy_(out)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill its storage span once each (empty_like then copies its strides)."""
+    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last) \
+        or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d))
 
 
 def mul_own(out: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, pat
                                     structural_copy)
 from surgeon.surgery.sites import Site
 from surgeon.surgery.trace import copy_graph, noting_training_reads
+from surgeon.surgery.values import IN_PLACE_OPERATORS
 
 log = logging.getLogger("surgeon")
 
@@ -238,7 +239,7 @@ def prune(owner: fx.GraphModule, nodes: list[fx.Node]) -> None:
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):
             continue
-        if n.op == "call_function" and n.is_impure():
+        if n.op == "call_function" and (n.is_impure() or n.target in IN_PLACE_OPERATORS):
             continue
         ins = [a for a in n.all_input_nodes]
         graph.erase_node(n)

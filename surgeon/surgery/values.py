@@ -9,6 +9,7 @@ every surgeon graph already is for its example's layout); a decision on tensor d
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -22,14 +23,33 @@ _MISSING = object()
 _DECIDABLE = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
 
 
+# Python's augmented assignments (`x += y`), which fx's own Proxy records as `x + y`: a new tensor where the
+# model's code changed one in place. Recorded as themselves, the generated code writes `x += y` again, so a
+# rewritten forward allocates what the original did, and a `+=` on a tensor that other names still hold
+# changes it for them too.
+IN_PLACE_OPERATORS = {getattr(operator, f"i{op}") for op in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift")}
+
+
+def _augmented(op):
+    def method(self, other):
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+    method.__name__ = f"__{op.__name__}__"
+    return method
+
+
 class ValueProxy(fx.Proxy):
-    """A Proxy whose length is known when its value is."""
+    """A Proxy whose length is known when its value is, and which records `x += y` as itself."""
 
     def __len__(self) -> int:
         value = self.tracer.value(self.node)
         if isinstance(value, (tuple, list, dict, torch.Size)):
             return len(value)
         return super().__len__()
+
+
+for _op in IN_PLACE_OPERATORS:
+    setattr(ValueProxy, f"__{_op.__name__}__", _augmented(_op))
 
 
 class ValueTracing:
@@ -132,4 +152,4 @@ class ValueTracing:
         return super().call_module(m, forward, args, kwargs)
 
 
-__all__ = ["ValueProxy", "ValueTracing"]
+__all__ = ["IN_PLACE_OPERATORS", "ValueProxy", "ValueTracing"]
