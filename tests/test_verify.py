@@ -218,3 +218,25 @@ def test_flops_of_norms_followed_by_in_place_activations_are_counted_on_meta_ten
                         lambda self, x, w, b: devices.append(x.device.type) or conv(self, x, w, b))
     assert torch.is_grad_enabled() and _flops(model, (x,)) == want > 0  # as verify calls it: autograd on
     assert devices == ["meta", "meta"]  # no real forward after a failed meta one
+
+
+def test_flops_per_sample_are_summed_during_the_checks_forwards(monkeypatch):
+    # what one sample costs, from the batch-of-3 eval forwards the check runs anyway: no forward of its own
+    import surgeon.surgery.verify as verify_module
+    from surgeon.surgery.verify import count_flops
+
+    original, patched, inputs = _pair()
+    want = [count_flops(m, (inputs[0][:1],)) for m in (original, patched)]
+    monkeypatch.setattr(verify_module, "_flops", lambda *a: pytest.fail("a FLOP count ran a forward of its own"))
+    v = verify(original, patched, inputs, ["attn"])
+    assert [v.flops_before, v.flops_after] == want and want[0] == 2 * 4 * 4 > 0
+
+
+def test_flops_of_a_forward_the_sum_cannot_take_are_counted_on_one_sample_apart():
+    original = _Branches()
+    patched = copy.copy(original)
+    patched._modules = {**original._modules, "extra": Gated()}
+    patched.forward = lambda x: patched.extra(_Branches.forward(patched, x))
+    x = torch.randn(2, 4)
+    v = verify(original, patched, (x,), ["extra"])
+    assert v.ok and v.flops_before == v.flops_after == _torch_counter_total(original, (x[:1],)) > 0

@@ -113,13 +113,17 @@ class _FlopSum(TorchDispatchMode):
         return out
 
 
+def _extra_formulas() -> dict:
+    # NOTE: the flop counter has no formula for the CPU flash-attention kernel that
+    # scaled_dot_product_attention dispatches to, so attention products would count as zero
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def count_flops(model: nn.Module, inputs: tuple) -> int:
     """FLOPs of one forward (torch.utils.flop_counter's formulas), counting CPU fused attention too."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    # NOTE: the flop counter has no formula for the CPU flash-attention kernel that
-    # scaled_dot_product_attention dispatches to, so attention products would count as zero
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    extra = _extra_formulas()
     try:
         # without autograd: FLOPs do not depend on it, and on meta tensors the norms' shape-only stand-ins would
         # otherwise be leaves requiring grad, which an in-place activation after them refuses
@@ -145,6 +149,24 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
         return meta.run([model], lambda *xs: count_flops(model, xs), *inputs)
     except meta.NeedsValues:
         return count_flops(model, _copy_inputs(inputs))
+
+
+def _counted(model: nn.Module, inputs: tuple) -> tuple[Any, int | None]:
+    """The model's output on a fresh copy of `inputs`, and the FLOPs per sample of that forward, summed on the
+    way (as `count_flops`, divided by the batch size): the checks' forwards count what a separate run on one
+    sample would. None when they cannot be: inputs without one batch size, or an op the plain sum cannot take
+    (the forward then runs again without counting, so the model's own errors come from a plain run)."""
+    sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()}
+    if len(sizes) != 1 or not next(iter(sizes)):
+        return model(*_copy_inputs(inputs)), None
+    counter = _FlopSum(_extra_formulas())
+    try:
+        with counter:
+            out = model(*_copy_inputs(inputs))
+    except Exception as exc:  # noqa: BLE001 - counted separately after the checks (see `_flops`)
+        log.debug("flops: not counted on the way (%s: %s)", type(exc).__name__, exc)
+        return model(*_copy_inputs(inputs)), None
+    return out, round(counter.total / sizes.pop())
 
 
 def _copy_inputs(inputs: tuple) -> tuple:
@@ -261,7 +283,8 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     2. A backward pass from the patched output: which new parameters it reaches.
     3. Train mode under one seed, inserted modules made neutral to the random generator: outputs and
        the running statistics the original updates (restored afterwards).
-    4. FLOPs of one sample through each.
+    4. FLOPs per sample of each, summed during the eval forwards of 1 (on one sample apart, when they cannot
+       be summed on the way).
 
     Args:
         new_modules: module paths (in `patched`) the edits inserted.
@@ -274,13 +297,14 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     # must not leave the user's model holding this run's tensors (and their autograd graph)
     stored = [(m, meta.snapshot(m)) for m in original.modules()]
     try:
-        expected = original(*_copy_inputs(inputs))
+        expected, flops_before = _counted(original, inputs)
         structure = _grad_structure(expected)
         expected = [t.detach() for t in tensors(expected)]
         new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
         for p in saved:
             p.grad = None
-        out = patched(*_copy_inputs(inputs))  # one forward serves both the comparison and the backward pass
+        # one forward serves the comparison, the backward pass and the FLOPs
+        out, flops_after = _counted(patched, inputs)
         diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
         if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
             diff = float("nan")
@@ -306,7 +330,8 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             train_diff, train_note = _train_check(original, patched, inputs, new_modules)
         original.eval(), patched.eval()
         one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
-        flops_before, flops_after = _flops(original, one), _flops(patched, one)
+        if flops_before is None or flops_after is None:
+            flops_before, flops_after = _flops(original, one), _flops(patched, one)
     finally:
         for p, g in saved.items():
             p.grad = g
