@@ -4,7 +4,8 @@
    timm seresnet50 vs `se --init paper` on resnet50, and timm's resnet50 with CBAM blocks
    (`block_args=dict(attn_layer="cbam")`) vs `cbam --init paper`; each attention's overhead over
    resnet50, and surgeon's overhead over the hand-written one's. Goals (issue 12): se within 2% of
-   seresnet50; CBAM's overhead at most half of timm's.
+   seresnet50; CBAM's overhead at most half of timm's. The hand-written models hold the patched ones'
+   weights, and a second seresnet50 (control) shows how far two copies of one model time apart.
 2. torch.compile speed-up (eager / compiled, eval, no grad) of resnet50 and of the patched models
    (identity init): the patched models should gain what the base model gains.
 
@@ -32,14 +33,27 @@ def _side_by_side(models: dict, x: torch.Tensor, train: bool) -> dict[str, float
     return side_by_side(models, x, train=train, rounds=ROUNDS, repeat=REPEAT, clock=CLOCK)
 
 
+def _same_weights(model: torch.nn.Module, source: torch.nn.Module) -> torch.nn.Module:
+    """`model` holding `source`'s tensors under the same names (reshaped where a linear layer is a 1x1 conv)."""
+    own = model.state_dict()
+    model.load_state_dict({k: v.reshape(own[k].shape) for k, v in source.state_dict().items() if k in own},
+                          strict=False)
+    return model
+
+
 def handwritten() -> list[dict]:
     resnet50 = timm.create_model("resnet50")
+    se_paper = surgeon.add(resnet50.eval(), "se", init="paper", input_size=(3, 224, 224), verify=False)
     models = {
         "resnet50": resnet50,
-        "seresnet50": timm.create_model("seresnet50"),
-        "se paper": surgeon.add(resnet50.eval(), "se", init="paper", input_size=(3, 224, 224), verify=False),
-        "timm cbam": timm.create_model("resnet50", block_args=dict(attn_layer="cbam")),
+        # the hand-written models hold the same weights (timm's SE has 1x1 convs where surgeon's has linear
+        # layers; its CBAM's own layers differ and keep theirs): only the code differs
+        "seresnet50": _same_weights(timm.create_model("seresnet50"), se_paper),
+        "se paper": se_paper,
+        "timm cbam": _same_weights(timm.create_model("resnet50", block_args=dict(attn_layer="cbam")), resnet50),
         "cbam paper": surgeon.add(resnet50.eval(), "cbam", init="paper", input_size=(3, 224, 224), verify=False),
+        # a second seresnet50 with the same weights: the spread of the measurement itself
+        "control": _same_weights(timm.create_model("seresnet50"), se_paper),
     }
     rows = []
     for batch in (1, 8):
@@ -50,6 +64,7 @@ def handwritten() -> list[dict]:
             rows.append({
                 "case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": base,
                 "se paper / seresnet50": t["se paper"] / t["seresnet50"],
+                "control / seresnet50": t["control"] / t["seresnet50"],
                 "cbam paper / timm cbam": t["cbam paper"] / t["timm cbam"],
                 "timm cbam overhead": t["timm cbam"] / base - 1,
                 "surgeon cbam overhead": t["cbam paper"] / base - 1,
