@@ -209,12 +209,11 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
     outputs.check_file(out, force=force, reading=reading)
     if folder is not None:
         model = checkpoint.load(folder, trust_code=trust_code)
-    training = model.training
-    model.eval()
-    try:  # the deployed form: gates folded where exact (a copy; see `surgeon.merge`)
+    from surgeon.surgery.owned import in_mode
+
+    # in eval mode, and afterwards each module in its own mode again (a frozen norm inside a training model)
+    with in_mode(model, False):  # the deployed form: gates folded where exact (a copy; see `surgeon.merge`)
         return _export(merge(model), format, out, api.example_inputs(model, example_input=example_input), tolerance)
-    finally:
-        model.train(training)
 
 
 def _export(model, format: str, out: Path, inputs: tuple, tolerance: float) -> Exported:

@@ -19,6 +19,7 @@ from surgeon import record
 from surgeon.errors import ModelError
 from surgeon.layers.applied import Applied
 from surgeon.layers.gate import ZeroGate
+from surgeon.surgery.owned import in_mode
 
 __all__ = ["Capture", "GateStat", "capture", "gates", "attention_layer"]
 
@@ -109,18 +110,6 @@ def _detached(parts: dict[str, Applied]) -> dict[str, Applied]:
     return {k: Applied(p.kind, p.weights.detach().contiguous().clone()) for k, p in parts.items()}
 
 
-@contextmanager
-def _eval(model: nn.Module):
-    """Eval mode for the duration (each module's own mode restored after)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-
-
 def _inputs(model: nn.Module, inputs: tuple) -> tuple:
     if inputs:
         return inputs
@@ -165,7 +154,7 @@ def capture(model: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, Capture]
                                 if isinstance(m, ZeroGate) and m.gamma is not None})
             found[cap.site] = cap
             stack.enter_context(_hooks(module, cap))
-        with _eval(model), torch.no_grad():
+        with in_mode(model, False), torch.no_grad():  # each module's own mode put back after
             model(*_inputs(model, inputs), **kwargs)
     return found
 

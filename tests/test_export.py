@@ -254,3 +254,15 @@ def test_the_reason_is_the_root_cause_and_its_operator():
     except RuntimeError as exc:
         assert _reason(exc) == ("AssertionError: only 4D query, key, and value are supported "
                                 "(at aten.scaled_dot_product_attention)")
+
+
+def test_export_leaves_every_module_in_its_own_mode(tmp_path):
+    # exporting runs the model in eval mode; a training model with frozen norms must come back so
+    torch.manual_seed(0)
+    model = surgeon.add(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3)),
+                        "se", example_input=torch.randn(2, 3, 16, 16)).train()
+    model[1].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    result = export(model, "torchscript", tmp_path / "m.pt")
+    assert result.max_abs_diff <= 1e-5
+    assert {n: m.training for n, m in model.named_modules()} == before and not before["1"] and before[""]

@@ -140,3 +140,28 @@ def test_in_mode_sets_every_flag_and_puts_each_back():
     with in_mode(frozen, True):  # a class with its own `train` is asked, not overridden
         assert [m.training for m in frozen.modules()] == [True, True, False]
     assert not any(m.training for m in frozen.modules())
+
+
+@pytest.mark.parametrize("attention", ["cbam", "attnpool"])  # inserted into blocks; in pooling layers' places
+@pytest.mark.parametrize("verify", [False, True])
+def test_surgery_keeps_every_modules_own_mode_and_new_modules_take_their_places(attention, verify):
+    # fine-tuning often trains a model with some of it frozen in eval mode (its batch norms, a whole stage):
+    # surgery, and the verification that switches modes to compare, must leave the user's model and the
+    # patched one so, and a module inserted into a frozen stage is frozen with it
+    import timm
+
+    model = timm.create_model("resnet18").train()
+    model.bn1.eval(), model.maxpool.eval(), model.layer1[0].bn1.eval(), model.layer2.eval(), model.global_pool.eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    patched = surgeon.add(model, attention, input_size=(3, 64, 64), verify=verify)
+    assert {n: m.training for n, m in model.named_modules()} == before
+    new = {e.module for e in surgeon.edits(patched)}
+    kept = {n: m.training for n, m in patched.named_modules() if n in before and not any(
+        n == p or n.startswith(p + ".") for p in new)}
+    assert kept == {n: f for n, f in before.items() if n in kept} and len(kept) >= len(before) - 10
+    modes = set()
+    for path in new:
+        place = before.get(path, before[path.rpartition(".")[0]])  # a replaced leaf's, or its parent's
+        assert {m.training for m in patched.get_submodule(path).modules()} == {place}, path
+        modes.add(place)
+    assert modes == ({True, False} if attention == "cbam" else {False})  # cbam in layer1 and layer2

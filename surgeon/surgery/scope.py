@@ -335,8 +335,10 @@ def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[
         if o.key == SWAP:
             (site, module, _), = o.edits
             module._surgeon_leaf = True
+            leaf = result.get_submodule(full)
             if _arity(module) >= 2:
-                module = LeafReplacement(result.get_submodule(full), module)
+                module = LeafReplacement(leaf, module)
+            module.train(leaf.training)  # the mode of the leaf whose place it takes
             result = _install(result, full, module)
             done.add(full)
             paths[site.name] = owner_of[site.name] = full

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from surgeon.surgery import meta
+from surgeon.surgery.owned import in_mode
 
 log = logging.getLogger("surgeon")
 
@@ -290,8 +292,11 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         new_modules: module paths (in `patched`) the edits inserted.
         tolerance: the max |diff| allowed (identity init), or None when the output may change (paper init).
     """
-    modes = (original.training, patched.training)
-    original.eval(), patched.eval()
+    # every module's own mode is put back afterwards, not the root's spread over all (a frozen norm in eval
+    # mode inside a training model stays frozen)
+    modes = ExitStack()
+    modes.enter_context(in_mode(original, False))
+    modes.enter_context(in_mode(patched, False))
     saved = {p: p.grad for p in patched.parameters()}
     # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
     # must not leave the user's model holding this run's tensors (and their autograd graph)
@@ -337,7 +342,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             p.grad = g
         for m, before in stored:
             meta.undo(m, before)
-        original.train(modes[0]), patched.train(modes[1])
+        modes.close()
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
