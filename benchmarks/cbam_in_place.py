@@ -3,6 +3,9 @@ map multiplied into the channel-weighted map in place when autograd is off, `lay
 the same patched model whose CBAM layers allocate a new map for that product, and timm's CBAM resnet50; each
 one's overhead over resnet50, at batch 1 and 8, eval and train (in training both variants run out of place).
 
+Then one CBAM alone on resnet50's first-stage maps (256x56x56), surgeon's against timm's, in eval: what the
+module costs where no network's freed memory is there to reuse.
+
 Side by side in one process, interleaved rounds, the minimum of each round's median; CPU time on one thread.
 ROUNDS and REPEAT set the effort.
 """
@@ -49,7 +52,25 @@ def compare() -> list[dict]:
     return rows
 
 
+def alone() -> list[dict]:
+    from timm.layers.cbam import CbamModule
+
+    torch.manual_seed(0)
+    modules = {"surgeon cbam": CBAM(256), "timm cbam": CbamModule(256)}
+    rows = []
+    for batch in (1, 8):
+        times = side_by_side(modules, torch.randn(batch, 256, 56, 56), train=False, rounds=ROUNDS, repeat=REPEAT,
+                             clock=time.process_time)
+        rows.append({"case": f"b{batch} eval", **{f"{k} ms": t * 1e3 for k, t in times.items()},
+                     "surgeon / timm": times["surgeon cbam"] / times["timm cbam"]})
+    return rows
+
+
 before = load_average()
 rows = compare()
 report(f"CBAM's in-place product, resnet50 224x224, CPU time, 1 thread, min of {ROUNDS} interleaved rounds; "
+       f"load average {before} before, {load_average()} after", rows)
+before = load_average()
+rows = alone()
+report(f"one CBAM alone, 256x56x56 maps, CPU time, 1 thread, min of {ROUNDS} interleaved rounds; "
        f"load average {before} before, {load_average()} after", rows)
