@@ -64,7 +64,7 @@ def report(title: str, rows: list[dict[str, Any]]) -> None:
 
     t = Table(title=title, title_justify="left")
     for col in rows[0]:
-        t.add_column(col, justify="left" if col in ("what", "model", "case") else "right")
+        t.add_column(col, justify="left" if col in ("what", "model", "case", "step") else "right")
     for r in rows:
         t.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()))
     Console().print(t)
