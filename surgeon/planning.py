@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import gc
 import inspect
+import itertools
 import logging
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ EXAMPLE_BATCH = 2
 def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of the model's weights (its first floating parameter or buffer; CPU and
     the default dtype for a model without any). Example inputs and inserted modules follow them."""
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()

@@ -126,8 +126,22 @@ def _register_module(pm: pluggy.PluginManager, modname: str, name: str) -> None:
     pm.register(module, name=name)
 
 
+# {hook name: (the implementations it was collected from, the items)}: collected again only when a plugin
+# is registered or unregistered (each plan looks its attention up; building the table costs milliseconds)
+_COLLECTED: dict[str, tuple[tuple, dict[str, Any]]] = {}
+
+
 def _collect(hook_name: str, make: Callable[..., Any], key: Callable[[Any], list[str]]) -> dict[str, Any]:
     """Call one registration hook plugin by plugin; build items with `make`, keyed by `key`."""
+    impls = tuple((impl.plugin_name, impl.function)
+                  for impl in getattr(get_plugin_manager().hook, hook_name).get_hookimpls())
+    cached = _COLLECTED.get(hook_name)
+    if cached is None or cached[0] != impls:
+        _COLLECTED[hook_name] = (impls, _collect_now(hook_name, make, key))
+    return dict(_COLLECTED[hook_name][1])
+
+
+def _collect_now(hook_name: str, make: Callable[..., Any], key: Callable[[Any], list[str]]) -> dict[str, Any]:
     pm = get_plugin_manager()
     items: dict[str, Any] = {}
     owners: dict[str, str] = {}
