@@ -292,15 +292,15 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         new_modules: module paths (in `patched`) the edits inserted.
         tolerance: the max |diff| allowed (identity init), or None when the output may change (paper init).
     """
+    saved = {p: p.grad for p in patched.parameters()}
+    # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
+    # must not leave the user's model holding this run's tensors (and their autograd graph)
+    stored = [(m, meta.snapshot(m)) for m in original.modules()]
     # every module's own mode is put back afterwards, not the root's spread over all (a frozen norm in eval
     # mode inside a training model stays frozen)
     modes = ExitStack()
     modes.enter_context(in_mode(original, False))
     modes.enter_context(in_mode(patched, False))
-    saved = {p: p.grad for p in patched.parameters()}
-    # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
-    # must not leave the user's model holding this run's tensors (and their autograd graph)
-    stored = [(m, meta.snapshot(m)) for m in original.modules()]
     try:
         expected, flops_before = _counted(original, inputs)
         structure = _grad_structure(expected)
