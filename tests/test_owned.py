@@ -165,3 +165,27 @@ def test_surgery_keeps_every_modules_own_mode_and_new_modules_take_their_places(
         assert {m.training for m in patched.get_submodule(path).modules()} == {place}, path
         modes.add(place)
     assert modes == ({True, False} if attention == "cbam" else {False})  # cbam in layer1 and layer2
+
+
+def test_a_pruned_model_is_patched_and_stays_pruned():
+    # torch.nn.utils.prune keeps `weight = weight_orig * weight_mask` as a plain attribute with a history,
+    # recomputed by a pre-hook before every forward; deepcopy refuses such tensors, and surgery copied with it
+    import timm
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18").eval()
+    prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.5)
+    prune.random_unstructured(model.conv1, "weight", amount=0.3)
+    x = torch.randn(2, 3, 64, 64)
+    patched = surgeon.add(model, "cbam", example_input=x)  # verified: identity in eval and train mode
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+    assert not model.layer1[0].conv1.weight.is_meta and set(patched.state_dict()) >= set(model.state_dict())
+    conv = patched.layer1[0].conv1
+    with torch.no_grad():
+        conv.weight_orig.add_(1.0)  # shared with the original: the mask still zeroes the pruned half
+        patched(x)
+    assert float((conv.weight == 0).float().mean()) == 0.5
+    patched.train()(x).sum().backward()
+    assert conv.weight_orig.grad is not None and bool((conv.weight_orig.grad[conv.weight_mask == 0] == 0).all())

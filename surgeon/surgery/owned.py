@@ -12,6 +12,7 @@ import itertools
 from collections import OrderedDict
 from typing import Iterator
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -81,6 +82,11 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
             state[k] = memo[id(v)] = type(v)((n, None if t is None else memo[id(t)]) for n, t in v.items())
         elif type(v) is set and all(type(e) is str for e in v):  # the non-persistent buffers' names
             state[k] = memo[id(v)] = set(v)
+        elif isinstance(v, torch.Tensor) and not v.is_leaf:
+            # computed from parameters and stored as a plain attribute (torch.nn.utils.prune's `weight`, which its
+            # pre-hook recomputes from `weight_orig` and the mask before every forward): deepcopy refuses tensors
+            # with a history, and like the parameters it is computed from, the copy shares it
+            state[k] = v
         else:
             state[k] = copy.deepcopy(v, memo)
     new.__setstate__(state)
