@@ -24,7 +24,9 @@ class Verification:
     new_params: parameter tensors the edits added; with_grad: how many of them a backward pass
     reached; nonzero_grad: how many got a non-zero gradient (at identity init only the gates can:
     the others sit behind a zero gate for the first step; a freshly initialised network whose
-    blocks end in zero-initialised norms gives the gates zero gradient too).
+    blocks end in zero-initialised norms gives the gates zero gradient too). same_grad_structure: every
+    output that requires gradients in the original still does (one that did not may, through the new
+    parameters of a model the user froze).
     """
 
     max_abs_diff: float
@@ -59,7 +61,8 @@ class Verification:
             return (f"In train mode the patched model differs from the original by {self.train_max_abs_diff:.3g} "
                     f"(outputs or running statistics; > {self.tolerance:g})")
         if not self.same_grad_structure:
-            return "The patched model's outputs require gradients where the original's do not (or the reverse)"
+            return ("The patched model's outputs do not require gradients where the original's do (an inserted "
+                    "module cuts the autograd graph)")
         if self.with_grad != self.new_params:
             return f"A backward pass reached only {self.with_grad} of {self.new_params} new parameters"
         return None
@@ -281,7 +284,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     """Run `inputs` through both models on CPU and compare; backward through the patched one.
 
     1. Eval mode, autograd on for both (like with like), each on its own copy of the inputs: max |diff|,
-       NaN/inf where the original is finite, and which outputs require grad.
+       NaN/inf where the original is finite, and that every output requiring grad in the original still does.
     2. A backward pass from the patched output: which new parameters it reaches.
     3. Train mode under one seed, inserted modules made neutral to the random generator: outputs and
        the running statistics the original updates (restored afterwards).
@@ -313,7 +316,10 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
         if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
             diff = float("nan")
-        same_grad = structure == _grad_structure(out)
+        # every output that required gradients still does (nothing inserted cuts the graph); one that did not may
+        # now: the new parameters are trainable where the user froze the model (a frozen backbone's output)
+        got = _grad_structure(out)
+        same_grad = len(got) == len(structure) and all(p or not o for o, p in zip(structure, got))
         loss = sum(t.float().sum() for t in tensors(out) if t.is_floating_point())
         grads = [None] * len(new_params)
         trainable = [i for i, p in enumerate(new_params) if p.requires_grad]
