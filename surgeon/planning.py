@@ -153,6 +153,9 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         model = models.load(model)
     if not isinstance(model, nn.Module):
         raise ModelError(f"Expected a torch.nn.Module or a model reference string, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(f"{type(model).__name__} is TorchScript (torch.jit.script or trace), which surgery cannot "
+                         "edit: patch the nn.Module it was made from, then script the patched model")
     inputs = example_inputs(model, input_size=input_size, example_input=example_input)
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the

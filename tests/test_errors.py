@@ -4,6 +4,7 @@ import ast
 import pathlib
 
 import pytest
+import torch
 from click.testing import CliRunner
 from torch import nn
 
@@ -62,6 +63,13 @@ def test_a_kind_the_attention_does_not_serve_is_an_option_error():
 def test_a_model_that_is_no_module_is_a_model_error():
     with pytest.raises(ModelError, match="Expected a torch.nn.Module or a model reference string, got int"):
         surgeon.sites(3)
+
+
+@pytest.mark.parametrize("to_script", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 32, 32))])
+def test_a_torchscript_model_is_refused_naming_what_to_patch_instead(to_script):
+    scripted = to_script(TinyResNet().eval())
+    with pytest.raises(ModelError, match="is TorchScript .* patch the nn.Module it was made from"):
+        surgeon.add(scripted, "se", input_size=(3, 32, 32))
 
 
 def test_an_adapter_of_a_model_without_edits_is_an_option_error(tmp_path):
