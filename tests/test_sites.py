@@ -188,3 +188,15 @@ class SharedCoarseConcat(torch.nn.Module):
 
 def test_skip_finder_needs_a_skip_apart_from_the_decoder():
     assert names(SharedCoarseConcat().eval(), "skip", input_size=(3, 16, 16)) == []
+
+
+def test_a_model_wrapped_in_data_parallel_gets_the_wrapped_models_sites():
+    # nn.DataParallel's forward takes `*inputs`: the input is an element of a packed placeholder, and the
+    # layouts (hence which attention acts where) follow from it as from a plain input
+    model = torch.nn.DataParallel(timm.create_model("resnet18").eval())
+    x = torch.randn(2, 3, 64, 64)
+    sites = surgeon.sites(model, kind="residual", example_input=x)
+    assert len(sites) == 8 and {s.layout for s in sites} == {"nchw"}
+    patched = surgeon.add(model, "se", example_input=x)  # residual, as for the bare model; verified
+    assert type(patched) is torch.nn.DataParallel and [e.site for e in surgeon.edits(patched)][:2] == [
+        "module.layer1.0", "module.layer1.1"] and len(surgeon.edits(patched)) == 8

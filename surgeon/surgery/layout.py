@@ -170,6 +170,13 @@ def _tuple_dim(node: fx.Node, dims: dict, tokens: int) -> int | None:
     return d if len(s) == 3 and len(_shape(first)) == 3 and _shape(first)[0] == s[0] and d == tokens else None
 
 
+def _is_input(n: fx.Node) -> bool:
+    """An input of the graph: a placeholder, or an element of one that packs several (`forward(self, *inputs)`,
+    as nn.DataParallel's)."""
+    return n.op == "placeholder" or (n.op == "call_function" and n.target is operator.getitem
+                                     and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")
+
+
 def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[fx.Node, int]) -> tuple[dict, dict]:
     channel: dict[fx.Node, int | None] = {}
     batch: dict[fx.Node, int | None] = {}
@@ -178,7 +185,7 @@ def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[
         if s is None or not s:
             channel[n] = batch[n] = None
             continue
-        if n.op == "placeholder":
+        if _is_input(n):
             channel[n], batch[n] = seeds.get(n), 0
             continue
         batch[n] = _follow(n, batch, batch=True)
@@ -303,7 +310,7 @@ def derive(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, d
     """({node: channel dim or None}, {node: batch dim or None}) for every node of one graph."""
     channel, batch = _propagate(nodes, modules, {})
     seeds = {}
-    for p in (n for n in nodes if n.op == "placeholder" and channel[n] is None and _shape(n)):
+    for p in (n for n in nodes if _is_input(n) and channel[n] is None and _shape(n)):
         for u in sorted(p.users, key=nodes.index):
             fixed = channel_setter(u, modules)
             if fixed is not None and u.args and u.args[0] is p:
