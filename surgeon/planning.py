@@ -27,7 +27,7 @@ from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
 from surgeon.surgery.trace import Traced, trace, trace_alone
-from surgeon.surgery.verify import Verification, verify
+from surgeon.surgery.verify import Verification, fixed_generators, verify
 
 log = logging.getLogger("surgeon")
 
@@ -164,6 +164,7 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     # a detector that resizes every image to 800 pixels runs on small ones, unless the user gave the input
     small = sizes.resizes_large(model) and example_input is None if small_images is None else small_images
     with ExitStack() as smaller:
+        smaller.enter_context(fixed_generators())  # what tracing draws does not depend on what ran before
         if small:
             smaller.enter_context(sizes.small_images(copy))
         recorded = shapes.record_calls(copy, inputs)
@@ -338,9 +339,10 @@ class Plan:
     def _chosen(self) -> scope.Choice:
         if self._choice is None:  # decided once: the table, --json and apply() share it
             calls = self._prep.traced.calls
-            self._choice = scope.choose(self.model, self._prep.traced,
-                                        [(e.site, e.module, e.attention) for e in self.edits],
-                                        lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)))
+            with fixed_generators():  # owners trace as the model did (see `_prepare`)
+                self._choice = scope.choose(self.model, self._prep.traced,
+                                            [(e.site, e.module, e.attention) for e in self.edits],
+                                            lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)))
         return self._choice
 
     @property

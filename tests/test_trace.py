@@ -230,3 +230,62 @@ def test_a_rewritten_residual_block_adds_its_shortcut_in_place():
     with torch.no_grad():
         out = block(torch.randn(2, 256, 16, 16))
     assert out.data_ptr() == seen["se"]
+
+
+class _DrawsWhileTracing(TinyResNet):
+    """TinyResNet whose forward draws from the global generator, as LayerDrop's `torch.rand([])` does."""
+
+    def forward(self, x):
+        torch.rand(1000)
+        return super().forward(x)
+
+
+def test_tracing_leaves_the_callers_random_sequence_where_it_was():
+    # surgery draws only what building the new modules draws: a forward that draws while it is traced (in
+    # both modes, and again for each owner) no longer moves the caller's generator, nor does what ran before
+    # decide what the trace sees
+    states = []
+    for make in (TinyResNet, _DrawsWhileTracing):
+        torch.manual_seed(0)
+        model = make().eval()
+        surgeon.add(model, "se", input_size=(3, 32, 32), verify=False)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])
+
+
+class _LayerDrop(torch.nn.Module):
+    """Residual layers that training skips at random (LayerDrop, as Wav2Vec2's encoder): the draw is in this
+    module's own code, and so are the residual adds."""
+
+    def __init__(self, p=0.2):
+        super().__init__()
+        self.p = p
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1),
+                                                              torch.nn.BatchNorm2d(8)) for _ in range(4))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.p:
+                continue
+            x = x + layer(x)
+        return x.mean((2, 3))
+
+
+@pytest.mark.parametrize("p", [0.0001, 0.9999])  # the trace's draw keeps every layer / skips every layer
+def test_a_forward_that_draws_its_structure_in_training_stays_python(p):
+    # one traced draw cannot stand for every training step: traced whole, the patched forward would always
+    # keep (or always skip) the layers the draw kept; the module stays Python and keeps drawing
+    torch.manual_seed(0)
+    model = _LayerDrop(p).eval()
+    x = torch.randn(2, 3, 16, 16)
+    patched = surgeon.add(model, "se", kind="after_conv", example_input=x, verify=False)
+    assert "" not in {e.owner for e in surgeon.edits(patched)} and "forward" not in patched.__dict__
+    model.p = patched.p = 0.5
+    outs = []
+    for m in (model, patched):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            outs.append(torch.stack([m.train()(x) for _ in range(8)]))
+    assert torch.equal(outs[0], outs[1])  # the same layers dropped, step by step

@@ -125,6 +125,8 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
         self.leaf_types = tuple(notrace_modules) + tuple(leaf_types)
         self.call = call
         self.values = values and call is not None
+        self.watch_draws = False  # note which module's code draws from the global generator (train mode)
+        self.drew: str | None = None
 
     def create_arg(self, a):
         """A dict subclass (Hugging Face's ModelOutput) is rebuilt as its own type, not made a plain dict."""
@@ -195,12 +197,17 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
+        # (not while a value is computed on fake tensors, see values.py: that is no code of the model's)
+        before = torch.get_rng_state() if self.watch_draws and not self._computing else None
         try:
-            return super().call_module(m, forward, args, kwargs)
+            out = super().call_module(m, forward, args, kwargs)
         except Exception as exc:
             if not hasattr(exc, "_surgeon_culprit"):
                 exc._surgeon_culprit = path  # innermost module whose forward failed
             raise
+        if before is not None and self.drew is None and not torch.equal(before, torch.get_rng_state()):
+            self.drew = path  # innermost module whose forward drew random numbers (see `_trace_graph`)
+        return out
 
 
 _NOTING: list = []  # one entry per active `noting_training_reads`: the tracer noting reads (or None)
@@ -239,9 +246,14 @@ def noting_training_reads(tracer: fx.Tracer | None = None):
 
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
                  call: calls_.Call | None) -> tuple[fx.Graph, bool]:
-    """The graph of `module` in the given mode, and whether tracing read any module's `training` flag."""
+    """The graph of `module` in the given mode, and whether tracing read any module's `training` flag.
+
+    Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
+    whose code drew, '' for the module's own code; None when nothing drew): see `_trace_whole`."""
     with in_mode(module, training):
+        state = torch.get_rng_state()
         tracer = SurgeonTracer(leaf_paths, call=call)
+        tracer.watch_draws = training
         try:
             graph = tracer.trace(module)
         except Exception:
@@ -250,11 +262,57 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
             # decisions on sizes (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`): trace again
             # knowing every value's shape, which is slower
             tracer = SurgeonTracer(leaf_paths, call=call, values=True)
+            tracer.watch_draws = training
             graph = tracer.trace(module)
+        drew = (tracer.drew or "") if training and not torch.equal(state, torch.get_rng_state()) else None
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
-    return graph, tracer.read_training
+    return graph, tracer.read_training, drew
+
+
+_BELOW_ONE = 1 - 2 ** -24  # the largest float32 torch.rand returns
+
+
+@contextlib.contextmanager
+def _rand_returning(value: float):
+    """`torch.rand` with constant sizes returns `value` everywhere within the block (with traced sizes it draws
+    as always, recorded in the graph)."""
+    rand = torch.rand
+
+    def constant(*size, generator=None, out=None, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in (*size, *kwargs.values())) or out is not None:
+            return rand(*size, generator=generator, out=out, **kwargs)
+        shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)) else size
+        return torch.full(shape, value, **{k: v for k, v in kwargs.items() if k in ("dtype", "device", "requires_grad")})
+
+    torch.rand = constant
+    try:
+        yield
+    finally:
+        torch.rand = rand
+
+
+def _train_graphs(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None) -> list[fx.Graph]:
+    """`module`'s graph in train mode; and when its code drew random numbers while traced (LayerDrop: `if
+    self.training and torch.rand([]) < p: skip the layer`), its graphs with every such draw at either end of
+    [0, 1), each of which must equal the eval graph: one draw cannot stand for every step of training, so a
+    module whose structure follows the draw stays Python, and one whose never does (p = 0) is traced.
+    Draws from anything but `torch.rand` leave the module that made them Python."""
+    graph, _, drew = _trace_graph(module, leaf_paths, training=True, call=call)
+    graphs = [graph]
+    if drew is None:
+        return graphs
+    for value in (0.0, _BELOW_ONE):
+        with _rand_returning(value):
+            extreme, _, again = _trace_graph(module, leaf_paths, training=True, call=call)
+        if again is not None:
+            exc = TraceError(f"The forward of {again or type(module).__name__!r} draws random numbers while it is "
+                             "traced in train mode, so its graph would hold one draw")
+            exc._surgeon_culprit = again
+            raise exc
+        graphs.append(extreme)
+    return graphs
 
 
 @functools.lru_cache(maxsize=None)
@@ -378,12 +436,12 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
-    g_eval, read = _trace_graph(module, leaf_paths, training=False, call=call)
+    g_eval, read, _ = _trace_graph(module, leaf_paths, training=False, call=call)
     dropouts = []
     if read or any(_own_training(type(m)) for m in module.modules()):
         # the code depends on the mode: trace it in train mode too, and keep what differs (or refuse)
-        g_train, _ = _trace_graph(module, leaf_paths, training=True, call=call)
-        dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
+        for g_train in reversed(_train_graphs(module, leaf_paths, call)):  # the plain trace's dropouts last
+            dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
     gm = _graph_module(module, g_eval, lazy=lazy)
     _modularise_dropouts(gm, dropouts)
     return gm

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -234,6 +234,20 @@ def _set_generator_states(states: tuple) -> None:
     random.setstate(states[1])
     if states[2] is not None:
         sys.modules["numpy"].random.set_state(states[2])
+
+
+@contextmanager
+def fixed_generators():
+    """Every generator a forward may draw from (see `_seed`) seeded alike for the block, and put back after it.
+    Tracing runs a model's Python code, and code that draws random numbers to decide its structure (LayerDrop's
+    `if self.training and torch.rand([]) < p`) then traces alike whatever ran before; the caller's own random
+    sequence goes on as if surgery had not run."""
+    states = _generator_states()
+    _seed()
+    try:
+        yield
+    finally:
+        _set_generator_states(states)
 
 
 def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str]) -> tuple[
