@@ -6,7 +6,8 @@
 2. Trace again in the other mode; functional dropout whose `training` flag differs between the two
    traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`.
 3. When a module's forward cannot be traced (data-dependent control flow...), or computes different
-   graphs in the two modes (auxiliary heads only in training), that module becomes a leaf and its own
+   graphs in the two modes (auxiliary heads only in training, layers a random draw skips in training: see
+   `_train_graphs`), that module becomes a leaf and its own
    children are traced the same way; when it is the root, the root stays Python and each child is
    traced piecewise.
 """
