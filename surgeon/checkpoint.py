@@ -119,6 +119,21 @@ def normal_permissions(path: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
+def _check_no_pruning(model) -> None:
+    """A module pruned with torch.nn.utils.prune holds `weight_orig` and `weight_mask` and recomputes `weight`
+    in a hook, which a recipe cannot rebuild: the save would not load. Raises OptionError naming the first."""
+    from torch.nn.utils import prune
+
+    for path, m in model.named_modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = hook._tensor_name
+                raise OptionError(
+                    f"{path or type(model).__name__} is pruned with torch.nn.utils.prune ({name}_orig and "
+                    f"{name}_mask), which a saved recipe cannot rebuild: make the pruning permanent first "
+                    f"(torch.nn.utils.prune.remove(module, {name!r}) on each pruned module), then save")
+
+
 def save(model, directory: str | os.PathLike, *, adapter: bool = False, include: Sequence[str] = (),
          force: bool = False) -> Path:
     """Write a (patched) model into `directory`, atomically: `recipe.json` plus `model.safetensors`,
@@ -136,7 +151,8 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
 
     Raises:
         OutputError: `directory` exists and force is False, is not a surgeon save, or may not be
-            written (see `surgeon.outputs.check_folder`). OptionError: an adapter of a model without edits.
+            written (see `surgeon.outputs.check_folder`). OptionError: an adapter of a model without edits;
+            a model pruned with torch.nn.utils.prune (nothing is written).
 
     Example:
         >>> surgeon.save(surgeon.add("resnet50", "cbam"), "out/cbam-r50")
@@ -151,6 +167,7 @@ def save(model, directory: str | os.PathLike, *, adapter: bool = False, include:
         raise OptionError("include= (--include) only applies to adapters; pass adapter=True (--adapter)")
     if adapter and not edits_of(model):
         raise OptionError("The model has no edits, so an adapter would be empty; save the full model")
+    _check_no_pruning(model)
     outputs.check_folder(target, force=force)
     recipe = recipe_of(model)
     state = model.state_dict()

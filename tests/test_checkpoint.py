@@ -18,7 +18,7 @@ from surgeon import models
 from surgeon.checkpoint import adapter_keys
 from surgeon.cli import cli
 from surgeon.surgery.rewrite import edits_of
-from surgeon.errors import NoSitesError, RecipeError, WeightsError
+from surgeon.errors import NoSitesError, OptionError, RecipeError, WeightsError
 from surgeon.recipe import validate
 
 HERE = Path(__file__).parent
@@ -533,3 +533,24 @@ def test_malformed_recipe_files_fail_in_one_line(tmp_path, text, message):
     result = run("show", tmp_path)
     assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
     assert message in result.stderr.replace("\\\\", "")
+
+
+def test_a_pruned_model_is_not_saved_until_its_pruning_is_made_permanent(tmp_path):
+    # torch.nn.utils.prune's weight_orig and weight_mask do not fit the model a recipe rebuilds: the save
+    # would be written and then not load; it is refused with nothing written, and saves once pruning is removed
+    import timm
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18").eval()
+    prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.5)
+    prune.l1_unstructured(model.layer1[0].conv1, "weight", amount=0.2)  # twice: a container of methods
+    patched = surgeon.add(model, "se", input_size=(3, 32, 32))
+    with pytest.raises(OptionError, match=r"layer1\.0\.conv1 is pruned .*prune\.remove\(module, 'weight'\)"):
+        surgeon.save(patched, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    prune.remove(patched.layer1[0].conv1, "weight")
+    surgeon.save(patched, tmp_path / "out")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(surgeon.load(tmp_path / "out").eval()(x), patched.eval()(x))
