@@ -246,11 +246,11 @@ def noting_training_reads(tracer: fx.Tracer | None = None):
 
 
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
-                 call: calls_.Call | None) -> tuple[fx.Graph, bool]:
+                 call: calls_.Call | None) -> tuple[fx.Graph, bool, str | None]:
     """The graph of `module` in the given mode, and whether tracing read any module's `training` flag.
 
     Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
-    whose code drew, '' for the module's own code; None when nothing drew): see `_trace_whole`."""
+    whose code drew, '' for the module's own code; None when nothing drew): see `_train_graphs`."""
     with in_mode(module, training):
         state = torch.get_rng_state()
         tracer = SurgeonTracer(leaf_paths, call=call)
