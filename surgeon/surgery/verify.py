@@ -256,7 +256,6 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
     statistics), or None and why when the original cannot run in train mode on these inputs."""
     shared = _buffers(original)
     saved = {k: b.clone() for k, b in shared.items()}
-    rng = _generator_states()
 
     def restore():
         with torch.no_grad():
@@ -265,18 +264,18 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
 
     handles = _rng_neutral(patched, new_modules)
     try:
-        original.train(), patched.train()
-        try:
+        with fixed_generators():  # both runs draw from one seed; the caller's generators are put back
+            original.train(), patched.train()
+            try:
+                with torch.no_grad():
+                    expected = original(*_copy_inputs(inputs))
+            except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
+                return None, f"the model does not run in train mode on the example input ({type(exc).__name__})"
+            after = {k: b.clone() for k, b in shared.items()}
+            restore()
             _seed()
             with torch.no_grad():
-                expected = original(*_copy_inputs(inputs))
-        except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
-            return None, f"the model does not run in train mode on the example input ({type(exc).__name__})"
-        after = {k: b.clone() for k, b in shared.items()}
-        restore()
-        _seed()
-        with torch.no_grad():
-            got = patched(*_copy_inputs(inputs))
+                got = patched(*_copy_inputs(inputs))
         diff = max_abs_diff(expected, got)
         for k, b in shared.items():
             if b.is_floating_point():
@@ -288,7 +287,6 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
         return diff, ""
     finally:
         restore()
-        _set_generator_states(rng)
         for h in handles:
             h.remove()
 
