@@ -22,7 +22,7 @@ from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, Ve
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
-from surgeon.surgery.owned import structural_copy
+from surgeon.surgery.owned import in_mode, structural_copy
 from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
@@ -220,9 +220,9 @@ def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int
     # ones: a mask of ones keeps every step, so masked attentions count their full cost
     device, dtype = placement(module)
     inputs = tuple(torch.ones(1, *s[1:], device=device, dtype=dtype) for s in shapes_in)
-    module.eval()
     try:
-        flops = count_flops(module, inputs)  # (on meta tensors the counter's dispatch is slower than this)
+        with in_mode(module, False):  # the module keeps the model's mode (see api.plan)
+            flops = count_flops(module, inputs)  # (on meta tensors the counter's dispatch is slower than this)
     except Exception as exc:  # FLOPs are informative; never fail a plan on them
         log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
         return 0, False

@@ -56,7 +56,7 @@ def insert(gm: fx.GraphModule, site: Site, module: nn.Module, attention: str,
 
     node = resolve(site.node)
     module._surgeon_leaf = True  # stays one call when the model is traced again
-    module.train(gm.training)  # the mode of the module it goes into (planning ran it in eval mode)
+    module.train(gm.training)  # the mode of the module it goes into (built in the model's: a frozen stage differs)
     gm.add_submodule(path, module)
     if site.action == "insert":
         with gm.graph.inserting_after(node):
