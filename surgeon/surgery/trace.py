@@ -252,7 +252,7 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
     Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
     whose code drew, '' for the module's own code; None when nothing drew): see `_train_graphs`."""
     with in_mode(module, training):
-        state = torch.get_rng_state()
+        state = torch.get_rng_state() if training else None
         tracer = SurgeonTracer(leaf_paths, call=call)
         tracer.watch_draws = training
         try:
@@ -265,7 +265,7 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
             tracer = SurgeonTracer(leaf_paths, call=call, values=True)
             tracer.watch_draws = training
             graph = tracer.trace(module)
-        drew = (tracer.drew or "") if training and not torch.equal(state, torch.get_rng_state()) else None
+        drew = (tracer.drew or "") if state is not None and not torch.equal(state, torch.get_rng_state()) else None
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
