@@ -1,5 +1,7 @@
 """Shape-only runs on meta tensors (surgeon.surgery.meta): exact shapes, the model untouched, and a clear
 fallback whenever a forward needs values or leaves state behind."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 from torch import nn
@@ -205,3 +207,106 @@ def test_piecewise_graphs_run_in_place_of_their_modules_once_and_record_every_sh
         got = {n.name: n.meta.get("shape") for n in gm.graph.nodes if n.op in ("call_module", "call_function")}
         assert got and all(s is not None for s in got.values()), path
     assert next(n for n in traced.graphs["head.0"].graph.nodes if n.op == "call_module").meta["shape"] == (2, 8, 12, 12)
+
+
+# -- the shape-only stand-ins (meta._ShapeOnly): what a meta run computes must not change -------------------------
+def _m(*shape, grad=False, channels_last=False):
+    t = torch.empty(*shape, device="meta")
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(grad)
+
+
+_W = torch.empty(6, 5, device="meta", requires_grad=True)
+_B = torch.empty(6, device="meta", requires_grad=True)
+F = torch.nn.functional
+_CALLS = {
+    "hardswish": lambda x: F.hardswish(x), "hardswish in place": lambda x: F.hardswish(x, inplace=True),
+    "hardsigmoid in place, positional": lambda x: F.hardsigmoid(x, True), "relu6": lambda x: F.relu6(x),
+    "gelu tanh": lambda x: F.gelu(x, approximate="tanh"), "silu in place": lambda x: F.silu(x, inplace=True),
+    "leaky_relu in place": lambda x: F.leaky_relu(x, 0.2, True), "hardtanh": lambda x: F.hardtanh(x, -2.0, 2.0),
+    "elu": lambda x: F.elu(x), "softplus": lambda x: F.softplus(x, 2.0), "sigmoid": torch.sigmoid,
+    "Tensor.relu": lambda x: x.relu(), "Tensor.tanh": lambda x: x.tanh(),
+    "x + 1": lambda x: x + 1, "x * 2.5": lambda x: x * 2.5, "3 - x": lambda x: 3 - x, "x / x": lambda x: x / x,
+    "x * (1,C,1,1)": lambda x: x * torch.empty(1, x.shape[1], 1, 1, device="meta", requires_grad=True),
+    "x.mul(C,1,1)": lambda x: x.mul(torch.empty(x.shape[1], 1, 1, device="meta")),
+    "add, alpha": lambda x: torch.add(x, torch.empty(x.shape[-1], device="meta"), alpha=2),
+    "x + channels-last y": lambda x: x + x.contiguous(memory_format=torch.channels_last),
+    "(N,1,H,W) * x: broadcast up": lambda x: torch.empty(x.shape[0], 1, *x.shape[2:], device="meta") * x,
+    "x * float64": lambda x: x * torch.empty(x.shape, dtype=torch.float64, device="meta"),
+    "int + 1": lambda x: x.long() + 1,
+    "mean": lambda x: x.mean((2, 3)), "mean keepdim": lambda x: x.mean((2, 3), keepdim=True),
+    "mean all": torch.mean, "mean dtype": lambda x: x.mean(1, dtype=torch.float64),
+    "linear 4-D": lambda x: F.linear(x[..., :5], _W, _B), "linear no bias": lambda x: F.linear(x[0, 0, 0, :5], _W),
+    "sdpa": lambda x: F.scaled_dot_product_attention(x, x, x),
+    "sdpa causal, scale": lambda x: F.scaled_dot_product_attention(x, x, x[..., :3], is_causal=True, scale=0.5),
+    "bilinear x2": lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"),
+    "bilinear size, corners": lambda x: F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True),
+    "bicubic x1.5 recomputed": lambda x: F.interpolate(x, scale_factor=1.5, mode="bicubic",
+                                                        recompute_scale_factor=True),
+    "linear 1-D": lambda x: F.interpolate(x[0], scale_factor=3, mode="linear"),
+    "trilinear": lambda x: F.interpolate(x[None], scale_factor=2, mode="trilinear"),
+    "batch_norm": lambda x: F.batch_norm(x, None, None, training=True),
+    "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]), "group_norm": lambda x: F.group_norm(x, 2),
+    "instance_norm": lambda x: F.instance_norm(x),
+}
+
+
+def _described(out, x):
+    return (tuple(out.shape), out.dtype, out.requires_grad, out is x,
+            tuple(s for s, n in zip(out.stride(), out.shape) if n > 1))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels last"])
+@pytest.mark.parametrize("call", list(_CALLS), ids=list(_CALLS))
+def test_the_shape_only_stand_ins_give_what_the_meta_kernels_give(call, channels_last, grad):
+    """Shape, dtype, layout, requires_grad, and the same tensor back from an in-place call."""
+    def run(fast):
+        x = _m(2, 4, 6, 5, grad=grad, channels_last=channels_last).clone()  # not a leaf: in place is allowed
+        with meta._ShapeOnly() if fast else nullcontext():
+            return _described(_CALLS[call](x), x)
+
+    assert run(True) == run(False)
+
+
+def test_the_stand_ins_are_taken_for_the_slow_kernels(monkeypatch):
+    """The functions whose meta kernels are slow Python run as the stand-ins (not as themselves)."""
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: seen.append("clone") or self.new_empty(
+        self.shape).requires_grad_(self.requires_grad))
+    with meta._ShapeOnly():
+        F.hardswish(_m(2, 3)), F.gelu(_m(2, 3)), _m(2, 3) * 2
+    assert seen == ["clone"] * 3
+
+
+def test_an_in_place_stand_in_refuses_a_leaf_that_requires_grad_as_the_real_op_does():
+    for fast in (True, False):
+        with meta._ShapeOnly() if fast else nullcontext():
+            with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+                F.hardswish(_m(2, 3, grad=True), inplace=True)
+
+
+def test_a_meta_run_of_mobilenet_v3_records_the_same_shapes_as_a_real_one():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv3_small_050").eval()
+    x = torch.randn(2, 3, 96, 96)
+    shapes: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: shapes.setdefault(n, []).append(tuple(o.shape)))
+             for n, m in model.named_modules()]
+    with torch.no_grad():
+        model(x)
+        real = {k: list(v) for k, v in shapes.items()}
+        shapes.clear()
+        meta.run([model], model, x)
+    for h in hooks:
+        h.remove()
+    assert shapes == real and len(real) > 100
+
+
+def test_a_stand_in_does_not_take_a_call_the_real_function_refuses():
+    """Bilinear upsampling of a 3-D input is refused; the nearest one would not be."""
+    for fast in (True, False):
+        with meta._ShapeOnly() if fast else nullcontext():
+            with pytest.raises(NotImplementedError, match="bilinear"):
+                F.interpolate(_m(2, 3, 8), scale_factor=2, mode="bilinear")
