@@ -217,6 +217,10 @@ def _m(*shape, grad=False, channels_last=False):
     return t.requires_grad_(grad)
 
 
+def _affine(x):
+    return torch.empty(x.shape[1], device="meta", requires_grad=True)
+
+
 _W = torch.empty(6, 5, device="meta", requires_grad=True)
 _B = torch.empty(6, device="meta", requires_grad=True)
 F = torch.nn.functional
@@ -249,6 +253,9 @@ _CALLS = {
     "batch_norm": lambda x: F.batch_norm(x, None, None, training=True),
     "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]), "group_norm": lambda x: F.group_norm(x, 2),
     "instance_norm": lambda x: F.instance_norm(x),
+    "batch_norm, affine": lambda x: F.batch_norm(x, None, None, _affine(x), _affine(x), training=True),
+    "layer_norm, affine": lambda x: F.layer_norm(x, x.shape[-1:], torch.empty(x.shape[-1], device="meta",
+                                                                              requires_grad=True)),
 }
 
 

@@ -99,12 +99,21 @@ def _to_meta(value: Any) -> Any:
     return pytree.tree_map(lambda v: _meta(v) if isinstance(v, torch.Tensor) else v, value)
 
 
-def _batch_norm(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return torch.empty_like(x, requires_grad=x.requires_grad)  # in the input's layout
+def _only_input_grad(x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether the result requires grad exactly when `x` does: no other tensor argument (a norm's affine weight)
+    would make it require grad where `x` does not."""
+    return x.requires_grad or not torch.is_grad_enabled() or not any(
+        isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
-def _norm(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    return torch.empty_like(x, requires_grad=x.requires_grad, memory_format=torch.contiguous_format)
+def _batch_norm(x: torch.Tensor, *args, **kwargs):
+    return x.clone() if _only_input_grad(x, args, kwargs) else NotImplemented  # in the input's layout
+
+
+def _norm(x: torch.Tensor, *args, **kwargs):
+    if not _only_input_grad(x, args, kwargs):
+        return NotImplemented
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _dense(x: torch.Tensor) -> bool:
@@ -197,11 +206,11 @@ def _fast_functions() -> dict:
 
 class _ShapeOnly(TorchFunctionMode):
     """Functions whose meta kernels are Python decompositions, computed by cheaper functions that give the same
-    shape, dtype and layout (a meta run needs nothing else): norms return an empty tensor of their input's
-    shape, activations and arithmetic that keep their input's shape a copy of it, a mean the sum, attention two
-    matrix products, smooth upsampling the nearest one. Their meta kernels cost more than a real CPU forward
-    of a small network: batch norm 40 of a ResNet's 57 ms, hardswish 0.9 ms a call (30 of MobileNetV3's 46 ms),
-    bilinear upsampling 3.5 ms a call. Anything these cannot vouch for runs as itself."""
+    shape, dtype, layout and autograd flags (a meta run needs nothing else): norms, activations and arithmetic
+    that keep their input's shape give a copy of it, a mean the sum, attention two matrix products, smooth
+    upsampling the nearest one. Their meta kernels cost more than a real CPU forward of a small network: batch
+    norm 40 of a ResNet's 57 ms, hardswish 0.9 ms a call (30 of MobileNetV3's 46 ms), bilinear upsampling 3.5 ms
+    a call. Anything these cannot vouch for runs as itself."""
 
     _FAST = _fast_functions()
 
