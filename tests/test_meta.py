@@ -209,7 +209,7 @@ def test_piecewise_graphs_run_in_place_of_their_modules_once_and_record_every_sh
     assert next(n for n in traced.graphs["head.0"].graph.nodes if n.op == "call_module").meta["shape"] == (2, 8, 12, 12)
 
 
-# -- the shape-only stand-ins (meta._ShapeOnly): what a meta run computes must not change -------------------------
+# -- the shape-only stand-ins (meta.ShapeOnly): what a meta or fake run computes must not change ------------------
 def _m(*shape, grad=False, channels_last=False):
     t = torch.empty(*shape, device="meta")
     if channels_last:
@@ -217,12 +217,11 @@ def _m(*shape, grad=False, channels_last=False):
     return t.requires_grad_(grad)
 
 
-def _affine(x):
-    return torch.empty(x.shape[1], device="meta", requires_grad=True)
+def _like(x, *shape, grad=False, dtype=None):
+    """A tensor of x's kind (meta or fake)."""
+    return x.new_empty(shape, dtype=dtype).requires_grad_(grad)
 
 
-_W = torch.empty(6, 5, device="meta", requires_grad=True)
-_B = torch.empty(6, device="meta", requires_grad=True)
 F = torch.nn.functional
 _CALLS = {
     "hardswish": lambda x: F.hardswish(x), "hardswish in place": lambda x: F.hardswish(x, inplace=True),
@@ -232,16 +231,17 @@ _CALLS = {
     "elu": lambda x: F.elu(x), "softplus": lambda x: F.softplus(x, 2.0), "sigmoid": torch.sigmoid,
     "Tensor.relu": lambda x: x.relu(), "Tensor.tanh": lambda x: x.tanh(),
     "x + 1": lambda x: x + 1, "x * 2.5": lambda x: x * 2.5, "3 - x": lambda x: 3 - x, "x / x": lambda x: x / x,
-    "x * (1,C,1,1)": lambda x: x * torch.empty(1, x.shape[1], 1, 1, device="meta", requires_grad=True),
-    "x.mul(C,1,1)": lambda x: x.mul(torch.empty(x.shape[1], 1, 1, device="meta")),
-    "add, alpha": lambda x: torch.add(x, torch.empty(x.shape[-1], device="meta"), alpha=2),
+    "x * (1,C,1,1)": lambda x: x * _like(x, 1, x.shape[1], 1, 1, grad=True),
+    "x.mul(C,1,1)": lambda x: x.mul(_like(x, x.shape[1], 1, 1)),
+    "add, alpha": lambda x: torch.add(x, _like(x, x.shape[-1]), alpha=2),
     "x + channels-last y": lambda x: x + x.contiguous(memory_format=torch.channels_last),
-    "(N,1,H,W) * x: broadcast up": lambda x: torch.empty(x.shape[0], 1, *x.shape[2:], device="meta") * x,
-    "x * float64": lambda x: x * torch.empty(x.shape, dtype=torch.float64, device="meta"),
+    "(N,1,H,W) * x: broadcast up": lambda x: _like(x, x.shape[0], 1, *x.shape[2:]) * x,
+    "x * float64": lambda x: x * _like(x, *x.shape, dtype=torch.float64),
     "int + 1": lambda x: x.long() + 1,
     "mean": lambda x: x.mean((2, 3)), "mean keepdim": lambda x: x.mean((2, 3), keepdim=True),
     "mean all": torch.mean, "mean dtype": lambda x: x.mean(1, dtype=torch.float64),
-    "linear 4-D": lambda x: F.linear(x[..., :5], _W, _B), "linear no bias": lambda x: F.linear(x[0, 0, 0, :5], _W),
+    "linear 4-D": lambda x: F.linear(x[..., :5], _like(x, 6, 5, grad=True), _like(x, 6, grad=True)),
+    "linear no bias": lambda x: F.linear(x[0, 0, 0, :5], _like(x, 6, 5)),
     "sdpa": lambda x: F.scaled_dot_product_attention(x, x, x),
     "sdpa causal, scale": lambda x: F.scaled_dot_product_attention(x, x, x[..., :3], is_causal=True, scale=0.5),
     "bilinear x2": lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"),
@@ -253,43 +253,57 @@ _CALLS = {
     "batch_norm": lambda x: F.batch_norm(x, None, None, training=True),
     "layer_norm": lambda x: F.layer_norm(x, x.shape[-1:]), "group_norm": lambda x: F.group_norm(x, 2),
     "instance_norm": lambda x: F.instance_norm(x),
-    "batch_norm, affine": lambda x: F.batch_norm(x, None, None, _affine(x), _affine(x), training=True),
-    "layer_norm, affine": lambda x: F.layer_norm(x, x.shape[-1:], torch.empty(x.shape[-1], device="meta",
-                                                                              requires_grad=True)),
+    "batch_norm, affine": lambda x: F.batch_norm(x, None, None, _like(x, x.shape[1], grad=True),
+                                                 _like(x, x.shape[1], grad=True), training=True),
+    "layer_norm, affine": lambda x: F.layer_norm(x, x.shape[-1:], _like(x, x.shape[-1], grad=True)),
 }
 
 
 def _described(out, x):
-    return (tuple(out.shape), out.dtype, out.requires_grad, out is x,
+    return (tuple(out.shape), out.dtype, out.device, out.requires_grad, out is x,
             tuple(s for s, n in zip(out.stride(), out.shape) if n > 1))
 
 
+@pytest.mark.parametrize("fake", [False, True], ids=["meta", "fake"])
 @pytest.mark.parametrize("grad", [False, True], ids=["no grad", "grad"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels last"])
 @pytest.mark.parametrize("call", list(_CALLS), ids=list(_CALLS))
-def test_the_shape_only_stand_ins_give_what_the_meta_kernels_give(call, channels_last, grad):
-    """Shape, dtype, layout, requires_grad, and the same tensor back from an in-place call."""
-    def run(fast):
-        x = _m(2, 4, 6, 5, grad=grad, channels_last=channels_last).clone()  # not a leaf: in place is allowed
-        with meta._ShapeOnly() if fast else nullcontext():
-            return _described(_CALLS[call](x), x)
+def test_the_shape_only_stand_ins_give_what_the_kernels_give(call, channels_last, grad, fake):
+    """Shape, dtype, device, layout, requires_grad, and the same tensor back from an in-place call, on meta tensors
+    and on fake ones."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def run(stand_ins):
+        with FakeTensorMode() if fake else nullcontext():
+            x = _m(2, 4, 6, 5, grad=grad, channels_last=channels_last)
+            if fake:
+                x = torch.empty_strided(x.shape, x.stride()).requires_grad_(grad)
+                assert isinstance(x, FakeTensor)
+            x = x.clone()  # not a leaf: in place is allowed
+            with meta.ShapeOnly() if stand_ins else nullcontext():
+                return _described(_CALLS[call](x), x)
 
     assert run(True) == run(False)
 
 
-def test_the_stand_ins_are_taken_for_the_slow_kernels(monkeypatch):
+@pytest.mark.parametrize("fake", [False, True], ids=["meta", "fake"])
+def test_the_stand_ins_are_taken_for_the_slow_kernels(monkeypatch, fake):
     """The functions whose meta kernels are slow Python run as the stand-ins (not as themselves)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     seen = []
-    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: seen.append("clone") or self.new_empty(
-        self.shape).requires_grad_(self.requires_grad))
-    with meta._ShapeOnly():
-        F.hardswish(_m(2, 3)), F.gelu(_m(2, 3)), _m(2, 3) * 2
-    assert seen == ["clone"] * 3
+    clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda self, *a, **k: seen.append("clone") or clone(self, *a, **k))
+    with FakeTensorMode() if fake else nullcontext():
+        x = torch.empty(2, 3) if fake else _m(2, 3)
+        with meta.ShapeOnly():
+            F.hardswish(x), F.gelu(x), x * 2, F.batch_norm(x, None, None, training=True)
+    assert seen == ["clone"] * 4
 
 
 def test_an_in_place_stand_in_refuses_a_leaf_that_requires_grad_as_the_real_op_does():
     for fast in (True, False):
-        with meta._ShapeOnly() if fast else nullcontext():
+        with meta.ShapeOnly() if fast else nullcontext():
             with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
                 F.hardswish(_m(2, 3, grad=True), inplace=True)
 
@@ -314,6 +328,14 @@ def test_a_meta_run_of_mobilenet_v3_records_the_same_shapes_as_a_real_one():
 def test_a_stand_in_does_not_take_a_call_the_real_function_refuses():
     """Bilinear upsampling of a 3-D input is refused; the nearest one would not be."""
     for fast in (True, False):
-        with meta._ShapeOnly() if fast else nullcontext():
+        with meta.ShapeOnly() if fast else nullcontext():
             with pytest.raises(NotImplementedError, match="bilinear"):
                 F.interpolate(_m(2, 3, 8), scale_factor=2, mode="bilinear")
+
+
+def test_a_stand_in_does_not_take_tensors_on_two_devices():
+    """A meta map times a CPU tensor is refused by the kernel; a copy of the map would pass it."""
+    for fast in (True, False):
+        with meta.ShapeOnly() if fast else nullcontext():
+            with pytest.raises(RuntimeError, match="device"):
+                _m(2, 3, 4, 4) * torch.ones(3, 1, 1)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -99,6 +100,11 @@ def _to_meta(value: Any) -> Any:
     return pytree.tree_map(lambda v: _meta(v) if isinstance(v, torch.Tensor) else v, value)
 
 
+def _no_values(t: Any) -> bool:
+    """A tensor with a shape and no values: on the meta device, or a fake tensor (FakeTensorMode)."""
+    return isinstance(t, torch.Tensor) and (t.is_meta or isinstance(t, FakeTensor))
+
+
 def _only_input_grad(x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
     """Whether the result requires grad exactly when `x` does: no other tensor argument (a norm's affine weight)
     would make it require grad where `x` does not."""
@@ -137,7 +143,7 @@ def _arithmetic(x: torch.Tensor, other: Any = None, *args, **kwargs):
     if not x.is_floating_point() or not _dense(x):
         return NotImplemented
     if isinstance(other, torch.Tensor):
-        if other.dtype != x.dtype or not other.is_meta \
+        if other.dtype != x.dtype or other.device != x.device \
                 or other.dim() > x.dim() or (other.requires_grad and not x.requires_grad) \
                 or any(o != 1 and o != s for o, s in zip(reversed(other.shape), reversed(x.shape))):
             return NotImplemented
@@ -204,20 +210,20 @@ def _fast_functions() -> dict:
     return table
 
 
-class _ShapeOnly(TorchFunctionMode):
+class ShapeOnly(TorchFunctionMode):
     """Functions whose meta kernels are Python decompositions, computed by cheaper functions that give the same
     shape, dtype, layout and autograd flags (a meta run needs nothing else): norms, activations and arithmetic
     that keep their input's shape give a copy of it, a mean the sum, attention two matrix products, smooth
     upsampling the nearest one. Their meta kernels cost more than a real CPU forward of a small network: batch
     norm 40 of a ResNet's 57 ms, hardswish 0.9 ms a call (30 of MobileNetV3's 46 ms), bilinear upsampling 3.5 ms
-    a call. Anything these cannot vouch for runs as itself."""
+    a call (fake tensors run the same kernels, more slowly). Anything these cannot vouch for runs as itself."""
 
     _FAST = _fast_functions()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         fast = self._FAST.get(func)
-        if fast is not None and args and isinstance(args[0], torch.Tensor) and args[0].is_meta and "out" not in kwargs:
+        if fast is not None and args and _no_values(args[0]) and "out" not in kwargs:
             out = fast(*args, **kwargs)
             if out is not NotImplemented:
                 return out
@@ -241,7 +247,7 @@ def run(roots: Iterable[nn.Module], fn: Callable[..., Any], *args: Any) -> Any:
                     if t is not None:
                         swapped.append((store, k, t))
                         store[k] = _meta(t)
-        with torch.device("meta"), _ShapeOnly():
+        with torch.device("meta"), ShapeOnly():
             result = fn(*_to_meta(args))
     except Exception as exc:  # noqa: BLE001 - any failure on meta tensors means: run on real ones
         failure: Exception | None = exc

@@ -148,7 +148,7 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
             if small:  # real tensors are faster here and cost little memory
                 raise _UseReal
             mode = FakeTensorMode(allow_non_fake_inputs=True)
-            with mode:
+            with mode, meta.ShapeOnly():
                 fake = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs)
                 _run(traced, fake)
             return
@@ -219,7 +219,7 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
                 if sum(p.numel() for p in model.parameters()) <= SMALL_MODEL_PARAMS:
                     raise _UseReal
                 mode = FakeTensorMode(allow_non_fake_inputs=True)
-                with mode:
+                with mode, meta.ShapeOnly():
                     model(*(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs))
             except Exception as exc:  # small model, or an op without a fake kernel (nonzero): real tensors
                 if not isinstance(exc, _UseReal):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from surgeon.surgery import meta
 from surgeon.surgery.calls import Slot
 
 log = logging.getLogger("surgeon")
@@ -101,7 +102,7 @@ class ValueTracing:
             return _MISSING
         self._computing = True
         try:
-            with self._mode(), torch.no_grad():
+            with self._mode(), meta.ShapeOnly(), torch.no_grad():  # shapes only: the cheap kernels will do
                 if node.op == "get_attr":
                     obj = self.root
                     for part in node.target.split("."):
