@@ -244,6 +244,7 @@ _CALLS = {
     "linear no bias": lambda x: F.linear(x[0, 0, 0, :5], _like(x, 6, 5)),
     "sdpa": lambda x: F.scaled_dot_product_attention(x, x, x),
     "sdpa causal, scale": lambda x: F.scaled_dot_product_attention(x, x, x[..., :3], is_causal=True, scale=0.5),
+    "sdpa grouped heads": lambda x: F.scaled_dot_product_attention(x, x[:, :2], x[:, :2], enable_gqa=True),
     "bilinear x2": lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"),
     "bilinear size, corners": lambda x: F.interpolate(x, size=(7, 9), mode="bilinear", align_corners=True),
     "bicubic x1.5 recomputed": lambda x: F.interpolate(x, scale_factor=1.5, mode="bicubic",

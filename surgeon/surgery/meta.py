@@ -167,7 +167,7 @@ def _linear(x: torch.Tensor, weight: Any = None, bias: Any = None):
 
 
 def _attention(q: torch.Tensor, k: Any = None, v: Any = None, attn_mask: Any = None, *args, **kwargs):
-    if attn_mask is not None or kwargs.get("attn_mask") is not None or kwargs.get("enable_gqa") \
+    if attn_mask is not None or kwargs.get("enable_gqa") \
             or not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor) or q.dim() < 2 \
             or not (q.dtype == k.dtype == v.dtype) or not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]) \
             or q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
