@@ -156,6 +156,12 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
     if isinstance(model, torch.jit.ScriptModule):
         raise ModelError(f"{type(model).__name__} is TorchScript (torch.jit.script or trace), which surgery cannot "
                          "edit: patch the nn.Module it was made from, then script the patched model")
+    lazy = next((path for path, m in model.named_modules()
+                 if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()), None)
+    if lazy is not None:
+        # the copies surgery runs share the parameters, and running them would initialise the user's own
+        raise ModelError(f"{type(model.get_submodule(lazy)).__name__} at {lazy or 'the root'!r} has uninitialised "
+                         "(lazy) parameters: run the model once on an example input to initialise them, then patch it")
     inputs = example_inputs(model, input_size=input_size, example_input=example_input)
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the

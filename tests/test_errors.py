@@ -72,6 +72,18 @@ def test_a_torchscript_model_is_refused_naming_what_to_patch_instead(to_script):
         surgeon.add(scripted, "se", input_size=(3, 32, 32))
 
 
+def test_a_model_with_uninitialised_lazy_modules_is_refused_and_left_uninitialised():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.LazyConv2d(8, 3), nn.ReLU(), nn.LazyConv2d(8, 3))
+    with pytest.raises(ModelError, match=r"^LazyConv2d at '1' has uninitialised \(lazy\) parameters: run the model "
+                                         "once on an example input"):
+        surgeon.add(model, "se", input_size=(3, 32, 32))
+    assert isinstance(model[1].weight, nn.parameter.UninitializedParameter)
+    model(torch.randn(1, 3, 32, 32))  # initialised as the error says: patched, and computing what it computes
+    patched = surgeon.add(model, "se", input_size=(3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(patched.eval()(x), model.eval()(x))
+
+
 def test_an_adapter_of_a_model_without_edits_is_an_option_error(tmp_path):
     with pytest.raises(OptionError, match="no edits, so an adapter would be empty"):
         surgeon.save(nn.Linear(2, 2), tmp_path / "out", adapter=True)
