@@ -1,7 +1,10 @@
 """surgery/verify.py: a patched model passes only when it computes what the original computes — in eval mode
 (NaN fails), in train mode under one seed, with the same requires-grad structure of its outputs — and a
 backward pass reaches every new parameter; `surgeon.verify_model` turns a failure into a VerificationError."""
+import collections
 import copy
+import dataclasses
+import types
 
 import pytest
 import torch
@@ -97,6 +100,47 @@ def test_nan_in_any_output_fails():
     patched._modules = {**original._modules, "attn": Gated("nan")}
     v = verify(original, patched, (torch.randn(3, 4),), ["attn"])
     assert v.max_abs_diff != v.max_abs_diff and not v.ok
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    extras: dict
+
+
+class _Wrapped(nn.Module):
+    """Returns its child's output inside `kind`: a dataclass, a pytree-registered container, or an object."""
+
+    def __init__(self, net, kind):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        y = self.net(x)
+        if self.kind == "dataclass":
+            return _Output(torch.zeros(()), {"y": y})  # the field that differs sits in a dict inside it
+        if self.kind == "deque":
+            return collections.deque([torch.zeros(()), y])
+        return types.SimpleNamespace(y=y)
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "deque"])
+def test_outputs_in_dataclasses_and_pytree_containers_are_compared(kind):
+    original, patched, inputs = _pair()
+    assert verify(_Wrapped(original, kind), _Wrapped(patched, kind), inputs, ["net.attn"]).ok
+    original, patched, inputs = _pair(gamma=0.5)
+    v = verify(_Wrapped(original, kind), _Wrapped(patched, kind), inputs, ["net.attn"])
+    assert v.outputs == 2 and v.max_abs_diff > 1e-5 and not v.ok
+
+
+def test_an_output_verification_cannot_look_into_fails_saying_so():
+    original, patched, inputs = _pair()
+    v = verify(_Wrapped(original, "object"), _Wrapped(patched, "object"), inputs, ["net.attn"])
+    assert v.outputs == 0 and not v.ok
+    assert not verify(_Wrapped(original, "object"), _Wrapped(patched, "object"), inputs, []).ok  # nothing new
+    assert v.problem() == ("The model's output (SimpleNamespace) holds no tensor to compare: a forward that returns "
+                           "tensors, or tuples, lists, dicts or dataclasses of them, can be checked (or patch without "
+                           "verification)")
 
 
 def test_a_different_requires_grad_structure_fails():

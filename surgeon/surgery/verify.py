@@ -1,6 +1,7 @@
 """Verify a patched model against its original: outputs, gradients, parameters and FLOPs added."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from surgeon.surgery import meta
@@ -26,7 +28,8 @@ class Verification:
     the others sit behind a zero gate for the first step; a freshly initialised network whose
     blocks end in zero-initialised norms gives the gates zero gradient too). same_grad_structure: every
     output that requires gradients in the original still does (one that did not may, through the new
-    parameters of a model the user froze).
+    parameters of a model the user froze). outputs: how many output tensors were compared (0 fails: an output
+    `tensors` cannot look into is never taken as a match).
     """
 
     max_abs_diff: float
@@ -40,6 +43,8 @@ class Verification:
     train_max_abs_diff: float | None = None
     train_note: str = ""
     same_grad_structure: bool = True
+    outputs: int | None = None  # output tensors compared (0: nothing could be, see `problem`)
+    output_type: str = ""
 
     @property
     def flops_added(self) -> int:
@@ -50,10 +55,15 @@ class Verification:
         # written as `<=` so that NaN fails
         exact = self.tolerance is None or self.max_abs_diff <= self.tolerance
         train = self.tolerance is None or self.train_max_abs_diff is None or self.train_max_abs_diff <= self.tolerance
-        return exact and train and self.same_grad_structure and self.with_grad == self.new_params
+        return exact and train and self.same_grad_structure and self.with_grad == self.new_params \
+            and self.outputs != 0
 
     def problem(self) -> str | None:
         """What failed, in one sentence (None when the check passed)."""
+        if self.outputs == 0:
+            return (f"The model's output ({self.output_type}) holds no tensor to compare: a forward that returns "
+                    "tensors, or tuples, lists, dicts or dataclasses of them, can be checked (or patch without "
+                    "verification)")
         if self.tolerance is not None and not self.max_abs_diff <= self.tolerance:
             return f"Identity init changed the output by {self.max_abs_diff:.3g} (> {self.tolerance:g})"
         if self.tolerance is not None and self.train_max_abs_diff is not None \
@@ -72,11 +82,16 @@ class Verification:
 
 
 def tensors(out: Any) -> list[torch.Tensor]:
-    """The tensors in a (nested) output or input: tensors, tuples, lists, dicts."""
+    """The tensors in a (nested) output or input: tensors, tuples, lists, dicts (a Hugging Face ModelOutput),
+    dataclasses, and the containers registered with torch's pytree."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif not isinstance(out, (tuple, list)) and type(out) in pytree.SUPPORTED_NODES:
+        out = pytree.tree_leaves(out)
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in tensors(o)]
     return []
@@ -318,6 +333,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     modes.enter_context(in_mode(patched, False))
     try:
         expected, flops_before = _counted(original, inputs)
+        output_type = type(expected).__name__
         structure = _grad_structure(expected)
         expected = [t.detach() for t in tensors(expected)]
         new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
@@ -365,4 +381,4 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
                         nonzero_grad=nonzero, train_max_abs_diff=train_diff, train_note=train_note,
-                        same_grad_structure=same_grad)
+                        same_grad_structure=same_grad, outputs=len(expected), output_type=output_type)
