@@ -12,13 +12,13 @@ import itertools
 import logging
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from surgeon import hf, models, record, registry, sizes
-from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError, warn
+from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError, did_you_mean, warn
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
@@ -83,12 +83,15 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
                    example_input: Any = None) -> tuple:
     """The example input used for shapes and verification, as a tuple of positional arguments.
 
-    Order: `example_input`; `input_size` (per sample, e.g. (3, 224, 224)); the model's own metadata
-    (a surgery record, timm `pretrained_cfg['input_size']`, torchvision weights' crop size and clip
+    Order: `example_input` (a tensor, a tuple of positional arguments, or a mapping of keyword arguments such as
+    a tokenizer's output, placed by the forward's signature); `input_size` (per sample, e.g. (3, 224, 224)); the
+    model's own metadata (a surgery record, timm `pretrained_cfg['input_size']`, torchvision weights' crop size and clip
     length: see `surgeon.sizes`); a guess from its first layer; a forward with several required arguments
     (two frames) gets one such tensor each. Made inputs are on the model's device, floating ones in its
     dtype (see `placement`).
     """
+    if isinstance(example_input, Mapping):  # keyword arguments (a tokenizer's output): bound by position
+        return _by_position(model, example_input)
     if example_input is not None:
         return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
     gen = torch.Generator().manual_seed(0)
@@ -102,6 +105,41 @@ def example_inputs(model: nn.Module, *, input_size: Sequence[int] | None = None,
     if len(inputs) == 1 and inputs[0].is_floating_point():  # a forward taking two frames (RAFT): one each
         inputs = inputs + tuple(torch.randn(inputs[0].shape, generator=gen) for _ in range(_required(model) - 1))
     return _placed(inputs, model)
+
+
+def _by_position(model: nn.Module, named: Mapping) -> tuple:
+    """Keyword example inputs as the positional arguments of the model's forward (surgery passes inputs by
+    position): each name at its parameter's place, the defaults of the parameters left out before the last one.
+
+    Raises:
+        OptionError: a name the forward does not take by position, or one left out that has no default.
+    """
+    what = f"{type(model).__name__}.forward"
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} has no signature to bind the example input's names to: pass a tuple") from None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in positional]
+    for key in named:
+        if key not in names:
+            takes = f"({', '.join(names) or 'none'})"
+            if any(p.name == key and p.kind == p.KEYWORD_ONLY for p in params):
+                raise OptionError(f"example_input {key!r} is a keyword-only argument of {what}; surgery passes example "
+                                  f"inputs by position {takes}")
+            raise OptionError(f"example_input {key!r} is not an argument {what} takes by position "
+                              f"{takes}.{did_you_mean(str(key), names)}")
+    last = max((names.index(k) for k in named), default=-1)
+    args = []
+    for p in positional[:last + 1]:
+        if p.name in named:
+            args.append(named[p.name])
+        elif p.default is not p.empty:
+            args.append(p.default)
+        else:
+            raise OptionError(f"example_input has no {p.name!r}, which {what} needs before "
+                              f"{', '.join(repr(k) for k in names[names.index(p.name) + 1:last + 1] if k in named)}")
+    return tuple(args)
 
 
 def _required(model: nn.Module) -> int:

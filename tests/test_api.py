@@ -328,3 +328,18 @@ def test_warnings_point_at_the_users_line():
     with pytest.warns(UserWarning, match="has no residual site; using its 2 stage sites") as got:
         surgeon.add(model, "se", input_size=(3, 64, 64), verify=False)
     assert [(w.filename, w.lineno) for w in got] == [(__file__, sys._getframe().f_lineno - 1)]  # the add line
+
+
+class _Masked(TinyResNet):
+    def forward(self, x, mask=None, *, scale=1.0):
+        return super().forward(x if mask is None else x * mask) * scale
+
+
+def test_keyword_example_inputs_fill_their_places_and_refuse_what_cannot_be_placed():
+    x, mask = torch.randn(2, 3, 32, 32), torch.ones(2, 1, 32, 32)
+    assert surgeon.example_inputs(_Masked(), example_input={"mask": mask, "x": x}) == (x, mask)
+    with pytest.raises(OptionError, match=r"^example_input 'scale' is a keyword-only argument of _Masked.forward; "
+                                          r"surgery passes example inputs by position \(x, mask\)$"):
+        surgeon.add(_Masked(), "se", example_input={"x": x, "scale": 2.0})
+    with pytest.raises(OptionError, match=r"^example_input has no 'x', which _Masked.forward needs before 'mask'$"):
+        surgeon.add(_Masked(), "se", example_input={"mask": mask})

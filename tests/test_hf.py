@@ -226,3 +226,27 @@ def test_surgery_of_a_model_with_layer_drop_does_not_depend_on_the_callers_seed(
         patched = surgeon.add(model, "se", example_input=(x,), verify=False)
         seen.add(tuple((e.site, e.owner) for e in surgeon.edits(patched)))
     assert len(seen) == 1 and len(next(iter(seen))) >= 2
+
+
+def test_a_tokenizers_output_is_an_example_input_bound_by_name():
+    """A BatchEncoding (what a tokenizer returns, and what `model(**enc)` takes) in whatever key order: each
+    tensor reaches its argument, so the padding mask shapes the check as it shapes the model."""
+    model = _bert().eval()
+    ids, mask = _ids()
+    enc = T.BatchEncoding({"attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "input_ids": ids})
+    plan = surgeon.plan(model, "se", example_input=enc)
+    assert [x.data_ptr() for x in plan.example_inputs] == [t.data_ptr() for t in (ids, mask, enc["token_type_ids"])]
+    patched = plan.apply()
+    assert torch.equal(patched(**enc).logits, model(**enc).logits)
+    labels = torch.tensor([0, 1])  # names after a gap: the defaults in between
+    bound = surgeon.example_inputs(model, example_input={"input_ids": ids, "labels": labels})
+    assert bound[1:] == (None,) * 4 + (labels,)
+
+
+def test_an_example_input_name_the_forward_does_not_take_by_position_is_one_clear_line():
+    from surgeon.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"^example_input 'input_id' is not an argument "
+                                          r"BertForSequenceClassification.forward takes by position \(input_ids, "
+                                          r".*\)\. Did you mean 'input_ids'"):
+        surgeon.add(_bert(), "se", example_input={"input_id": _ids()[0]})
