@@ -16,7 +16,7 @@ from surgeon.errors import OptionError, SiteShapeError, SurgeonError, did_you_me
 from surgeon.layers.gate import INITS
 # the planning steps, importable from here as before (surgeon.api.Plan, surgeon.api.example_inputs, ...)
 from surgeon.planning import (EXAMPLE_BATCH, placement, Edit, Plan, _choose_kind, _edit_flops, _prepare,  # noqa: F401
-                              example_inputs, gc_paused_call, verify_model)
+                              example_inputs, surgery_call, verify_model)
 from surgeon.surgery.sites import Site, find_sites
 
 log = logging.getLogger("surgeon")
@@ -73,7 +73,7 @@ def _check_options(att: registry.Attention, options: dict[str, Any]) -> None:
     registry.check_options(att.name, att.option_types, options)
 
 
-@gc_paused_call
+@surgery_call
 def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at: Sequence[str] | None = None,
          init: str = "identity", example_input: Any = None, input_size: Sequence[int] | None = None,
          **options: Any) -> Plan:

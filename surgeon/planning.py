@@ -176,11 +176,20 @@ def gc_paused():
             gc.enable()
 
 
-def gc_paused_call(fn):
-    """`fn` run inside `gc_paused`."""
+@contextmanager
+def surgery_mode():
+    """What surgery runs under, whatever the caller's settings: `gc_paused`, and inference mode off (which turns
+    autograd on too), so that inserted modules get trainable parameters and verification its backward pass when
+    the caller is inside `torch.no_grad()` or `torch.inference_mode()` (an evaluation script's setup)."""
+    with gc_paused(), torch.inference_mode(False):
+        yield
+
+
+def surgery_call(fn):
+    """`fn` run inside `surgery_mode`."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with gc_paused():
+        with surgery_mode():
             return fn(*args, **kwargs)
     return wrapper
 
@@ -200,6 +209,9 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         # the copies surgery runs share the parameters, and running them would initialise the user's own
         raise ModelError(f"{type(model.get_submodule(lazy)).__name__} at {lazy or 'the root'!r} has uninitialised "
                          "(lazy) parameters: run the model once on an example input to initialise them, then patch it")
+    if any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers())):
+        raise ModelError(f"{type(model).__name__} holds tensors made under torch.inference_mode, which can be neither "
+                         "trained nor checked with a backward pass: build or load the model outside inference_mode")
     inputs = example_inputs(model, input_size=input_size, example_input=example_input)
     leaf_paths = {e["module"] for e in rw.edits_of(model)}
     # tracing runs the model's Python code on proxies, and that code may store what it computes on the
@@ -379,7 +391,7 @@ class Plan:
         """{site name: the module whose forward the edit rewrites ('' = the model's own forward)}."""
         return self._chosen().by_site()
 
-    @gc_paused_call
+    @surgery_call
     def _chosen(self) -> scope.Choice:
         if self._choice is None:  # decided once: the table, --json and apply() share it
             calls = self._prep.traced.calls
@@ -418,7 +430,7 @@ class Plan:
 
         return render.plan_text(self)
 
-    @gc_paused_call
+    @surgery_call
     def apply(self, *, verify: bool = True, tolerance: float = 1e-5) -> nn.Module:
         """Perform the edits. Returns the patched model: an instance of the model's own class in which only
         the modules whose forward holds a site are rewritten (see `surgery.scope`), sharing the original's
@@ -477,6 +489,7 @@ def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: d
             raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {have}")
 
 
+@surgery_call
 def verify_model(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
                  tolerance: float | None = 1e-5) -> Verification:
     """Check a patched model against the model it was made from (see `surgery.verify`).

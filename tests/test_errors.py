@@ -87,3 +87,27 @@ def test_a_model_with_uninitialised_lazy_modules_is_refused_and_left_uninitialis
 def test_an_adapter_of_a_model_without_edits_is_an_option_error(tmp_path):
     with pytest.raises(OptionError, match="no edits, so an adapter would be empty"):
         surgeon.save(nn.Linear(2, 2), tmp_path / "out", adapter=True)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_surgery_inside_no_grad_or_inference_mode_gives_a_verified_trainable_model(context):
+    """An evaluation script's setup: the inserted modules still get trainable (not inference) parameters, and the
+    check its backward pass."""
+    model = TinyResNet()
+    with context():
+        plan = surgeon.plan(model, "se", input_size=(3, 32, 32))
+        patched = plan.apply()
+        assert torch.is_grad_enabled() is False  # the caller's setting is back
+    new = [p for n, p in patched.named_parameters() if ".se" in n or n.startswith("se")]
+    assert plan.verification.ok and plan.verification.with_grad == len(new) > 0
+    assert all(p.requires_grad and not p.is_inference() for p in new)
+    patched(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in new)
+
+
+def test_a_model_made_under_inference_mode_is_refused_in_one_line():
+    with torch.inference_mode():
+        model = TinyResNet()
+    with pytest.raises(ModelError, match=r"^TinyResNet holds tensors made under torch.inference_mode, which can be "
+                                         "neither trained nor checked"):
+        surgeon.add(model, "se", input_size=(3, 32, 32))
