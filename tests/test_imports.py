@@ -3,6 +3,8 @@ cycles, and the layers of the architecture import only downward (DESIGN.md: `sur
 attention types or plugins, `layers/` nothing about fx or plugins)."""
 import ast
 import pathlib
+import subprocess
+import sys
 
 import networkx as nx
 import pytest
@@ -107,3 +109,14 @@ def test_layers_import_only_downward(layer):
              if (a == layer or a.startswith(layer + ".")) and not (b == layer or b.startswith(layer + "."))
              and b not in allowed]
     assert not wrong, f"{layer} may import only {', '.join(allowed)} from surgeon:\n" + "\n".join(wrong)
+
+
+def test_a_torchvision_model_is_patched_saved_and_loaded_without_importing_timm(tmp_path):
+    """timm takes half a second to import: a model of another library never needs it."""
+    code = ("import sys, warnings, torchvision, surgeon\n"
+            "warnings.simplefilter('ignore')\n"
+            "patched = surgeon.add(torchvision.models.resnet18(), 'se', input_size=(3, 64, 64))\n"
+            f"surgeon.save(patched, {str(tmp_path / 'out')!r})\n"
+            f"surgeon.load({str(tmp_path / 'out')!r})\n"
+            "sys.exit(3 if 'timm' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -18,6 +18,7 @@ import copy
 import functools
 import inspect
 import logging
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -56,6 +57,10 @@ class Traced:
 
 
 def _timm_notrace() -> tuple[set[type], set]:
+    """The modules and functions timm registers as not traceable; none when timm is not imported (then no timm
+    module is in the model, and a model of another library is traced without importing timm's half second)."""
+    if "timm" not in sys.modules:
+        return set(), set()
     try:
         from timm.layers import _fx as timm_fx
     except Exception:  # timm missing or a version without the registry
