@@ -33,13 +33,7 @@ __all__ = ["save", "load", "summary", "recipe_of", "adapter_keys", "RECIPE", "WE
            "FORMAT_VERSION", "merge_saved"]
 
 
-def versions() -> dict[str, str]:
-    import timm
-    import torch
-
-    import surgeon
-
-    return {"surgeon": surgeon.__version__, "torch": torch.__version__, "timm": timm.__version__}
+versions = record.versions
 
 
 def recipe_of(model) -> dict[str, Any]:
@@ -50,16 +44,7 @@ def recipe_of(model) -> dict[str, Any]:
         from surgeon.references import library_reference
 
         base = library_reference(model)
-    if base and base.get("weights"):
-        # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
-        base["weights"] = Path(base["weights"]).name
-    size = record.input_size(model)
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
-            "input_size": list(size) if size else None, "edits": [e.to_dict() for e in record.edits(model)],
-            **({"example_input": record.input_spec(ex)} if (ex := record.example_input(model)) else {}),
-            **({"merged": merged} if (merged := record.merged(model)) else {}),
-            **({"folded_bn": pairs} if (pairs := record.folded_bn(model)) else {}),
-            "versions": versions()}
+    return record.recipe(model, base)
 
 
 # -- which tensors an adapter holds ------------------------------------------------------------------
@@ -208,11 +193,28 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise WeightsError(f"Weights file {str(path)!r} is missing")
+    if path.name.endswith(".safetensors.index.json"):  # a sharded save_pretrained checkpoint: its shards, merged
+        return _read_shards(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:
         raise WeightsError(f"Cannot read safetensors file {str(path)!r} (corrupt or truncated?): "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def _read_shards(index: Path) -> dict[str, Any]:
+    from surgeon.recipe import inside
+
+    try:
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightsError(f"Cannot read the shard index {str(index)!r}: {type(exc).__name__}: {exc}") from exc
+    sd: dict[str, Any] = {}
+    for name in shards:
+        if not str(name).endswith(".safetensors"):
+            raise WeightsError(f"The shard index {str(index)!r} names {name!r}, which is not a safetensors file")
+        sd.update(_read_safetensors(inside(index.parent, str(name), what="weights shard")))
+    return sd
 
 
 def _tied(own: dict[str, Any]) -> dict[str, set[str]]:

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from surgeon import record
+from surgeon.record import FORMAT, FORMAT_VERSION
 from surgeon.errors import ModelError, RecipeError, SurgeonError
 
 log = logging.getLogger("surgeon")
 
 RECIPE = "recipe.json"
-FORMAT = "surgeon.recipe"
-FORMAT_VERSION = 1
 MAX_BYTES = 16 << 20  # a recipe is a few KB; refuse anything absurd before parsing it
 
 _NONE = type(None)
@@ -199,8 +198,53 @@ def inside(folder: Path, relative: str, *, what: str) -> Path:
     return path
 
 
+HF_CONFIG = "config.json"  # a Hugging Face save_pretrained folder's config
+
+
+def _json_file(file: Path, what: str) -> Any:
+    if file.stat().st_size > MAX_BYTES:
+        raise RecipeError(f"{what} {str(file)!r} is {file.stat().st_size:,} bytes; a recipe is a small JSON file")
+    try:
+        return json.loads(file.read_text(encoding="utf-8-sig"), parse_constant=_no_constant,
+                          object_pairs_hook=_no_duplicates)
+    except OSError as exc:
+        raise RecipeError(f"Cannot read {what.lower()} {str(file)!r}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{what} {str(file)!r} is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{what} {str(file)!r} is not valid JSON (truncated?): {exc.msg} at line "
+                          f"{exc.lineno}, column {exc.colno}") from exc
+    except RecursionError as exc:
+        raise RecipeError(f"{what} {str(file)!r} is nested too deeply to be a recipe") from exc
+    except ValueError as exc:  # _no_constant, _no_duplicates, integers of thousands of digits
+        raise RecipeError(f"{what} {str(file)!r} is not valid JSON: {str(exc).split(';')[0]}") from exc
+
+
+def _from_hf_folder(folder: Path) -> dict[str, Any]:
+    """The recipe of a patched Hugging Face model saved with `save_pretrained` (or by a Trainer): its config.json
+    carries it (see `record.sync_config`). The base is built from the folder's config, which fine-tuning may have
+    changed since the surgery (labels), and the weights are the folder's own, whole or sharded."""
+    from surgeon.record import CONFIG_KEY
+
+    file = folder / HF_CONFIG
+    config = _json_file(file, "Config")
+    recipe = config.pop(CONFIG_KEY, None) if isinstance(config, dict) else None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"No recipe at {str(folder / RECIPE)!r}, and {str(file)!r} holds none: a Hugging Face "
+                          "model saved before surgery (load it with transformers' from_pretrained)")
+    model = recipe.get("model")
+    if isinstance(model, dict) and str(model.get("ref", "")).startswith("hf:"):
+        recipe["model"] = {**model, "args": {**(model.get("args") or {}), "config": config}}
+    sharded = "model.safetensors.index.json"
+    weights = sharded if (folder / sharded).is_file() and not (folder / "model.safetensors").is_file() \
+        else "model.safetensors"
+    recipe["weights"] = {"file": weights, "adapter": False}
+    return validate(recipe, source=str(file))
+
+
 def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """Read and validate a recipe: a folder holding `recipe.json`, or the JSON file itself.
+    """Read and validate a recipe: a folder holding `recipe.json`, a Hugging Face `save_pretrained` folder whose
+    config.json carries one, or the JSON file itself.
 
     Returns:
         (the recipe's folder, the recipe).
@@ -217,25 +261,12 @@ def read_recipe(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
 
         recover(p)  # a save killed between its renames leaves the previous save aside
     file = p / RECIPE if p.is_dir() else p
+    if not file.is_file() and (p / HF_CONFIG).is_file():
+        return p, _from_hf_folder(p)
     if not file.is_file():
         hint = " (a folder written by 'surgeon add --out' or surgeon.save)" if not p.suffix else ""
         raise RecipeError(f"No recipe at {str(file)!r}{hint}")
-    if file.stat().st_size > MAX_BYTES:
-        raise RecipeError(f"Recipe {str(file)!r} is {file.stat().st_size:,} bytes; a recipe is a small JSON file")
-    try:
-        recipe = json.loads(file.read_text(encoding="utf-8-sig"), parse_constant=_no_constant,
-                            object_pairs_hook=_no_duplicates)
-    except OSError as exc:
-        raise RecipeError(f"Cannot read recipe {str(file)!r}: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"Recipe {str(file)!r} is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise RecipeError(f"Recipe {str(file)!r} is not valid JSON (truncated?): {exc.msg} at line "
-                          f"{exc.lineno}, column {exc.colno}") from exc
-    except RecursionError as exc:
-        raise RecipeError(f"Recipe {str(file)!r} is nested too deeply to be a recipe") from exc
-    except ValueError as exc:  # _no_constant, _no_duplicates, integers of thousands of digits
-        raise RecipeError(f"Recipe {str(file)!r} is not valid JSON: {str(exc).split(';')[0]}") from exc
+    recipe = _json_file(file, "Recipe")
     return file.parent, validate(recipe, source=str(file))
 
 

@@ -85,8 +85,52 @@ def edits(model) -> list[EditRecord]:
     return [EditRecord.from_dict(e) for e in (rec or {}).get("edits", [])]
 
 
+CONFIG_KEY = "surgeon"  # the recipe in a Hugging Face model's config (see `sync_config`)
+FORMAT = "surgeon.recipe"  # a recipe's `format` and `version` (see recipe.validate)
+FORMAT_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """The versions a recipe is written with: surgeon's, torch's and timm's (read without importing timm)."""
+    import sys
+    from importlib.metadata import version
+
+    import torch
+
+    return {"surgeon": sys.modules["surgeon"].__version__, "torch": torch.__version__, "timm": version("timm")}
+
+
+def recipe(model, base: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe of a patched model on `base` (its reference: see `checkpoint.recipe_of`)."""
+    from pathlib import Path
+
+    base = copy.deepcopy(base)
+    if base and base.get("weights"):
+        # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
+        base["weights"] = Path(base["weights"]).name
+    size = input_size(model)
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
+            "input_size": list(size) if size else None, "edits": [e.to_dict() for e in edits(model)],
+            **({"example_input": input_spec(ex)} if (ex := example_input(model)) else {}),
+            **({"merged": done} if (done := merged(model)) else {}),
+            **({"folded_bn": pairs} if (pairs := folded_bn(model)) else {}),
+            "versions": versions()}
+
+
+def sync_config(model) -> None:
+    """Put the model's recipe in its Hugging Face config (`config.surgeon`), so that `save_pretrained` (and a
+    Trainer's checkpoints) write it into config.json and `surgeon.load` can rebuild the patched model from that
+    folder. Other models are left alone."""
+    from surgeon import hf
+
+    if not hf.is_hf(model) or getattr(model, "config", None) is None:
+        return
+    setattr(model.config, CONFIG_KEY, recipe(model, base(model)))  # a transformers model's base is always known
+
+
 def add_edits(model, records: list[EditRecord]) -> None:
     ensure(model)["edits"].extend(r.to_dict() for r in records)
+    sync_config(model)
 
 
 def base(model) -> dict[str, Any] | None:
@@ -170,6 +214,7 @@ def merged(model) -> list[str]:
 
 def set_merged(model, paths: list[str]) -> None:
     ensure(model)["merged"] = list(paths)
+    sync_config(model)
 
 
 def folded_bn(model) -> list[list[str]]:
@@ -179,6 +224,7 @@ def folded_bn(model) -> list[list[str]]:
 
 def set_folded_bn(model, pairs: list) -> None:
     ensure(model)["folded_bn"] = [list(p) for p in pairs]
+    sync_config(model)
 
 
 def set_edit_shapes(model, shapes: dict[str, tuple]) -> None:

@@ -45,7 +45,11 @@ def _transformers(model) -> dict[str, Any] | None:
     name = type(model).__name__
     if getattr(transformers, name, None) is not type(model):
         return None
-    return _reference(f"hf:{name}", {"config": json.loads(model.config.to_json_string(use_diff=True))})
+    from surgeon.record import CONFIG_KEY
+
+    config = json.loads(model.config.to_json_string(use_diff=True))
+    config.pop(CONFIG_KEY, None)  # the recipe of a patched model (see record.sync_config), not the base's config
+    return _reference(f"hf:{name}", {"config": config})
 
 
 def _timm(model) -> dict[str, Any] | None:

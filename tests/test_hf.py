@@ -107,7 +107,9 @@ def test_transformers_model_keeps_class_config_output_and_loss(name):
         assert any(e.site == b or e.site.startswith(b + ".") for e in edits), (b, [e.site for e in edits])
     # the user's model, config and output type
     assert type(patched) is type(model) and isinstance(patched, T.PreTrainedModel)
-    assert patched.config.to_dict() == model.config.to_dict()
+    config = patched.config.to_dict()
+    assert len(config.pop("surgeon")["edits"]) == len(edits)  # the recipe, for save_pretrained
+    assert config == model.config.to_dict()
     labels = torch.tensor([0, 2])
     with torch.no_grad():
         want, got = model(*xs, labels=labels), patched(*xs, labels=labels)
@@ -250,3 +252,45 @@ def test_an_example_input_name_the_forward_does_not_take_by_position_is_one_clea
                                           r"BertForSequenceClassification.forward takes by position \(input_ids, "
                                           r".*\)\. Did you mean 'input_ids'"):
         surgeon.add(_bert(), "se", example_input={"input_id": _ids()[0]})
+
+
+@pytest.mark.parametrize("shard", ["5GB", "40KB"], ids=["one file", "sharded"])
+def test_save_pretrained_carries_the_recipe_and_surgeon_load_rebuilds_the_patched_model(tmp_path, shard):
+    """transformers' own save (and a Trainer's checkpoints) keep the surgery: config.json carries the recipe, and
+    surgeon.load rebuilds the patched model from the folder, with the config as it was saved (labels set after
+    the surgery) and every weight (nudged, so a lost one shows)."""
+    model = _bert().eval()
+    ids, mask = _ids()
+    patched = surgeon.add(model, "mhsa", example_input=(ids, mask))  # token attention: its gates merge
+    with torch.no_grad():
+        for p in patched.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    labels = {0: "neg", 1: "neutral", 2: "pos"}  # _bert's three classes, named after the surgery
+    patched.config.id2label, patched.config.label2id = labels, {v: k for k, v in labels.items()}
+    patched.save_pretrained(tmp_path, max_shard_size=shard)
+    assert (len(list(tmp_path.glob("model-*.safetensors"))) > 1) == (shard == "40KB")
+    assert not hasattr(model.config, "surgeon")  # the user's model is not changed
+    loaded = surgeon.load(tmp_path)
+    assert type(loaded) is type(patched) and loaded.config.id2label == labels
+    assert [e.module for e in surgeon.edits(loaded)] == [e.module for e in surgeon.edits(patched)]
+    assert torch.equal(loaded(ids, mask).logits, patched.eval()(ids, mask).logits)
+    merged = surgeon.merge(patched)  # the record after merging reaches the config too
+    assert len(merged.config.surgeon["merged"]) == 4
+    # transformers' own from_pretrained builds the model without the attention (it reports the attention's
+    # weights as unexpected), and its config still holds the recipe: patched again, no recipe inside the recipe
+    plain = T.BertForSequenceClassification.from_pretrained(tmp_path)
+    assert not surgeon.edits(plain) and "surgeon" in plain.config.to_dict()
+    again = surgeon.add(plain, "se", example_input=(ids, mask))
+    assert "surgeon" not in again.config.surgeon["model"]["args"]["config"]
+    merged.save_pretrained(tmp_path / "merged")
+    assert torch.allclose(surgeon.load(tmp_path / "merged")(ids, mask).logits, merged(ids, mask).logits, atol=1e-6)
+
+
+def test_a_hugging_face_folder_saved_before_surgery_is_no_recipe_in_one_line(tmp_path):
+    from surgeon.errors import RecipeError
+
+    _bert().save_pretrained(tmp_path)
+    with pytest.raises(RecipeError, match=r"^No recipe at .*recipe.json', and .*config.json' holds none: a Hugging "
+                                          r"Face model saved before surgery \(load it with transformers' "
+                                          r"from_pretrained\)$"):
+        surgeon.load(tmp_path)
