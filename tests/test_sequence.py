@@ -511,3 +511,29 @@ def test_no_padding_information_keeps_an_insert_site():
 
     (site,) = surgeon.sites(tagger(), kind="tokens", example_input=torch.randint(1, 40, (2, 6)))
     assert site.action == "insert" and site.info["padding_known"] is False
+
+
+class _Encoder(nn.Module):
+    """torch's own TransformerEncoder: given a padding mask without autograd, it packs the sequences into nested
+    tensors (its fused inference path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 32)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids, mask=None):
+        return self.head(self.enc(self.emb(ids), src_key_padding_mask=mask).mean(1))
+
+
+def test_a_torch_transformer_encoder_with_a_padding_mask_is_patched_and_keeps_its_inference_path():
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    ids, mask = torch.randint(0, 100, (2, 16)), torch.zeros(2, 16, dtype=torch.bool)
+    mask[1, 10:] = True
+    patched = surgeon.add(model, "mhsa", example_input=(ids, mask))
+    assert [e.site for e in surgeon.edits(patched)] == ["enc"]
+    with torch.no_grad():  # the fused path (padded positions come back as zeros) in both
+        assert torch.equal(patched(ids, mask), model(ids, mask))
+    assert torch.equal(patched(ids, mask), model(ids, mask))

@@ -196,8 +196,8 @@ def record_calls(model: torch.nn.Module, inputs: tuple) -> calls.Recorded:
 
 
 def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple]:
-    """The output shape of each module at `paths` in one forward of `model` (eval mode, no grad; fake
-    tensors for big models as in `propagate`)."""
+    """The output shape of each module at `paths` in one forward of `model` (eval mode; on meta tensors, fake ones
+    for big models as in `propagate`, or real ones)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     got: dict[str, tuple] = {}
@@ -225,7 +225,11 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
                 if not isinstance(exc, _UseReal):
                     log.debug("shapes: fake tensors failed (%s); using real CPU tensors", type(exc).__name__)
                 got.clear()
-                model(*inputs)
+                # with autograd on, as when tracing: torch's fused inference paths (a TransformerEncoder given a
+                # padding mask packs its sequences into nested tensors) run only without it, and tracing never
+                # takes them
+                with torch.enable_grad():
+                    model(*inputs)
     finally:
         for h in handles:
             h.remove()
