@@ -4,7 +4,8 @@
 Planning: the structural copy, the recorded call (a shape-only forward on meta tensors), fx tracing, shape
 propagation (a second meta forward, over the graph), and the rest (finding sites, building the modules,
 checking each one's shape). Apply: choosing each edit's owner (owners traced alone and matched), rewriting
-them. Verification: the train-mode check (two forwards), and the rest (eval forwards, backward, FLOPs).
+them. Verification: the train-mode check (two forwards with autograd, and the backward pass), and the rest (eval
+forwards without autograd, FLOPs; the backward pass too for a model that does not run in train mode).
 
 MODELS=a,b sets the models; ROUNDS the effort. The steps are timed by wrapping surgeon's own functions, so a
 renamed function shows up here as a KeyError, not as a wrong number.

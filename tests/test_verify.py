@@ -31,6 +31,8 @@ class Gated(nn.Module):
             y = y.detach()
         if self.how == "train_only" and self.training:
             y = y + 1
+        if self.how == "inference_only" and not torch.is_grad_enabled():  # as torch's fused inference paths
+            y = y + 1
         return y
 
 
@@ -141,6 +143,32 @@ def test_an_output_verification_cannot_look_into_fails_saying_so():
     assert v.problem() == ("The model's output (SimpleNamespace) holds no tensor to compare: a forward that returns "
                            "tensors, or tuples, lists, dicts or dataclasses of them, can be checked (or patch without "
                            "verification)")
+
+
+def test_the_eval_check_runs_without_autograd_as_inference_does():
+    v = _verify("inference_only")
+    assert v.max_abs_diff == pytest.approx(1.0) and v.train_max_abs_diff == 0.0 and not v.ok
+    assert v.with_grad == v.new_params == 1 and v.same_grad_structure  # from the train-mode forward
+
+
+class _EvalOnly(Net):
+    """Runs in eval mode only (as a detector without targets in train mode)."""
+
+    def forward(self, x):
+        if self.training:
+            raise ValueError("targets should not be None in training mode")
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("how", ["identity", "detach"])
+def test_without_a_train_mode_run_the_eval_check_makes_the_gradient_checks(how):
+    torch.manual_seed(0)
+    original = _EvalOnly().eval()
+    patched = copy.copy(original)
+    patched._modules = {**original._modules, "attn": Gated(how)}
+    v = verify(original, patched, (torch.randn(3, 4),), ["attn"])
+    assert v.train_max_abs_diff is None and "does not run in train mode" in v.train_note
+    assert (v.with_grad, v.same_grad_structure, v.ok) == ((1, True, True) if how == "identity" else (0, False, False))
 
 
 def test_a_different_requires_grad_structure_fails():

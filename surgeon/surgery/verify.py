@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -265,10 +265,43 @@ def fixed_generators():
         _set_generator_states(states)
 
 
-def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str]) -> tuple[
-        float | None, str]:
-    """Both models in train mode under one seed: max |diff| over outputs and the original's buffers (running
-    statistics), or None and why when the original cannot run in train mode on these inputs."""
+@dataclass
+class _Compared:
+    """One mode's comparison: max |diff| (None when not run: `note` says why), and, from a forward with autograd,
+    whether every output that required gradients still does and the new parameters' gradients (None: no
+    backward pass ran here)."""
+
+    diff: float | None
+    note: str = ""
+    same_grad: bool = True
+    grads: list | None = None
+
+
+def _same_grad(structure: list[bool], out: Any) -> bool:
+    """Every output that required gradients in the original still does (nothing inserted cuts the graph); one that
+    did not may now: the new parameters are trainable where the user froze the model (a frozen backbone's output)."""
+    got = _grad_structure(out)
+    return len(got) == len(structure) and all(p or not o for o, p in zip(structure, got))
+
+
+def _backward(out: Any, new_params: list) -> list:
+    """The gradients of the new parameters (None where the backward pass does not reach one) from the sum of the
+    outputs; the original's weight gradients are not computed."""
+    loss = sum(t.float().sum() for t in tensors(out) if t.is_floating_point())
+    grads: list = [None] * len(new_params)
+    trainable = [i for i, p in enumerate(new_params) if p.requires_grad]
+    if isinstance(loss, torch.Tensor) and loss.requires_grad and trainable:
+        got = torch.autograd.grad(loss, [new_params[i] for i in trainable], allow_unused=True)
+        for i, g in zip(trainable, got):
+            grads[i] = g
+    return grads
+
+
+def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str],
+                 new_params: list) -> _Compared:
+    """Both models in train mode under one seed, with autograd as in training: max |diff| over outputs and the
+    original's buffers (running statistics), the gradient structure and a backward pass through the patched
+    model; or None and why when the original cannot run in train mode on these inputs."""
     shared = _buffers(original)
     saved = {k: b.clone() for k, b in shared.items()}
 
@@ -282,15 +315,17 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
         with fixed_generators():  # both runs draw from one seed; the caller's generators are put back
             original.train(), patched.train()
             try:
-                with torch.no_grad():
-                    expected = original(*_copy_inputs(inputs))
+                expected = original(*_copy_inputs(inputs))
             except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
-                return None, f"the model does not run in train mode on the example input ({type(exc).__name__})"
+                return _Compared(None, f"the model does not run in train mode on the example input "
+                                       f"({type(exc).__name__})")
+            structure = _grad_structure(expected)
+            expected = [t.detach() for t in tensors(expected)]
             after = {k: b.clone() for k, b in shared.items()}
             restore()
             _seed()
-            with torch.no_grad():
-                got = patched(*_copy_inputs(inputs))
+            out = patched(*_copy_inputs(inputs))
+        got = [t.detach() for t in tensors(out)]
         diff = max_abs_diff(expected, got)
         for k, b in shared.items():
             if b.is_floating_point():
@@ -299,7 +334,7 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
                 diff = float("inf")
         if not _finite(got) and _finite(expected):
             diff = float("nan")
-        return diff, ""
+        return _Compared(diff, "", _same_grad(structure, out), _backward(out, new_params))
     finally:
         restore()
         for h in handles:
@@ -308,15 +343,16 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
 
 def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
            tolerance: float | None = 1e-5) -> Verification:
-    """Run `inputs` through both models on CPU and compare; backward through the patched one.
+    """Run `inputs` through both models on CPU and compare, each on its own copy of the inputs.
 
-    1. Eval mode, autograd on for both (like with like), each on its own copy of the inputs: max |diff|,
-       NaN/inf where the original is finite, and that every output requiring grad in the original still does.
-    2. A backward pass from the patched output: which new parameters it reaches.
-    3. Train mode under one seed, inserted modules made neutral to the random generator: outputs and
-       the running statistics the original updates (restored afterwards).
-    4. FLOPs per sample of each, summed during the eval forwards of 1 (on one sample apart, when they cannot
-       be summed on the way).
+    1. Train mode under one seed, with autograd, inserted modules made neutral to the random generator: outputs
+       and the running statistics the original updates (restored afterwards); that every output requiring grad
+       in the original still does; and a backward pass from the patched output: which new parameters it reaches.
+    2. Eval mode: max |diff|, NaN/inf where the original is finite. Without autograd, as inference runs (torch's
+       fused inference paths run only there), when 1 ran; with it, and the gradient checks of 1, when it did not
+       (a detector needs targets in train mode; paper init changes the output by design).
+    3. FLOPs per sample of each, summed during the eval forwards (on one sample apart, when they cannot be summed
+       on the way).
 
     Args:
         new_modules: module paths (in `patched`) the edits inserted.
@@ -332,42 +368,36 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     modes.enter_context(in_mode(original, False))
     modes.enter_context(in_mode(patched, False))
     try:
-        expected, flops_before = _counted(original, inputs)
-        output_type = type(expected).__name__
-        structure = _grad_structure(expected)
-        expected = [t.detach() for t in tensors(expected)]
         new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
         for p in saved:
             p.grad = None
-        # one forward serves the comparison, the backward pass and the FLOPs
-        out, flops_after = _counted(patched, inputs)
-        diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
-        if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
-            diff = float("nan")
-        # every output that required gradients still does (nothing inserted cuts the graph); one that did not may
-        # now: the new parameters are trainable where the user froze the model (a frozen backbone's output)
-        got = _grad_structure(out)
-        same_grad = len(got) == len(structure) and all(p or not o for o, p in zip(structure, got))
-        loss = sum(t.float().sum() for t in tensors(out) if t.is_floating_point())
-        grads = [None] * len(new_params)
-        trainable = [i for i, p in enumerate(new_params) if p.requires_grad]
-        if isinstance(loss, torch.Tensor) and loss.requires_grad and trainable:
-            # gradients of the new parameters only: the original's weight gradients are not computed
-            got = torch.autograd.grad(loss, [new_params[i] for i in trainable], allow_unused=True)
-            for i, g in zip(trainable, got):
-                grads[i] = g
-        del out, loss
-        with_grad = sum(g is not None for g in grads)
-        nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
         train_only = [p for p in new_modules
                       if any(getattr(m, "identity_in_train", True) is False for m in patched.get_submodule(p).modules())]
         if tolerance is None:
-            train_diff, train_note = None, "not compared: the edits change the output by design"
+            train = _Compared(None, "not compared: the edits change the output by design")
         elif train_only:
-            train_diff, train_note = None, f"not compared: {train_only[0]!r} acts in training by design"
+            train = _Compared(None, f"not compared: {train_only[0]!r} acts in training by design")
         else:
-            train_diff, train_note = _train_check(original, patched, inputs, new_modules)
+            train = _train_check(original, patched, inputs, new_modules, new_params)
         original.eval(), patched.eval()
+        with_autograd = train.grads is None  # the gradient checks are made here
+        with nullcontext() if with_autograd else torch.no_grad():
+            expected, flops_before = _counted(original, inputs)
+            output_type = type(expected).__name__
+            structure = _grad_structure(expected)
+            expected = [t.detach() for t in tensors(expected)]
+            # one forward serves the comparison, the gradient checks and the FLOPs
+            out, flops_after = _counted(patched, inputs)
+        diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
+        if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
+            diff = float("nan")
+        if with_autograd:
+            same_grad, grads = _same_grad(structure, out), _backward(out, new_params)
+        else:
+            same_grad, grads = train.same_grad, train.grads
+        del out
+        with_grad = sum(g is not None for g in grads)
+        nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
         one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
         if flops_before is None or flops_after is None:
             flops_before, flops_after = _flops(original, one), _flops(patched, one)
@@ -380,5 +410,5 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
-                        nonzero_grad=nonzero, train_max_abs_diff=train_diff, train_note=train_note,
+                        nonzero_grad=nonzero, train_max_abs_diff=train.diff, train_note=train.note,
                         same_grad_structure=same_grad, outputs=len(expected), output_type=output_type)
