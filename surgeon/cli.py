@@ -109,9 +109,27 @@ def cli(verbose: bool) -> None:
     log.propagate = False
 
 
-def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool):
+def _saved(model: str | None) -> bool:
+    """Whether MODEL names a surgeon save (a patched model, to patch further)."""
+    from pathlib import Path
+
+    from surgeon.record import holds_recipe
+
+    return bool(model) and ":" not in model and Path(model).is_dir() and holds_recipe(model)
+
+
+def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool,
+          trust_code: bool = False):
     from surgeon import models
 
+    if _saved(model):
+        from surgeon import checkpoint
+
+        if pretrained or model_args:
+            raise click.UsageError(f"{model!r} is a surgeon save, which brings its own base model: --pretrained and "
+                                   "--model-arg do not apply (--weights loads other weights of the whole model)")
+        with render.stderr().status(f"Loading {model}…"):
+            return checkpoint.load(model, weights=weights, allow_pickle=allow_pickle, trust_code=trust_code)
     with render.stderr().status(f"Loading {model}…"):
         return models.load(model, pretrained=pretrained, weights=weights, allow_pickle=allow_pickle,
                            model_args=models.parse_assignments(model_args, "--model-arg"))
@@ -173,8 +191,8 @@ def sites_cmd(model: str, kind: tuple[str, ...], at: tuple[str, ...], model_args
 @click.option("--json", "as_json", is_flag=True, help="Print plan and verification as JSON on stdout.")
 @click.option("--recipe", type=click.Path(dir_okay=True), help="Replay this recipe (recipe.json, or a saved "
               "folder) instead of ATTENTION; MODEL is then optional (default: the recipe's base model).")
-@click.option("--trust-code", is_flag=True, help="With --recipe: allow a base model that is a user factory "
-              "(imports and runs its code).")
+@click.option("--trust-code", is_flag=True, help="With --recipe or a saved MODEL folder: allow a base model that is "
+              "a user factory (imports and runs its code).")
 @click.option("--adapter", is_flag=True, help="With --out: save only the weights the edits added.")
 @click.option("--include", multiple=True, metavar="MODULE", help="With --adapter: also save this module's "
               "weights (path, glob, or 'head'; repeatable).")
@@ -187,7 +205,8 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
             adapter: bool = False, include: tuple[str, ...] = (), no_verify: bool = False) -> None:
     """Insert ATTENTION into MODEL, verify it, and optionally save it.
 
-    With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
+    MODEL may be a folder: a surgeon save (its patched model gets the new edits too) or a Hugging Face
+    save_pretrained folder. With --recipe FILE, replay a recipe instead: `surgeon add --recipe recipe.json [MODEL]`.
     """
     import surgeon
     from surgeon import models, outputs
@@ -200,8 +219,8 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
     for name, value in (("ATTENTION", attention), ("MODEL", model)):
         if not value:
             raise click.MissingParameter(param_hint=f"'{name}'", param_type="argument")
-    if trust_code:
-        raise click.UsageError("--trust-code only applies with --recipe")
+    if trust_code and not _saved(model):
+        raise click.UsageError("--trust-code only applies with --recipe or a saved MODEL folder")
     if (adapter or include) and not out and not dry_run:
         raise click.UsageError("--adapter and --include apply to --out")
     if out and not dry_run:
@@ -210,7 +229,7 @@ def add_cmd(attention: str | None, model: str | None, kind: str | None, at: tupl
 
     # the command line's forms of a bool (--option bias=false) become bools; the API judges the rest
     opts = registry.parse_cli_options(attention, models.parse_assignments(options, "--option"))
-    m = _load(model, model_args, pretrained, weights, allow_pickle)
+    m = _load(model, model_args, pretrained, weights, allow_pickle, trust_code)
     with render.stderr().status("Tracing and planning…"):
         plan = surgeon.plan(m, attention, kind=kind, at=list(at) or None, init=init, input_size=input_size, **opts)
     result: dict[str, Any] = {"model": model, "attention": attention, "plan": plan.to_dict()}

@@ -117,6 +117,11 @@ def load(ref: str, *, pretrained: bool = False, weights: str | Path | None = Non
 
     if pretrained and weights:
         raise ModelError("Pass either pretrained=True (--pretrained) or a weights file (--weights), not both")
+    if ":" not in ref and Path(ref).is_dir():
+        if pretrained or weights or model_args:
+            raise ModelError(f"{ref!r} is a folder, which brings its own configuration and weights: pretrained, "
+                             "weights and model arguments do not apply")
+        return _from_folder(Path(ref))
     kwargs = dict(model_args or {})
     scheme, name = describe(ref)
     if scheme == "factory":
@@ -159,6 +164,40 @@ def load(ref: str, *, pretrained: bool = False, weights: str | Path | None = Non
     record.ensure(model)
     record.set_base(model, {"ref": ref, "args": dict(model_args or {}), "pretrained": pretrained,
                             "weights": str(weights) if weights else None})
+    return model.eval()
+
+
+def _from_folder(folder: Path):
+    """The model a Hugging Face `save_pretrained` folder holds (transformers' own loading: config, weights whole or
+    sharded, tied weights; from the folder only, never the hub)."""
+    import json
+
+    from surgeon import record
+
+    if record.holds_recipe(folder):
+        raise ModelError(f"{str(folder)!r} is a surgeon save: load it with surgeon.load({str(folder)!r}), then patch "
+                         "the model it returns (on the command line, name the folder as the MODEL of 'surgeon add')")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ModelError(f"Folder {str(folder)!r} holds no model: neither a Hugging Face save (config.json) nor a "
+                         "surgeon save (recipe.json)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"Cannot read {str(file)!r}: {type(exc).__name__}: {exc}") from exc
+    arch = (config.get("architectures") or [None])[0] if isinstance(config, dict) else None
+    import transformers
+
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+        raise ModelError(f"{str(file)!r} names no transformers model class in 'architectures' (found {arch!r})")
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:
+        raise ModelError(f"Could not load {arch} from {str(folder)!r}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    record.ensure(model)
+    record.set_base(model, {"ref": f"hf:{arch}", "args": {"config": config}, "pretrained": False, "weights": None})
     return model.eval()
 
 

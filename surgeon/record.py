@@ -117,6 +117,22 @@ def recipe(model, base: dict[str, Any] | None) -> dict[str, Any]:
             "versions": versions()}
 
 
+def holds_recipe(folder) -> bool:
+    """Whether a folder is a surgeon save: a `recipe.json`, or a Hugging Face save whose config.json carries a
+    recipe (see `sync_config`)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    if (folder / "recipe.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get(CONFIG_KEY), dict)
+
+
 def sync_config(model) -> None:
     """Put the model's recipe in its Hugging Face config (`config.surgeon`), so that `save_pretrained` (and a
     Trainer's checkpoints) write it into config.json and `surgeon.load` can rebuild the patched model from that

@@ -82,6 +82,17 @@ def test_add_writes_recipe_and_weights_json(tmp_path):
     assert again.exit_code == 2 and "exists; pass --force" in again.output
 
 
+def test_add_to_a_saved_folder_patches_its_patched_model_further(tmp_path):
+    first, second = tmp_path / "se", tmp_path / "se-cbam"
+    assert run("add", "se", "toy_models:tiny_resnet", "--input-size", "3,32,32", "--out", str(first)).exit_code == 0
+    refused = run("add", "cbam", str(first), "--out", str(second))  # its base is a user factory
+    assert refused.exit_code == 2 and "--trust-code" in refused.output and not second.exists()
+    result = run("add", "cbam", str(first), "--trust-code", "--out", str(second))
+    assert result.exit_code == 0, result.output
+    model = surgeon.load(second, trust_code=True)
+    assert [(e.attention, e.step) for e in surgeon.edits(model)] == [("se", 1)] * 6 + [("cbam", 2)] * 6
+
+
 @pytest.mark.parametrize("args,message", [
     (["add", "cbma", "resnet18"], "Unknown attention 'cbma'. Did you mean 'cbam'"),
     (["add", "cbam", "resnet5O"], "Unknown timm model 'resnet5O'. Did you mean 'resnet50'"),

@@ -294,3 +294,23 @@ def test_a_hugging_face_folder_saved_before_surgery_is_no_recipe_in_one_line(tmp
                                           r"Face model saved before surgery \(load it with transformers' "
                                           r"from_pretrained\)$"):
         surgeon.load(tmp_path)
+
+
+def test_a_save_pretrained_folder_is_a_model_reference(tmp_path):
+    """A fine-tuned model's folder (save_pretrained) is patched by its path: transformers loads it from the
+    folder; a surgeon save is pointed to surgeon.load instead."""
+    from surgeon.errors import ModelError
+
+    model = _bert().eval()
+    model.save_pretrained(tmp_path / "bert")
+    ids, mask = _ids()
+    patched = surgeon.add(str(tmp_path / "bert"), "se", example_input=(ids, mask))
+    assert type(patched) is type(model)
+    assert torch.equal(patched(ids, mask).logits, model(ids, mask).logits)  # the folder's weights, at identity
+    surgeon.save(patched, tmp_path / "out")
+    assert torch.equal(surgeon.load(tmp_path / "out")(ids, mask).logits, patched(ids, mask).logits)
+    with pytest.raises(ModelError, match=r"out' is a surgeon save: load it with surgeon.load\("):
+        surgeon.add(str(tmp_path / "out"), "se")
+    with pytest.raises(ModelError, match=r"holds no model: neither a Hugging Face save \(config.json\) nor a "
+                                         r"surgeon save \(recipe.json\)$"):
+        surgeon.add(str(tmp_path), "se")
