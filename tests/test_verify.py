@@ -203,6 +203,17 @@ def test_a_new_parameter_the_backward_pass_misses_fails():
     assert v.problem() == "A backward pass reached only 1 of 2 new parameters"
 
 
+def test_a_model_whose_head_passes_no_gradient_back_fails_saying_what_to_look_for():
+    """A dynamically quantized head: its output requires grad, but its backward gives the new parameters nothing."""
+    from toy_models import TinyResNet
+
+    model = torch.ao.quantization.quantize_dynamic(TinyResNet().eval(), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(VerificationError, match=r"^A backward pass reached none of the 30 new parameters: something "
+                                                r"after them passes no gradient back \(a detached output, a quantized "
+                                                r"layer, an op without a backward\)$"):
+        surgeon.add(model, "se", input_size=(3, 32, 32))
+
+
 def test_verify_model_raises_what_failed():
     original, patched, inputs = _pair(gamma=0.5)
     with pytest.raises(VerificationError, match="Identity init changed the output"):

@@ -73,6 +73,9 @@ class Verification:
         if not self.same_grad_structure:
             return ("The patched model's outputs do not require gradients where the original's do (an inserted "
                     "module cuts the autograd graph)")
+        if self.with_grad == 0 < self.new_params:
+            return (f"A backward pass reached none of the {self.new_params} new parameters: something after them passes "
+                    "no gradient back (a detached output, a quantized layer, an op without a backward)")
         if self.with_grad != self.new_params:
             return f"A backward pass reached only {self.with_grad} of {self.new_params} new parameters"
         return None
