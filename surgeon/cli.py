@@ -111,11 +111,10 @@ def cli(verbose: bool) -> None:
 
 def _saved(model: str | None) -> bool:
     """Whether MODEL names a surgeon save (a patched model, to patch further)."""
-    from pathlib import Path
-
+    from surgeon.models import is_folder_reference
     from surgeon.record import holds_recipe
 
-    return bool(model) and ":" not in model and Path(model).is_dir() and holds_recipe(model)
+    return bool(model) and is_folder_reference(model) and holds_recipe(model)
 
 
 def _load(model: str, model_args: tuple[str, ...], pretrained: bool, weights: str | None, allow_pickle: bool,

@@ -12,6 +12,7 @@ import ast
 import importlib
 import importlib.util
 import logging
+import os
 import pickle
 import re
 import sys
@@ -117,7 +118,7 @@ def load(ref: str, *, pretrained: bool = False, weights: str | Path | None = Non
 
     if pretrained and weights:
         raise ModelError("Pass either pretrained=True (--pretrained) or a weights file (--weights), not both")
-    if ":" not in ref and Path(ref).is_dir():
+    if is_folder_reference(ref):
         if pretrained or weights or model_args:
             raise ModelError(f"{ref!r} is a folder, which brings its own configuration and weights: pretrained, "
                              "weights and model arguments do not apply")
@@ -165,6 +166,12 @@ def load(ref: str, *, pretrained: bool = False, weights: str | Path | None = Non
     record.set_base(model, {"ref": ref, "args": dict(model_args or {}), "pretrained": pretrained,
                             "weights": str(weights) if weights else None})
     return model.eval()
+
+
+def is_folder_reference(ref: str) -> bool:
+    """Whether a model reference names a folder: an existing one, written as a path (with a '/' or starting with '.'),
+    so that a folder in the working directory named like a model ('resnet50') never hides the model."""
+    return ":" not in ref and ("/" in ref or os.sep in ref or ref.startswith(".")) and Path(ref).is_dir()
 
 
 def _from_folder(folder: Path):

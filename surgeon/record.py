@@ -100,16 +100,16 @@ def versions() -> dict[str, str]:
     return {"surgeon": sys.modules["surgeon"].__version__, "torch": torch.__version__, "timm": version("timm")}
 
 
-def recipe(model, base: dict[str, Any] | None) -> dict[str, Any]:
-    """The recipe of a patched model on `base` (its reference: see `checkpoint.recipe_of`)."""
+def recipe(model, reference: dict[str, Any] | None) -> dict[str, Any]:
+    """The recipe of a patched model whose base model `reference` names (see `checkpoint.recipe_of`)."""
     from pathlib import Path
 
-    base = copy.deepcopy(base)
-    if base and base.get("weights"):
+    reference = copy.deepcopy(reference)
+    if reference and reference.get("weights"):
         # the base's weights file is named, not pointed to: paths in a recipe stay inside its folder
-        base["weights"] = Path(base["weights"]).name
+        reference["weights"] = Path(reference["weights"]).name
     size = input_size(model)
-    return {"format": FORMAT, "version": FORMAT_VERSION, "model": base,
+    return {"format": FORMAT, "version": FORMAT_VERSION, "model": reference,
             "input_size": list(size) if size else None, "edits": [e.to_dict() for e in edits(model)],
             **({"example_input": input_spec(ex)} if (ex := example_input(model)) else {}),
             **({"merged": done} if (done := merged(model)) else {}),

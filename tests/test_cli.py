@@ -284,3 +284,13 @@ def test_real_process_prints_one_line(world, args, message):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
     assert snapshot(world) == before
+
+
+def test_a_folder_named_like_a_model_does_not_hide_the_model(tmp_path, monkeypatch):
+    """A save in ./resnet18 is reached as ./resnet18; the bare name stays timm's resnet18."""
+    monkeypatch.chdir(tmp_path)
+    assert run("add", "se", "resnet18", "--input-size", "3,64,64", "--out", "resnet18").exit_code == 0
+    assert run("add", "cbam", "resnet18", "--input-size", "3,64,64", "--out", "plain").exit_code == 0
+    assert run("add", "cbam", "./resnet18", "--input-size", "3,64,64", "--out", "both").exit_code == 0
+    assert [e.attention for e in surgeon.edits(surgeon.load("plain"))] == ["cbam"] * 8
+    assert [e.attention for e in surgeon.edits(surgeon.load("both"))] == ["se"] * 8 + ["cbam"] * 8
