@@ -10,6 +10,7 @@ from torch import nn
 
 import surgeon
 from surgeon.surgery.owned import rewritten
+from toy_models import TinyResNet
 
 SIZE = (3, 64, 64)
 
@@ -651,3 +652,22 @@ def test_blocks_returning_tokens_and_sizes_are_patched_with_the_root(attention, 
     assert plan.verification.max_abs_diff == 0 and plan.verification.with_grad == plan.verification.new_params > 0
     x = _x(2, 3, 32, 32)
     assert torch.equal(patched(x), model(x))
+
+
+class _Aliased(TinyResNet):
+    """A block held under a second name, as models keep `self.encoder = self.backbone`."""
+
+    def __init__(self):
+        super().__init__()
+        self.first_block = self.stage1[0]
+
+
+def test_a_module_held_under_two_names_is_one_patched_module_under_both(tmp_path):
+    model = _Aliased().eval()
+    patched = surgeon.add(model, "se", input_size=(3, 32, 32))
+    assert patched.first_block is patched.stage1[0] and any(n.startswith("first_block.") and ".se." in n
+                                                            for n in patched.state_dict())
+    surgeon.save(patched, tmp_path / "out")
+    loaded = surgeon.load(tmp_path / "out", base=_Aliased())
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.first_block is loaded.stage1[0] and torch.equal(loaded(x), patched(x))

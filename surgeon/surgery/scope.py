@@ -326,6 +326,7 @@ def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[
     # the patched model is a structural copy: its own modules, attributes and training flags, the user's
     # parameter and buffer tensors (no copy of the weights) and the user's hook functions
     result = structural_copy(model, keep_hooks=True)
+    aliased = _aliased(result)
     done: set[str] = set()
     paths: dict[str, str] = {}
     owner_of: dict[str, str] = {}
@@ -339,7 +340,7 @@ def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[
             if _arity(module) >= 2:
                 module = LeafReplacement(leaf, module)
             module.train(leaf.training)  # the mode of the leaf whose place it takes
-            result = _install(result, full, module)
+            result = _install(result, full, module, aliased)
             done.add(full)
             paths[site.name] = owner_of[site.name] = full
             log.debug("site %s: %s takes the place of %r", site.name, type(module).__name__, full)
@@ -360,7 +361,7 @@ def _rewrite(model: nn.Module, choice: Choice, insert) -> tuple[nn.Module, dict[
             raise TraceError(f"{full or 'the root'!r} cannot be rewritten: traced alone, with the modules edited "
                              f"inside it kept whole, it gives a different graph")
         new, local = rewrite_owner(current, twin, own, o.edits, mapping, o.path, insert)
-        result = _install(result, full, new)
+        result = _install(result, full, new, aliased)
         done.add(full)
         for site_name, rel in local.items():
             paths[site_name] = _join(full, rel)
@@ -442,13 +443,31 @@ def _absorb(owners: dict[str, Owner], sc: Scopes) -> dict[str, Owner]:
     return owners
 
 
-def _install(root: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    """Put `module` at `path` in `root` (surgery's own copy); returns the root (`module` itself for path '')."""
+def _install(root: nn.Module, path: str, module: nn.Module, aliased: set[int]) -> nn.Module:
+    """Put `module` at `path` in `root` (surgery's own copy); returns the root (`module` itself for path ''). A module
+    the tree holds under several names (`self.encoder = self.backbone`; `aliased`: their ids) is replaced under
+    every one of them, so the names keep naming one module."""
     if not path:
         return module
     parent, _, name = path.rpartition(".")
-    (root.get_submodule(parent) if parent else root)._modules[name] = module
+    holder = root.get_submodule(parent) if parent else root
+    old = holder._modules[name]
+    holder._modules[name] = module
+    if id(old) in aliased:
+        for other, key in [(m, k) for m in root.modules() for k, c in m._modules.items() if c is old]:
+            other._modules[key] = module
     return root
+
+
+def _aliased(root: nn.Module) -> set[int]:
+    """The ids of the modules `root` holds under more than one name."""
+    seen: set[int] = set()
+    twice: set[int] = set()
+    for m in root.modules():
+        for c in m._modules.values():
+            if c is not None:
+                (twice if id(c) in seen else seen).add(id(c))
+    return twice
 
 
 def _arity(module: nn.Module) -> int:
