@@ -184,7 +184,7 @@ def _from_folder(folder: Path):
     if record.holds_recipe(folder):
         raise ModelError(f"{str(folder)!r} is a surgeon save: load it with surgeon.load({str(folder)!r}), then patch "
                          "the model it returns (on the command line, name the folder as the MODEL of 'surgeon add')")
-    file = folder / "config.json"
+    file = folder / record.HF_CONFIG
     if not file.is_file():
         raise ModelError(f"Folder {str(folder)!r} holds no model: neither a Hugging Face save (config.json) nor a "
                          "surgeon save (recipe.json)")

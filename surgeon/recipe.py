@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon import record
-from surgeon.record import FORMAT, FORMAT_VERSION
+from surgeon.record import FORMAT, FORMAT_VERSION, HF_CONFIG
 from surgeon.errors import ModelError, RecipeError, SurgeonError
 
 log = logging.getLogger("surgeon")
@@ -196,9 +196,6 @@ def inside(folder: Path, relative: str, *, what: str) -> Path:
     if path != root and root not in path.parents:
         raise RecipeError(f"Recipe {what} {relative!r} leads outside the recipe's folder {str(folder)!r}")
     return path
-
-
-HF_CONFIG = "config.json"  # a Hugging Face save_pretrained folder's config
 
 
 def _json_file(file: Path, what: str) -> Any:

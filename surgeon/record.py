@@ -86,6 +86,7 @@ def edits(model) -> list[EditRecord]:
 
 
 CONFIG_KEY = "surgeon"  # the recipe in a Hugging Face model's config (see `sync_config`)
+HF_CONFIG = "config.json"  # a Hugging Face save_pretrained folder's config
 FORMAT = "surgeon.recipe"  # a recipe's `format` and `version` (see recipe.validate)
 FORMAT_VERSION = 1
 
@@ -123,11 +124,13 @@ def holds_recipe(folder) -> bool:
     import json
     from pathlib import Path
 
+    from surgeon.outputs import MARKER
+
     folder = Path(folder)
-    if (folder / "recipe.json").is_file():
+    if (folder / MARKER).is_file():
         return True
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / HF_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and isinstance(config.get(CONFIG_KEY), dict)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -367,49 +367,46 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     stored = [(m, meta.snapshot(m)) for m in original.modules()]
     # every module's own mode is put back afterwards, not the root's spread over all (a frozen norm in eval
     # mode inside a training model stays frozen)
-    modes = ExitStack()
-    modes.enter_context(in_mode(original, False))
-    modes.enter_context(in_mode(patched, False))
-    try:
-        new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
-        for p in saved:
-            p.grad = None
-        train_only = [p for p in new_modules
-                      if any(getattr(m, "identity_in_train", True) is False for m in patched.get_submodule(p).modules())]
-        if tolerance is None:
-            train = _Compared(None, "not compared: the edits change the output by design")
-        elif train_only:
-            train = _Compared(None, f"not compared: {train_only[0]!r} acts in training by design")
-        else:
-            train = _train_check(original, patched, inputs, new_modules, new_params)
-        original.eval(), patched.eval()
-        with_autograd = train.grads is None  # the gradient checks are made here
-        with nullcontext() if with_autograd else torch.no_grad():
-            expected, flops_before = _counted(original, inputs)
-            output_type = type(expected).__name__
-            structure = _grad_structure(expected)
-            expected = [t.detach() for t in tensors(expected)]
-            # one forward serves the comparison, the gradient checks and the FLOPs
-            out, flops_after = _counted(patched, inputs)
-        diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
-        if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
-            diff = float("nan")
-        if with_autograd:
-            same_grad, grads = _same_grad(structure, out), _backward(out, new_params)
-        else:
-            same_grad, grads = train.same_grad, train.grads
-        del out
-        with_grad = sum(g is not None for g in grads)
-        nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
-        one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
-        if flops_before is None or flops_after is None:
-            flops_before, flops_after = _flops(original, one), _flops(patched, one)
-    finally:
-        for p, g in saved.items():
-            p.grad = g
-        for m, before in stored:
-            meta.undo(m, before)
-        modes.close()
+    with in_mode(original, False), in_mode(patched, False):
+        try:
+            new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
+            for p in saved:
+                p.grad = None
+            train_only = [p for p in new_modules
+                          if any(getattr(m, "identity_in_train", True) is False for m in patched.get_submodule(p).modules())]
+            if tolerance is None:
+                train = _Compared(None, "not compared: the edits change the output by design")
+            elif train_only:
+                train = _Compared(None, f"not compared: {train_only[0]!r} acts in training by design")
+            else:
+                train = _train_check(original, patched, inputs, new_modules, new_params)
+            original.eval(), patched.eval()
+            with_autograd = train.grads is None  # the gradient checks are made here
+            with nullcontext() if with_autograd else torch.no_grad():
+                expected, flops_before = _counted(original, inputs)
+                output_type = type(expected).__name__
+                structure = _grad_structure(expected)
+                expected = [t.detach() for t in tensors(expected)]
+                # one forward serves the comparison, the gradient checks and the FLOPs
+                out, flops_after = _counted(patched, inputs)
+            diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
+            if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
+                diff = float("nan")
+            if with_autograd:
+                same_grad, grads = _same_grad(structure, out), _backward(out, new_params)
+            else:
+                same_grad, grads = train.same_grad, train.grads
+            del out
+            with_grad = sum(g is not None for g in grads)
+            nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
+            one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
+            if flops_before is None or flops_after is None:
+                flops_before, flops_after = _flops(original, one), _flops(patched, one)
+        finally:
+            for p, g in saved.items():
+                p.grad = g
+            for m, before in stored:
+                meta.undo(m, before)
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
