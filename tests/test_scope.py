@@ -671,3 +671,17 @@ def test_a_module_held_under_two_names_is_one_patched_module_under_both(tmp_path
     loaded = surgeon.load(tmp_path / "out", base=_Aliased())
     x = torch.randn(2, 3, 32, 32)
     assert loaded.first_block is loaded.stage1[0] and torch.equal(loaded(x), patched(x))
+
+
+def test_a_rewritten_forward_with_functional_dropout_keeps_the_model_s_mode():
+    """timm's heads call F.dropout(x, p, self.training); rewriting the root (a site on its stem) turns it into a
+    dropout module, which must be in the model's mode: made in train mode, it dropped activations in eval."""
+    model = timm.create_model("mobilenetv3_small_100", drop_rate=0.5).eval()
+    patched = surgeon.add(model, "se", kind="after_conv", at=["conv_stem"])
+    assert rewritten(patched) is not None and "dropout" in rewritten(patched)
+    assert not any(m.training for m in patched.modules())
+    x = _x(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+    patched.train()
+    assert all(m.training for m in patched.modules())

@@ -200,3 +200,53 @@ def test_a_model_wrapped_in_data_parallel_gets_the_wrapped_models_sites():
     patched = surgeon.add(model, "se", example_input=x)  # residual, as for the bare model; verified
     assert type(patched) is torch.nn.DataParallel and [e.site for e in surgeon.edits(patched)][:2] == [
         "module.layer1.0", "module.layer1.1"] and len(surgeon.edits(patched)) == 8
+
+
+class _DropLayer(torch.nn.Module):
+    """torchvision's dense layer in small: its forward reads `self.training` (functional dropout), and it makes
+    a tensor constant."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))) * torch.tensor(0.5)
+        return x + torch.nn.functional.dropout(y, p=0.1, training=self.training)
+
+
+class _DropNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = torch.nn.Sequential(_DropLayer(8), _DropLayer(8))
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def test_layers_inside_a_module_that_reads_its_training_flag_are_sites():
+    """A module whose forward reads `self.training` is traced alone in both modes; the convolutions it holds are
+    sites like any other (they were hidden inside it: torchvision's densenet121 showed 4 of its 120)."""
+    m = _DropNet().eval()
+    assert names(m, "after_conv") == ["stem", "layers.0.conv", "layers.1.conv"]
+    assert names(m, "residual") == ["layers.0.add", "layers.1.add"]  # each layer is a graph of its own
+    patched = surgeon.add(m, "se", kind="after_conv", input_size=(3, 16, 16))  # verified: identity at init
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(patched(x), m(x))
+    assert sum(type(mod).__name__ == "SEModule" for mod in patched.modules()) == 3
+    patched.train()
+    torch.manual_seed(0)
+    a = patched(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, m.train()(x))  # the dropouts still follow the mode (and draw as the original's)
+
+
+def test_torchvision_densenet_layers_are_sites():
+    import torchvision
+
+    m = torchvision.models.densenet121().eval()
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
+    assert sorted(names(m, "after_conv", input_size=(3, 64, 64))) == sorted(convs)

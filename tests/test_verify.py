@@ -52,7 +52,7 @@ def _pair(how="identity", gamma=0.0):
     torch.manual_seed(0)
     original = Net().eval()
     patched = copy.copy(original)
-    patched._modules = {**original._modules, "attn": Gated(how, gamma)}
+    patched._modules = {**original._modules, "attn": Gated(how, gamma).eval()}  # in the mode of the model
     return original, patched, (torch.randn(3, 4),)
 
 
@@ -67,6 +67,24 @@ def test_identical_passes():
     assert v.max_abs_diff == 0.0 and v.train_max_abs_diff == 0.0 and v.same_grad_structure
     assert (v.new_params, v.with_grad, v.nonzero_grad, v.params_added) == (1, 1, 1, 1)
     assert v.flops_after >= v.flops_before > 0
+
+
+def test_a_module_left_in_another_mode_fails():
+    """The checks set both models' modes themselves; a module the patched model holds in train mode inside an
+    eval-mode model (a dropout made by tracing) would still compute something else as returned."""
+    original, patched, inputs = _pair()
+    patched.attn.train()
+    v = verify(original, patched, inputs, ["attn"])
+    assert not v.ok and v.max_abs_diff == 0.0
+    assert v.problem() == ("The patched model's 'attn' is in train mode where the original's is in eval mode, so it "
+                           "would not compute what the original does as returned")
+    assert patched.attn.training and not patched.training  # verification changes no mode
+    patched.attn.eval()
+    patched._modules["bn"] = copy.copy(original.bn)  # surgery's copy of the module: its own flag
+    original.bn.train()  # a module in its own mode: the patched model's must be in the same
+    v = verify(original, patched, inputs, ["attn"])
+    assert v.problem() == ("The patched model's 'bn' is in eval mode where the original's is in train mode, so it "
+                           "would not compute what the original does as returned")
 
 
 def test_different_outputs_fail():
@@ -99,7 +117,7 @@ def test_nan_in_any_output_fails():
 
     original = TwoOutputs().eval()
     patched = copy.copy(original)
-    patched._modules = {**original._modules, "attn": Gated("nan")}
+    patched._modules = {**original._modules, "attn": Gated("nan").eval()}
     v = verify(original, patched, (torch.randn(3, 4),), ["attn"])
     assert v.max_abs_diff != v.max_abs_diff and not v.ok
 
@@ -165,7 +183,7 @@ def test_without_a_train_mode_run_the_eval_check_makes_the_gradient_checks(how):
     torch.manual_seed(0)
     original = _EvalOnly().eval()
     patched = copy.copy(original)
-    patched._modules = {**original._modules, "attn": Gated(how)}
+    patched._modules = {**original._modules, "attn": Gated(how).eval()}
     v = verify(original, patched, (torch.randn(3, 4),), ["attn"])
     assert v.train_max_abs_diff is None and "does not run in train mode" in v.train_note
     assert (v.with_grad, v.same_grad_structure, v.ok) == ((1, True, True) if how == "identity" else (0, False, False))

@@ -256,7 +256,7 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
 
     Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
     whose code drew, '' for the module's own code; None when nothing drew): see `_train_graphs`."""
-    with in_mode(module, training):
+    with in_mode(module, training), _constants_apart(module, training):
         state = torch.get_rng_state() if training else None
         tracer = SurgeonTracer(leaf_paths, call=call)
         tracer.watch_draws = training
@@ -275,6 +275,28 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
     return graph, tracer.read_training, drew
+
+
+_CONSTANT = "_tensor_constant"  # fx stores the tensors a forward makes on the traced module, named so
+
+
+@contextlib.contextmanager
+def _constants_apart(module: nn.Module, apart: bool):
+    """With `apart` (a train-mode trace, made only to be compared with the eval-mode one): the tensor constants
+    earlier traces stored on `module` are set aside, so this trace names its own as they were named (rather
+    than `_tensor_constant1` for the eval trace's `_tensor_constant0`, which would make the graphs differ), and
+    the ones it stores are dropped afterwards."""
+    if not apart:
+        yield
+        return
+    d = module.__dict__
+    saved = {k: d.pop(k) for k in [k for k in d if k.startswith(_CONSTANT)]}
+    try:
+        yield
+    finally:
+        for k in [k for k in d if k.startswith(_CONSTANT)]:
+            del d[k]
+        d.update(saved)
 
 
 _BELOW_ONE = 1 - 2 ** -24  # the largest float32 torch.rand returns
@@ -368,7 +390,9 @@ def _modularise_dropouts(gm: fx.GraphModule, names: list[str]) -> None:
         stack = list(node.meta.get("nn_module_stack", {}).values())
         owner = stack[-1][0] if stack else ""
         path = unique_path(gm, owner, name)
-        gm.add_submodule(path, _DROPOUT_FUNCTIONS[node.target](p=p))
+        # in the mode of the module it was traced from (a new module is in train mode: an eval-mode model would
+        # drop activations)
+        gm.add_submodule(path, _DROPOUT_FUNCTIONS[node.target](p=p).train(gm.training))
         with gm.graph.inserting_after(node):
             new = gm.graph.call_module(path, (node.args[0],))
         new.meta = dict(node.meta)
@@ -520,8 +544,9 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
         raise TraceError(f"Tracing {type(module).__name__} did not converge after {_MAX_RETRIES} leaves")
     result.graphs[prefix] = gm
     # modules kept whole for their hooks get graphs of their own (surgery then rewrites them, hooks kept), and
-    # so do the ones kept whole because their forward reads `self.training` and that hold blocks of their own
-    # (an encoder with layer drop): traced alone in both modes, or piecewise
+    # so do the ones kept whole because their forward reads `self.training` and that hold layers of their own
+    # (an encoder with layer drop; torchvision's dense layer with its functional dropout): traced alone in both
+    # modes, or piecewise. (A norm with its activation inside, timm's BatchNormAct2d, holds none.)
     for n in gm.graph.nodes:
         if n.op != "call_module" or n.target in culprits:
             continue
@@ -529,7 +554,7 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
         full = _join(prefix, n.target)
         if _builtin(sub) or full in result.graphs or full in leaf_paths or getattr(sub, "_surgeon_leaf", False):
             continue
-        if has_hooks(sub) or (_reads_training(type(sub)) and any(not _builtin(c) for c in sub.children())):
+        if has_hooks(sub) or (_reads_training(type(sub)) and _holds_layers(sub)):
             _trace_into(sub, full, leaf_paths, result)
     # trace inside the modules that had to become leaves, so their own sites are found
     for path, reason in culprits.items():
@@ -555,6 +580,12 @@ def _trace_children(module: nn.Module, prefix: str, leaf_paths: set[str], result
         if not _builtin(child):
             _trace_into(child, full, leaf_paths, result)
     return module
+
+
+def _holds_layers(m: nn.Module) -> bool:
+    """Whether `m` holds modules of the model's own or layers with weights (where sites can be)."""
+    return any(not _builtin(c) or next(c.parameters(recurse=False), None) is not None
+               for c in m.modules() if c is not m)
 
 
 def _builtin(m: nn.Module) -> bool:

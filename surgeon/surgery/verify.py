@@ -45,6 +45,7 @@ class Verification:
     same_grad_structure: bool = True
     outputs: int | None = None  # output tensors compared (0: nothing could be, see `problem`)
     output_type: str = ""
+    wrong_mode: str = ""  # a module of the patched model in another mode than the original's (see `_wrong_mode`)
 
     @property
     def flops_added(self) -> int:
@@ -56,7 +57,7 @@ class Verification:
         exact = self.tolerance is None or self.max_abs_diff <= self.tolerance
         train = self.tolerance is None or self.train_max_abs_diff is None or self.train_max_abs_diff <= self.tolerance
         return exact and train and self.same_grad_structure and self.with_grad == self.new_params \
-            and self.outputs != 0
+            and self.outputs != 0 and not self.wrong_mode
 
     def problem(self) -> str | None:
         """What failed, in one sentence (None when the check passed)."""
@@ -64,6 +65,8 @@ class Verification:
             return (f"The model's output ({self.output_type}) holds no tensor to compare: a forward that returns "
                     "tensors, or tuples, lists, dicts or dataclasses of them, can be checked (or patch without "
                     "verification)")
+        if self.wrong_mode:
+            return f"The patched model's {self.wrong_mode}, so it would not compute what the original does as returned"
         if self.tolerance is not None and not self.max_abs_diff <= self.tolerance:
             return f"Identity init changed the output by {self.max_abs_diff:.3g} (> {self.tolerance:g})"
         if self.tolerance is not None and self.train_max_abs_diff is not None \
@@ -197,6 +200,22 @@ def _copy_inputs(inputs: tuple) -> tuple:
     what the other model sees."""
     return tuple(torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
                                               list(inputs)))
+
+
+def _wrong_mode(original: nn.Module, patched: nn.Module) -> str:
+    """Which module of `patched` is not in its original's mode (one surgery added: in its parent's), said as
+    "'path' is in train mode where ... is in eval mode"; "" when none. The checks below set both models' modes
+    themselves, so they cannot see a module left in another mode (a dropout made in train mode)."""
+    flags = {n: m.training for n, m in original.named_modules(remove_duplicate=False)}
+    seen: dict[str, bool] = {}
+    for name, m in patched.named_modules(remove_duplicate=False):
+        parent = name.rpartition(".")[0]
+        want, whose = (flags[name], "the original's") if name in flags else (seen.get(parent, m.training), "its parent")
+        seen[name] = m.training
+        if m.training != want:
+            mode = {True: "train", False: "eval"}
+            return f"{name or 'root'!r} is in {mode[m.training]} mode where {whose} is in {mode[want]} mode"
+    return ""
 
 
 def _finite(out: Any) -> bool:
@@ -361,6 +380,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         new_modules: module paths (in `patched`) the edits inserted.
         tolerance: the max |diff| allowed (identity init), or None when the output may change (paper init).
     """
+    wrong_mode = _wrong_mode(original, patched)
     saved = {p: p.grad for p in patched.parameters()}
     # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
     # must not leave the user's model holding this run's tensors (and their autograd graph)
@@ -411,4 +431,5 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
                         nonzero_grad=nonzero, train_max_abs_diff=train.diff, train_note=train.note,
-                        same_grad_structure=same_grad, outputs=len(expected), output_type=output_type)
+                        same_grad_structure=same_grad, outputs=len(expected), output_type=output_type,
+                        wrong_mode=wrong_mode)
