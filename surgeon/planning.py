@@ -398,7 +398,8 @@ class Plan:
             with fixed_generators():  # owners trace as the model did (see `_prepare`)
                 self._choice = scope.choose(self.model, self._prep.traced,
                                             [(e.site, e.module, e.attention) for e in self.edits],
-                                            lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)))
+                                            lambda m, leaves, path: trace_alone(m, leaves, calls.get(path)),
+                                            calls.get)
         return self._choice
 
     @property

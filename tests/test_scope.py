@@ -673,6 +673,72 @@ def test_a_module_held_under_two_names_is_one_patched_module_under_both(tmp_path
     assert loaded.first_block is loaded.stage1[0] and torch.equal(loaded(x), patched(x))
 
 
+# -- blocks alike are traced once ---------------------------------------------------------------------
+class _FlagBlock(nn.Module):
+    """A block whose graph follows a plain flag and the value of a small buffer, not its class."""
+
+    def __init__(self, c, skip, scale):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.skip = skip
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.scale.item() != 1.0:  # a decision on a buffer's value, taken while tracing
+            y = y * 2
+        # what tracing makes and stores: a tensor constant, a dropout module following the mode
+        y = F.dropout(y + torch.tensor(0.5), p=0.0, training=self.training)
+        return y + x if self.skip else y
+
+
+class _Flags(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_FlagBlock(8, True, 1), _FlagBlock(8, True, 1), _FlagBlock(8, False, 1),
+                                    _FlagBlock(8, True, 3), _FlagBlock(8, True, 1))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(x).mean((2, 3)))
+
+
+def test_blocks_alike_are_traced_once_and_blocks_that_differ_keep_their_own_graph(monkeypatch):
+    """Owners with one fingerprint (class, attributes, small buffers' values), call and leaves share one trace;
+    a block that differs in a flag or in a buffer's value is traced for itself, so it keeps its own code."""
+    from surgeon.surgery import trace as trace_module
+
+    traced = []
+    real = trace_module._trace_whole
+
+    def counting(module, *args, **kwargs):
+        traced.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(trace_module, "_trace_whole", counting)
+    model = _Flags().eval()
+    x = _x(2, 8, 16, 16)
+    plan = surgeon.plan(model, "se", kind="after_conv", init="paper")
+    traced.clear()
+    patched = plan.apply()
+    # each edit's owner, its block, is traced alone: blocks 0, 2 and 3; blocks 1 and 4 are like block 0
+    assert traced == ["_FlagBlock"] * 3
+    blocks = patched.blocks
+    assert rewritten(blocks[1]) == rewritten(blocks[4]) == rewritten(blocks[0])
+    assert len({rewritten(blocks[i]) for i in range(5)}) == 3
+    assert "dropout" in rewritten(blocks[4]) and "_tensor_constant0" in rewritten(blocks[4])
+    assert blocks[4]._tensor_constant0 is not blocks[0]._tensor_constant0
+    patched.train()
+    assert torch.equal(patched(x), patched.eval()(x))  # p = 0: the dropouts follow the mode and change nothing
+    # each block computes what it did, with its SE in it: the same as the SE applied by hand
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            orig = model.blocks[i]
+            y = block.conv_se(F.relu(orig.conv(x)))  # after the conv and its activation
+            want = (y * (2 if i == 3 else 1) + 0.5) + (x if orig.skip else 0)
+            assert torch.allclose(block(x), want, atol=1e-6), i
+
+
 def test_a_rewritten_forward_with_functional_dropout_keeps_the_model_s_mode():
     """timm's heads call F.dropout(x, p, self.training); rewriting the root (a site on its stem) turns it into a
     dropout module, which must be in the model's mode: made in train mode, it dropped activations in eval."""

@@ -202,6 +202,38 @@ def test_a_model_wrapped_in_data_parallel_gets_the_wrapped_models_sites():
         "module.layer1.0", "module.layer1.1"] and len(surgeon.edits(patched)) == 8
 
 
+def _random_graph_view(seed: int, size: int):
+    """A GraphView of a random data-flow DAG: each node adds one or two earlier nodes."""
+    import operator
+    import random
+
+    import torch.fx as fx
+
+    from surgeon.surgery.graph import GraphView
+
+    rng = random.Random(seed)
+    g = fx.Graph()
+    nodes = [g.placeholder("x"), g.placeholder("y")]
+    for _ in range(size):
+        ins = rng.sample(nodes, k=min(len(nodes), rng.choice((1, 2))))
+        nodes.append(g.call_function(operator.add, tuple(ins) if len(ins) == 2 else (ins[0], 1)))
+    g.output(nodes[-1])
+    return GraphView(fx.GraphModule(torch.nn.Module(), g)), nodes
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_branches_are_the_ancestors_one_side_has_and_the_other_lacks(seed):
+    import random
+
+    view, nodes = _random_graph_view(seed, 60)
+    rng = random.Random(seed)
+    for _ in range(40):
+        a, b = rng.sample(nodes, 2)
+        anc_a, anc_b = view.ancestors(a) | {a}, view.ancestors(b) | {b}
+        assert view.branches(a, b) == (anc_a - anc_b, anc_b - anc_a)
+    assert view.branches(nodes[5], nodes[5]) == (set(), set())
+
+
 class _DropLayer(torch.nn.Module):
     """torchvision's dense layer in small: its forward reads `self.training` (functional dropout), and it makes
     a tensor constant."""

@@ -6,6 +6,7 @@ names. Predicates are pure `is_<thing>(node, modules) -> bool` functions.
 """
 from __future__ import annotations
 
+import heapq
 import operator
 from functools import cached_property
 from typing import Any
@@ -252,6 +253,42 @@ class GraphView:
 
     def ancestors(self, node: fx.Node) -> set[fx.Node]:
         return nx.ancestors(self.nx, node)
+
+    def descendants(self, node: fx.Node) -> set[fx.Node]:
+        return nx.descendants(self.nx, node)
+
+    def branches(self, a: fx.Node, b: fx.Node) -> tuple[set[fx.Node], set[fx.Node]]:
+        """(`a` and its ancestors that are neither `b` nor b's ancestors, the same for `b`): the two branches
+        that meet at an op taking `a` and `b`. Walks back from both in reverse graph order and stops once
+        everything left to visit leads to both, so a residual block costs its own nodes, not the whole graph."""
+        A, B, BOTH = 1, 2, 3
+        if a is b:
+            return set(), set()
+        label = {a: A, b: B}
+        heap = sorted([(-self.order[a], a.name), (-self.order[b], b.name)])
+        by_name = {a.name: a, b.name: b}
+        one_sided = 2  # nodes waiting in the heap that lead to one of the two only
+        only: dict[int, set[fx.Node]] = {A: set(), B: set()}
+        while heap and one_sided:
+            _, name = heapq.heappop(heap)
+            n = by_name[name]
+            mark = label[n]  # final: every node after n in graph order that leads to n was visited before it
+            if mark != BOTH:
+                one_sided -= 1
+                only[mark].add(n)
+            for p in n.all_input_nodes:
+                old = label.get(p, 0)
+                new = old | mark
+                if new == old:
+                    continue
+                label[p] = new
+                if not old:
+                    by_name[p.name] = p
+                    heapq.heappush(heap, (-self.order[p], p.name))
+                    one_sided += new != BOTH
+                elif new == BOTH:
+                    one_sided -= 1
+        return only[A], only[B]
 
     def full_name(self, local: str) -> str:
         return f"{self.prefix}.{local}" if self.prefix and local else (self.prefix or local)

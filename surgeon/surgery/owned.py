@@ -93,6 +93,63 @@ def _copy_module(module: nn.Module, memo: dict[int, object]) -> nn.Module:
     return new
 
 
+_TABLES = frozenset(HOOK_TABLES + FLAG_TABLES)
+_SMALL = 8  # buffers and tensors up to this many elements count by value (code may branch on them)
+
+
+def fingerprint(module: nn.Module) -> tuple:
+    """What tracing `module` can depend on, as one hashable value: the classes of the whole tree, every attribute
+    (numbers, strings, flags, sizes; tensors by shape and dtype, buffers and tensor attributes also by value
+    when small), the hook functions, and which modules the tree holds twice. Two modules with equal fingerprints trace to the same graph (for the same
+    call and leaves); any object it cannot look into counts by identity, so it errs towards "different"."""
+    seen: dict[int, int] = {}
+    return _module_print(module, seen)
+
+
+def _module_print(module: nn.Module, seen: dict[int, int]) -> tuple:
+    if id(module) in seen:  # held twice: fx names it by its first path
+        return ("alias", seen[id(module)])
+    seen[id(module)] = len(seen)
+    parts: list = [type(module)]
+    for k, v in module.__dict__.items():
+        if k == "_modules":
+            parts.append((k, tuple((n, None if c is None else _module_print(c, seen)) for n, c in v.items())))
+        elif k in _SHARED_TABLES:  # parameters count by shape (tracing never reads their values), buffers also
+            # by value when small (code may branch on them)
+            parts.append((k, tuple((n, None if t is None else _tensor_print(t, k == "_buffers"))
+                                   for n, t in v.items())))
+        elif k in _TABLES:
+            parts.append((k, tuple(map(id, v.values())) if isinstance(v, dict) else _value_print(v, seen)))
+        else:
+            parts.append((k, _value_print(v, seen)))
+    return tuple(parts)
+
+
+def _tensor_print(t: torch.Tensor, values: bool = True) -> tuple:
+    key = (type(t), tuple(t.shape), t.dtype, t.device, t.requires_grad, t.layout)
+    if values and t.numel() <= _SMALL and t.device.type != "meta" and t.layout == torch.strided:
+        return key + (tuple(t.detach().reshape(-1).tolist()),)
+    return key
+
+
+def _value_print(v: object, seen: dict[int, int]) -> object:
+    if type(v) in _ATOMIC:
+        return (type(v), v)
+    if type(v) in (tuple, list, torch.Size):
+        return (type(v), tuple(_value_print(e, seen) for e in v))
+    if type(v) in (dict, OrderedDict) and all(type(k) in _ATOMIC for k in v):
+        return (type(v), tuple((k, _value_print(e, seen)) for k, e in v.items()))
+    if type(v) in (set, frozenset) and all(type(e) in _ATOMIC for e in v):
+        return (type(v), tuple(sorted(map(repr, v))))
+    if isinstance(v, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
+        return v
+    if isinstance(v, torch.Tensor):
+        return _tensor_print(v)
+    if isinstance(v, nn.Module):
+        return _module_print(v, seen)
+    return ("object", id(v))
+
+
 def attr_at(root: object, target: str) -> object:
     """The attribute at a dotted path (`layer1.0.conv1`, `_tensor_constant0`); AttributeError when missing."""
     for part in target.split("."):
@@ -157,13 +214,14 @@ def _seq_getitem(self, idx):
 _CLASSES: dict[tuple[type, str], type] = {}
 
 
-def patched_class(cls: type, forward, source: str) -> type:
-    """A subclass of the user's class `cls` whose forward is `forward` (compiled from `source`, which pickling
-    keeps); containers keep their indexing. One class per (user's class, source)."""
+def patched_class(cls: type, source: str, compiled) -> type:
+    """A subclass of the user's class `cls` whose forward is compiled from `source` (which pickling keeps);
+    containers keep their indexing. One class per (user's class, source): `compiled()` gives the forward
+    and is called only for a new pair (the repeated blocks of a stage share their class and its code)."""
     base = cls.__dict__.get("_surgeon_base", cls)
     key = (base, source)
     if key not in _CLASSES:
-        ns = {"forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+        ns = {"forward": compiled(), "__module__": base.__module__, "__qualname__": base.__qualname__,
               "_surgeon_base": base, "_surgeon_source": source, "__doc__": base.__doc__,
               "__reduce_ex__": _reduce}
         if issubclass(base, nn.Sequential):  # iteration and indexing see the user's layers only
@@ -182,7 +240,7 @@ def _rebuild(base: type, source: str) -> nn.Module:
     from torch.fx.graph_module import _forward_from_src
 
     key = (base, source)
-    cls = _CLASSES.get(key) or patched_class(base, _forward_from_src(source, {}), source)
+    cls = _CLASSES.get(key) or patched_class(base, source, lambda: _forward_from_src(source, {}))
     return cls.__new__(cls)
 
 

@@ -25,10 +25,10 @@ from torch import nn
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
-from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, patched_class, shallow_copy,
-                                    structural_copy)
+from surgeon.surgery.owned import (LeafReplacement, attr_at, fingerprint, forward_source, patched_class,
+                                    shallow_copy, structural_copy)
 from surgeon.surgery.sites import Site
-from surgeon.surgery.trace import copy_graph, noting_training_reads
+from surgeon.surgery.trace import copy_graph, noting_training_reads, traced_like
 from surgeon.surgery.values import IN_PLACE_OPERATORS
 
 log = logging.getLogger("surgeon")
@@ -68,17 +68,27 @@ def _uses_leave(sc: Scopes, key: str | None, site: Site, nodes: dict[str, fx.Nod
 
 
 class _Tracing:
-    """Traces of single modules, on structural copies so that tracing never changes the user's model."""
+    """Traces of single modules, on structural copies so that tracing never changes the user's model. A module
+    like one traced before (the same fingerprint, call and leaves: the repeated blocks of a stage) takes that
+    module's graph instead of being traced again."""
 
-    def __init__(self, trace_module):
+    def __init__(self, trace_module, call_of=lambda path: None):
         self._trace = trace_module
+        self._call_of = call_of
         self._cache: dict[tuple, tuple[nn.Module, fx.GraphModule]] = {}
+        self._alike: dict[tuple, fx.GraphModule] = {}
 
     def __call__(self, module: nn.Module, leaves: frozenset[str], path: str) -> tuple[nn.Module, fx.GraphModule]:
         k = (id(module), leaves)
         if k not in self._cache:
+            like = (fingerprint(module), leaves, repr(self._call_of(path)))
             twin = structural_copy(module)
-            self._cache[k] = (twin, self._trace(twin, set(leaves), path))
+            done = self._alike.get(like)
+            if done is None:
+                self._alike[like] = done = self._trace(twin, set(leaves), path)
+                self._cache[k] = (twin, done)
+            else:
+                self._cache[k] = (twin, traced_like(done, twin))
         return self._cache[k]
 
 
@@ -290,9 +300,13 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
         if name != n.target:
             n.target = name
         added.append(name)
-    own.recompile()
-    _LazyGraphModule.force_recompile(own)  # a lazy one only notes that it must, and its forward is a stand-in
-    new.__class__ = patched_class(type(module), type(own).forward, forward_source(own))
+
+    def compiled():
+        own.recompile()
+        _LazyGraphModule.force_recompile(own)  # a lazy one only notes that it must, and its forward is a stand-in
+        return type(own).forward
+
+    new.__class__ = patched_class(type(module), forward_source(own), compiled)
     new.__dict__["_surgeon_added"] = set(new.__dict__.get("_surgeon_added", ())) | set(added)
     return new, paths
 
@@ -384,15 +398,16 @@ class Choice:
         return {e[0].name: full for full, o in self.owners.items() for e in o.edits}
 
 
-def choose(model: nn.Module, traced, edits: list, trace_module) -> Choice:
+def choose(model: nn.Module, traced, edits: list, trace_module, call_of=lambda path: None) -> Choice:
     """Pick the owner of every (site, module, attention) edit, changing nothing.
 
     Args:
         traced: the `Traced` map of `model` the sites were found in.
         trace_module: (module, leaf paths, its path in the model) -> GraphModule, how one module is traced
             alone.
+        call_of: path -> the call a module is traced for (see `calls`), which its graph depends on.
     """
-    tracing = _Tracing(trace_module)
+    tracing = _Tracing(trace_module, call_of)
     leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
     by_graph: dict[str, list] = {}
     for e in edits:

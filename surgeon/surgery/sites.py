@@ -99,9 +99,9 @@ def find_residual(view: GraphView) -> list[Site]:
         if len(ins) != 2 or s is None or len(s) < 3 or any(view.shape(a) != s for a in ins):
             continue
         a, b = ins
-        anc_a, anc_b = view.ancestors(a) | {a}, view.ancestors(b) | {b}
-        wa = sum(view.is_(is_weighted, x) for x in anc_a - anc_b)
-        wb = sum(view.is_(is_weighted, x) for x in anc_b - anc_a)
+        only_a, only_b = view.branches(a, b)
+        wa = sum(view.is_(is_weighted, x) for x in only_a)
+        wb = sum(view.is_(is_weighted, x) for x in only_b)
         if wa == wb:
             log.debug("site %s: skipped, both branches of the add have %d layers", view.full_name(n.name), wa)
             continue
@@ -261,7 +261,7 @@ def find_pool(view: GraphView) -> list[Site]:
             end = nxt
         # named after the largest module that does nothing but this pooling (timm's global_pool holding
         # pool + flatten), else the pool op itself
-        chain = {n, end} | {u for u in view.nodes if n in view.ancestors(u) and u in view.ancestors(end)}
+        chain = {n, end} | (view.descendants(n) & view.ancestors(end))
         name = view.name_for(end, within=chain)
         name = name if name in view.modules and name else view.site_name(n)
         if name in view.modules and name:

@@ -484,6 +484,29 @@ def trace_alone(module: nn.Module, leaf_paths: set[str], call: calls_.Call | Non
     return _trace_whole(module, leaf_paths, call, lazy=True)
 
 
+def traced_like(done: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
+    """What `trace_alone(module, ...)` returns, from `done`, the result of that call on a module with the same
+    fingerprint (`owned.fingerprint`) for the same call and leaves: its graph on `module`. What tracing made
+    and stored (a tensor constant, a dropout module) is copied onto `module`, as tracing it would have stored it."""
+    graph = copy_graph(done)
+    for n in graph.nodes:
+        if n.op in ("get_attr", "call_module") and not _has_attr_path(module, n.target):
+            parent, _, name = n.target.rpartition(".")
+            holder = module.get_submodule(parent) if parent else module
+            made = copy.deepcopy(attr_at(done, n.target))
+            if isinstance(made, nn.Module):
+                holder.add_module(name, made)
+            else:
+                setattr(holder, name, made)
+    return _graph_module(module, graph, lazy=isinstance(done, _lazy_graph_module()))
+
+
+def _lazy_graph_module() -> type:
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    return _LazyGraphModule
+
+
 def _graph_module(module: nn.Module, graph: fx.Graph, *, lazy: bool = False) -> fx.GraphModule:
     """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes
     (with `lazy`, one that generates its code when first run or read)."""
@@ -598,4 +621,4 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
 
-__all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "unique_path"]
+__all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "traced_like", "unique_path"]
