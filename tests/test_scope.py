@@ -751,3 +751,83 @@ def test_a_rewritten_forward_with_functional_dropout_keeps_the_model_s_mode():
         assert torch.equal(patched(x), model(x))
     patched.train()
     assert all(m.training for m in patched.modules())
+
+
+# -- size arguments: the patched model takes any size the original takes --------------------------------
+class _TokenBlock(nn.Module):
+    """A block of a pyramid transformer: tokens in, the map's size as arguments (PVT, Twins, SegFormer)."""
+
+    def __init__(self, c, decide=False):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.fc = nn.Linear(c, c)
+        self.decide = decide
+
+    def forward(self, x, size, width):
+        h, w = size
+        if self.decide and h % 2:  # a decision on the size: traced for the size it was called with
+            h = h
+        b, n, c = x.shape
+        y = self.conv(x.transpose(1, 2).reshape(b, c, h, width)).flatten(2).transpose(1, 2)
+        return x + self.fc(y)
+
+
+class _Pyramid(nn.Module):
+    def __init__(self, decide=False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.blocks = nn.ModuleList([_TokenBlock(8, decide), _TokenBlock(8, decide)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        size = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x = blk(x, size, width=size[1])
+        return self.head(x.mean(1))
+
+
+def test_size_arguments_are_graph_inputs_so_the_patched_model_takes_any_size():
+    """Blocks called with the map's size (`blk(x, (H, W), width=W)`) are rewritten for any size: the sizes are
+    graph inputs, not the example's constants; a call with another kind of size fails naming it."""
+    model = _Pyramid().eval()
+    patched = surgeon.add(model, "se", kind="residual", input_size=(3, 32, 32))
+    assert all(rewritten(b) is not None and "expect_size" in rewritten(b) for b in patched.blocks)
+    for shape in [(3, 3, 48, 24), (1, 3, 16, 64)]:
+        x = _x(*shape)
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x)), shape
+        patched.train(), model.train()
+        assert torch.equal(patched(x), model(x)), shape
+        patched.eval(), model.eval()
+    x8 = _x(2, 8 * 6, 8)
+    with pytest.raises(surgeon.errors.CallError, match=r"with size a tuple of 2 ints, and was called with "
+                                                       r"size=\[6, 8\]"):
+        patched.blocks[0](x8, [6, 8], 8)
+    assert patched.blocks[0](x8, (6, 8), 8).shape == x8.shape
+
+
+def test_a_decision_on_a_size_is_guarded_where_the_other_way_would_compute_something_else():
+    """Code that decides on a size (`if h % 2:`) is traced for the way its example took; the rewritten forward
+    runs wherever the decision goes that way, and fails naming the line where it would go the other."""
+    model = _Pyramid(decide=True).eval()
+    patched = surgeon.add(model, "se", kind="residual", input_size=(3, 32, 32))
+    for shape in [(2, 3, 32, 32), (1, 3, 48, 24)]:  # h = 8 and 12: even, as traced
+        x = _x(*shape)
+        with torch.no_grad():
+            assert torch.equal(patched(x), model(x))
+    with pytest.raises(surgeon.errors.CallError, match=r"on which `if self.decide and h % 2:.*` \(test_scope.py:\d+\) "
+                                                       r"is False, and on this call it is True"):
+        patched(_x(2, 3, 36, 24))  # h = 9
+
+
+def test_timm_pvt_v2_patched_runs_at_other_sizes_and_after_save_and_load(tmp_path):
+    model = timm.create_model("pvt_v2_b0", num_classes=4).eval()
+    patched = surgeon.add(model, "se", input_size=(3, 64, 64))
+    surgeon.save(patched, tmp_path / "out")
+    loaded = surgeon.load(tmp_path / "out")
+    x = _x(1, 3, 96, 64)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(patched(x), want) and torch.equal(loaded(x), want)

@@ -34,6 +34,32 @@ class Slot:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class Size:
+    """A size argument of a recorded call: an int, or a tuple or list of ints (`height, width`, `feat_size`). A
+    forward that only computes with it (reshapes, pads, loops by it) is traced with it as a graph input, so the
+    rewritten forward takes any size as the original does; one that decides on it (`if H % window:`) is traced
+    for this value, as for any constant."""
+
+    value: Any
+
+    @property
+    def structure(self) -> tuple:
+        """(type name,) for an int, (type name, length) for a tuple, list or torch.Size: what each call must pass."""
+        v = self.value
+        return ("int",) if type(v) is int else (_SIZE_NAMES[type(v)], len(v))
+
+
+_SIZE_TYPES = {"int": int, "tuple": tuple, "list": list, "torch.Size": torch.Size}
+_SIZE_NAMES = {t: n for n, t in _SIZE_TYPES.items()}
+
+
+def _size(value: Any) -> bool:
+    if type(value) is int:
+        return True
+    return type(value) in (tuple, list, torch.Size) and len(value) > 0 and all(type(v) is int for v in value)
+
+
 def _constant(value: Any) -> bool:
     if isinstance(value, _SIMPLE):
         return True
@@ -44,6 +70,8 @@ def _describe(value: Any) -> Any:
     """A tensor as a Slot; a constant as itself; anything else (tensors in containers, objects) as None."""
     if isinstance(value, torch.Tensor):
         return Slot(tuple(value.shape), value.dtype)
+    if _size(value):
+        return Size(value)
     if _constant(value):
         return value
     raise _NotSpecialisable
@@ -60,6 +88,10 @@ class Call:
     args: tuple
     kwargs: dict[str, Any]
 
+    @property
+    def has_sizes(self) -> bool:
+        return any(isinstance(v, Size) for v in (*self.args, *self.kwargs.values()))
+
     @staticmethod
     def of(args: tuple, kwargs: dict[str, Any]) -> Call | None:
         try:
@@ -70,7 +102,9 @@ class Call:
     def same(self, other: Call) -> bool:
         """Whether two calls give the same graph: the same constants and the same tensor positions."""
         def key(v):
-            return ("tensor", v.dtype, len(v.shape)) if isinstance(v, Slot) else ("const", type(v), v)
+            if isinstance(v, Slot):
+                return "tensor", v.dtype, len(v.shape)
+            return ("size", type(v.value), v.value) if isinstance(v, Size) else ("const", type(v), v)
         return ([key(a) for a in self.args] == [key(a) for a in other.args]
                 and {k: key(v) for k, v in self.kwargs.items()} == {k: key(v) for k, v in other.kwargs.items()})
 
@@ -143,6 +177,28 @@ LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
 
 
 @fx.node.has_side_effect
+def expect_size(value: Any, structure: tuple, name: str, owner: str) -> None:
+    """Fail when a size argument traced as a graph input is not of the kind it was traced for: an int, or a tuple
+    (list) of as many ints."""
+    if type(value) is _SIZE_TYPES[structure[0]] and (type(value) is int or len(value) == structure[1] and all(
+            type(v) is int for v in value)):
+        return
+    kind = "an int" if structure[0] == "int" else f"a {structure[0]} of {structure[1]} ints"
+    raise CallError(
+        f"{owner}.forward was rewritten by surgeon for calls with {name} {kind}, and was called with "
+        f"{name}={_short(value)}. Patch the model with an example input that calls it this way")
+
+
+@fx.node.has_side_effect
+def expect_decision(value: Any, taken: bool, where: str, owner: str) -> None:
+    """Fail when a decision the trace took on a size or dtype (see values.py) goes the other way on this call."""
+    if bool(value) is not taken:
+        raise CallError(
+            f"{owner}.forward was rewritten by surgeon for inputs on which {where} is {taken}, and on this call it "
+            f"is {not taken}. Patch the model with an example input of this size")
+
+
+@fx.node.has_side_effect
 def expect_keys(kwargs: dict, constants: dict, tensors: tuple, owner: str) -> None:
     """Fail when **kwargs differ from the call the graph was traced for."""
     if set(kwargs) - LOSS_ONLY_KWARGS != set(constants) | set(tensors):
@@ -175,10 +231,14 @@ def _literal(value: Any) -> bool:
         isinstance(value, tuple) and all(_literal(v) for v in value))
 
 
-def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str) -> tuple[list, dict] | None:
+def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str, *, sizes: bool = False) -> tuple[list, dict] | None:
     """Create the graph inputs of `fn` (a forward, self first) for `call`: one placeholder per parameter of
     its signature, with a check per constant. Returns the (args, kwargs) to call `fn` with (after self), or
-    None when the signature cannot be followed (then the forward is traced as plain fx does)."""
+    None when the signature cannot be followed (then the forward is traced as plain fx does).
+
+    With `sizes`, size arguments (see `Size`) are graph inputs too, checked for their kind at every call; the
+    forward gets an int as the placeholder itself and a tuple or list as one of its items each (so that
+    `H, W = size`, `size[0]` and `*size` trace). Without, they are constants like the rest."""
     try:
         sig = inspect.signature(inspect.unwrap(fn))
         params = list(sig.parameters.values())[1:]  # without self
@@ -198,6 +258,14 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str) -> tuple[list, d
     def value(name: str, v: Any, ph):
         if isinstance(v, Slot):
             return ph
+        if isinstance(v, Size) and sizes:
+            boundary(tracer.create_proxy("call_function", expect_size, (ph, v.structure, name, owner), {}))
+            if type(v.value) is int:
+                return ph
+            items = [boundary(ph[i]) for i in range(len(v.value))]  # each item is one input, as in the caller's graph
+            return items if type(v.value) is list else tuple(items)  # a torch.Size cannot hold proxies
+        if isinstance(v, Size):
+            v = v.value
         boundary(tracer.create_proxy("call_function", expect, (ph, v, name, owner), {}))
         return v
 
@@ -213,10 +281,11 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str) -> tuple[list, d
             boundary(tracer.create_proxy("call_function", expect_len, (ph, len(v), owner), {}))
             args.extend(value(f"{p.name}[{i}]", item, boundary(ph[i])) for i, item in enumerate(v))
         elif p.kind is p.VAR_KEYWORD:
-            consts = {k: x for k, x in v.items() if not isinstance(x, Slot)}
-            names = tuple(k for k, x in v.items() if isinstance(x, Slot))
-            boundary(tracer.create_proxy("call_function", expect_keys, (ph, consts, names, owner), {}))
-            kwargs.update((k, boundary(ph[k]) if isinstance(x, Slot) else x) for k, x in v.items())
+            inputs = {k: x for k, x in v.items() if isinstance(x, Slot) or isinstance(x, Size) and sizes}
+            consts = {k: x.value if isinstance(x, Size) else x for k, x in v.items() if k not in inputs}
+            boundary(tracer.create_proxy("call_function", expect_keys, (ph, consts, tuple(inputs), owner), {}))
+            kwargs.update((k, value(f"{p.name}[{k!r}]", x, boundary(ph[k])) if k in inputs else consts[k])
+                          for k, x in v.items())
         else:
             got = value(p.name, v, ph)
             # passed as the recorded call passed it (decorators read positions and names); an argument
@@ -235,4 +304,4 @@ def bind(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Nod
     return {n: bound.arguments[n.target.lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"}
 
 
-__all__ = ["Call", "Slot", "bind", "record", "placeholders"]
+__all__ = ["Call", "Size", "Slot", "bind", "record", "placeholders"]

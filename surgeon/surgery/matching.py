@@ -191,9 +191,10 @@ def flat_nodes(args) -> list:
 
 
 def _boundary(n: fx.Node) -> bool:
-    """Nodes at a forward's edges that traces of the same code have or lack depending on the caller: the
-    checks of a forward traced for its recorded call, and results packed into their output type."""
-    return bool(n.meta.get("surgeon_call") or n.meta.get("surgeon_pack"))
+    """Nodes that traces of the same code have or lack depending on the caller: the checks of a forward traced
+    for its recorded call, results packed into their output type, and the guards of decisions a trace knowing
+    the sizes took (an owner traced for constant sizes takes them without)."""
+    return bool(n.meta.get("surgeon_call") or n.meta.get("surgeon_pack") or n.meta.get("surgeon_guard"))
 
 
 def _input(n: fx.Node) -> bool:

@@ -124,13 +124,14 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
     `values`, it knows each node's value on fake tensors (see values.py)."""
 
     def __init__(self, leaf_paths: set[str] = frozenset(), leaf_types: tuple[type, ...] = (),
-                 call: calls_.Call | None = None, values: bool = False):
+                 call: calls_.Call | None = None, values: bool = False, sizes: bool = False):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=tuple(notrace_functions) + tuple(_PACKING))
         self.leaf_paths = set(leaf_paths)
         self.leaf_types = tuple(notrace_modules) + tuple(leaf_types)
         self.call = call
         self.values = values and call is not None
+        self.sizes = sizes  # the call's size arguments are graph inputs (see calls.Size)
         self.watch_draws = False  # note which module's code draws from the global generator (train mode)
         self.drew: str | None = None
 
@@ -146,7 +147,7 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
         """With a recorded call (see `calls.py`), the root's inputs are that call's tensors and its other
         arguments are the constants it was called with, checked at every call of the traced forward."""
         if self.call is not None and is_module and concrete_args is None:
-            made = calls_.placeholders(self, root_fn, self.call, type(self.root).__name__)
+            made = calls_.placeholders(self, root_fn, self.call, type(self.root).__name__, sizes=self.sizes)
             if made is not None:
                 args, kwargs = made
                 return (lambda root: root_fn(root, *args, **kwargs)), [self.root]
@@ -258,18 +259,23 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
     whose code drew, '' for the module's own code; None when nothing drew): see `_train_graphs`."""
     with in_mode(module, training), _constants_apart(module, training):
         state = torch.get_rng_state() if training else None
-        tracer = SurgeonTracer(leaf_paths, call=call)
-        tracer.watch_draws = training
-        try:
-            graph = tracer.trace(module)
-        except Exception:
-            if call is None:
-                raise
-            # decisions on sizes (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`): trace again
-            # knowing every value's shape, which is slower
-            tracer = SurgeonTracer(leaf_paths, call=call, values=True)
+        # size arguments as graph inputs, so the forward takes any size; else as the constants they were (the
+        # code decides on them); else knowing every value's shape, for decisions on sizes the code computes
+        # (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`), which is slower
+        attempts = [{"sizes": True}] if call is not None and call.has_sizes else []
+        attempts += [{}, {"values": True}] if call is not None else [{}]
+        before = set(module.__dict__)
+        for i, how in enumerate(attempts):
+            tracer = SurgeonTracer(leaf_paths, call=call, **how)
             tracer.watch_draws = training
-            graph = tracer.trace(module)
+            try:
+                graph = tracer.trace(module)
+                break
+            except Exception:
+                if i == len(attempts) - 1:
+                    raise
+                for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
+                    del module.__dict__[k]  # what the failed attempt stored: the next one names its own alike
         drew = (tracer.drew or "") if state is not None and not torch.equal(state, torch.get_rng_state()) else None
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:

@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from surgeon.surgery import meta
-from surgeon.surgery.calls import Slot
+from surgeon.surgery import calls
+from surgeon.surgery.calls import Size, Slot
 
 log = logging.getLogger("surgeon")
 
@@ -53,6 +54,17 @@ for _op in IN_PLACE_OPERATORS:
     setattr(ValueProxy, f"__{_op.__name__}__", _augmented(_op))
 
 
+def _where() -> str:
+    """The model's line being traced (the innermost frame outside torch and surgeon), as `file:line (code)`."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" not in frame.filename and "/surgeon/surgery/" not in frame.filename:
+            name = frame.filename.rsplit("/", 1)[-1]
+            return f"`{frame.line}` ({name}:{frame.lineno})" if frame.line else f"{name}:{frame.lineno}"
+    return "a decision of its code"
+
+
 class ValueTracing:
     """Mixin for an fx.Tracer: `values=True` computes each node's value on fake tensors while tracing."""
 
@@ -79,6 +91,8 @@ class ValueTracing:
         if isinstance(value, Slot):
             with self._mode():
                 return torch.empty(value.shape, dtype=value.dtype)
+        if isinstance(value, Size):
+            return value.value
         if isinstance(value, tuple):
             return tuple(self._example(v) for v in value)
         if isinstance(value, dict):
@@ -127,6 +141,11 @@ class ValueTracing:
     def to_bool(self, obj: fx.Proxy) -> bool:
         value = self.value(obj.node)
         if isinstance(value, _DECIDABLE):
+            # the graph holds the branch taken; a guard fails any call that would take the other (a padding
+            # decided by the size, at another size)
+            guard = self.create_proxy("call_function", calls.expect_decision,
+                                      (obj, bool(value), _where(), type(self.root).__name__), {})
+            guard.node.meta["surgeon_guard"] = True
             return bool(value)
         return super().to_bool(obj)
 
