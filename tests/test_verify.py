@@ -356,3 +356,38 @@ def test_a_frozen_model_whose_new_parameters_train_passes():
     model = timm.create_model("resnet18").train().requires_grad_(False)
     patched = surgeon.add(model, "se", input_size=(3, 32, 32))  # verified
     assert all(p.requires_grad for e in surgeon.edits(patched) for p in patched.get_submodule(e.module).parameters())
+
+
+class _LayerDrop(nn.Module):
+    """An encoder with layer drop that always drops its second layer in train mode (as LayerDrop may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(3)])
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            if self.training and i == 1:
+                continue
+            x = x + layer(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_new_parameters_in_a_layer_the_train_forward_drops_count_as_reached_by_an_eval_backward():
+    """The backward pass of the train-mode check cannot reach a layer that layer drop skipped (Hugging Face's
+    wav2vec2 at the same seed); the parameters it misses are reached by a backward pass from an eval-mode
+    forward, so a model with layer drop verifies, and one whose new parameters no pass reaches still fails."""
+    torch.manual_seed(0)
+    model = _LayerDrop().eval()
+    patched = surgeon.add(model, "se", kind="after_conv", input_size=(4, 8, 8))
+    assert sum(type(m).__name__ == "SEModule" for m in patched.modules()) == 3
+    new = [e.module for e in surgeon.edits(patched)]
+    report = verify(model, patched, (torch.randn(2, 4, 8, 8),), new)
+    each = len(list(patched.get_submodule(new[0]).parameters()))
+    assert report.ok and report.with_grad == report.new_params == 3 * each and report.train_max_abs_diff == 0.0
+    # the third layer's SE cut off (its output detached): no backward pass reaches it
+    hook = patched.get_submodule(new[2]).register_forward_hook(lambda m, a, out: out.detach())
+    report = verify(model, patched, (torch.randn(2, 4, 8, 8),), new)
+    hook.remove()
+    assert not report.ok and report.problem() == f"A backward pass reached only {2 * each} of {3 * each} new parameters"

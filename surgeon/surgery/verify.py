@@ -417,6 +417,12 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             else:
                 same_grad, grads = train.same_grad, train.grads
             del out
+            if any(g is None for g in grads) and not with_autograd:
+                # the train-mode forward skipped some (LayerDrop draws which layers run): an eval-mode forward with
+                # autograd runs every layer, and what either backward pass reaches counts as reached
+                with torch.enable_grad():
+                    again = _backward(patched(*_copy_inputs(inputs)), new_params)
+                grads = [g if g is not None else h for g, h in zip(grads, again)]
             with_grad = sum(g is not None for g in grads)
             nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
             one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
