@@ -314,3 +314,43 @@ def test_a_save_pretrained_folder_is_a_model_reference(tmp_path):
     with pytest.raises(ModelError, match=r"holds no model: neither a Hugging Face save \(config.json\) nor a "
                                          r"surgeon save \(recipe.json\)$"):
         surgeon.add(str(tmp_path), "se")
+
+
+# -- decoder language models: caches and packed arguments ------------------------------------------------
+def _decoder(kind: str):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0)).eval()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("kind, edits", [("gpt2", 4), ("llama", 2)])
+def test_a_patched_decoder_generates_what_the_original_generates(kind, edits):
+    """GPT-2 and Llama blocks are called with the model's cache (an object) and Llama's with (cos, sin) in a
+    tuple: both are graph inputs now (checked for their class and length at every call), so their blocks are
+    patched (they had no site) and the patched model's `generate` runs its cache as the original's does."""
+    model = _decoder(kind)
+    patched = surgeon.add(model, "se")
+    assert len(surgeon.edits(patched)) == edits
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, model(ids).logits)
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(patched.generate(ids, max_new_tokens=6, do_sample=False), want)
+    patched.train()
+    patched(ids, labels=ids).loss.backward()
+    new = [p for e in surgeon.edits(patched) for p in patched.get_submodule(e.module).parameters()]
+    assert new and all(p.grad is not None for p in new)
+
+
+def test_a_block_traced_for_a_cache_says_so_when_called_without_one():
+    patched = surgeon.add(_decoder("gpt2"), "se")
+    ids = torch.randint(1, 100, (1, 5))
+    with pytest.raises(surgeon.errors.CallError, match=r"GPT2Block.forward was rewritten by surgeon for calls with "
+                                                       r"cache a DynamicCache, and was called with cache=None"):
+        patched(ids, use_cache=False)

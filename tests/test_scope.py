@@ -831,3 +831,57 @@ def test_timm_pvt_v2_patched_runs_at_other_sizes_and_after_save_and_load(tmp_pat
     with torch.no_grad():
         want = model(x)
         assert torch.equal(patched(x), want) and torch.equal(loaded(x), want)
+
+
+# -- object and packed arguments -------------------------------------------------------------------------
+class _Cache:
+    """An object a model hands to its blocks (a key/value cache): they call its methods."""
+
+    def __init__(self):
+        self.seen = []
+
+    def note(self, x):
+        self.seen.append(x.shape[1])
+        return x
+
+
+class _UsesCache(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, cache, pair):
+        if isinstance(cache, _Cache):  # the branch the real object takes, also while tracing
+            x = cache.note(x)
+        a, b = pair
+        return x + self.fc(x * a + b)
+
+
+class _CacheNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_UsesCache(), _UsesCache()])
+
+    def forward(self, x):
+        cache = _Cache()
+        pair = (torch.ones_like(x), torch.zeros_like(x))
+        for blk in self.blocks:
+            x = blk(x, cache, pair)
+        return x.mean(1), cache
+
+
+def test_object_and_packed_arguments_are_graph_inputs_checked_at_every_call():
+    model = _CacheNet().eval()
+    x = _x(2, 5, 8)
+    patched = surgeon.add(model, "se", kind="residual", example_input=x)
+    blk = patched.blocks[0]
+    assert rewritten(blk) is not None and "cache.note" in rewritten(blk)
+    with torch.no_grad():
+        (got, cache), (want, _) = patched(x), model(x)
+    assert torch.equal(got, want) and cache.seen == [5, 5]  # the method ran on this call's object
+    pair = (torch.ones_like(x), torch.zeros_like(x))
+    with pytest.raises(surgeon.errors.CallError, match=r"for calls with cache a _Cache, and was called with "
+                                                       r"cache=None"):
+        blk(x, None, pair)
+    with pytest.raises(surgeon.errors.CallError, match=r"for calls with pair a tuple of 2 items"):
+        blk(x, _Cache(), pair[:1])

@@ -14,12 +14,13 @@ instead of computing something else.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.immutable_collections import immutable_list
 
 from surgeon.errors import CallError
 
@@ -52,12 +53,71 @@ class Size:
 
 _SIZE_TYPES = {"int": int, "tuple": tuple, "list": list, "torch.Size": torch.Size}
 _SIZE_NAMES = {t: n for n, t in _SIZE_TYPES.items()}
+_SIZE_NAMES[immutable_list] = "list"  # what fx's interpreter passes for a list written in a graph
+
+
+def _kind(value: Any) -> str | None:
+    """'tuple' or 'list' for a plain tuple or list (fx's interpreter passes a list as its immutable_list), else
+    None (a named tuple is not taken apart: its fields are read by name)."""
+    if type(value) is tuple:
+        return "tuple"
+    return "list" if type(value) in (list, immutable_list) else None
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """An object argument that is neither a tensor nor a constant (a Hugging Face cache): a graph input that the
+    forward may hand on to the modules it calls or call methods of, checked for its class at every call. While
+    tracing it passes `isinstance` checks as an instance of that class."""
+
+    cls: str  # module-qualified class name (node arguments cannot hold classes)
+    type_: type = field(compare=False, repr=False, default=object)
+
+    @staticmethod
+    def of(value: Any) -> Opaque:
+        return Opaque(_qualname(type(value)), type(value))
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_TYPED: dict[type, type] = {}
+
+
+def typed(proxy: fx.Proxy, cls: type) -> fx.Proxy:
+    """`proxy`, seen by `isinstance` (through `__class__`) as an instance of `cls`: code that checks the class of an
+    argument (`isinstance(past_key_values, Cache)`) takes the branch the real object takes."""
+    base = type(proxy)
+    if base not in _TYPED:
+        _TYPED[base] = type(f"Typed{base.__name__}", (base,), {
+            "__class__": property(lambda self: self.__dict__["_surgeon_class"])})
+    proxy.__class__ = _TYPED[base]
+    proxy.__dict__["_surgeon_class"] = cls
+    return proxy
+
+
+def _opaque(value: Any) -> bool:
+    """An object a trace can take as an input: not a tensor or a container (whose tensors it would not see), not a
+    module or a function (code the trace would have to look into)."""
+    return not isinstance(value, (torch.Tensor, tuple, list, dict, set, nn.Module)) and not callable(value) \
+        and not _constant(value)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A tuple or list of tensors (and constants) in a recorded call (Llama's `position_embeddings=(cos, sin)`):
+    one graph input whose items the forward gets one by one, as its caller's graph has them."""
+
+    kind: str  # "tuple" or "list"
+    items: tuple
 
 
 def _size(value: Any) -> bool:
     if type(value) is int:
         return True
-    return type(value) in (tuple, list, torch.Size) and len(value) > 0 and all(type(v) is int for v in value)
+    return (type(value) is torch.Size or _kind(value) is not None) and len(value) > 0 \
+        and all(type(v) is int for v in value)
 
 
 def _constant(value: Any) -> bool:
@@ -74,6 +134,10 @@ def _describe(value: Any) -> Any:
         return Size(value)
     if _constant(value):
         return value
+    if _opaque(value):
+        return Opaque.of(value)
+    if _kind(value) is not None and value and _packs_tensors(value):
+        return Packed(_kind(value), tuple(_describe(v) for v in value))
     raise _NotSpecialisable
 
 
@@ -104,6 +168,10 @@ class Call:
         def key(v):
             if isinstance(v, Slot):
                 return "tensor", v.dtype, len(v.shape)
+            if isinstance(v, Opaque):
+                return "object", v.cls
+            if isinstance(v, Packed):
+                return "packed", v.kind, tuple(key(i) for i in v.items)
             return ("size", type(v.value), v.value) if isinstance(v, Size) else ("const", type(v), v)
         return ([key(a) for a in self.args] == [key(a) for a in other.args]
                 and {k: key(v) for k, v in self.kwargs.items()} == {k: key(v) for k, v in other.kwargs.items()})
@@ -143,7 +211,10 @@ def record(model: nn.Module, run) -> Recorded:
                 calls[path] = call
             elif calls[path] is not None and (call is None or not calls[path].same(call)):
                 calls[path] = None  # called in different ways: traced for its signature, as plain fx does
-            if any(_packs_tensors(a) for a in (*args, *kwargs.values())):
+            if any(_packs_tensors(a) and (call is None or _kind(a) != "tuple") for a in (*args, *kwargs.values())):
+                # (a tuple described item by item gives the trace its items, see `Packed`; a list stays a reason
+                # not to trace the module alone: blocks passing `[x, skip]` along test `isinstance(x, list)`,
+                # which the list a kept-whole block returns fails while tracing)
                 takes.add(path)
 
         def hook(_m, _args, out, path=path):
@@ -180,13 +251,31 @@ LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
 def expect_size(value: Any, structure: tuple, name: str, owner: str) -> None:
     """Fail when a size argument traced as a graph input is not of the kind it was traced for: an int, or a tuple
     (list) of as many ints."""
-    if type(value) is _SIZE_TYPES[structure[0]] and (type(value) is int or len(value) == structure[1] and all(
+    if _SIZE_NAMES.get(type(value)) == structure[0] and (type(value) is int or len(value) == structure[1] and all(
             type(v) is int for v in value)):
         return
     kind = "an int" if structure[0] == "int" else f"a {structure[0]} of {structure[1]} ints"
     raise CallError(
         f"{owner}.forward was rewritten by surgeon for calls with {name} {kind}, and was called with "
         f"{name}={_short(value)}. Patch the model with an example input that calls it this way")
+
+
+@fx.node.has_side_effect
+def expect_class(value: Any, cls: str, name: str, owner: str) -> None:
+    """Fail when an object argument (see `Opaque`) is not of the class the graph was traced for."""
+    if _qualname(type(value)) != cls:
+        raise CallError(
+            f"{owner}.forward was rewritten by surgeon for calls with {name} a {cls.rsplit('.', 1)[-1]}, and was "
+            f"called with {name}={_short(value)}. Patch the model with an example input that calls it this way")
+
+
+@fx.node.has_side_effect
+def expect_packed(value: Any, kind: str, n: int, name: str, owner: str) -> None:
+    """Fail when a packed argument (see `Packed`) is not a tuple (list) of as many items as traced."""
+    if _kind(value) != kind or len(value) != n:
+        raise CallError(
+            f"{owner}.forward was rewritten by surgeon for calls with {name} a {kind} of {n} items, and was "
+            f"called with {name}={_short(value)}. Patch the model with an example input that calls it this way")
 
 
 @fx.node.has_side_effect
@@ -266,6 +355,13 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str, *, sizes: bool =
             return items if type(v.value) is list else tuple(items)  # a torch.Size cannot hold proxies
         if isinstance(v, Size):
             v = v.value
+        if isinstance(v, Opaque):
+            boundary(tracer.create_proxy("call_function", expect_class, (ph, v.cls, name, owner), {}))
+            return typed(ph, v.type_)
+        if isinstance(v, Packed):
+            boundary(tracer.create_proxy("call_function", expect_packed, (ph, v.kind, len(v.items), name, owner), {}))
+            items = [value(f"{name}[{i}]", item, boundary(ph[i])) for i, item in enumerate(v.items)]
+            return items if v.kind == "list" else tuple(items)
         boundary(tracer.create_proxy("call_function", expect, (ph, v, name, owner), {}))
         return v
 
@@ -281,7 +377,8 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str, *, sizes: bool =
             boundary(tracer.create_proxy("call_function", expect_len, (ph, len(v), owner), {}))
             args.extend(value(f"{p.name}[{i}]", item, boundary(ph[i])) for i, item in enumerate(v))
         elif p.kind is p.VAR_KEYWORD:
-            inputs = {k: x for k, x in v.items() if isinstance(x, Slot) or isinstance(x, Size) and sizes}
+            inputs = {k: x for k, x in v.items()
+                      if isinstance(x, (Slot, Opaque, Packed)) or isinstance(x, Size) and sizes}
             consts = {k: x.value if isinstance(x, Size) else x for k, x in v.items() if k not in inputs}
             boundary(tracer.create_proxy("call_function", expect_keys, (ph, consts, tuple(inputs), owner), {}))
             kwargs.update((k, value(f"{p.name}[{k!r}]", x, boundary(ph[k])) if k in inputs else consts[k])
@@ -304,4 +401,4 @@ def bind(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Nod
     return {n: bound.arguments[n.target.lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"}
 
 
-__all__ = ["Call", "Size", "Slot", "bind", "record", "placeholders"]
+__all__ = ["Call", "Opaque", "Packed", "Size", "Slot", "bind", "record", "placeholders"]

@@ -23,6 +23,7 @@ from surgeon.surgery.shapes import shape as _shape
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
 _LINEAR_FUNCS = {F.linear, torch.matmul, operator.matmul}
+_AFFINE_FUNCS = {torch.addmm}
 _NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 _ACT_FUNCS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish, F.selu, F.celu,
               torch.relu, torch.relu_, F.relu_, torch.nn.functional.hardtanh}
@@ -61,6 +62,8 @@ def is_weighted(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A layer with learned weights that transforms features: a convolution, a linear layer, or an
     untraced module holding parameters (an attention block kept as a leaf), but not a norm."""
     if is_conv(node, modules) or is_linear(node, modules):
+        return True
+    if node.op == "call_function" and node.target in _AFFINE_FUNCS:  # Hugging Face's Conv1D (GPT-2): bias + x @ W
         return True
     m = _mod(node, modules)
     return m is not None and not is_norm(node, modules) and any(True for _ in m.parameters())

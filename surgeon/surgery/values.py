@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from surgeon.surgery import meta
 from surgeon.surgery import calls
-from surgeon.surgery.calls import Size, Slot
+from surgeon.surgery.calls import Opaque, Packed, Size, Slot
 
 log = logging.getLogger("surgeon")
 
@@ -93,6 +93,11 @@ class ValueTracing:
                 return torch.empty(value.shape, dtype=value.dtype)
         if isinstance(value, Size):
             return value.value
+        if isinstance(value, Opaque):
+            return _MISSING  # no object to compute with: decisions on it stop the trace
+        if isinstance(value, Packed):
+            items = [self._example(v) for v in value.items]
+            return _MISSING if any(i is _MISSING for i in items) else (items if value.kind == "list" else tuple(items))
         if isinstance(value, tuple):
             return tuple(self._example(v) for v in value)
         if isinstance(value, dict):
