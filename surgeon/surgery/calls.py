@@ -51,9 +51,8 @@ class Size:
         return ("int",) if type(v) is int else (_SIZE_NAMES[type(v)], len(v))
 
 
-_SIZE_TYPES = {"int": int, "tuple": tuple, "list": list, "torch.Size": torch.Size}
-_SIZE_NAMES = {t: n for n, t in _SIZE_TYPES.items()}
-_SIZE_NAMES[immutable_list] = "list"  # what fx's interpreter passes for a list written in a graph
+# the kinds of size a call may pass (fx's interpreter passes a list written in a graph as its immutable_list)
+_SIZE_NAMES = {int: "int", tuple: "tuple", list: "list", immutable_list: "list", torch.Size: "torch.Size"}
 
 
 def _kind(value: Any) -> str | None:
@@ -127,7 +126,8 @@ def _constant(value: Any) -> bool:
 
 
 def _describe(value: Any) -> Any:
-    """A tensor as a Slot; a constant as itself; anything else (tensors in containers, objects) as None."""
+    """A tensor as a Slot, a size as a Size, a constant as itself, an object as Opaque, a tuple or list holding
+    tensors as Packed; anything else (a dict of tensors, a module, a function) cannot be described."""
     if isinstance(value, torch.Tensor):
         return Slot(tuple(value.shape), value.dtype)
     if _size(value):
@@ -147,7 +147,8 @@ class _NotSpecialisable(Exception):
 
 @dataclass
 class Call:
-    """The arguments one module was called with: Slots for tensors, constants for the rest."""
+    """The arguments one module was called with: Slots for tensors, and Sizes, constants, Opaque objects and
+    Packed tuples for the rest (see `_describe`)."""
 
     args: tuple
     kwargs: dict[str, Any]
@@ -352,7 +353,7 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str, *, sizes: bool =
             if type(v.value) is int:
                 return ph
             items = [boundary(ph[i]) for i in range(len(v.value))]  # each item is one input, as in the caller's graph
-            return items if type(v.value) is list else tuple(items)  # a torch.Size cannot hold proxies
+            return items if _kind(v.value) == "list" else tuple(items)  # a torch.Size cannot hold proxies
         if isinstance(v, Size):
             v = v.value
         if isinstance(v, Opaque):
