@@ -318,18 +318,24 @@ def test_a_save_pretrained_folder_is_a_model_reference(tmp_path):
 
 # -- decoder language models: caches and packed arguments ------------------------------------------------
 def _decoder(kind: str):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    import transformers as tf
 
     torch.manual_seed(0)
+    tokens = {"vocab_size": 100, "bos_token_id": 0, "eos_token_id": 0}
     if kind == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, n_positions=64,
-                                          bos_token_id=0, eos_token_id=0)).eval()
-    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
-                                        num_key_value_heads=2, intermediate_size=128, vocab_size=100,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, **tokens)).eval()
+    if kind == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, ffn_dim=128,
+                                              word_embed_proj_dim=64, pad_token_id=0, **tokens)).eval()
+    if kind == "phi":
+        return tf.PhiForCausalLM(tf.PhiConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                              intermediate_size=128, pad_token_id=0, **tokens)).eval()
+    return tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                              num_key_value_heads=2, intermediate_size=128, pad_token_id=0,
+                                              **tokens)).eval()
 
 
-@pytest.mark.parametrize("kind, edits", [("gpt2", 4), ("llama", 2)])
+@pytest.mark.parametrize("kind, edits", [("gpt2", 4), ("llama", 2), ("opt", 2), ("phi", 4)])
 def test_a_patched_decoder_generates_what_the_original_generates(kind, edits):
     """GPT-2 and Llama blocks are called with the model's cache (an object) and Llama's with (cos, sin) in a
     tuple: both are graph inputs now (checked for their class and length at every call), so their blocks are
