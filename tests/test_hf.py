@@ -354,9 +354,89 @@ def test_a_patched_decoder_generates_what_the_original_generates(kind, edits):
     assert new and all(p.grad is not None for p in new)
 
 
-def test_a_block_traced_for_a_cache_says_so_when_called_without_one():
-    patched = surgeon.add(_decoder("gpt2"), "se")
-    ids = torch.randint(1, 100, (1, 5))
-    with pytest.raises(surgeon.errors.CallError, match=r"GPT2Block.forward was rewritten by surgeon for calls with "
-                                                       r"cache a DynamicCache, and was called with cache=None"):
-        patched(ids, use_cache=False)
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_patched_decoder_runs_without_its_cache_and_trains_with_gradient_checkpointing(kind):
+    """Blocks only hand the cache and `use_cache` on to their attention: they take None and False as well (as
+    training with gradient checkpointing calls them), computing what the original does."""
+    model = _decoder(kind)
+    patched = surgeon.add(model, "se")
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(patched(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+    losses = []
+    for m in (model, patched):
+        m.gradient_checkpointing_enable()
+        m.train()
+        torch.manual_seed(0)
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.equal(losses[0], losses[1])
+    new = [p for e in surgeon.edits(patched) for p in patched.get_submodule(e.module).parameters()]
+    assert new and all(p.grad is not None for p in new)
+
+
+class _Decides(torch.nn.Module):
+    """A block that decides on its cache and flag (not only hands them on): they stay checked."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x, cache, flag):
+        if cache is not None:
+            x = x * 2
+        return x + self.fc(x) if flag else x + self.fc(x).tanh()
+
+
+class _HandsOn(torch.nn.Module):
+    """A block that only hands its cache and flag on to a module of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.inner = _Inner()
+        self.inner.register_forward_hook(lambda *args: None)  # a module with hooks stays one call: kept whole
+
+    def forward(self, x, cache, flag):
+        return x + self.fc(self.inner(x, cache, flag))
+
+
+class _Inner(torch.nn.Module):
+    def forward(self, x, cache, flag):
+        if cache is not None and flag:
+            cache.append(x.shape[1])
+        return x
+
+
+class _Holder:
+    def __init__(self):
+        self.seen = []
+
+    def append(self, n):
+        self.seen.append(n)
+
+
+class _TwoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _Decides(), _HandsOn()
+
+    def forward(self, x, cache=None, flag=True):
+        return self.b(self.a(x, cache, flag), cache, flag)
+
+
+def test_only_arguments_a_block_hands_on_take_their_other_value():
+    model = _TwoBlocks().eval()
+    x = torch.randn(2, 5, 8)
+    patched = surgeon.add(model, "se", kind="residual", example_input=(x, _Holder(), True))
+    assert surgeon.plan(model, "se", kind="residual", example_input=(x, _Holder(), True)).owners() == {"a": "a",
+                                                                                                      "b": "b"}
+    with torch.no_grad():
+        holder = _Holder()
+        assert torch.equal(patched.b(x, None, False), model.b(x, None, False))  # handed on: either way
+        assert torch.equal(patched.b(x, holder, True), model.b(x, _Holder(), True)) and holder.seen == [5]
+        with pytest.raises(surgeon.errors.CallError, match=r"with cache a _Holder, and was called with cache=None"):
+            patched.a(x, None, True)
+        with pytest.raises(surgeon.errors.CallError, match=r"with flag=True, and was called with flag=False"):
+            patched.a(x, _Holder(), False)

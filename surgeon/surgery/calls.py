@@ -262,12 +262,23 @@ def expect_size(value: Any, structure: tuple, name: str, owner: str) -> None:
 
 
 @fx.node.has_side_effect
-def expect_class(value: Any, cls: str, name: str, owner: str) -> None:
-    """Fail when an object argument (see `Opaque`) is not of the class the graph was traced for."""
-    if _qualname(type(value)) != cls:
+def expect_class(value: Any, cls: str, name: str, owner: str, none_ok: bool = False) -> None:
+    """Fail when an object argument (see `Opaque`) is not of the class the graph was traced for (or None, where
+    the forward only hands it on: see `passing.py`)."""
+    if _qualname(type(value)) != cls and not (none_ok and value is None):
+        kind = f"a {cls.rsplit('.', 1)[-1]}" + (" or None" if none_ok else "")
         raise CallError(
-            f"{owner}.forward was rewritten by surgeon for calls with {name} a {cls.rsplit('.', 1)[-1]}, and was "
+            f"{owner}.forward was rewritten by surgeon for calls with {name} {kind}, and was "
             f"called with {name}={_short(value)}. Patch the model with an example input that calls it this way")
+
+
+@fx.node.has_side_effect
+def expect_flag(value: Any, name: str, owner: str) -> None:
+    """Fail when a flag the forward only hands on (see `passing.py`) is not a bool."""
+    if type(value) is not bool:
+        raise CallError(
+            f"{owner}.forward was rewritten by surgeon for calls with {name} True or False, and was called with "
+            f"{name}={_short(value)}. Patch the model with an example input that calls it this way")
 
 
 @fx.node.has_side_effect

@@ -274,6 +274,8 @@ def match(sc: Scopes, key: str | None, own: fx.GraphModule,
         for a, b in zip(a_args, m_args):
             if isinstance(a, fx.Node) and not isinstance(b, fx.Node) and _same_scalar(a, b):
                 continue  # a size the big graph computes, a constant of the call the owner was traced for
+            if not isinstance(a, fx.Node) and isinstance(b, fx.Node) and _input(b) and type(a) is bool:
+                continue  # a flag the owner only hands on (an input of its graph), a constant in the big graph
             if isinstance(a, fx.Node) != isinstance(b, fx.Node):
                 return None
             if isinstance(a, fx.Node) and a not in inside:

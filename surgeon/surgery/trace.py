@@ -277,10 +277,36 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
                 for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
                     del module.__dict__[k]  # what the failed attempt stored: the next one names its own alike
         drew = (tracer.drew or "") if state is not None and not torch.equal(state, torch.get_rng_state()) else None
+        if call is not None and not tracer.values:
+            graph = _widened(module, leaf_paths, training, call, graph, how)
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
     return graph, tracer.read_training, drew
+
+
+def _widened(module: nn.Module, leaf_paths: set[str], training: bool, call: calls_.Call, graph: fx.Graph,
+             how: dict) -> fx.Graph:
+    """`graph` with the checks of arguments the forward only hands on widened (see `passing.py`); the traces
+    this takes leave the module, its stored constants and the global generator as they were."""
+    from surgeon.surgery import passing
+
+    before, state = set(module.__dict__), torch.get_rng_state()
+
+    def retrace(other: calls_.Call) -> fx.Graph | None:
+        tracer = SurgeonTracer(leaf_paths, call=other, **how)
+        try:
+            return tracer.trace(module)
+        except Exception:  # noqa: BLE001 - the forward does not take the other value: the check stays
+            return None
+        finally:
+            for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
+                del module.__dict__[k]
+
+    try:
+        return passing.widen(graph, type(module).forward, call, retrace)
+    finally:
+        torch.set_rng_state(state)
 
 
 _CONSTANT = "_tensor_constant"  # fx stores the tensors a forward makes on the traced module, named so
