@@ -440,3 +440,18 @@ def test_only_arguments_a_block_hands_on_take_their_other_value():
             patched.a(x, None, True)
         with pytest.raises(surgeon.errors.CallError, match=r"with flag=True, and was called with flag=False"):
             patched.a(x, _Holder(), False)
+
+
+def test_albert_whose_layers_share_one_module_is_patched():
+    """ALBERT runs one layer (and its attention) for every layer of the model. Its attention reads its training
+    flag and holds layers, but as it is called more than once it is kept whole, not traced alone: its residual
+    rewritten in its own forward left the encoder's graph unmatched ("'albert.encoder' cannot be rewritten")."""
+    torch.manual_seed(0)
+    model = T.AlbertForSequenceClassification(T.AlbertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        embedding_size=32)).eval()
+    ids = torch.randint(3, 100, (2, 12), generator=_gen())
+    patched = surgeon.add(model, "se", example_input={"input_ids": ids})
+    assert len(surgeon.edits(patched)) == 2
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, model(ids).logits)

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -599,9 +600,11 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
         raise TraceError(f"Tracing {type(module).__name__} did not converge after {_MAX_RETRIES} leaves")
     result.graphs[prefix] = gm
     # modules kept whole for their hooks get graphs of their own (surgery then rewrites them, hooks kept), and
-    # so do the ones kept whole because their forward reads `self.training` and that hold layers of their own
-    # (an encoder with layer drop; torchvision's dense layer with its functional dropout): traced alone in both
-    # modes, or piecewise. (A norm with its activation inside, timm's BatchNormAct2d, holds none.)
+    # so do the ones kept whole because their forward reads `self.training` and that hold blocks of their own
+    # (an encoder with layer drop), or layers, when called once (torchvision's dense layer with its functional
+    # dropout; not ALBERT's attention, shared by every layer): traced alone in both modes, or piecewise. (A norm
+    # with its activation inside, timm's BatchNormAct2d, holds none.)
+    called = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for n in gm.graph.nodes:
         if n.op != "call_module" or n.target in culprits:
             continue
@@ -609,7 +612,9 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
         full = _join(prefix, n.target)
         if _builtin(sub) or full in result.graphs or full in leaf_paths or getattr(sub, "_surgeon_leaf", False):
             continue
-        if has_hooks(sub) or (_reads_training(type(sub)) and _holds_layers(sub)):
+        reads = _reads_training(type(sub))
+        if has_hooks(sub) or reads and any(not _builtin(c) for c in sub.children()) \
+                or reads and called[n.target] == 1 and _holds_layers(sub):
             _trace_into(sub, full, leaf_paths, result)
     # trace inside the modules that had to become leaves, so their own sites are found
     for path, reason in culprits.items():
