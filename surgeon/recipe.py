@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from surgeon import record
-from surgeon.record import FORMAT, FORMAT_VERSION, HF_CONFIG
+from surgeon.record import CONFIG_KEY, FORMAT, FORMAT_VERSION, HF_CONFIG
 from surgeon.errors import ModelError, RecipeError, SurgeonError
 
 log = logging.getLogger("surgeon")
@@ -221,8 +221,6 @@ def _from_hf_folder(folder: Path) -> dict[str, Any]:
     """The recipe of a patched Hugging Face model saved with `save_pretrained` (or by a Trainer): its config.json
     carries it (see `record.sync_config`). The base is built from the folder's config, which fine-tuning may have
     changed since the surgery (labels), and the weights are the folder's own, whole or sharded."""
-    from surgeon.record import CONFIG_KEY
-
     file = folder / HF_CONFIG
     config = _json_file(file, "Config")
     recipe = config.pop(CONFIG_KEY, None) if isinstance(config, dict) else None

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from surgeon.surgery import meta
-from surgeon.surgery import calls
+from surgeon.surgery import calls, meta
 from surgeon.surgery.calls import Opaque, Packed, Size, Slot
 
 log = logging.getLogger("surgeon")
