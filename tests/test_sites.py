@@ -282,3 +282,17 @@ def test_torchvision_densenet_layers_are_sites():
     m = torchvision.models.densenet121().eval()
     convs = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)]
     assert sorted(names(m, "after_conv", input_size=(3, 64, 64))) == sorted(convs)
+
+
+def test_modules_traced_alone_that_are_alike_are_traced_once(monkeypatch):
+    """The two identical dense layers of `_DropNet` are traced alone (they read their training flag): the second
+    takes the first one's graph on itself (a ViT's twelve attentions cost one trace), and both have their sites."""
+    from surgeon.surgery import trace as trace_module
+
+    traced = []
+    real = trace_module._trace_whole
+    monkeypatch.setattr(trace_module, "_trace_whole",
+                        lambda module, *a, **k: traced.append(type(module).__name__) or real(module, *a, **k))
+    found = surgeon.sites(_DropNet().eval(), kind="after_conv", input_size=(3, 16, 16))
+    assert traced.count("_DropLayer") == 1
+    assert [s.name for s in found] == ["stem", "layers.0.conv", "layers.1.conv"]

@@ -178,7 +178,8 @@ def test_modules_that_never_read_the_mode_are_traced_once(monkeypatch):
     modes = []
     real = trace_module._trace_graph
     monkeypatch.setattr(trace_module, "_trace_graph",
-                        lambda m, leaves, training, call: modes.append(training) or real(m, leaves, training, call))
+                        lambda m, leaves, training, call, widen=False: modes.append(training)
+                        or real(m, leaves, training, call, widen))
     trace(TinyResNet().eval())
     assert modes and not any(modes)
     modes.clear()

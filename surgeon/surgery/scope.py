@@ -25,10 +25,10 @@ from torch import nn
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
-from surgeon.surgery.owned import (LeafReplacement, attr_at, fingerprint, forward_source, patched_class,
-                                    shallow_copy, structural_copy)
+from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, patched_class, shallow_copy,
+                                    structural_copy)
 from surgeon.surgery.sites import Site
-from surgeon.surgery.trace import copy_graph, noting_training_reads, traced_like
+from surgeon.surgery.trace import Alike, copy_graph, noting_training_reads
 from surgeon.surgery.values import IN_PLACE_OPERATORS
 
 log = logging.getLogger("surgeon")
@@ -76,19 +76,14 @@ class _Tracing:
         self._trace = trace_module
         self._call_of = call_of
         self._cache: dict[tuple, tuple[nn.Module, fx.GraphModule]] = {}
-        self._alike: dict[tuple, fx.GraphModule] = {}
+        self._alike = Alike()
 
     def __call__(self, module: nn.Module, leaves: frozenset[str], path: str) -> tuple[nn.Module, fx.GraphModule]:
         k = (id(module), leaves)
         if k not in self._cache:
-            like = (fingerprint(module), leaves, repr(self._call_of(path)))
             twin = structural_copy(module)
-            done = self._alike.get(like)
-            if done is None:
-                self._alike[like] = done = self._trace(twin, set(leaves), path)
-                self._cache[k] = (twin, done)
-            else:
-                self._cache[k] = (twin, traced_like(done, twin))
+            self._cache[k] = (twin, self._alike.trace(module, leaves, self._call_of(path),
+                                                      lambda: self._trace(twin, set(leaves), path), onto=twin))
         return self._cache[k]
 
 

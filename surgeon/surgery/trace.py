@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from surgeon.errors import TraceError
 from surgeon.surgery import calls as calls_
-from surgeon.surgery.owned import attr_at, in_mode
+from surgeon.surgery.owned import attr_at, fingerprint, in_mode
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -55,6 +56,7 @@ class Traced:
     extra_leaves: set[str] = field(default_factory=set)  # paths asked to stay leaves (inserted modules)
     calls: dict[str, calls_.Call] = field(default_factory=dict)  # how each module was called (see calls.py)
     packed: calls_.Recorded | None = None  # which modules take or return tensors in containers (calls.record)
+    alike: Alike = field(default_factory=lambda: Alike(), repr=False)  # traces shared by modules alike (defined below)
 
 
 def _timm_notrace() -> tuple[set[type], set]:
@@ -253,7 +255,7 @@ def noting_training_reads(tracer: fx.Tracer | None = None):
 
 
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
-                 call: calls_.Call | None) -> tuple[fx.Graph, bool, str | None]:
+                 call: calls_.Call | None, widen: bool = False) -> tuple[fx.Graph, bool, str | None]:
     """The graph of `module` in the given mode, and whether tracing read any module's `training` flag.
 
     Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
@@ -275,19 +277,17 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
             except Exception:
                 if i == len(attempts) - 1:
                     raise
-                for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
-                    del module.__dict__[k]  # what the failed attempt stored: the next one names its own alike
+                _drop_constants(module, before)  # the failed attempt's: the next one names its own alike
         drew = (tracer.drew or "") if state is not None and not torch.equal(state, torch.get_rng_state()) else None
-        if call is not None and not tracer.values:
-            graph = _widened(module, leaf_paths, training, call, graph, how)
+        if widen and call is not None and not tracer.values:
+            graph = _widened(module, leaf_paths, call, graph, how)
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
     return graph, tracer.read_training, drew
 
 
-def _widened(module: nn.Module, leaf_paths: set[str], training: bool, call: calls_.Call, graph: fx.Graph,
-             how: dict) -> fx.Graph:
+def _widened(module: nn.Module, leaf_paths: set[str], call: calls_.Call, graph: fx.Graph, how: dict) -> fx.Graph:
     """`graph` with the checks of arguments the forward only hands on widened (see `passing.py`); the traces
     this takes leave the module, its stored constants and the global generator as they were."""
     from surgeon.surgery import passing
@@ -301,8 +301,7 @@ def _widened(module: nn.Module, leaf_paths: set[str], training: bool, call: call
         except Exception:  # noqa: BLE001 - the forward does not take the other value: the check stays
             return None
         finally:
-            for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
-                del module.__dict__[k]
+            _drop_constants(module, before)
 
     try:
         return passing.widen(graph, type(module).forward, call, retrace)
@@ -311,6 +310,12 @@ def _widened(module: nn.Module, leaf_paths: set[str], training: bool, call: call
 
 
 _CONSTANT = "_tensor_constant"  # fx stores the tensors a forward makes on the traced module, named so
+
+
+def _drop_constants(module: nn.Module, before: set[str]) -> None:
+    """Remove the tensor constants tracing stored on `module` since its attributes were `before`."""
+    for k in [k for k in module.__dict__ if k.startswith(_CONSTANT) and k not in before]:
+        del module.__dict__[k]
 
 
 @contextlib.contextmanager
@@ -324,11 +329,11 @@ def _constants_apart(module: nn.Module, apart: bool):
         return
     d = module.__dict__
     saved = {k: d.pop(k) for k in [k for k in d if k.startswith(_CONSTANT)]}
+    before = set(d)
     try:
         yield
     finally:
-        for k in [k for k in d if k.startswith(_CONSTANT)]:
-            del d[k]
+        _drop_constants(module, before)
         d.update(saved)
 
 
@@ -354,19 +359,20 @@ def _rand_returning(value: float):
         torch.rand = rand
 
 
-def _train_graphs(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None) -> list[fx.Graph]:
+def _train_graphs(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None,
+                  widen: bool = False) -> list[fx.Graph]:
     """`module`'s graph in train mode; and when its code drew random numbers while traced (LayerDrop: `if
     self.training and torch.rand([]) < p: skip the layer`), its graphs with every such draw at either end of
     [0, 1), each of which must equal the eval graph: one draw cannot stand for every step of training, so a
     module whose structure follows the draw stays Python, and one whose never does (p = 0) is traced.
     Draws from anything but `torch.rand` leave the module that made them Python."""
-    graph, _, drew = _trace_graph(module, leaf_paths, training=True, call=call)
+    graph, _, drew = _trace_graph(module, leaf_paths, training=True, call=call, widen=widen)
     graphs = [graph]
     if drew is None:
         return graphs
     for value in (0.0, _BELOW_ONE):
         with _rand_returning(value):
-            extreme, _, again = _trace_graph(module, leaf_paths, training=True, call=call)
+            extreme, _, again = _trace_graph(module, leaf_paths, training=True, call=call, widen=widen)
         if again is not None:
             exc = TraceError(f"The forward of {again or type(module).__name__!r} draws random numbers while it is "
                              "traced in train mode, so its graph would hold one draw")
@@ -491,7 +497,10 @@ def copy_graph(gm: fx.GraphModule) -> fx.Graph:
 
 
 def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | None = None, *,
-                 lazy: bool = False) -> fx.GraphModule:
+                 lazy: bool = False, widen: bool = False) -> fx.GraphModule:
+    """`module`'s graph (see `trace_alone`); with `widen`, the checks of arguments it only hands on take their other
+    value too (`passing.py`): for the owners surgery rewrites, whose code the patched model runs (the graphs sites
+    are found on never run, and need no second trace per flag)."""
     if isinstance(module, fx.GraphModule):
         # already traced (e.g. patched before): reuse its graph rather than tracing its generated code,
         # which would lose which module each node came from
@@ -499,11 +508,11 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
-    g_eval, read, _ = _trace_graph(module, leaf_paths, training=False, call=call)
+    g_eval, read, _ = _trace_graph(module, leaf_paths, training=False, call=call, widen=widen)
     dropouts = []
     if read or any(_own_training(type(m)) for m in module.modules()):
         # the code depends on the mode: trace it in train mode too, and keep what differs (or refuse)
-        for g_train in reversed(_train_graphs(module, leaf_paths, call)):  # the plain trace's dropouts last
+        for g_train in reversed(_train_graphs(module, leaf_paths, call, widen)):  # the plain trace's dropouts last
             dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
     gm = _graph_module(module, g_eval, lazy=lazy)
     _modularise_dropouts(gm, dropouts)
@@ -514,37 +523,56 @@ def trace_alone(module: nn.Module, leaf_paths: set[str], call: calls_.Call | Non
     """One module traced whole, in both modes (see the module docstring), for `call` when given (see
     `calls.py`); raises when it does not trace. Its Python code is generated only when it runs or is read:
     surgery compares such graphs and writes its own code from them."""
-    return _trace_whole(module, leaf_paths, call, lazy=True)
+    return _trace_whole(module, leaf_paths, call, lazy=True, widen=True)
 
 
 def traced_like(done: fx.GraphModule, module: nn.Module) -> fx.GraphModule:
-    """What `trace_alone(module, ...)` returns, from `done`, the result of that call on a module with the same
-    fingerprint (`owned.fingerprint`) for the same call and leaves: its graph on `module`. What tracing made
-    and stored (a tensor constant, a dropout module) is copied onto `module`, as tracing it would have stored it."""
+    """What tracing `module` returns, from `done`, the result of tracing a module with the same fingerprint
+    (`owned.fingerprint`) for the same call and leaves: its graph on `module`. What tracing made and stored (a
+    tensor constant, a dropout module) the new GraphModule holds a copy of; `module` is left as it was."""
     graph = copy_graph(done)
+    made = []
     for n in graph.nodes:
         if n.op in ("get_attr", "call_module") and not _has_attr_path(module, n.target):
             parent, _, name = n.target.rpartition(".")
             holder = module.get_submodule(parent) if parent else module
-            made = copy.deepcopy(attr_at(done, n.target))
-            if isinstance(made, nn.Module):
-                holder.add_module(name, made)
+            obj = copy.deepcopy(attr_at(done, n.target))
+            if isinstance(obj, nn.Module):
+                holder.add_module(name, obj)
             else:
-                setattr(holder, name, made)
-    return _graph_module(module, graph, lazy=isinstance(done, _lazy_graph_module()))
+                setattr(holder, name, obj)
+            made.append((holder, name))
+    try:
+        return _graph_module(module, graph, lazy=isinstance(done, _LazyGraphModule))
+    finally:
+        for holder, name in made:
+            delattr(holder, name)
 
 
-def _lazy_graph_module() -> type:
-    from torch.fx._lazy_graph_module import _LazyGraphModule
+class Alike:
+    """Traces by what tracing depends on (`owned.fingerprint`, the leaves and the call): a module like one traced
+    before (the repeated blocks of a stage) takes that module's graph (`traced_like`) instead of being traced
+    again."""
 
-    return _LazyGraphModule
+    def __init__(self):
+        self._done: dict[tuple, fx.GraphModule] = {}
+
+    def trace(self, module: nn.Module, leaves, call: calls_.Call | None, trace_fn, *,
+              onto: nn.Module | None = None) -> fx.GraphModule:
+        """`trace_fn()`, the trace of `module` (or of `onto`, a structural copy of it) for `call` with `leaves`, or
+        the graph of a module alike on it. (The user's module is the one compared: a copy holds copies of the
+        objects it shares with its siblings.)"""
+        key = (fingerprint(module), frozenset(leaves), repr(call))
+        done = self._done.get(key)
+        if done is not None:
+            return traced_like(done, module if onto is None else onto)
+        self._done[key] = done = trace_fn()
+        return done
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph, *, lazy: bool = False) -> fx.GraphModule:
     """A GraphModule for `module` that keeps all its state-dict keys, its mode and its config attributes
     (with `lazy`, one that generates its code when first run or read)."""
-    from torch.fx._lazy_graph_module import _LazyGraphModule
-
     gm = (_LazyGraphModule if lazy else fx.GraphModule)(module, graph, class_name=type(module).__name__)
     _restore_unused(gm, module)
     gm.train(module.training)
@@ -586,7 +614,8 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     culprits: dict[str, str] = {}
     for _ in range(_MAX_RETRIES):
         try:
-            gm = _trace_whole(module, local_leaves | set(culprits), result.calls.get(prefix))
+            leaves, call = local_leaves | set(culprits), result.calls.get(prefix)
+            gm = result.alike.trace(module, leaves, call, functools.partial(_trace_whole, module, leaves, call))
         except Exception as exc:
             culprit = getattr(exc, "_surgeon_culprit", "")
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
@@ -658,4 +687,4 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
 
-__all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "traced_like", "unique_path"]
+__all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "traced_like", "unique_path", "Alike"]
