@@ -615,7 +615,9 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     for _ in range(_MAX_RETRIES):
         try:
             leaves, call = local_leaves | set(culprits), result.calls.get(prefix)
-            gm = result.alike.trace(module, leaves, call, functools.partial(_trace_whole, module, leaves, call))
+            whole = functools.partial(_trace_whole, module, leaves, call)
+            # (the root has no sibling alike: its fingerprint, the whole model's, would cost for nothing)
+            gm = result.alike.trace(module, leaves, call, whole) if prefix else whole()
         except Exception as exc:
             culprit = getattr(exc, "_surgeon_culprit", "")
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
