@@ -1,7 +1,8 @@
 """Surgery time against building the model: per timm model, `timm.create_model(name)` vs surgery
 (trace + shapes + sites + plan + rewrite of cbam, no verification) vs surgery with verification, measured
-side by side in interleaved rounds (the minimum over rounds of each), and the median ratio over the models.
-Then surgery of a segmentation and a detection model, in seconds.
+side by side in interleaved rounds (the minimum over rounds of each), and the median ratio over the models;
+verification/create is verification's own time (with verification minus without) over create. Then surgery
+of a segmentation and a detection model, in seconds.
 
 MODELS=a,b limits the list; ROUNDS sets the effort; CLOCK=cpu measures this process's CPU time on one
 thread instead of wall time on two (on a machine other jobs keep busy).
@@ -48,7 +49,8 @@ def surgery_vs_create(name: str, attention: str = "cbam") -> dict:
             best[k] = min(best[k], timed(fn))
     return {"model": name, "create s": best["create"], "surgery s": best["surgery"],
             "surgery/create": best["surgery"] / best["create"], "verified s": best["verified"],
-            "verified/create": best["verified"] / best["create"]}
+            "verified/create": best["verified"] / best["create"],
+            "verification/create": (best["verified"] - best["surgery"]) / best["create"]}
 
 
 def dense_models() -> list[dict]:
@@ -78,7 +80,8 @@ rows.append({"model": f"median of {len(MODELS)}", "create s": statistics.median(
              "surgery s": statistics.median(r["surgery s"] for r in rows),
              "surgery/create": statistics.median(r["surgery/create"] for r in rows),
              "verified s": statistics.median(r["verified s"] for r in rows),
-             "verified/create": statistics.median(r["verified/create"] for r in rows)})
+             "verified/create": statistics.median(r["verified/create"] for r in rows),
+             "verification/create": statistics.median(r["verification/create"] for r in rows)})
 report(f"surgery time (cbam) vs timm.create_model, CPU, {SETTING}, min of {ROUNDS} interleaved rounds; "
        f"load average {before} before, {load_average()} after", rows)
 if not os.environ.get("MODELS"):

@@ -5,6 +5,7 @@ for an attention (its first kind, or the next kind the model has), and the `Edit
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import inspect
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from surgeon import hf, models, record, registry, sizes
-from surgeon.errors import ModelError, NoSitesError, OptionError, ShapeError, VerificationError, did_you_mean, warn
+from surgeon.errors import (ModelError, NoSitesError, OptionError, ShapeError, SurgeonError, VerificationError,
+                            did_you_mean, warn)
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
@@ -27,7 +29,8 @@ from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
 from surgeon.surgery.trace import Traced, trace, trace_alone
-from surgeon.surgery.verify import Verification, fixed_generators, verify
+from surgeon.surgery.meta import snapshot, undo
+from surgeon.surgery.verify import Verification, fixed_generators, identity_alone, verify
 
 log = logging.getLogger("surgeon")
 
@@ -159,6 +162,7 @@ class _Prepared:
     inputs: tuple
     views: list[GraphView]
     small_images: bool = False  # a detector traced and verified on small images (see sizes.small_images)
+    given: bool = False  # the user gave the example input (verification runs on it as given)
 
 
 @contextmanager
@@ -235,7 +239,7 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
                 smaller.enter_context(sizes.small_images(traced.module))
         shapes.propagate(traced, inputs)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
-    return _Prepared(model, traced, inputs, views, small_images=small)
+    return _Prepared(model, traced, inputs, views, small_images=small, given=example_input is not None)
 
 @dataclass
 class Edit:
@@ -443,7 +447,8 @@ class Plan:
         """
         if self._applied:  # the traced copy is consumed; plan again on a fresh trace
             fresh = _prepare(self.model, example_input=self._prep.inputs, small_images=self._prep.small_images)
-            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views, fresh.small_images)
+            self._prep = _Prepared(self.model, fresh.traced, fresh.inputs, fresh.views, fresh.small_images,
+                                   self._prep.given)
             self._choice = None
         self._applied = True
         patched, paths, owners = scope.rewrite(self.model, self._chosen(), rw.insert)
@@ -472,10 +477,39 @@ class Plan:
                 warn(unverified)
             elif verify:
                 inits = {e.init for e in self.edits}
-                self.verification = verify_model(self.model, patched, self._prep.inputs, list(paths.values()),
-                                                 tolerance=tolerance if inits == {"identity"} else None)
+                self.verification = self._verify(patched, paths, tolerance if inits == {"identity"} else None)
                 record.set_verification(patched, self.verification)
         return patched
+
+    def _verify(self, patched: nn.Module, paths: dict[str, str], tolerance: float | None) -> Verification:
+        """`verify_model` on the example input; or, on images the example's size was chosen for (not given by the
+        user), on images four times smaller per side (`sizes.for_checking`: the same graph on smaller maps; a
+        decision on sizes is guarded) with each inserted module checked alone at its site's size and the FLOPs
+        counted at the example's. When the smaller check cannot decide (the original does not run on smaller
+        images, or not in train mode) or fails, the example's size decides; a pass there after a failure on
+        smaller images is said in a warning: the patched model then differs from the original at other sizes."""
+        inputs, new = self._prep.inputs, list(paths.values())
+        smaller = None if self._prep.given or self._prep.small_images else sizes.for_checking(inputs)
+        if smaller is None or any(e.site.action != "insert" for e in self.edits) or (
+                tolerance is not None and identity_alone(patched, [(paths[e.site.name], tuple(e.site.shape))
+                                                                   for e in self.edits], tolerance)):
+            return verify_model(self.model, patched, inputs, new, tolerance=tolerance)
+        shape = "x".join(map(str, smaller[0].shape))
+        try:
+            counted = all(e.shape_checked for e in self.edits)  # each module's FLOPs were counted alone
+            v = verify(self.model, patched, smaller, new, tolerance=tolerance, flops_at=inputs,
+                       flops_added=sum(e.flops for e in self.edits) if counted else None)
+            problem = v.problem() or ("" if tolerance is None or v.train_max_abs_diff is not None else None)
+        except Exception as exc:  # noqa: BLE001 - decided on the example's size below
+            problem = None if not _runs(self.model, smaller) else \
+                str(exc) if isinstance(exc, SurgeonError) else f"{type(exc).__name__}: {exc}"
+        if problem == "":
+            return dataclasses.replace(v, smaller=shape)
+        log.info("verification: on %s %s; checking on the example's size", shape, problem or "it cannot decide")
+        v = verify_model(self.model, patched, inputs, new, tolerance=tolerance)
+        if problem:
+            warn(f"The patched model computes the original at the example's size, not at {shape}: {problem}")
+        return v
 
 
 def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:
@@ -488,6 +522,20 @@ def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: d
         have = got.get(paths[e.site.name])
         if have is not None and have != tuple(want):
             raise ShapeError(f"{e.attention} at {e.site.name!r} changed the shape {tuple(want)} to {have}")
+
+
+def _runs(model: nn.Module, inputs: tuple) -> bool:
+    """Whether the model's eval-mode forward runs on `inputs` (what it stores on its modules is put back)."""
+    stored = [(m, snapshot(m)) for m in model.modules()]
+    try:
+        with torch.no_grad(), in_mode(model, False):
+            model(*inputs)
+        return True
+    except Exception:  # noqa: BLE001 - the model's own refusal of these inputs
+        return False
+    finally:
+        for m, before in stored:
+            undo(m, before)
 
 
 @surgery_call

@@ -124,7 +124,9 @@ def verification_table(v, init: str):
     """The check `Plan.apply` ran: max |diff|, train mode, gradients, params and FLOPs added."""
     from rich.table import Table
 
-    t = Table(title="Verification (CPU, example input)", title_justify="left", show_header=False)
+    on = (f"on {v.smaller.replace('x', '×')} images, each new module alone and the FLOPs at the example's size"
+          if getattr(v, "smaller", "") else "example input")
+    t = Table(title=f"Verification (CPU, {on})", title_justify="left", show_header=False)
     t.add_column("check")
     t.add_column("value", justify="right")
     bound = f" (≤ {v.tolerance:g} required at identity init)" if v.tolerance is not None else f" ({init} init)"

@@ -15,6 +15,8 @@ log = logging.getLogger("surgeon")
 
 VIDEO_FRAMES = 16  # a clip length video models are trained on, where the weights name no minimum
 DETECTOR_SIZE = 320  # the shorter image side surgery runs detectors at (torchvision's smallest detector's)
+CHECK_SCALE = 4  # the whole-model check runs on images this many times smaller per side (see `for_checking`)
+CHECK_MIN = 32  # ... and never on sides shorter than this
 
 
 def configured_size(model) -> tuple[int, ...] | None:
@@ -90,6 +92,34 @@ def resizes_large(model) -> bool:
     return bool(_resizing_transforms(model))
 
 
+def _check_side(side: int) -> int:
+    """A side CHECK_SCALE times shorter, rounded up to keep what the side is a multiple of (up to 32: a network
+    downsampling five times by two needs that), never below CHECK_MIN: 224 -> 64, 256 -> 64, 299 -> 75."""
+    keep = min(32, side & -side)
+    return max(CHECK_MIN, -(-side // CHECK_SCALE // keep) * keep if side // CHECK_SCALE >= keep
+               else -(-side // CHECK_SCALE))
+
+
+def for_checking(inputs: tuple) -> tuple | None:
+    """Smaller stand-ins for an example input of images (one floating tensor, batch, channels and two or more
+    sides): the last two sides `_check_side`, the values picked from the example's own (nearest), or None when
+    that would not make the images at least four times smaller."""
+    import torch
+
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor):
+        return None
+    x = inputs[0]
+    if not x.is_floating_point() or x.dim() < 4 or x.is_complex():
+        return None
+    h, w = x.shape[-2:]
+    side = (_check_side(h), _check_side(w))
+    if side[0] * side[1] * 4 > h * w:
+        return None
+    rows = torch.div(torch.arange(side[0]) * h, side[0], rounding_mode="floor").to(x.device)
+    cols = torch.div(torch.arange(side[1]) * w, side[1], rounding_mode="floor").to(x.device)
+    return (x.index_select(-2, rows).index_select(-1, cols).contiguous(),)
+
+
 def _smaller(module) -> dict:
     """The settings of a detector part that make surgery cheap without changing which layers run: a
     transform's image size, a region proposal network's number of proposals."""
@@ -124,4 +154,4 @@ def small_images(*models) -> Iterator[None]:
             setattr(m, key, value)
 
 
-__all__ = ["configured_size", "resizes_large", "small_images"]
+__all__ = ["configured_size", "for_checking", "resizes_large", "small_images"]

@@ -84,10 +84,13 @@ def _meta_ids(d: dict) -> set[int]:
     changed the module."""
     ids = set()
     for k, v in d.items():
-        if k in _TABLES:
-            continue
-        items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else (v,)
-        ids.update(id(t) for t in items if isinstance(t, torch.Tensor) and t.is_meta)
+        if isinstance(v, torch.Tensor):
+            if v.is_meta:
+                ids.add(id(v))
+        elif isinstance(v, (dict, list, tuple, set)) and v and k not in _TABLES:
+            for t in v.values() if isinstance(v, dict) else v:
+                if isinstance(t, torch.Tensor) and t.is_meta:
+                    ids.add(id(t))
     return ids
 
 

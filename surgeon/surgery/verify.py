@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -46,6 +47,7 @@ class Verification:
     outputs: int | None = None  # output tensors compared (0: nothing could be, see `problem`)
     output_type: str = ""
     wrong_mode: str = ""  # a module of the patched model in another mode than the original's (see `_wrong_mode`)
+    smaller: str = ""  # the input shape the models were compared on, when smaller than the example's (`Plan.apply`)
 
     @property
     def flops_added(self) -> int:
@@ -177,13 +179,14 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
         return count_flops(model, _copy_inputs(inputs))
 
 
-def _counted(model: nn.Module, inputs: tuple) -> tuple[Any, int | None]:
+def _counted(model: nn.Module, inputs: tuple, count: bool = True) -> tuple[Any, int | None]:
     """The model's output on a fresh copy of `inputs`, and the FLOPs per sample of that forward, summed on the
     way (as `count_flops`, divided by the batch size): the checks' forwards count what a separate run on one
-    sample would. None when they cannot be: inputs without one batch size, or an op the plain sum cannot take
-    (the forward then runs again without counting, so the model's own errors come from a plain run)."""
+    sample would. None when not asked to count or when they cannot be: inputs without one batch size, or an op the
+    plain sum cannot take (the forward then runs again without counting, so the model's own errors come from a
+    plain run)."""
     sizes = {x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim()}
-    if len(sizes) != 1 or not next(iter(sizes)):
+    if not count or len(sizes) != 1 or not next(iter(sizes)):
         return model(*_copy_inputs(inputs)), None
     counter = _FlopSum(_extra_formulas())
     try:
@@ -200,6 +203,30 @@ def _copy_inputs(inputs: tuple) -> tuple:
     what the other model sees."""
     return tuple(torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
                                               list(inputs)))
+
+
+def identity_alone(patched: nn.Module, modules: list[tuple[str, tuple]], tolerance: float) -> str:
+    """Each inserted module of `patched` run alone on a random input of its site's shape, in eval mode without
+    autograd: "" when every one returns its input (max |diff| <= tolerance), else which one did not. It checks
+    the modules at the example's sizes when the whole model was checked on smaller ones (see `Plan.apply`)."""
+    generator = torch.Generator().manual_seed(0)
+    for path, shape in modules:
+        module = patched.get_submodule(path)
+        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+        x = torch.randn((1, *shape[1:]), generator=generator)  # one sample: what the batch holds, each alone
+        if tensor is not None:
+            x = x.to(tensor.device, tensor.dtype if tensor.is_floating_point() else x.dtype)
+        stored = [(m, meta.snapshot(m)) for m in module.modules()]
+        try:
+            with torch.no_grad(), in_mode(module, False):
+                y = module(x.clone())
+        finally:
+            for m, before in stored:
+                meta.undo(m, before)
+        diff = 0.0 if isinstance(y, torch.Tensor) and torch.equal(x, y) else max_abs_diff(x, y)
+        if not diff <= tolerance:
+            return f"{path!r} alone changes an input of its site's shape {tuple(shape)} by {diff:.3g}"
+    return ""
 
 
 def _wrong_mode(original: nn.Module, patched: nn.Module) -> str:
@@ -364,7 +391,8 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
 
 
 def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
-           tolerance: float | None = 1e-5) -> Verification:
+           tolerance: float | None = 1e-5, flops_at: tuple | None = None,
+           flops_added: int | None = None) -> Verification:
     """Run `inputs` through both models on CPU and compare, each on its own copy of the inputs.
 
     1. Train mode under one seed, with autograd, inserted modules made neutral to the random generator: outputs
@@ -379,6 +407,10 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     Args:
         new_modules: module paths (in `patched`) the edits inserted.
         tolerance: the max |diff| allowed (identity init), or None when the output may change (paper init).
+        flops_at: the inputs to count FLOPs at, when `inputs` are smaller stand-ins for them (on one sample, on
+            meta tensors where the forward allows).
+        flops_added: with `flops_at`, what the new modules add per sample there, counted on each alone (edits that
+            only insert modules): the patched model's FLOPs are the original's plus these.
     """
     wrong_mode = _wrong_mode(original, patched)
     saved = {p: p.grad for p in patched.parameters()}
@@ -403,12 +435,12 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             original.eval(), patched.eval()
             with_autograd = train.grads is None  # the gradient checks are made here
             with nullcontext() if with_autograd else torch.no_grad():
-                expected, flops_before = _counted(original, inputs)
+                expected, flops_before = _counted(original, inputs, flops_at is None)
                 output_type = type(expected).__name__
                 structure = _grad_structure(expected)
                 expected = [t.detach() for t in tensors(expected)]
                 # one forward serves the comparison, the gradient checks and the FLOPs
-                out, flops_after = _counted(patched, inputs)
+                out, flops_after = _counted(patched, inputs, flops_at is None)
             diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
             if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
                 diff = float("nan")
@@ -425,8 +457,11 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
                 grads = [g if g is not None else h for g, h in zip(grads, again)]
             with_grad = sum(g is not None for g in grads)
             nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
-            one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in inputs)
-            if flops_before is None or flops_after is None:
+            one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in flops_at or inputs)
+            if flops_at is not None:
+                flops_before = _flops(original, one)
+                flops_after = _flops(patched, one) if flops_added is None else flops_before + flops_added
+            elif flops_before is None or flops_after is None:
                 flops_before, flops_after = _flops(original, one), _flops(patched, one)
         finally:
             for p, g in saved.items():
