@@ -119,14 +119,15 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
             raise
         except (ValueError, TypeError) as exc:
             raise OptionError(f"{att.name}: {exc}") from exc
-        # modules built for sites of the same shapes are the same computation: count it once
+        # modules built for sites of the same shapes are the same computation: count (and check alone) one
         same = (site.kind, site.action, site.layout, tuple(site.shape), tuple(site.out_shape or ()),
                 repr(site.info.get("arg_shapes")), repr(site.info.get("extra_shapes")), type(module))
         if same not in counted:
             counted[same] = _edit_flops(site, module, att.name)
-        flops, checked = counted[same]
+        flops, checked, alone = counted[same]
         edits.append(Edit(site=site, attention=att.name, options=dict(options), init=init, module=module,
-                          params=sum(p.numel() for p in module.parameters()), flops=flops, shape_checked=checked))
+                          params=sum(p.numel() for p in module.parameters()), flops=flops, shape_checked=checked,
+                          alone_diff=alone))
     if unfit and not edits:
         raise next(iter(unfit.values()))
     if unfit:

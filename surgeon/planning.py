@@ -30,7 +30,7 @@ from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
 from surgeon.surgery.trace import Traced, trace, trace_alone
 from surgeon.surgery.meta import snapshot, undo
-from surgeon.surgery.verify import Verification, fixed_generators, identity_alone, verify
+from surgeon.surgery.verify import Verification, fixed_generators, verify
 
 log = logging.getLogger("surgeon")
 
@@ -253,6 +253,9 @@ class Edit:
     params: int = 0
     flops: int = 0
     shape_checked: bool = field(default=False, repr=False)  # the module alone returned its site's shape
+    # max |module(x) - x| of the module alone on a random x of its site's shape (one sample, eval mode): an
+    # insertion at identity init must return its input (see `Plan._verify`); None when not run
+    alone_diff: float | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"site": self.site.name, "kind": self.site.kind, "shape": list(self.site.shape),
@@ -260,14 +263,15 @@ class Edit:
                 "params": self.params, "flops": self.flops}
 
 
-def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int, bool]:
-    """The module's FLOPs on its site's shapes (batch 1), and whether that run showed it returns the
-    site's shape (then the patched model need not run to check it; see `Plan.apply`).
+def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int, bool, float | None]:
+    """The module's FLOPs on its site's shapes (batch 1); whether that run showed it returns the site's shape
+    (then the patched model need not run to check it; see `Plan.apply`); and, for an insertion, max |output −
+    input| of that run, on a random input (see `Edit.alone_diff`).
 
     Raises:
         ShapeError: the module ran and returned another shape than its site's.
     """
-    from surgeon.surgery.verify import count_flops
+    from surgeon.surgery.verify import count_flops, max_abs_diff
 
     if site.action == "insert":
         shapes_in = [site.shape]
@@ -277,24 +281,30 @@ def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int
         shapes_in = [every[i] for i in rw.arg_indices(module, len(every)) if i < len(every)]
     out: list = []
     hook = module.register_forward_hook(lambda _m, _a, y: out.append(y))
-    # ones: a mask of ones keeps every step, so masked attentions count their full cost
     device, dtype = placement(module)
-    inputs = tuple(torch.ones(1, *s[1:], device=device, dtype=dtype) for s in shapes_in)
+    if site.action == "insert":  # random values: what the module must return unchanged at identity init
+        inputs = (torch.randn((1, *site.shape[1:]), generator=torch.Generator().manual_seed(0)).to(device, dtype),)
+    else:  # ones: a mask of ones keeps every step, so masked attentions count their full cost
+        inputs = tuple(torch.ones(1, *s[1:], device=device, dtype=dtype) for s in shapes_in)
     try:
         with in_mode(module, False):  # the module keeps the model's mode (see api.plan)
-            flops = count_flops(module, inputs)  # (on meta tensors the counter's dispatch is slower than this)
+            # (on meta tensors the counter's dispatch is slower than this); on a copy: a module may write its input
+            flops = count_flops(module, tuple(x.clone() for x in inputs))
     except Exception as exc:  # FLOPs are informative; never fail a plan on them
         log.debug("site %s: FLOPs not counted (%s)", site.name, exc)
-        return 0, False
+        return 0, False, None
     finally:
         hook.remove()
     want = tuple(site.shape if site.action == "insert" else site.out_shape)
     if not (out and isinstance(out[0], torch.Tensor) and want):
-        return flops, False
+        return flops, False, None
     have = (want[0], *out[0].shape[1:])
     if have != want:
         raise ShapeError(f"{attention or type(module).__name__} at {site.name!r} changed the shape {want} to {have}")
-    return flops, True
+    alone = None
+    if site.action == "insert" and device.type != "meta":
+        alone = 0.0 if torch.equal(inputs[0], out[0]) else max_abs_diff(inputs[0], out[0])
+    return flops, True, alone
 
 
 def _worth_editing(prep: _Prepared, site: Site) -> bool:
@@ -484,15 +494,16 @@ class Plan:
     def _verify(self, patched: nn.Module, paths: dict[str, str], tolerance: float | None) -> Verification:
         """`verify_model` on the example input; or, on images the example's size was chosen for (not given by the
         user), on images four times smaller per side (`sizes.for_checking`: the same graph on smaller maps; a
-        decision on sizes is guarded) with each inserted module checked alone at its site's size and the FLOPs
-        counted at the example's. When the smaller check cannot decide (the original does not run on smaller
-        images, or not in train mode) or fails, the example's size decides; a pass there after a failure on
-        smaller images is said in a warning: the patched model then differs from the original at other sizes."""
+        decision on sizes is guarded), when each inserted module returned its input alone at its site's size
+        (`Edit.alone_diff`), with the FLOPs counted at the example's. When the smaller check cannot decide (the
+        original does not run on smaller images, or not in train mode) or fails, the example's size decides; a pass
+        there after a failure on smaller images is said in a warning: the patched model then differs from the
+        original at other sizes."""
         inputs, new = self._prep.inputs, list(paths.values())
         smaller = None if self._prep.given or self._prep.small_images else sizes.for_checking(inputs)
         if smaller is None or any(e.site.action != "insert" for e in self.edits) or (
-                tolerance is not None and identity_alone(patched, [(paths[e.site.name], tuple(e.site.shape))
-                                                                   for e in self.edits], tolerance)):
+                tolerance is not None and not all(e.alone_diff is not None and e.alone_diff <= tolerance
+                                                  for e in self.edits)):
             return verify_model(self.model, patched, inputs, new, tolerance=tolerance)
         shape = "x".join(map(str, smaller[0].shape))
         try:

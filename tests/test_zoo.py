@@ -47,7 +47,7 @@ def test_a_meta_patch_that_changes_the_output_shape_is_a_crash(monkeypatch):
     # of the patched model's output shapes is what must catch it
     monkeypatch.setattr(SEModule, "forward", lambda self, x: torch.cat([x, x], 1))
     monkeypatch.setattr(surgeon.planning, "_check_shapes", lambda *a: None)
-    monkeypatch.setattr(surgeon.api, "_edit_flops", lambda site, module, attention="": (0, True))
+    monkeypatch.setattr(surgeon.api, "_edit_flops", lambda site, module, attention="": (0, True, None))
     row = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=1e5)[0]
     assert row["status"] == "crash" and "the patched model fails on meta tensors" in row["error"], row
     monkeypatch.setattr(SEModule, "forward", lambda self, x: torch.cat([x, x], 0))  # runs on: twice the batch

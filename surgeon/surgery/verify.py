@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -203,30 +202,6 @@ def _copy_inputs(inputs: tuple) -> tuple:
     what the other model sees."""
     return tuple(torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v,
                                               list(inputs)))
-
-
-def identity_alone(patched: nn.Module, modules: list[tuple[str, tuple]], tolerance: float) -> str:
-    """Each inserted module of `patched` run alone on a random input of its site's shape, in eval mode without
-    autograd: "" when every one returns its input (max |diff| <= tolerance), else which one did not. It checks
-    the modules at the example's sizes when the whole model was checked on smaller ones (see `Plan.apply`)."""
-    generator = torch.Generator().manual_seed(0)
-    for path, shape in modules:
-        module = patched.get_submodule(path)
-        tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
-        x = torch.randn((1, *shape[1:]), generator=generator)  # one sample: what the batch holds, each alone
-        if tensor is not None:
-            x = x.to(tensor.device, tensor.dtype if tensor.is_floating_point() else x.dtype)
-        stored = [(m, meta.snapshot(m)) for m in module.modules()]
-        try:
-            with torch.no_grad(), in_mode(module, False):
-                y = module(x.clone())
-        finally:
-            for m, before in stored:
-                meta.undo(m, before)
-        diff = 0.0 if isinstance(y, torch.Tensor) and torch.equal(x, y) else max_abs_diff(x, y)
-        if not diff <= tolerance:
-            return f"{path!r} alone changes an input of its site's shape {tuple(shape)} by {diff:.3g}"
-    return ""
 
 
 def _wrong_mode(original: nn.Module, patched: nn.Module) -> str:
