@@ -157,18 +157,24 @@ def attr_at(root: object, target: str) -> object:
     return root
 
 
-@contextlib.contextmanager
-def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """`module.train(training)` within the block, and every module's own flag put back after it (a frozen
-    norm in eval mode inside a training model stays so). Trees whose classes keep nn.Module's `train` get
-    their flags set directly, without a `__setattr__` per module."""
-    modules = list(module.modules())
-    saved = [m.__dict__.get("training") for m in modules]  # not `m.training`: tracing may be noting reads
+def set_mode(module: nn.Module, training: bool, modules: list[nn.Module] | None = None) -> None:
+    """`module.train(training)`; trees whose classes keep nn.Module's `train` get their flags set directly, without
+    a `__setattr__` per module (`modules`: the tree's modules, when the caller has them)."""
+    modules = list(module.modules()) if modules is None else modules
     if all(type(m).train is nn.Module.train for m in modules):
         for m in modules:
             m.__dict__["training"] = training
     else:
         module.train(training)
+
+
+@contextlib.contextmanager
+def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """`set_mode(module, training)` within the block, and every module's own flag put back after it (a frozen
+    norm in eval mode inside a training model stays so)."""
+    modules = list(module.modules())
+    saved = [m.__dict__.get("training") for m in modules]  # not `m.training`: tracing may be noting reads
+    set_mode(module, training, modules)
     try:
         yield module
     finally:

@@ -13,7 +13,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from surgeon.surgery import meta
-from surgeon.surgery.owned import in_mode
+from surgeon.surgery.owned import in_mode, set_mode
 
 log = logging.getLogger("surgeon")
 
@@ -337,7 +337,7 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
     handles = _rng_neutral(patched, new_modules)
     try:
         with fixed_generators():  # both runs draw from one seed; the caller's generators are put back
-            original.train(), patched.train()
+            set_mode(original, True), set_mode(patched, True)
             try:
                 expected = original(*_copy_inputs(inputs))
             except Exception as exc:  # noqa: BLE001 - e.g. detectors need targets in train mode
@@ -407,7 +407,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
                 train = _Compared(None, f"not compared: {train_only[0]!r} acts in training by design")
             else:
                 train = _train_check(original, patched, inputs, new_modules, new_params)
-            original.eval(), patched.eval()
+            set_mode(original, False), set_mode(patched, False)
             with_autograd = train.grads is None  # the gradient checks are made here
             with nullcontext() if with_autograd else torch.no_grad():
                 expected, flops_before = _counted(original, inputs, flops_at is None)
