@@ -44,12 +44,21 @@ def example_input(model, generator, batch: int) -> tuple | None:
         values[name] = torch.randn(batch, getattr(cfg, "num_mel_bins", 80), frames, generator=generator)
     else:
         return None
-    # positional, in the forward's order, up to the first parameter not given
+    params = inspect.signature(model.forward).parameters
+    if getattr(cfg, "is_encoder_decoder", False) and "decoder_input_ids" in params:
+        # an encoder-decoder's decoder needs its own tokens (T5 has no default); half as many as the encoder's, so
+        # that cross-attention is not square
+        vocab = getattr(cfg, "decoder_vocab_size", None) or cfg.vocab_size
+        values["decoder_input_ids"] = torch.randint(1, max(2, vocab), (batch, EXAMPLE_TOKENS // 2), generator=generator)
+    # positional, in the forward's order, up to the first parameter not given (one defaulting to None in between
+    # is passed as None)
     out = []
-    for p in list(inspect.signature(model.forward).parameters.values()):
-        if p.name not in values:
+    for p in params.values():
+        if not values:
             break
-        out.append(values.pop(p.name))
+        if p.name not in values and p.default is not None:
+            break
+        out.append(values.pop(p.name, None))
     return tuple(out) if not values else None
 
 

@@ -455,3 +455,39 @@ def test_albert_whose_layers_share_one_module_is_patched():
     assert len(surgeon.edits(patched)) == 2
     with torch.no_grad():
         assert torch.equal(patched(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_an_encoder_decoder_is_patched_on_its_own_example_with_decoder_tokens_and_generates(kind):
+    """Without an example input, an encoder-decoder gets decoder tokens too (T5's decoder has no default: its
+    example used to fail "You must specify exactly one of input_ids or inputs_embeds"), and generates."""
+    from surgeon import hf
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                        num_heads=2, decoder_start_token_id=0))
+    else:
+        model = T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    model.eval()
+    example = hf.example_input(model, _gen(), 2)
+    assert [tuple(x.shape) for x in example] == [(2, 16), (2, 16), (2, 8)]  # input_ids, attention_mask, decoder's
+    patched = surgeon.add(model, "se")
+    owners = {e.owner.split(".")[0] for e in surgeon.edits(patched)}
+    assert {"encoder", "decoder"} <= owners or {"model"} == owners, owners
+    assert any(".decoder." in f".{e.site}" for e in surgeon.edits(patched))
+    ids, mask = _ids()
+    decoder_ids = _ids(length=5)[0]
+    with torch.no_grad():
+        want, got = model(ids, mask, decoder_ids), patched(ids, mask, decoder_ids)
+    assert type(got) is type(want) and got.logits.shape == (2, 5, 100)
+    assert torch.allclose(got.logits, want.logits, atol=1e-5)
+    # generate() hands output_attentions=False and output_hidden_states=False down to the encoder's layers
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(patched.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False), want)
+    from surgeon.errors import CallError
+
+    with pytest.raises(CallError, match="output_attentions"):  # True asks the layers for more: not traced
+        patched(ids, mask, decoder_ids, output_attentions=True)

@@ -246,6 +246,11 @@ def expect(value: Any, expected: Any, name: str, owner: str) -> None:
 # a rewritten forward that passed **kwargs on may receive them (Hugging Face's Trainer adds
 # `num_items_in_batch` to every call of a model that takes **kwargs)
 LOSS_ONLY_KWARGS = frozenset({"num_items_in_batch"})
+# Hugging Face's output-selection flags, which transformers hands down to every layer through **kwargs when a
+# caller passes them (`generate` passes both, False, to an encoder's layers): False asks a layer for what the
+# flag's absence does (its outputs are captured by hooks at the model, or not at all), so a rewritten forward
+# traced without them takes them at False; True still fails the call, naming them
+FALSE_AS_ABSENT_KWARGS = frozenset({"output_attentions", "output_hidden_states"})
 
 
 @fx.node.has_side_effect
@@ -302,7 +307,8 @@ def expect_decision(value: Any, taken: bool, where: str, owner: str) -> None:
 @fx.node.has_side_effect
 def expect_keys(kwargs: dict, constants: dict, tensors: tuple, owner: str) -> None:
     """Fail when **kwargs differ from the call the graph was traced for."""
-    if set(kwargs) - LOSS_ONLY_KWARGS != set(constants) | set(tensors):
+    ignored = LOSS_ONLY_KWARGS | {k for k in FALSE_AS_ABSENT_KWARGS if kwargs.get(k, True) is False}
+    if set(kwargs) - (ignored - set(constants) - set(tensors)) != set(constants) | set(tensors):
         raise CallError(
             f"{owner}.forward was rewritten by surgeon for calls with keyword arguments "
             f"{sorted(set(constants) | set(tensors))}, and was called with {sorted(kwargs)}. Patch the model "
