@@ -228,6 +228,27 @@ def test_an_attention_returning_a_tuple_keeps_its_query_layout():
     assert len(surgeon.edits(surgeon.add(model, "se", example_input=torch.randn(2, 5, 16)))) == 2
 
 
+class _RmsBlock(nn.Module):
+    """Llama's block in small: a traced RMS norm (no op fixing the channels) before an attention returning a tuple,
+    then an MLP whose linear layer fixes them: both residuals are token residuals."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(c, 2, batch_first=True), nn.Linear(c, c)
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_the_operands_of_an_addition_learn_each_others_dims():
+    got = _dims_of(_RmsBlock(), torch.randn(2, 5, 16))
+    assert (got["x"], got["mul"], got["getitem"], got["add_1"], got["add_3"]) == ("nlc",) * 5
+    sites = surgeon.sites(_RmsBlock().eval(), kind="residual", example_input=torch.randn(2, 5, 16))
+    assert [s.layout for s in sites] == ["nlc", "nlc"]
+
+
 def test_nothing_fixes_a_layout_it_is_unknown_not_assumed():
     got = _dims_of(lambda x: torch.sigmoid(x) * 2, torch.randn(2, 3, 4, 5))
     assert set(got.values()) == {"unknown"}

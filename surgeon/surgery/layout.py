@@ -177,9 +177,11 @@ def _is_input(n: fx.Node) -> bool:
                                      and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")
 
 
-def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[fx.Node, int]) -> tuple[dict, dict]:
+def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[fx.Node, int],
+               learnt: dict[fx.Node, list] | None = None) -> tuple[dict, dict]:
     channel: dict[fx.Node, int | None] = {}
     batch: dict[fx.Node, int | None] = {}
+    learnt = learnt or {}
     for n in nodes:
         s = _shape(n)
         if s is None or not s:
@@ -187,15 +189,44 @@ def _propagate(nodes: list[fx.Node], modules: dict[str, nn.Module], seeds: dict[
             continue
         if _is_input(n):
             channel[n], batch[n] = seeds.get(n), 0
-            continue
-        batch[n] = _follow(n, batch, batch=True)
-        fixed = channel_setter(n, modules)
-        channel[n] = fixed % len(s) if fixed is not None else _follow(n, channel)
-        # an element of an op's tuple output (an attention's (out, weights)): as the op's input
-        for dims, tokens in ((batch, 0), (channel, 2)):
-            if dims[n] is None:
-                dims[n] = _tuple_dim(n, dims, tokens)
+        else:
+            batch[n] = _follow(n, batch, batch=True)
+            fixed = channel_setter(n, modules)
+            channel[n] = fixed % len(s) if fixed is not None else _follow(n, channel)
+            # an element of an op's tuple output (an attention's (out, weights)): as the op's input
+            for dims, tokens in ((batch, 0), (channel, 2)):
+                if dims[n] is None:
+                    dims[n] = _tuple_dim(n, dims, tokens)
+        for i, dims in enumerate((channel, batch)):  # what an addition taught (see `_from_additions`)
+            if dims[n] is None and n in learnt:
+                dims[n] = learnt[n][i]
     return channel, batch
+
+
+_ADDITIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub}
+
+
+def _from_additions(nodes: list[fx.Node], channel: dict, batch: dict, learnt: dict[fx.Node, list]) -> bool:
+    """The operands of an addition of tensors of one shape hold their dims alike: where one side's channel (batch)
+    dim is known and another's is not, the other learns it (into `learnt`). A residual whose branch ends in an
+    element of a kept-whole attention's tuple output, added to a block input that only traced ops read (Llama's
+    RMS norm), takes the dims the next residual's MLP branch fixes. Whether anything was learnt."""
+    more = False
+    for n in nodes:
+        if n.op != "call_function" or n.target not in _ADDITIONS or _shape(n) is None:
+            continue
+        group = [n, *(a for a in n.args[:2] if isinstance(a, fx.Node))]
+        if len(group) != 3 or any(_shape(a) != _shape(n) for a in group):
+            continue
+        for i, dims in enumerate((channel, batch)):
+            known = {dims.get(a) for a in group} - {None}
+            if len(known) != 1:
+                continue
+            for a in group:
+                if dims.get(a) is None:
+                    learnt.setdefault(a, [None, None])[i] = next(iter(known))
+                    more = True
+    return more
 
 
 Pieces = tuple  # one dim's image axes in row-major order: ((axis, size), ...)
@@ -318,6 +349,11 @@ def derive(nodes: list[fx.Node], modules: dict[str, nn.Module]) -> tuple[dict, d
                 break
     if seeds:
         channel, batch = _propagate(nodes, modules, seeds)
+    learnt: dict[fx.Node, list] = {}
+    for _ in range(8):  # each round may let an addition teach the next one
+        if not _from_additions(nodes, channel, batch, learnt):
+            break
+        channel, batch = _propagate(nodes, modules, seeds, learnt)
     return channel, batch
 
 
