@@ -290,3 +290,41 @@ def test_a_forward_that_draws_its_structure_in_training_stays_python(p):
         with torch.no_grad():
             outs.append(torch.stack([m.train()(x) for _ in range(8)]))
     assert torch.equal(outs[0], outs[1])  # the same layers dropped, step by step
+
+
+class _Scaled(torch.nn.Module):
+    """A block whose forward calls an autowrapped function (math.sqrt) of its own module's globals, reads a
+    parameter and calls a submodule: what fx's module wrappers handle."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        import math
+
+        return x + self.conv(x) * self.scale / math.sqrt(4)
+
+
+def test_fx_module_patches_are_set_once_per_surgery_step_and_put_back(monkeypatch):
+    """fx sets nn.Module's __call__ and __getattr__ at every trace; within a surgery step surgeon's dispatchers
+    stand in for them once (each change costs about a millisecond), and fx's originals are back afterwards."""
+    import torch.fx._symbolic_trace as fx_internals
+
+    from surgeon.surgery import trace as trace_module
+
+    made = []
+    patch = fx_internals._PatchedFnSetAttr.patch
+    monkeypatch.setattr(fx_internals._PatchedFnSetAttr, "patch",
+                        lambda self: (made.append(self.fn_name), patch(self))[1])
+    model = torch.nn.Sequential(_Scaled(), _Scaled(), torch.nn.Conv2d(4, 4, 1)).eval()
+    x = torch.randn(2, 4, 8, 8)
+    patched = surgeon.add(model, "se", example_input=x)
+    assert len(surgeon.edits(patched)) == 2 and torch.equal(patched(x), model(x))
+    assert "__call__" not in made and "__getattr__" not in made
+    assert torch.nn.Module.__call__ is fx_internals._orig_module_call
+    assert torch.nn.Module.__getattr__ is fx_internals._orig_module_getattr
+    monkeypatch.setattr(trace_module._FxPatches, "available", False)  # fx's own way: a patch per trace
+    again = surgeon.add(model, "se", example_input=x)
+    assert "__call__" in made and torch.equal(again(x), patched(x))

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from surgeon.errors import TraceError
+from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls as calls_
 from surgeon.surgery.owned import attr_at, fingerprint, in_mode
 from surgeon.surgery.values import ValueTracing
@@ -198,10 +198,16 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
         wrap(torch.enable_grad, True)
         # every read of a module's `training` flag while tracing is noted (see `_trace_whole`)
         self.read_training = False
+        # fx's module wrappers, when shared (see `_FxPatches`): this trace's patcher and parameter proxies
+        self._fx_patcher, self._parameter_proxies = None, {}
+        _FxPatches.tracers.append(self)
         try:
             with noting_training_reads(self):
                 return super().trace(root, concrete_args)
         finally:
+            _FxPatches.tracers.remove(self)
+            _FxPatches.owners.pop(id(self._fx_patcher), None)
+            self._fx_patcher = None
             for cm, (enter, exit_) in patched.items():
                 cm.__enter__, cm.__exit__ = enter, exit_
 
@@ -241,17 +247,95 @@ def _write_training(module: nn.Module, value: bool) -> None:
 def noting_training_reads(tracer: fx.Tracer | None = None):
     """While active, reads of any module's `training` flag set `tracer.read_training` (the innermost tracer
     given): a data descriptor on nn.Module takes precedence over the instance attribute it reads.
-    Re-entrant; the outermost use installs it (changing nn.Module costs about a millisecond: wrap a whole
-    surgery step in one)."""
-    if not _NOTING:
+    Re-entrant; the outermost use installs it, and fx's module patches for every trace inside (see
+    `_FxPatches`): changing nn.Module costs about a millisecond, so wrap a whole surgery step in one."""
+    outermost = not _NOTING
+    if outermost:
         nn.Module.training = property(_read_training, _write_training)
+        _FxPatches.install()
     _NOTING.append(tracer)
     try:
         yield
     finally:
         _NOTING.pop()
-        if not _NOTING:
+        if outermost:
+            _FxPatches.remove()
             del nn.Module.training
+
+
+_FX_INTERNALS = sys.modules.get("torch.fx._symbolic_trace")
+_FX_SHAREABLE = all(hasattr(_FX_INTERNALS, n) for n in ("CURRENT_PATCHER", "_autowrap_check", "_orig_module_call",
+                                                        "_orig_module_getattr"))
+
+
+class _FxPatches:
+    """fx's tracer sets `nn.Module.__call__` and `__getattr__` to wrappers of its own at the start of every trace
+    and puts them back at its end; each change of a class that has 1300 subclasses costs about a millisecond
+    (their type caches), 6-14% of a surgery of 5 to 60 traces. Within `noting_training_reads` these two are set
+    once, to dispatchers marked as fx's own (so fx's tracer does not set its wrappers), that do what fx's
+    wrappers do for the SurgeonTracer whose trace is running (known by fx's current patcher, see `_tracer`),
+    and call the originals when none is. Not installed where fx lacks what they stand on."""
+
+    _internals = _FX_INTERNALS
+    available = _FX_SHAREABLE
+    installed: tuple | None = None
+    tracers: list = []  # SurgeonTracers tracing now, innermost last
+    owners: dict = {}  # id(fx patcher) -> the SurgeonTracer whose trace made it
+
+    @classmethod
+    def install(cls) -> None:
+        if not cls.available or nn.Module.__call__ is not cls._internals._orig_module_call \
+                or nn.Module.__getattr__ is not cls._internals._orig_module_getattr:
+            return  # another patcher (an fx trace running outside surgeon) holds them: leave fx its own way
+        call, getattr_ = cls._dispatch_call, cls._dispatch_getattr
+        for fn in (call, getattr_):  # fx's patch_method skips functions so marked (setattr: no name mangling here)
+            setattr(fn, "__fx_already_patched", True)
+        cls.installed = (nn.Module.__call__, nn.Module.__getattr__)
+        nn.Module.__call__, nn.Module.__getattr__ = call, getattr_
+
+    @classmethod
+    def remove(cls) -> None:
+        if cls.installed is not None:
+            nn.Module.__call__, nn.Module.__getattr__ = cls.installed
+            cls.installed = None
+
+    @classmethod
+    def _tracer(cls):
+        """The SurgeonTracer whose trace made fx's current patcher (the innermost one without a patcher takes a new
+        one: fx makes it right after the trace starts), or None outside any trace's body."""
+        patcher = cls._internals.CURRENT_PATCHER
+        if patcher is None:
+            return None
+        tracer = cls.owners.get(id(patcher))
+        if tracer is None:
+            fresh = [t for t in cls.tracers if t._fx_patcher is None]
+            if not fresh:
+                raise InternalError("An fx trace other than surgeon's ran inside surgery's tracing, with "
+                                    "nn.Module's calls dispatched to surgeon's tracers")
+            tracer = fresh[-1]
+            tracer._fx_patcher = patcher
+            cls.owners[id(patcher)] = tracer
+        return tracer
+
+    @staticmethod
+    def _dispatch_call(mod, *args, **kwargs):
+        tracer = _FxPatches._tracer() if _FxPatches.tracers else None
+        original = _FxPatches._internals._orig_module_call
+        if tracer is None:
+            return original(mod, *args, **kwargs)
+
+        def forward(*args, **kwargs):
+            return original(mod, *args, **kwargs)
+
+        scope = getattr(getattr(mod, "forward", mod), "__globals__", {})
+        _FxPatches._internals._autowrap_check(tracer._fx_patcher, scope, tracer._autowrap_function_ids)
+        return tracer.call_module(mod, forward, args, kwargs)
+
+    @staticmethod
+    def _dispatch_getattr(mod, attr):
+        value = _FxPatches._internals._orig_module_getattr(mod, attr)
+        tracer = _FxPatches._tracer() if _FxPatches.tracers else None
+        return value if tracer is None else tracer.getattr(attr, value, tracer._parameter_proxies)
 
 
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
