@@ -29,6 +29,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python surgery_time.py
 	cd benchmarks && ../$(BIN)/python surgery_phases.py
+	cd benchmarks && ../$(BIN)/python fx_patches.py
 	cd benchmarks && ../$(BIN)/python meta_kernels.py
 	cd benchmarks && ../$(BIN)/python latency.py
 	cd benchmarks && ../$(BIN)/python handwritten.py
