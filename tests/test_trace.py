@@ -328,3 +328,12 @@ def test_fx_module_patches_are_set_once_per_surgery_step_and_put_back(monkeypatc
     monkeypatch.setattr(trace_module._FxPatches, "available", False)  # fx's own way: a patch per trace
     again = surgeon.add(model, "se", example_input=x)
     assert "__call__" in made and torch.equal(again(x), patched(x))
+
+
+def test_an_fx_trace_other_than_surgeons_inside_a_surgery_step_fails_loudly():
+    from surgeon.errors import InternalError
+    from surgeon.surgery.trace import noting_training_reads
+
+    with noting_training_reads(), pytest.raises(InternalError, match="An fx trace other than surgeon's"):
+        fx.symbolic_trace(TinyResNet())
+    assert isinstance(fx.symbolic_trace(TinyResNet()), fx.GraphModule)  # and fx's own way after the step

@@ -302,7 +302,8 @@ class _FxPatches:
     @classmethod
     def _tracer(cls):
         """The SurgeonTracer whose trace made fx's current patcher (the innermost one without a patcher takes a new
-        one: fx makes it right after the trace starts), or None outside any trace's body."""
+        one: fx makes it right after the trace starts), or None outside any trace's body. Another fx tracer's trace
+        (whose wrappers the dispatchers keep out) is a bug, said as one."""
         patcher = cls._internals.CURRENT_PATCHER
         if patcher is None:
             return None
@@ -319,7 +320,7 @@ class _FxPatches:
 
     @staticmethod
     def _dispatch_call(mod, *args, **kwargs):
-        tracer = _FxPatches._tracer() if _FxPatches.tracers else None
+        tracer = _FxPatches._tracer()
         original = _FxPatches._internals._orig_module_call
         if tracer is None:
             return original(mod, *args, **kwargs)
@@ -334,7 +335,7 @@ class _FxPatches:
     @staticmethod
     def _dispatch_getattr(mod, attr):
         value = _FxPatches._internals._orig_module_getattr(mod, attr)
-        tracer = _FxPatches._tracer() if _FxPatches.tracers else None
+        tracer = _FxPatches._tracer()
         return value if tracer is None else tracer.getattr(attr, value, tracer._parameter_proxies)
 
 
