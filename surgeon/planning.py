@@ -29,7 +29,7 @@ from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
 from surgeon.surgery.trace import Traced, trace, trace_alone
-from surgeon.surgery.meta import snapshot, undo
+from surgeon.surgery.meta import put_back
 from surgeon.surgery.verify import Verification, fixed_generators, verify
 
 log = logging.getLogger("surgeon")
@@ -537,16 +537,12 @@ def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: d
 
 def _runs(model: nn.Module, inputs: tuple) -> bool:
     """Whether the model's eval-mode forward runs on `inputs` (what it stores on its modules is put back)."""
-    stored = [(m, snapshot(m)) for m in model.modules()]
     try:
-        with torch.no_grad(), in_mode(model, False):
+        with put_back(model), torch.no_grad(), in_mode(model, False):
             model(*inputs)
         return True
     except Exception:  # noqa: BLE001 - the model's own refusal of these inputs
         return False
-    finally:
-        for m, before in stored:
-            undo(m, before)
 
 
 @surgery_call

@@ -125,7 +125,7 @@ def verification_table(v, init: str):
     from rich.table import Table
 
     on = (f"on {v.smaller.replace('x', '×')} images, each new module alone and the FLOPs at the example's size"
-          if getattr(v, "smaller", "") else "example input")
+          if v.smaller else "example input")
     t = Table(title=f"Verification (CPU, {on})", title_justify="left", show_header=False)
     t.add_column("check")
     t.add_column("value", justify="right")

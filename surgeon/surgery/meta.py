@@ -10,8 +10,9 @@ the run counts as failed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,18 @@ def snapshot(m: nn.Module) -> dict[str, Any]:
     return {"attrs": dict(d), **{s: dict(d.get(s) or {}) for s in _STORES},
             "contents": {k: copy.copy(v) for k, v in d.items() if type(v) in _CONTAINERS and k not in _STORES},
             "meta": _meta_ids(d)}
+
+
+@contextlib.contextmanager
+def put_back(model: nn.Module) -> Iterator[None]:
+    """What the block stores on `model`'s modules (see `snapshot`: a forward's cached tensors, a lazily set
+    attribute) is undone after it."""
+    stored = [(m, snapshot(m)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, before in stored:
+            undo(m, before)
 
 
 def undo(m: nn.Module, before: dict[str, Any]) -> bool:

@@ -206,7 +206,6 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
                 return super().trace(root, concrete_args)
         finally:
             _FxPatches.tracers.remove(self)
-            _FxPatches.owners.pop(id(self._fx_patcher), None)
             self._fx_patcher = None
             for cm, (enter, exit_) in patched.items():
                 cm.__enter__, cm.__exit__ = enter, exit_
@@ -279,8 +278,7 @@ class _FxPatches:
     _internals = _FX_INTERNALS
     available = _FX_SHAREABLE
     installed: tuple | None = None
-    tracers: list = []  # SurgeonTracers tracing now, innermost last
-    owners: dict = {}  # id(fx patcher) -> the SurgeonTracer whose trace made it
+    tracers: list = []  # SurgeonTracers tracing now, innermost last (each with the fx patcher its trace made)
 
     @classmethod
     def install(cls) -> None:
@@ -307,16 +305,15 @@ class _FxPatches:
         patcher = cls._internals.CURRENT_PATCHER
         if patcher is None:
             return None
-        tracer = cls.owners.get(id(patcher))
-        if tracer is None:
-            fresh = [t for t in cls.tracers if t._fx_patcher is None]
-            if not fresh:
-                raise InternalError("An fx trace other than surgeon's ran inside surgery's tracing, with "
-                                    "nn.Module's calls dispatched to surgeon's tracers")
-            tracer = fresh[-1]
-            tracer._fx_patcher = patcher
-            cls.owners[id(patcher)] = tracer
-        return tracer
+        for tracer in reversed(cls.tracers):  # the innermost first: almost always the one
+            if tracer._fx_patcher is patcher:
+                return tracer
+        fresh = [t for t in cls.tracers if t._fx_patcher is None]
+        if not fresh:
+            raise InternalError("An fx trace other than surgeon's ran inside surgery's tracing, with "
+                                "nn.Module's calls dispatched to surgeon's tracers")
+        fresh[-1]._fx_patcher = patcher
+        return fresh[-1]
 
     @staticmethod
     def _dispatch_call(mod, *args, **kwargs):

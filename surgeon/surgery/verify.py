@@ -390,11 +390,10 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
     wrong_mode = _wrong_mode(original, patched)
     saved = {p: p.grad for p in patched.parameters()}
     # what the original's own forward stores on its modules (RAFT's correlation pyramid) is put back: checking
-    # must not leave the user's model holding this run's tensors (and their autograd graph)
-    stored = [(m, meta.snapshot(m)) for m in original.modules()]
-    # every module's own mode is put back afterwards, not the root's spread over all (a frozen norm in eval
-    # mode inside a training model stays frozen)
-    with in_mode(original, False), in_mode(patched, False):
+    # must not leave the user's model holding this run's tensors (and their autograd graph); and every module's
+    # own mode is put back afterwards, not the root's spread over all (a frozen norm in eval mode inside a
+    # training model stays frozen)
+    with meta.put_back(original), in_mode(original, False), in_mode(patched, False):
         try:
             new_params = [p for path in new_modules for p in patched.get_submodule(path).parameters()]
             for p in saved:
@@ -441,8 +440,6 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
         finally:
             for p, g in saved.items():
                 p.grad = g
-            for m, before in stored:
-                meta.undo(m, before)
     return Verification(max_abs_diff=diff, tolerance=tolerance,
                         params_added=sum(p.numel() for p in new_params), flops_before=flops_before,
                         flops_after=flops_after, new_params=len(new_params), with_grad=with_grad,
