@@ -38,8 +38,8 @@ def surgery_vs_create(name: str, attention: str = "cbam") -> dict:
     base = timm.create_model(name).eval()
     steps = {
         "create": lambda: timm.create_model(name),
-        "surgery": lambda: surgeon.plan(base, attention).apply(verify=False),
-        "verified": lambda: surgeon.plan(base, attention).apply(verify=True),
+        "surgery": lambda: surgeon.add(base, attention, verify=False),
+        "verified": lambda: surgeon.add(base, attention),
     }
     for fn in steps.values():  # warm-up: imports, first-call caches
         fn()

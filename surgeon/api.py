@@ -97,11 +97,18 @@ def plan(model: nn.Module | str, attention: str, *, kind: str | None = None, at:
         >>> p = surgeon.plan("resnet50", "cbam")
         >>> print(p); model = p.apply()
     """
+    return _plan(model, attention, kind, at, init, example_input, input_size, options, count_flops=True)
+
+
+def _plan(model: nn.Module | str, attention: str, kind: str | None, at: Sequence[str] | None, init: str,
+          example_input: Any, input_size: Sequence[int] | None, options: dict[str, Any], *, count_flops: bool) -> Plan:
+    """`plan`; `count_flops`: count the model's FLOPs while recording its calls, for a verification to report
+    (see `_prepare`)."""
     att = registry.get_attention(attention)
     if init not in INITS:
         raise OptionError(f"Unknown init {init!r}.{did_you_mean(init, INITS)} Valid: {', '.join(INITS)}")
     _check_options(att, options)
-    prep = _prepare(model, example_input=example_input, input_size=input_size)
+    prep = _prepare(model, example_input=example_input, input_size=input_size, count_flops=count_flops)
     chosen, note = _choose_kind(att, kind, prep, at)
     edits, unfit, counted = [], {}, {}
     device, dtype = placement(prep.model)
@@ -159,8 +166,9 @@ def add(model: nn.Module | str, attention: str, *, kind: str | None = None, at: 
     Example:
         >>> model = surgeon.add(torchvision.models.resnet50(), "se", kind="residual")
     """
-    return plan(model, attention, kind=kind, at=at, init=init, example_input=example_input,
-                input_size=input_size, **options).apply(verify=verify)
+    # unverified, nothing reports the original's FLOPs: the forward recording its calls need not count them
+    return _plan(model, attention, kind, at, init, example_input, input_size, options,
+                 count_flops=verify).apply(verify=verify)
 
 
 def attentions() -> list[registry.Attention]:

@@ -199,7 +199,10 @@ def surgery_call(fn):
 
 
 def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: Sequence[int] | None = None,
-             small_images: bool | None = None) -> _Prepared:
+             small_images: bool | None = None, count_flops: bool = True) -> _Prepared:
+    """The model (loaded from a reference), its example inputs, and its trace with shapes. `count_flops`: count the
+    model's FLOPs at the example's size in the forward that records its calls (`shapes.record_calls`), for a
+    verification on smaller images to report."""
     if isinstance(model, str):
         model = models.load(model)
     if not isinstance(model, nn.Module):
@@ -227,7 +230,9 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         smaller.enter_context(fixed_generators())  # what tracing draws does not depend on what ran before
         if small:
             smaller.enter_context(sizes.small_images(copy))
-        recorded = shapes.record_calls(copy, inputs)
+        # (only where verification will run on smaller images, see `Plan._verify`)
+        count_flops = count_flops and example_input is None and not small and sizes.for_checking(inputs) is not None
+        recorded = shapes.record_calls(copy, inputs, count_flops=count_flops)
         traced = trace(copy, leaf_paths=leaf_paths, calls=recorded.calls)
         traced.extra_leaves = set(leaf_paths)
         traced.packed = recorded
@@ -509,7 +514,8 @@ class Plan:
         try:
             counted = all(e.shape_checked for e in self.edits)  # each module's FLOPs were counted alone
             v = verify(self.model, patched, smaller, new, tolerance=tolerance, flops_at=inputs,
-                       flops_added=sum(e.flops for e in self.edits) if counted else None)
+                       flops_added=sum(e.flops for e in self.edits) if counted else None,
+                       flops_original=self._prep.traced.packed.flops if self._prep.traced.packed else None)
             problem = v.problem() or ("" if tolerance is None or v.train_max_abs_diff is not None else None)
         except Exception as exc:  # noqa: BLE001 - decided on the example's size below
             problem = None if not _runs(self.model, smaller) else \

@@ -150,3 +150,27 @@ def test_the_smaller_images_keep_what_the_sides_are_multiples_of(shape, smaller)
     if got:  # picked from the example's own values
         assert set(got[0].flatten().tolist()) <= set(x.flatten().tolist())
     assert for_checking((x, x)) is None and for_checking((x.long(),)) is None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilevit_xxs"])  # convolutions; linear layers and attention
+def test_the_flops_counted_while_recording_calls_are_the_originals_at_the_examples_size(name, monkeypatch):
+    import timm
+
+    from surgeon.surgery import shapes, verify
+
+    model = timm.create_model(name).eval()
+    plan = surgeon.plan(model, "se")
+    recorded = plan._prep.traced.packed.flops
+    one = torch.randn(1, *plan.example_inputs[0].shape[1:])  # 224 or the model's own size (mobilevit: 256)
+    assert recorded == verify.count_flops(model, (one,)) > 0
+    # the verification reports them, and does not run the original at the example's size again
+    monkeypatch.setattr(verify, "_flops", lambda *a: pytest.fail("the original's FLOPs were counted again"))
+    plan.apply()
+    assert plan.verification.smaller.startswith("2x3x") and plan.verification.flops_before == recorded
+    # unverified, nothing is counted while recording
+    asked = []
+    counted = verify.counted
+    monkeypatch.setattr(shapes.verify, "counted",
+                        lambda m, xs, count=True: asked.append(count) or counted(m, xs, count))
+    surgeon.add(model, "se", verify=False)
+    assert asked == [False]

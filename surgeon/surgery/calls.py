@@ -185,6 +185,8 @@ class Recorded:
     calls: dict[str, Call]  # {path: its call} where a trace can follow it (see `record`)
     returns_packed: set[str]  # paths of modules returning something other than one tensor (a list of features)
     takes_packed: set[str]  # paths of modules given tensors inside a list, tuple or dict
+    # FLOPs per sample of that forward (see `shapes.record_calls`), or None when they were not counted
+    flops: int | None = None
 
 
 def _packs_tensors(value: Any) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from surgeon.errors import ShapeError
-from surgeon.surgery import calls, meta
+from surgeon.surgery import calls, meta, verify
 from surgeon.surgery.owned import attr_at, in_mode
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
@@ -183,21 +183,29 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
         f"command line, example_input= in Python")
 
 
-def record_calls(model: torch.nn.Module, inputs: tuple) -> calls.Recorded:
-    """How `model` calls each of its modules on `inputs` (see `calls.record`): one forward in eval mode, no grad, fake tensors for big models as in `propagate`.
+def record_calls(model: torch.nn.Module, inputs: tuple, *, count_flops: bool = False) -> calls.Recorded:
+    """How `model` calls each of its modules on `inputs` (see `calls.record`): one forward in eval mode, no grad,
+    fake tensors for big models as in `propagate`. With `count_flops`, when that forward runs on meta tensors, it
+    also counts the model's FLOPs per sample at the size of `inputs` (`Recorded.flops`, as `verify.counted`; a
+    quarter more time): verification on smaller images reports them without another forward at this size.
 
     Raises:
         ShapeError: when the example input does not go through the model.
     """
+    flops: list[int | None] = []
     try:
-        return calls.record(model, lambda m: module_outputs(m, inputs, []))
+        recorded = calls.record(model, lambda m: module_outputs(m, inputs, [], flops=flops if count_flops else None))
     except Exception as exc:
         raise _wrong_input(model, inputs, exc) from exc
+    recorded.flops = flops[0] if flops else None
+    return recorded
 
 
-def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> dict[str, tuple]:
+def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str],
+                   flops: list[int | None] | None = None) -> dict[str, tuple]:
     """The output shape of each module at `paths` in one forward of `model` (eval mode; on meta tensors, fake ones
-    for big models as in `propagate`, or real ones)."""
+    for big models as in `propagate`, or real ones). `flops`, when given, gets the FLOPs per sample of a forward on
+    meta tensors (None when they could not be summed; nothing when the forward needed other tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     got: dict[str, tuple] = {}
@@ -210,7 +218,9 @@ def module_outputs(model: torch.nn.Module, inputs: tuple, paths: list[str]) -> d
     try:
         with torch.no_grad(), in_mode(model, False):
             try:
-                meta.run([model], model, *inputs)
+                counted = meta.run([model], lambda *xs: verify.counted(model, xs, flops is not None)[1], *inputs)
+                if flops is not None:
+                    flops.append(counted)
                 return got
             except meta.NeedsValues as exc:
                 log.debug("shapes: not on meta tensors (%s)", exc)

@@ -178,7 +178,7 @@ def _flops(model: nn.Module, inputs: tuple) -> int:
         return count_flops(model, _copy_inputs(inputs))
 
 
-def _counted(model: nn.Module, inputs: tuple, count: bool = True) -> tuple[Any, int | None]:
+def counted(model: nn.Module, inputs: tuple, count: bool = True) -> tuple[Any, int | None]:
     """The model's output on a fresh copy of `inputs`, and the FLOPs per sample of that forward, summed on the
     way (as `count_flops`, divided by the batch size): the checks' forwards count what a separate run on one
     sample would. None when not asked to count or when they cannot be: inputs without one batch size, or an op the
@@ -191,7 +191,7 @@ def _counted(model: nn.Module, inputs: tuple, count: bool = True) -> tuple[Any, 
     try:
         with counter:
             out = model(*_copy_inputs(inputs))
-    except Exception as exc:  # noqa: BLE001 - counted separately after the checks (see `_flops`)
+    except Exception as exc:  # noqa: BLE001 - counted separately (see `_flops`)
         log.debug("flops: not counted on the way (%s: %s)", type(exc).__name__, exc)
         return model(*_copy_inputs(inputs)), None
     return out, round(counter.total / sizes.pop())
@@ -367,7 +367,7 @@ def _train_check(original: nn.Module, patched: nn.Module, inputs: tuple, new_mod
 
 def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: list[str], *,
            tolerance: float | None = 1e-5, flops_at: tuple | None = None,
-           flops_added: int | None = None) -> Verification:
+           flops_added: int | None = None, flops_original: int | None = None) -> Verification:
     """Run `inputs` through both models on CPU and compare, each on its own copy of the inputs.
 
     1. Train mode under one seed, with autograd, inserted modules made neutral to the random generator: outputs
@@ -386,6 +386,8 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             meta tensors where the forward allows).
         flops_added: with `flops_at`, what the new modules add per sample there, counted on each alone (edits that
             only insert modules): the patched model's FLOPs are the original's plus these.
+        flops_original: with `flops_at`, the original's FLOPs per sample there when they are known (counted while
+            surgery recorded the model's calls at that size, see `shapes.record_calls`), else counted here.
     """
     wrong_mode = _wrong_mode(original, patched)
     saved = {p: p.grad for p in patched.parameters()}
@@ -409,12 +411,12 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             set_mode(original, False), set_mode(patched, False)
             with_autograd = train.grads is None  # the gradient checks are made here
             with nullcontext() if with_autograd else torch.no_grad():
-                expected, flops_before = _counted(original, inputs, flops_at is None)
+                expected, flops_before = counted(original, inputs, flops_at is None)
                 output_type = type(expected).__name__
                 structure = _grad_structure(expected)
                 expected = [t.detach() for t in tensors(expected)]
                 # one forward serves the comparison, the gradient checks and the FLOPs
-                out, flops_after = _counted(patched, inputs, flops_at is None)
+                out, flops_after = counted(patched, inputs, flops_at is None)
             diff = max_abs_diff(expected, [t.detach() for t in tensors(out)])
             if not _finite(out) and all(bool(torch.isfinite(t).all()) for t in expected if t.is_floating_point()):
                 diff = float("nan")
@@ -433,7 +435,7 @@ def verify(original: nn.Module, patched: nn.Module, inputs: tuple, new_modules: 
             nonzero = sum(g is not None and bool(g.abs().sum() > 0) for g in grads)
             one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in flops_at or inputs)
             if flops_at is not None:
-                flops_before = _flops(original, one)
+                flops_before = _flops(original, one) if flops_original is None else flops_original
                 flops_after = _flops(patched, one) if flops_added is None else flops_before + flops_added
             elif flops_before is None or flops_after is None:
                 flops_before, flops_after = _flops(original, one), _flops(patched, one)
