@@ -55,7 +55,9 @@ CI_SAMPLE: list[tuple[str, str | None]] = [
 ]
 
 HF_MODELS = ["ResNetForImageClassification", "ConvNextForImageClassification", "ViTForImageClassification",
-             "BertForSequenceClassification", "Wav2Vec2ForSequenceClassification", "MobileViTForImageClassification"]
+             "BertForSequenceClassification", "Wav2Vec2ForSequenceClassification", "MobileViTForImageClassification",
+             # heads that read the hidden states transformers' output capturing collects from the encoder
+             "SegformerForSemanticSegmentation", "UperNetForSemanticSegmentation", "DPTForDepthEstimation"]
 SMP_MODELS = ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3Plus", "Linknet", "PAN", "MAnet"]
 
 

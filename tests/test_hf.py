@@ -491,3 +491,55 @@ def test_an_encoder_decoder_is_patched_on_its_own_example_with_decoder_tokens_an
 
     with pytest.raises(CallError, match="output_attentions"):  # True asks the layers for more: not traced
         patched(ids, mask, decoder_ids, output_attentions=True)
+
+
+def _bert_capturing():
+    """A BERT configured to return its hidden states: transformers (from version 5) installs the hooks that collect
+    them at the first forward, under a flag on the model."""
+    return T.BertModel(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, output_hidden_states=True)).eval()
+
+
+def test_surgery_leaves_a_model_that_installs_hooks_at_its_first_forward_as_it_was():
+    torch.manual_seed(0)
+    model = _bert_capturing()
+    twin = _bert_capturing()
+    twin.load_state_dict(model.state_dict())
+    ids, mask = _ids()
+    patched = surgeon.add(model, "se")  # its first forwards: surgery's, on meta tensors and real ones
+    with torch.no_grad():
+        want, got, new = (m(input_ids=ids, attention_mask=mask) for m in (twin, model, patched))
+    assert len(want.hidden_states) == len(got.hidden_states) == len(new.hidden_states) == 3
+    for a, b, c in zip(want.hidden_states, got.hidden_states, new.hidden_states):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def _segformer():
+    return T.SegformerForSemanticSegmentation(T.SegformerConfig(
+        num_labels=5, depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=32,
+        num_attention_heads=[1, 1, 2, 4])).eval()
+
+
+def test_segformer_whose_decode_head_reads_the_captured_hidden_states_is_patched():
+    """SegformerForSemanticSegmentation's forward asks its encoder for the hidden states, which transformers' hooks
+    collect from the stages; the stages are graphs of their own, called whole from the model's graph, and the
+    trace hands their outputs to the decode head as the hooks do."""
+    torch.manual_seed(0)
+    model = _segformer()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        before = model(pixel_values=x).logits
+    patched = surgeon.add(model, "se", input_size=(3, 128, 128))
+    edits = surgeon.edits(patched)
+    assert len(edits) == 8 and {e.module.split(".")[2] for e in edits} == {"0", "1", "2", "3"}
+    assert type(patched) is type(model)
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, before)
+        assert torch.equal(patched(pixel_values=x).logits, before)
+        y = torch.randn(1, 3, 96, 160)  # another size
+        assert torch.allclose(patched(pixel_values=y).logits, model(pixel_values=y).logits, atol=1e-6)
+        # the new modules act: a gate opened changes the logits
+        for p in patched.parameters():
+            if p.dim() == 0 or p.numel() == 1:
+                p.fill_(1.0)
+        assert (patched(pixel_values=x).logits - before).abs().max() > 1e-6  # (the logits are about 1e-2)

@@ -46,6 +46,7 @@ def snapshot(m: nn.Module) -> dict[str, Any]:
     d = m.__dict__
     return {"attrs": dict(d), **{s: dict(d.get(s) or {}) for s in _STORES},
             "contents": {k: copy.copy(v) for k, v in d.items() if type(v) in _CONTAINERS and k not in _STORES},
+            "hooks": {k: dict(v) for k in _HOOKS if isinstance(v := d.get(k), dict) and v},
             "meta": _meta_ids(d)}
 
 
@@ -72,6 +73,14 @@ def undo(m: nn.Module, before: dict[str, Any]) -> bool:
             changed = True
             store.clear()
             store.update(before[s])
+    for k in _HOOKS:
+        # hooks a forward registers on itself (transformers' output capturing, installed at the first call under
+        # a flag on the model): undone with the flag, or the next forward would register them a second time
+        now, saved = d.get(k), before["hooks"].get(k)
+        if isinstance(now, dict) and (now.keys() != saved.keys() if saved else bool(now)):
+            changed = True
+            now.clear()
+            now.update(saved or {})
     for k, saved in before["contents"].items():  # containers filled or emptied in place
         now = before["attrs"][k]
         if len(now) != len(saved) or _meta_ids({0: now}) - before["meta"]:
@@ -87,6 +96,7 @@ def undo(m: nn.Module, before: dict[str, Any]) -> bool:
     return changed
 
 
+_HOOKS = (*HOOK_TABLES, *FLAG_TABLES)
 # a module's own tables: the stores are compared entry by entry in `undo`, and the rest hold hooks and names
 _TABLES = frozenset((*_STORES, "_non_persistent_buffers_set", *HOOK_TABLES, *FLAG_TABLES))
 

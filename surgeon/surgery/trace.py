@@ -222,7 +222,21 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
             raise
         if before is not None and self.drew is None and not torch.equal(before, torch.get_rng_state()):
             self.drew = path  # innermost module whose forward drew random numbers (see `_trace_graph`)
+        if isinstance(out, fx.Proxy) and out.node.op == "call_module":  # kept whole: its hooks did not run
+            for hook in _capturing_hooks(m):
+                hook(m, args, out)
         return out
+
+
+def _capturing_hooks(module: nn.Module) -> list:
+    """The forward hooks transformers' output capturing put on `module` (from version 5: a model's forward that
+    asks for its submodels' hidden states or attentions sets up a collector, and these hooks append each layer's
+    output to it; outside such a forward they do nothing). A module that a graph keeps whole is called without its
+    hooks while tracing, so the tracer calls these on its output's proxy: the graph then hands the layers' outputs
+    to what reads them (SegFormer's decode head, the encoder's hidden states), as the model's own forward does."""
+    hooks = module.__dict__.get("_forward_hooks")
+    return [h for h in hooks.values() if getattr(h, "__module__", None) == "transformers.utils.output_capturing"] \
+        if hooks else []
 
 
 _NOTING: list = []  # one entry per active `noting_training_reads`: the tracer noting reads (or None)
