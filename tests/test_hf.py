@@ -520,18 +520,24 @@ def _segformer():
         num_attention_heads=[1, 1, 2, 4])).eval()
 
 
-def test_segformer_whose_decode_head_reads_the_captured_hidden_states_is_patched():
+@pytest.mark.parametrize("attention,count", [("se", 8), ("cbam", 13)])
+def test_segformer_whose_decode_head_reads_the_captured_hidden_states_is_patched(attention, count):
     """SegformerForSemanticSegmentation's forward asks its encoder for the hidden states, which transformers' hooks
     collect from the stages; the stages are graphs of their own, called whole from the model's graph, and the
-    trace hands their outputs to the decode head as the hooks do."""
+    trace hands their outputs to the decode head as the hooks do. cbam's sites include the convolution inside
+    each attention's sequence reduction, whose forward reshapes by its `height, width` arguments: the rewritten
+    attention takes them as inputs, so the patched model takes other sizes."""
     torch.manual_seed(0)
     model = _segformer()
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         before = model(pixel_values=x).logits
-    patched = surgeon.add(model, "se", input_size=(3, 128, 128))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cbam: "no residual/stage site; using its 13 after_conv sites"
+        patched = surgeon.add(model, attention, input_size=(3, 128, 128))
     edits = surgeon.edits(patched)
-    assert len(edits) == 8 and {e.module.split(".")[2] for e in edits} == {"0", "1", "2", "3"}
+    stages = {e.module.split(".")[2] for e in edits if e.module.startswith("segformer.stages.")}
+    assert len(edits) == count and stages == {"0", "1", "2", "3"}
     assert type(patched) is type(model)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x).logits, before)

@@ -360,9 +360,13 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
         state = torch.get_rng_state() if training else None
         # size arguments as graph inputs, so the forward takes any size; else as the constants they were (the
         # code decides on them); else knowing every value's shape, for decisions on sizes the code computes
-        # (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`), which is slower
-        attempts = [{"sizes": True}] if call is not None and call.has_sizes else []
-        attempts += [{}, {"values": True}] if call is not None else [{}]
+        # (`if x.shape[1] != self.num_channels`, `(*x.shape[:-1], -1)`), which is slower: with the size arguments
+        # as inputs first (transformers' SegFormer attention unpacks its input's shape, then reshapes by its
+        # `height, width` arguments)
+        sizes = call is not None and call.has_sizes
+        attempts = [{"sizes": True}] if sizes else []
+        attempts += [{}, *([{"sizes": True, "values": True}] if sizes else []), {"values": True}] \
+            if call is not None else [{}]
         before = set(module.__dict__)
         for i, how in enumerate(attempts):
             tracer = SurgeonTracer(leaf_paths, call=call, **how)
