@@ -7,6 +7,7 @@ of a segmentation and a detection model, in seconds.
 MODELS=a,b limits the list; ROUNDS sets the effort; CLOCK=cpu measures this process's CPU time on one
 thread instead of wall time on two (on a machine other jobs keep busy).
 """
+import gc
 import os
 import statistics
 import time
@@ -29,6 +30,9 @@ MODELS = os.environ.get("MODELS", "resnet18,resnet50,resnext50_32x4d,convnext_ti
 
 
 def timed(fn) -> float:
+    """fn's time; the garbage of what ran before is collected first, so that no step pays for another's (as
+    `timeit` turns collection off)."""
+    gc.collect()
     t = CLOCK()
     fn()
     return CLOCK() - t

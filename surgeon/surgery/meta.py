@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -64,12 +65,13 @@ def put_back(model: nn.Module) -> Iterator[None]:
 
 def undo(m: nn.Module, before: dict[str, Any]) -> bool:
     """Restore what the run changed on `m`; whether anything had changed."""
-    d = m.__dict__
-    changed = d.keys() != before["attrs"].keys() or any(d[k] is not v for k, v in before["attrs"].items())
+    # entries compared in order (a table only reordered counts as changed, and is put back as it was)
+    d, attrs = m.__dict__, before["attrs"]
+    changed = d.keys() != attrs.keys() or not all(map(operator.is_, d.values(), attrs.values()))
     for s in _STORES:
         store = d.get(s)
         if store is not None and (store.keys() != before[s].keys()
-                                  or any(store[k] is not v for k, v in before[s].items())):
+                                  or not all(map(operator.is_, store.values(), before[s].values()))):
             changed = True
             store.clear()
             store.update(before[s])
@@ -97,6 +99,7 @@ def undo(m: nn.Module, before: dict[str, Any]) -> bool:
 
 
 _HOOKS = (*HOOK_TABLES, *FLAG_TABLES)
+_ATOMS = frozenset((bool, int, float, str, type(None)))
 # a module's own tables: the stores are compared entry by entry in `undo`, and the rest hold hooks and names
 _TABLES = frozenset((*_STORES, "_non_persistent_buffers_set", *HOOK_TABLES, *FLAG_TABLES))
 
@@ -107,10 +110,12 @@ def _meta_ids(d: dict) -> set[int]:
     changed the module."""
     ids = set()
     for k, v in d.items():
+        if k in _TABLES or type(v) in _ATOMS:  # (most of a module's entries: skipped first, this runs per module)
+            continue
         if isinstance(v, torch.Tensor):
             if v.is_meta:
                 ids.add(id(v))
-        elif isinstance(v, (dict, list, tuple, set)) and v and k not in _TABLES:
+        elif isinstance(v, (dict, list, tuple, set)) and v:
             for t in v.values() if isinstance(v, dict) else v:
                 if isinstance(t, torch.Tensor) and t.is_meta:
                     ids.add(id(t))
