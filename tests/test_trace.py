@@ -87,6 +87,61 @@ def test_functional_dropout_follows_train_and_eval():
     assert torch.allclose(model(x), patched(x), atol=1e-6)
 
 
+class _LiteralToo(FunctionalDropout):
+    """A read-driven dropout and one written at training=False, which must stay off in train mode."""
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.conv(x)).mean((2, 3))
+        x = torch.nn.functional.dropout(x, p=0.5, training=self.training)
+        return self.fc(torch.nn.functional.dropout(x, p=0.9, training=False))
+
+
+class _Aliased(FunctionalDropout):
+    """Dropout through a local name: the read is not followed to the function, so train mode is traced."""
+
+    def forward(self, x):
+        drop = torch.nn.functional.dropout
+        x = torch.nn.functional.relu(self.conv(x)).mean((2, 3))
+        return self.fc(drop(x, p=0.5, training=self.training))
+
+
+class _Branching(FunctionalDropout):
+    """A decision on the flag (whose branches compute alike here, so the module traces in both modes)."""
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.conv(x)).mean((2, 3))
+        x = x * (2.0 if self.training else 2.0)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("make,train_traced", [(FunctionalDropout, False), (_LiteralToo, True), (_Aliased, True),
+                                               (_Branching, True)])
+def test_a_forward_reading_training_only_as_dropouts_flag_is_traced_in_eval_mode_alone(make, train_traced,
+                                                                                       monkeypatch):
+    """`F.dropout(x, training=self.training)` makes the train-mode graph differ from the eval-mode one at that
+    dropout alone, which becomes a module following the mode: no second trace. Any other read, or a dropout
+    written off, is told apart by tracing in train mode too; either way the patched model computes what the
+    original does in both modes."""
+    from surgeon.surgery import trace as trace_module
+
+    traced_in_train = []
+    train_graphs = trace_module._train_graphs
+    monkeypatch.setattr(trace_module, "_train_graphs",
+                        lambda module, *a, **k: traced_in_train.append(type(module)) or train_graphs(module, *a, **k))
+    torch.manual_seed(0)
+    model = make()
+    patched = surgeon.add(copy.deepcopy(model).eval(), "se", kind="after_conv")
+    assert (make in traced_in_train) is train_traced
+    x = torch.randn(8, 3, 16, 16)
+    model.train(), patched.train()
+    torch.manual_seed(3)
+    a = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, patched(x))
+    model.eval(), patched.eval()
+    assert torch.allclose(model(x), patched(x), atol=1e-6)
+
+
 def test_efficientnet_train_mode_matches_original():
     """drop_rate (functional dropout in the head) and drop_path_rate (DropPath modules) survive surgery."""
     torch.manual_seed(0)

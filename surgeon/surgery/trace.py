@@ -4,7 +4,9 @@
    surgeon's own inserted modules, and modules whose forward reads `self.training` (dropout, drop-path,
    norm-act layers), so their train/eval behaviour survives.
 2. Trace again in the other mode; functional dropout whose `training` flag differs between the two
-   traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`.
+   traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`. Code that read the
+   flag only as `F.dropout(..., training=self.training)` (timm's heads) is not traced again: those dropouts
+   alone would differ (`_dropout_flag`).
 3. When a module's forward cannot be traced (data-dependent control flow...), or computes different
    graphs in the two modes (auxiliary heads only in training, layers a random draw skips in training: see
    `_train_graphs`), that module becomes a leaf and its own
@@ -13,13 +15,16 @@
 """
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import copy
 import functools
 import inspect
+import linecache
 import logging
 import sys
+import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -197,7 +202,8 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
         wrap(torch.no_grad, False)
         wrap(torch.enable_grad, True)
         # every read of a module's `training` flag while tracing is noted (see `_trace_whole`)
-        self.read_training = False
+        self.read_training = False  # a module's code read a `training` flag (but as below)
+        self.dropout_reads = 0  # reads that were a functional dropout's `training=` argument (`_dropout_flag`)
         # fx's module wrappers, when shared (see `_FxPatches`): this trace's patcher and parameter proxies
         self._fx_patcher, self._parameter_proxies = None, {}
         _FxPatches.tracers.append(self)
@@ -245,7 +251,10 @@ _NOTING: list = []  # one entry per active `noting_training_reads`: the tracer n
 def _read_training(module: nn.Module) -> bool:
     tracer = next((t for t in reversed(_NOTING) if t is not None), None)
     if tracer is not None:
-        tracer.read_training = True
+        if isinstance(tracer, SurgeonTracer) and _dropout_flag(sys._getframe(1)):
+            tracer.dropout_reads += 1
+        else:
+            tracer.read_training = True
     try:
         return module.__dict__["training"]
     except KeyError:
@@ -254,6 +263,70 @@ def _read_training(module: nn.Module) -> bool:
 
 def _write_training(module: nn.Module, value: bool) -> None:
     module.__dict__["training"] = value
+
+
+def _dropout_flag(frame: types.FrameType) -> bool:
+    """Whether the read of a `training` flag that `frame` is executing is written as the `training=` argument of
+    a call to one of torch's functional dropouts, named through the frame's globals (`F.dropout(x, p,
+    training=self.training)`, in timm's heads). Such a read changes nothing in the graph but that argument, which
+    the dropout module it becomes follows (see `_dropouts_of_reads`), so it needs no trace in train mode."""
+    func = _dropout_call_at(frame.f_code, frame.f_lasti)
+    if func is None:
+        return False
+    names = []
+    while isinstance(func, ast.Attribute):
+        names.append(func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name) or func.id not in frame.f_globals:
+        return False  # a local or an attribute of an object: not followed
+    obj = frame.f_globals[func.id]
+    for name in reversed(names):
+        if not isinstance(obj, types.ModuleType) or not hasattr(obj, name):
+            return False  # through modules only: nothing is run to find the function
+        obj = getattr(obj, name)
+    return obj in _DROPOUT_FUNCTIONS
+
+
+@functools.lru_cache(maxsize=None)
+def _dropout_call_at(code: types.CodeType, offset: int) -> ast.expr | None:
+    """The called expression of the call whose `training=` keyword is the `….training` read at `offset` of
+    `code`, or None (another read, or source that cannot be found)."""
+    positions = list(code.co_positions())
+    if not 0 <= offset // 2 < len(positions) or None in positions[offset // 2]:
+        return None
+    line = positions[offset // 2][0]
+    if "training=" not in linecache.getline(code.co_filename, line).replace(" ", ""):
+        return None  # (most reads: `if self.training:`), without parsing anything
+    return _training_keywords(code).get(positions[offset // 2])
+
+
+@functools.lru_cache(maxsize=None)
+def _training_keywords(code: types.CodeType) -> dict[tuple, ast.expr]:
+    """{(line, end line, column, end column) of `X.training` in a `training=X.training` keyword: the called
+    expression} over the source of `code`'s function."""
+    try:
+        lines, first = inspect.getsourcelines(code)
+    except (OSError, TypeError):
+        return {}
+    try:
+        tree = ast.parse("".join(lines))
+        first -= 1  # (ast counts lines from 1)
+    except SyntaxError:
+        try:  # an indented method: under an `if`, it parses with its own columns
+            tree = ast.parse("if 1:\n" + "".join(lines))
+            first -= 2
+        except (SyntaxError, ValueError):
+            return {}
+    except ValueError:
+        return {}
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                v = kw.value
+                if kw.arg == "training" and isinstance(v, ast.Attribute) and v.attr == "training":
+                    found[(v.lineno + first, v.end_lineno + first, v.col_offset, v.end_col_offset)] = node.func
+    return found
 
 
 @contextlib.contextmanager
@@ -350,9 +423,18 @@ class _FxPatches:
         return value if tracer is None else tracer.getattr(attr, value, tracer._parameter_proxies)
 
 
+@dataclass(frozen=True)
+class _Reads:
+    """What a trace read of modules' `training` flags: any read but the ones counted, and how many were a
+    functional dropout's `training=` argument (see `_dropout_flag`)."""
+
+    other: bool
+    dropout: int
+
+
 def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
-                 call: calls_.Call | None, widen: bool = False) -> tuple[fx.Graph, bool, str | None]:
-    """The graph of `module` in the given mode, and whether tracing read any module's `training` flag.
+                 call: calls_.Call | None, widen: bool = False) -> tuple[fx.Graph, _Reads, str | None]:
+    """The graph of `module` in the given mode, and what tracing read of modules' `training` flags.
 
     Also, in train mode, where the code drew from the global generator while it was traced (the innermost module
     whose code drew, '' for the module's own code; None when nothing drew): see `_train_graphs`."""
@@ -384,7 +466,7 @@ def _trace_graph(module: nn.Module, leaf_paths: set[str], training: bool,
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _PACKING:
             n.target = _PACKING[n.target]
-    return graph, tracer.read_training, drew
+    return graph, _Reads(tracer.read_training, tracer.dropout_reads), drew
 
 
 def _widened(module: nn.Module, leaf_paths: set[str], call: calls_.Call, graph: fx.Graph, how: dict) -> fx.Graph:
@@ -520,6 +602,15 @@ def _mode_dependent_dropouts(g_eval: fx.Graph, g_train: fx.Graph, owner: str) ->
             and a.kwargs.get("training") != b.kwargs.get("training")]
 
 
+def _dropouts_of_reads(graph: fx.Graph, reads: int) -> list[str] | None:
+    """The functional-dropout nodes of an eval-mode graph that `reads` reads of `training=self.training` gave
+    their flag: the ones at training=False, when there are as many (else None: one was written False, or a read's
+    dropout ran on a value the graph does not hold, and a trace in train mode tells them apart)."""
+    names = [n.name for n in graph.nodes
+             if n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS and n.kwargs.get("training") is False]
+    return names if len(names) == reads else None
+
+
 def _modularise_dropouts(gm: fx.GraphModule, names: list[str]) -> None:
     """Replace functional dropout nodes by nn.Dropout modules that follow gm.train()/eval()."""
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -608,9 +699,10 @@ def _trace_whole(module: nn.Module, leaf_paths: set[str], call: calls_.Call | No
     if changes_grad_mode(type(module)):
         raise TraceError(f"The forward of {type(module).__name__} switches autograd on or off, which a traced "
                          f"graph would lose")
-    g_eval, read, _ = _trace_graph(module, leaf_paths, training=False, call=call, widen=widen)
-    dropouts = []
-    if read or any(_own_training(type(m)) for m in module.modules()):
+    g_eval, reads, _ = _trace_graph(module, leaf_paths, training=False, call=call, widen=widen)
+    # read only as functional dropouts' flags, the train graph differs from this one at those dropouts alone
+    dropouts = _dropouts_of_reads(g_eval, reads.dropout) if reads.dropout and not reads.other else []
+    if reads.other or dropouts is None or any(_own_training(type(m)) for m in module.modules()):
         # the code depends on the mode: trace it in train mode too, and keep what differs (or refuse)
         for g_train in reversed(_train_graphs(module, leaf_paths, call, widen)):  # the plain trace's dropouts last
             dropouts = _mode_dependent_dropouts(g_eval, g_train, type(module).__name__)
