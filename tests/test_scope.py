@@ -885,3 +885,44 @@ def test_object_and_packed_arguments_are_graph_inputs_checked_at_every_call():
         blk(x, None, pair)
     with pytest.raises(surgeon.errors.CallError, match=r"for calls with pair a tuple of 2 items"):
         blk(x, _Cache(), pair[:1])
+
+
+class _MaskedBlock(nn.Module):
+    """A residual block adding a buffer reshaped in its forward (Swin V2's window mask): tracing computes the
+    reshape once and stores the result on the graph's module."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.register_buffer("bias_map", torch.randn(c * 4 * 4), persistent=False)
+
+    def forward(self, x):
+        return x + self.conv(x) + self.bias_map.view(1, -1, 4, 4)
+
+
+class _Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_MaskedBlock(), _MaskedBlock())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))
+
+
+def test_what_tracing_computed_from_a_buffer_moves_with_the_patched_model():
+    """The reshaped buffer a rewritten forward reads is a buffer of the rewritten module, outside the state dict:
+    `.to()` moves it as it moves the buffer it came from (the meta device stands in for a GPU here), and `.double()`
+    converts it."""
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    patched = surgeon.add(model, "se", input_size=(3, 4, 4))
+    assert [e.owner for e in surgeon.edits(patched)] == ["blocks.0", "blocks.1"]
+    assert set(patched.state_dict()) - set(model.state_dict()) == {
+        k for k in patched.state_dict() if ".se." in k}
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    want = copy.deepcopy(model).double()(x)
+    got = copy.deepcopy(patched).double()(x)
+    assert got.dtype == torch.float64 and torch.equal(want, got)
+    on_meta = copy.deepcopy(patched).to("meta")
+    assert on_meta(torch.randn(2, 3, 4, 4, device="meta")).shape == (2, 8, 4, 4)

@@ -18,6 +18,7 @@ import keyword
 import logging
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch import nn
@@ -277,7 +278,10 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
     own.graph.lint()
     new = shallow_copy(module)
     # every module or attribute the graph reads that the user's module does not have goes on the copy (tracing
-    # stores the tensors a forward makes, `torch.tensor(100.).log()`, on the traced twin as `_tensor_constant0`)
+    # stores the tensors a forward makes, `torch.tensor(100.).log()`, on the traced twin as `_tensor_constant0`):
+    # a tensor as a buffer outside the state dict, so that it moves with the model (`.to("cuda")`, `.half()`) as
+    # what it was made from does (Swin V2's window mask, reshaped from a buffer, met the attention scores on the
+    # GPU while it stayed on the CPU)
     for n in own.graph.nodes:
         if n.op not in ("call_module", "get_attr") or (_resolves(twin, n.target) and _resolves(module, n.target)):
             continue
@@ -290,6 +294,8 @@ def rewrite_owner(module: nn.Module, twin: nn.Module, own: fx.GraphModule, edits
             new.add_module(name, obj)
         elif isinstance(obj, nn.Parameter):
             new.register_parameter(name, obj)
+        elif isinstance(obj, torch.Tensor):
+            new.register_buffer(name, obj, persistent=False)
         else:
             new.__dict__[name] = obj
         if name != n.target:

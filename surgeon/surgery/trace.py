@@ -748,6 +748,7 @@ class Alike:
 
     def __init__(self):
         self._done: dict[tuple, fx.GraphModule] = {}
+        self._computed: dict[tuple, nn.Module] = {}  # the module traced, for graphs holding computed tensors
 
     def trace(self, module: nn.Module, leaves, call: calls_.Call | None, trace_fn, *,
               onto: nn.Module | None = None) -> fx.GraphModule:
@@ -756,10 +757,24 @@ class Alike:
         objects it shares with its siblings.)"""
         key = (fingerprint(module), frozenset(leaves), repr(call))
         done = self._done.get(key)
-        if done is not None:
+        # a tensor the trace computed and stored may come from the module's buffers (a mask reshaped), which a
+        # fingerprint counts by shape when they are big: then only a module holding equal buffers takes it
+        if done is not None and (key not in self._computed or _same_buffers(self._computed[key], module)):
             return traced_like(done, module if onto is None else onto)
-        self._done[key] = done = trace_fn()
+        done = trace_fn()
+        if key not in self._done:
+            self._done[key] = done
+            if any(n.op == "get_attr" and n.target.rpartition(".")[2].startswith(_CONSTANT) for n in done.graph.nodes):
+                self._computed[key] = module
         return done
+
+
+def _same_buffers(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules alike (one fingerprint: the same buffer names, shapes and dtypes) hold equal buffers."""
+    try:
+        return all(x is y or torch.equal(x, y) for (_, x), (_, y) in zip(a.named_buffers(), b.named_buffers()))
+    except (RuntimeError, NotImplementedError):  # values that cannot be compared (meta tensors): different
+        return False
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph, *, lazy: bool = False) -> fx.GraphModule:
