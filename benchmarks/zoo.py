@@ -224,9 +224,30 @@ def _patch(model, attention: str, size: tuple[int, ...] | None, row: dict) -> No
             raise AssertionError(f"the patched model's output shapes {have} differ from the original's {want}")
         row.update(status="meta")
         return
+    _moves_alike(model, patched, plan.example_inputs)
     v = plan.verification
     row.update(status="ok", max_abs_diff=f"{v.max_abs_diff:.3g}",
                train_diff="" if v.train_max_abs_diff is None else f"{v.train_max_abs_diff:.3g}")
+
+
+def _moves_alike(model, patched, inputs: tuple) -> None:
+    """The patched model runs with its parameters and buffers on the meta device wherever the original does: the
+    meta device stands in for the GPU a user moves the model to, and a tensor the patched forward reads that is
+    neither (a plain attribute) stays behind on the CPU."""
+    from surgeon.surgery import meta
+
+    try:
+        want = _output_shapes(model, inputs)
+    except meta.NeedsValues:
+        return  # the original does not run there either
+    try:
+        have = _output_shapes(patched, inputs)
+    except meta.NeedsValues as exc:
+        raise AssertionError(f"the patched model does not run with its parameters and buffers on the meta device, "
+                             f"where the original does ({exc}): a tensor it reads would not move with .to()") from exc
+    if want != have:
+        raise AssertionError(f"on the meta device the patched model's output shapes {have} differ from the "
+                             f"original's {want}")
 
 
 def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max_params: float,

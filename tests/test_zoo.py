@@ -55,6 +55,24 @@ def test_a_meta_patch_that_changes_the_output_shape_is_a_crash(monkeypatch):
     assert row["status"] == "crash" and "output shapes" in row["error"], row
 
 
+def test_a_patched_model_reading_a_tensor_that_does_not_move_with_it_is_a_crash(monkeypatch):
+    """The meta device stands in for a GPU: a tensor the patched forward reads that is neither a parameter nor a
+    buffer (here, a plain attribute of the inserted module) would stay on the CPU."""
+    import torch
+
+    from surgeon.layers.channel import SEModule
+
+    forward = SEModule.forward
+
+    def reading_a_cpu_tensor(self, x):
+        self.__dict__.setdefault("_cpu_zero", torch.zeros(()))
+        return forward(self, x) + self._cpu_zero.expand(x.shape[1:])
+
+    monkeypatch.setattr(SEModule, "forward", reading_a_cpu_tensor)
+    row = zoo.run_model("tv:squeezenet1_1", ("se",), "3,32,32", max_params=4e8)[0]
+    assert row["status"] == "crash" and "would not move with .to()" in row["error"], row
+
+
 def test_a_timm_model_whose_constructor_needs_real_parameters_is_built_on_meta_whole():
     """timm Swin V2 CR computes a buffer from its parameters' device and copies it in: with parameters moved
     to meta as they are registered, that copy fails; timm's own device='meta' build does not."""
