@@ -215,39 +215,33 @@ def _patch(model, attention: str, size: tuple[int, ...] | None, row: dict) -> No
     if not size:
         row["input_size"] = ",".join(map(str, plan.example_inputs[0].shape[1:]))
     if on_meta(model):
-        want = _output_shapes(model, plan.example_inputs)
-        try:
-            have = _output_shapes(patched, plan.example_inputs)
-        except meta.NeedsValues as exc:
-            raise AssertionError(f"the patched model fails on meta tensors where the original runs ({exc})") from exc
-        if want != have:
-            raise AssertionError(f"the patched model's output shapes {have} differ from the original's {want}")
+        _alike_on_meta(patched, plan.example_inputs, _output_shapes(model, plan.example_inputs))
         row.update(status="meta")
         return
-    _moves_alike(model, patched, plan.example_inputs)
+    # the meta device also stands in for the GPU a user moves the model to: a tensor the patched forward reads that
+    # is neither a parameter nor a buffer (a plain attribute) stays behind on the CPU
+    try:
+        want = _output_shapes(model, plan.example_inputs)
+    except meta.NeedsValues:
+        pass  # the original does not run there either
+    else:
+        _alike_on_meta(patched, plan.example_inputs, want, ": a tensor it reads would not move with .to()")
     v = plan.verification
     row.update(status="ok", max_abs_diff=f"{v.max_abs_diff:.3g}",
                train_diff="" if v.train_max_abs_diff is None else f"{v.train_max_abs_diff:.3g}")
 
 
-def _moves_alike(model, patched, inputs: tuple) -> None:
-    """The patched model runs with its parameters and buffers on the meta device wherever the original does: the
-    meta device stands in for the GPU a user moves the model to, and a tensor the patched forward reads that is
-    neither (a plain attribute) stays behind on the CPU."""
+def _alike_on_meta(patched, inputs: tuple, want: list, why: str = "") -> None:
+    """The patched model runs on meta tensors (parameters and buffers swapped for them) to the original's output
+    shapes `want`; `why` says what a failure to run there means."""
     from surgeon.surgery import meta
 
     try:
-        want = _output_shapes(model, inputs)
-    except meta.NeedsValues:
-        return  # the original does not run there either
-    try:
         have = _output_shapes(patched, inputs)
     except meta.NeedsValues as exc:
-        raise AssertionError(f"the patched model does not run with its parameters and buffers on the meta device, "
-                             f"where the original does ({exc}): a tensor it reads would not move with .to()") from exc
+        raise AssertionError(f"the patched model fails on meta tensors where the original runs ({exc}){why}") from exc
     if want != have:
-        raise AssertionError(f"on the meta device the patched model's output shapes {have} differ from the "
-                             f"original's {want}")
+        raise AssertionError(f"the patched model's output shapes {have} differ from the original's {want}")
 
 
 def run_model(ref: str, attentions: tuple[str, ...], input_size: str | None, max_params: float,

@@ -231,7 +231,7 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
         if small:
             smaller.enter_context(sizes.small_images(copy))
         # (only where verification will run on smaller images, see `Plan._verify`)
-        count_flops = count_flops and example_input is None and not small and sizes.for_checking(inputs) is not None
+        count_flops = count_flops and _checked_smaller(inputs, example_input is not None, small) is not None
         recorded = shapes.record_calls(copy, inputs, count_flops=count_flops)
         traced = trace(copy, leaf_paths=leaf_paths, calls=recorded.calls)
         traced.extra_leaves = set(leaf_paths)
@@ -505,7 +505,7 @@ class Plan:
         there after a failure on smaller images is said in a warning: the patched model then differs from the
         original at other sizes."""
         inputs, new = self._prep.inputs, list(paths.values())
-        smaller = None if self._prep.given or self._prep.small_images else sizes.for_checking(inputs)
+        smaller = _checked_smaller(inputs, self._prep.given, self._prep.small_images)
         if smaller is None or any(e.site.action != "insert" for e in self.edits) or (
                 tolerance is not None and not all(e.alone_diff is not None and e.alone_diff <= tolerance
                                                   for e in self.edits)):
@@ -527,6 +527,12 @@ class Plan:
         if problem:
             warn(f"The patched model computes the original at the example's size, not at {shape}: {problem}")
         return v
+
+
+def _checked_smaller(inputs: tuple, given: bool, small_images: bool) -> tuple | None:
+    """The smaller images verification checks the whole model on (`sizes.for_checking`), or None: not when the
+    user gave the example input, nor for a model traced on small images already (a detector)."""
+    return None if given or small_images else sizes.for_checking(inputs)
 
 
 def _check_shapes(patched: nn.Module, inputs: tuple, edits: list[Edit], paths: dict[str, str]) -> None:

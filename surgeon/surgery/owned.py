@@ -150,6 +150,14 @@ def _value_print(v: object, seen: dict[int, int]) -> object:
     return ("object", id(v))
 
 
+CONSTANT = "_tensor_constant"  # fx stores the tensors a forward makes on the traced module, named so
+
+
+def computed_tensor(n: fx.Node) -> bool:
+    """Whether `n` reads a tensor the trace computed and stored (`_tensor_constant0`: named per trace)."""
+    return n.op == "get_attr" and str(n.target).rpartition(".")[2].startswith(CONSTANT)
+
+
 def attr_at(root: object, target: str) -> object:
     """The attribute at a dotted path (`layer1.0.conv1`, `_tensor_constant0`); AttributeError when missing."""
     for part in target.split("."):

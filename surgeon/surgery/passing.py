@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from surgeon.surgery import calls
+from surgeon.surgery.owned import computed_tensor
 
 _MISMATCH = object()
 
@@ -90,8 +91,8 @@ def _differences(a: fx.Graph, b: fx.Graph, ph: fx.Node) -> list | None:
 
 
 def _same_target(m: fx.Node, t: fx.Node) -> bool:
-    if m.op == "get_attr" and str(m.target).startswith("_tensor_constant"):
-        return str(t.target).startswith("_tensor_constant")  # tensor constants are named per trace
+    if computed_tensor(m):
+        return computed_tensor(t)  # named per trace
     return m.target == t.target
 
 

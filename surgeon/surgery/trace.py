@@ -35,7 +35,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls as calls_
-from surgeon.surgery.owned import attr_at, fingerprint, in_mode
+from surgeon.surgery.owned import CONSTANT as _CONSTANT, attr_at, computed_tensor, fingerprint, in_mode
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -308,17 +308,16 @@ def _training_keywords(code: types.CodeType) -> dict[tuple, ast.expr]:
         lines, first = inspect.getsourcelines(code)
     except (OSError, TypeError):
         return {}
-    try:
-        tree = ast.parse("".join(lines))
-        first -= 1  # (ast counts lines from 1)
-    except SyntaxError:
-        try:  # an indented method: under an `if`, it parses with its own columns
-            tree = ast.parse("if 1:\n" + "".join(lines))
-            first -= 2
+    # as it is, or (an indented method) under an `if`, where it parses with its own columns; ast counts lines from 1
+    for head in ("", "if 1:\n"):
+        try:
+            tree = ast.parse(head + "".join(lines))
+            break
         except (SyntaxError, ValueError):
-            return {}
-    except ValueError:
+            continue
+    else:
         return {}
+    first -= 1 + head.count("\n")
     found = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -491,7 +490,6 @@ def _widened(module: nn.Module, leaf_paths: set[str], call: calls_.Call, graph: 
         torch.set_rng_state(state)
 
 
-_CONSTANT = "_tensor_constant"  # fx stores the tensors a forward makes on the traced module, named so
 
 
 def _drop_constants(module: nn.Module, before: set[str]) -> None:
@@ -764,7 +762,7 @@ class Alike:
         done = trace_fn()
         if key not in self._done:
             self._done[key] = done
-            if any(n.op == "get_attr" and n.target.rpartition(".")[2].startswith(_CONSTANT) for n in done.graph.nodes):
+            if any(map(computed_tensor, done.graph.nodes)):
                 self._computed[key] = module
         return done
 
