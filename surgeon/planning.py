@@ -242,7 +242,7 @@ def _prepare(model: nn.Module | str, *, example_input: Any = None, input_size: S
             traced.module = structural_copy(model)
             if small:
                 smaller.enter_context(sizes.small_images(traced.module))
-        shapes.propagate(traced, inputs)
+        shapes.propagate(traced, inputs, model=model)
     views = [GraphView(gm, prefix) for prefix, gm in traced.graphs.items()]
     return _Prepared(model, traced, inputs, views, small_images=small, given=example_input is not None)
 

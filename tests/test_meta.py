@@ -340,3 +340,25 @@ def test_a_stand_in_does_not_take_tensors_on_two_devices():
         with meta.ShapeOnly() if fast else nullcontext():
             with pytest.raises(RuntimeError, match="device"):
                 _m(2, 3, 4, 4) * torch.ones(3, 1, 1)
+
+
+def test_a_model_holding_tensors_on_several_devices_is_refused_naming_them():
+    class Mixed(nn.Module):  # as accelerate's init_empty_weights leaves a model: weights on meta, buffers real
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.register_buffer("scale", torch.ones(8, 1, 1))
+
+        def forward(self, x):
+            return self.conv(x) * self.scale.to(device="cpu")  # a table computed on the buffer's device
+
+    model = Mixed()
+    model.conv.to("meta")
+    want = (r"^Mixed holds tensors on several devices \(parameters on meta; buffers on cpu \('scale'\)\) and does "
+            r"not run so \(RuntimeError: .*\): put them on one device first \(model.to_empty\(device=...\)")
+    with pytest.raises(surgeon.SurgeonError, match=want) as info:
+        surgeon.add(model, "se", input_size=(3, 16, 16))
+    assert "\n" not in str(info.value)
+    # on one device, as the message says, the same model patches
+    patched = surgeon.add(model.to_empty(device="cpu"), "se", kind="after_conv", input_size=(3, 16, 16))
+    assert len(surgeon.edits(patched)) == 1

@@ -129,8 +129,8 @@ class _UseReal(Exception):
     pass
 
 
-def propagate(traced: Traced, example_inputs: tuple) -> None:
-    """Record shapes on every node of every graph in `traced`.
+def propagate(traced: Traced, example_inputs: tuple, *, model: torch.nn.Module | None = None) -> None:
+    """Record shapes on every node of every graph in `traced` (traced from `model`, which errors name).
 
     Raises:
         ShapeError: when the example input does not go through the model.
@@ -159,7 +159,7 @@ def propagate(traced: Traced, example_inputs: tuple) -> None:
         try:
             _run(traced, example_inputs)
         except Exception as exc:
-            raise _wrong_input(traced.module, example_inputs, exc) from exc
+            raise _wrong_input(traced.module if model is None else model, example_inputs, exc) from exc
 
 
 def shape(node: fx.Node) -> tuple | None:
@@ -173,6 +173,11 @@ def shape(node: fx.Node) -> tuple | None:
 def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> ShapeError:
     shapes = ", ".join(str(tuple(x.shape)) for x in tensors(inputs))
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    mixed = _devices_held(model)
+    if mixed:
+        return ShapeError(f"{type(model).__name__} holds tensors on several devices ({mixed}) and does not run so "
+                          f"({type(exc).__name__}: {first}): put them on one device first (model.to_empty(device=...) "
+                          "for a model built without weights; accelerate's init_empty_weights(include_buffers=True))")
     if any(x.is_meta for x in tensors(inputs)):
         return ShapeError(f"{type(model).__name__} on the meta device does not run on the example input "
                           f"{', '.join(str(tuple(x.shape)) for x in tensors(inputs))} ({type(exc).__name__}: {first}): "
@@ -181,6 +186,27 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
         f"The example input {shapes or '(no tensors)'} does not go through {type(model).__name__} "
         f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
         f"command line, example_input= in Python")
+
+
+def _devices_held(model: torch.nn.Module) -> str:
+    """Where the model's parameters and buffers are, when on more than one device: "parameters on meta; buffers on
+    cpu ('rope.periods')", naming up to three tensors of each minority device; else ""."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for kind, named in (("parameters", model.named_parameters()), ("buffers", model.named_buffers())):
+        for name, t in named:
+            where.setdefault((kind, t.device.type), []).append(name)
+    if len({device for _, device in where}) < 2:
+        return ""
+    per_device: dict[str, int] = {}
+    for (_, device), names in where.items():
+        per_device[device] = per_device.get(device, 0) + len(names)
+    most = max(per_device, key=per_device.get)
+    parts = []
+    for (kind, device), names in where.items():
+        named = "" if device == most else " (" + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3
+                                                                                       else "") + ")"
+        parts.append(f"{kind} on {device}{named}")
+    return "; ".join(parts)
 
 
 def record_calls(model: torch.nn.Module, inputs: tuple, *, count_flops: bool = False) -> calls.Recorded:
