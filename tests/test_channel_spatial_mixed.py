@@ -489,3 +489,41 @@ def test_cbam_without_autograd_multiplies_in_place_and_computes_the_same(identit
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             want = cbam.spatial(cbam.channel(x.detach().to(dtype)))
             assert cbam(x.detach().to(dtype)).dtype == want.dtype
+
+
+@pytest.mark.parametrize("shape, dims", [((2, 8, 5, 5), [2, 3]), ((2, 8, 5, 5), [1]), ((3, 6, 7), [2]),
+                                         ((2, 4, 3, 3, 3), [2, 3, 4]), ((2, 8, 5, 5), [-2, -1])])
+def test_mean_max_backward_is_autograds_with_ties_and_each_output_alone(shape, dims):
+    from surgeon.layers.pooled import mean_max
+
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    x[0, :2] = 1.5  # maxima tied over whole rows and columns: their gradient is split evenly, as amax's
+    x[-1, -1] = 0.0
+    reference = (lambda t: t.mean(dims, keepdim=True), lambda t: t.amax(dims, keepdim=True))
+    for used in ((0, 1), (0,), (1,)):  # both outputs, the mean alone, the max alone
+        ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = mean_max(ours, dims)
+        want = tuple(f(theirs) for f in reference)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        weights = [torch.randn_like(want[i]) for i in range(2)]
+        sum(got[i].mul(weights[i]).sum() for i in used).backward()
+        sum(want[i].mul(weights[i]).sum() for i in used).backward()
+        assert torch.allclose(ours.grad, theirs.grad, rtol=0, atol=1e-15), used
+        assert ours.grad.is_contiguous()
+    fn = lambda t: mean_max(t, dims)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (torch.randn(shape, dtype=torch.float64, requires_grad=True),))
+
+
+def test_mean_max_keeps_channels_last_and_adds_nothing_where_no_gradient_is_needed():
+    from surgeon.layers.pooled import mean_max
+
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last).requires_grad_()
+    mean, peak = mean_max(x, [1])
+    assert type(mean.grad_fn).__name__ == "_MeanMaxBackward"
+    (mean.sum() + peak.sum()).backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # inference, exports: the two plain reductions
+        assert mean_max(x, [1])[0].grad_fn is None
+    traced = torch.jit.trace(lambda t: torch.cat(mean_max(t, [2, 3]), 1), (x,), check_trace=False)
+    assert "amax" in str(traced.graph) and "PythonOp" not in str(traced.graph)

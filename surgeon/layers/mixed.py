@@ -12,6 +12,7 @@ from surgeon.layers._util import (batch_norm_nd, check_bool, check_choice, check
                                   check_positive_int, conv_nd, get_act, reduced_channels)
 from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate, mul_own
+from surgeon.layers.pooled import mean_max
 from surgeon.layers.spatial import SpatialAttn
 
 
@@ -28,9 +29,9 @@ class ChannelAttn(ZeroGate):
         self.gate = get_act(gate_layer, "gate_layer")
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        dims = tuple(range(2, x.dim()))
-        mlp = lambda s: self.fc2(self.act(self.fc1(s)))  # noqa: E731
-        return self.gate(mlp(x.mean(dims)) + mlp(x.amax(dims)))
+        mean, peak = mean_max(x, list(range(2, x.dim())))
+        mlp = lambda s: self.fc2(self.act(self.fc1(s.flatten(1))))  # noqa: E731
+        return self.gate(mlp(mean) + mlp(peak))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weights(self._attn(x))
@@ -120,8 +121,8 @@ class _ZPoolGate(ZeroGate):
         self.bn = batch_norm_nd(dims)(1, eps=1e-5, momentum=0.01)
 
     def forward(self, x: torch.Tensor, gated: bool = True) -> torch.Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        w = torch.sigmoid(self.bn(self.conv(pooled)))
+        mean, peak = mean_max(x, [1])
+        w = torch.sigmoid(self.bn(self.conv(torch.cat([peak, mean], dim=1))))
         return self.weights(w) if gated else w
 
 

@@ -14,6 +14,7 @@ from surgeon.layers._util import (adaptive_avg_pool_nd, batch_norm_nd, check_boo
 from surgeon.errors import OptionError
 from surgeon.layers.applied import Applied, part
 from surgeon.layers.gate import ZeroGate, mul_own
+from surgeon.layers.pooled import mean_max
 
 
 class SpatialAttn(ZeroGate):
@@ -36,8 +37,8 @@ class SpatialAttn(ZeroGate):
         self.gate = get_act(gate_layer, "gate_layer")
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
-        return self.gate(self.bn(self.conv(pooled)))  # (N, 1, H, W)
+        mean, peak = mean_max(x, [1])
+        return self.gate(self.bn(self.conv(torch.cat([peak, mean], dim=1))))  # (N, 1, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weights(self._attn(x))
