@@ -415,12 +415,12 @@ BAD = [
 
 
 # `add --recipe` replays the recipe and reads no weights: the damaged weights concern apply and export only
-CASES = [pytest.param(damage, message, command, id=f"{command}-{damage.__name__.strip('_')}")
-         for command in ("apply", "export", "add") for damage, message in BAD
-         if not (command == "add" and damage in (_corrupt_weights, _other_model_weights))]
+BAD_CASES = [pytest.param(damage, message, command, id=f"{command}-{damage.__name__.strip('_')}")
+             for command in ("apply", "export", "add") for damage, message in BAD
+             if not (command == "add" and damage in (_corrupt_weights, _other_model_weights))]
 
 
-@pytest.mark.parametrize("damage, message, command", CASES)
+@pytest.mark.parametrize("damage, message, command", BAD_CASES)
 def test_bad_folders_fail_in_one_line(saved, tmp_path, damage, message, command):
     d = _copy(saved, tmp_path)
     damage(d, tmp_path)

@@ -360,5 +360,7 @@ def test_a_model_holding_tensors_on_several_devices_is_refused_naming_them():
         surgeon.add(model, "se", input_size=(3, 16, 16))
     assert "\n" not in str(info.value)
     # on one device, as the message says, the same model patches
-    patched = surgeon.add(model.to_empty(device="cpu"), "se", kind="after_conv", input_size=(3, 16, 16))
+    model.to_empty(device="cpu").conv.reset_parameters()  # (to_empty leaves the memory as it finds it)
+    model.scale.fill_(1.0)
+    patched = surgeon.add(model, "se", kind="after_conv", input_size=(3, 16, 16))
     assert len(surgeon.edits(patched)) == 1
