@@ -164,6 +164,18 @@ class _Prepared:
     small_images: bool = False  # a detector traced and verified on small images (see sizes.small_images)
     given: bool = False  # the user gave the example input (verification runs on it as given)
 
+    @functools.cached_property
+    def dropped_calls(self) -> set[str]:
+        """Paths of the modules whose every call in a graph that keeps them whole is dropped (their value does not
+        reach that graph's output: blocks an encoder runs past the depth its model uses), so that nothing inside
+        them, traced as graphs of their own, is worth editing."""
+        live, dropped = set(), set()
+        for view in self.views:
+            for n in view.nodes:
+                if n.op == "call_module":
+                    (live if n in view.live else dropped).add(f"{view.prefix}.{n.target}" if view.prefix else n.target)
+        return dropped - live
+
 
 @contextmanager
 def gc_paused():
@@ -314,16 +326,23 @@ def _edit_flops(site: Site, module: nn.Module, attention: str = "") -> tuple[int
 
 def _worth_editing(prep: _Prepared, site: Site) -> bool:
     """Whether an edit at the site can do anything: its value must reach its graph's output (not an encoder
-    stage the decoder drops) and be computed with gradients (not inside `torch.no_grad()`)."""
+    stage the decoder drops), in a module whose call reaches the output of the graph calling it (`dropped_calls`),
+    and be computed with gradients (not inside `torch.no_grad()`)."""
     view = next(v for v in prep.views if v.prefix == site.graph)
     node = next((n for n in view.nodes if n.name == site.node), None)
     if node is not None and node in view.without_grad:
         log.info("site %s: skipped, it is computed without gradients (torch.no_grad)", site.name)
         return False
-    if node is None or node in view.live:
-        return True
-    log.info("site %s: skipped, its value does not reach the output", site.name)
-    return False
+    if node is not None and node not in view.live:
+        log.info("site %s: skipped, its value does not reach the output", site.name)
+        return False
+    parts = site.graph.split(".") if site.graph else []
+    dropped = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in prep.dropped_calls),
+                   None)
+    if dropped is not None:
+        log.info("site %s: skipped, what %r returns does not reach the output", site.name, dropped)
+        return False
+    return True
 
 
 def _choose_kind(att: registry.Attention, kind: str | None, prep: _Prepared,

@@ -142,6 +142,97 @@ def test_a_forward_reading_training_only_as_dropouts_flag_is_traced_in_eval_mode
     assert torch.allclose(model(x), patched(x), atol=1e-6)
 
 
+def drop_connect(x, p, training):
+    """Stochastic depth as smp's and efficientnet_pytorch's EfficientNet blocks write it: a plain function given the
+    mode, whose body decides on it."""
+    if not training:
+        return x
+    keep = 1 - p + torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
+    return x / (1 - p) * keep.floor()
+
+
+class _DropConnectBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, rate=None):
+        y = self.conv2(torch.relu(self.conv1(x)))
+        if rate is not None and rate > 0:
+            y = drop_connect(y, p=rate, training=self.training)
+        return x + y
+
+
+class _DropConnectNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(_DropConnectBlock() for _ in range(3))
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, 0.5 * i / len(self.blocks))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_function_given_the_mode_becomes_a_module_following_it(monkeypatch):
+    """A block calling a plain function with `training=self.training` (drop connect) is traced in eval mode alone,
+    the call becoming a module that passes its own flag: the block keeps its residual site, and the patched model
+    draws what the original draws in train mode and is deterministic in eval mode."""
+    from surgeon.surgery import trace as trace_module
+    from surgeon.surgery.owned import ModeCall
+
+    traced_in_train = []
+    train_graphs = trace_module._train_graphs
+    monkeypatch.setattr(trace_module, "_train_graphs",
+                        lambda module, *a, **k: traced_in_train.append(type(module)) or train_graphs(module, *a, **k))
+    torch.manual_seed(0)
+    model = _DropConnectNet().eval()
+    patched = surgeon.add(model, "se", kind="residual", input_size=(3, 16, 16))
+    assert [e.site for e in surgeon.edits(patched)] == ["blocks.0.add", "blocks.1.add", "blocks.2.add"]
+    assert not traced_in_train
+    calls = [m for m in patched.modules() if isinstance(m, ModeCall)]
+    assert len(calls) == 2 and all(c.fn is drop_connect for c in calls)  # block 0 runs at rate 0: no call
+    x = torch.randn(4, 3, 16, 16)
+    model.train(), patched.train()
+    assert all(c.training for c in calls)
+    outs = []
+    for m in (model, patched, patched):
+        torch.manual_seed(3)
+        outs.append(m(x))
+    assert torch.equal(outs[0], outs[1])
+    torch.manual_seed(4)
+    assert not torch.equal(patched(x), outs[1])  # the drop is live in train mode
+    model.eval(), patched.eval()
+    assert not any(c.training for c in calls) and torch.equal(model(x), patched(x))
+
+
+class _DropsItsLastBlock(_DropConnectNet):
+    """Runs every block but uses the features of the first two (an encoder run past the depth its decoder takes)."""
+
+    def forward(self, x):
+        x, features = self.stem(x), []
+        for i, block in enumerate(self.blocks):
+            x = block(x, 0.5 * i / len(self.blocks))
+            features.append(x)
+        return self.fc(features[1].mean((2, 3)))
+
+
+def test_nothing_is_inserted_in_a_module_whose_output_is_dropped():
+    """The blocks that take the mode are graphs of their own; the last one's output reaches nothing, so its residual
+    site is not edited (an attention there would learn nothing: verification finds no gradient reaching it)."""
+    torch.manual_seed(0)
+    model = _DropsItsLastBlock().eval()
+    plan = surgeon.plan(model, "se", kind="residual", input_size=(3, 16, 16))
+    assert "blocks.2" in plan._prep.traced.graphs  # traced alone, called whole by the root's graph
+    assert [e.site.name for e in plan.edits] == ["blocks.0.add", "blocks.1.add"]
+    plan.apply()
+    assert plan.verification.max_abs_diff == 0 and plan.verification.nonzero_grad == 2
+
+
 def test_efficientnet_train_mode_matches_original():
     """drop_rate (functional dropout in the head) and drop_path_rate (DropPath modules) survive surgery."""
     torch.manual_seed(0)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgeon.surgery import layout
+from surgeon.surgery.owned import ModeCall
 from surgeon.surgery.shapes import shape as _shape
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -94,7 +95,8 @@ def is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     m = _mod(node, modules)
     if m is None:
         return False
-    return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or "drop" in type(m).__name__.lower()
+    return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)) or "drop" in type(m).__name__.lower() \
+        or isinstance(m, ModeCall) and "drop" in m.fn.__name__.lower()
 
 
 def is_add(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

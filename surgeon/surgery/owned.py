@@ -191,6 +191,23 @@ def in_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
                 m.__dict__["training"] = flag
 
 
+class ModeCall(nn.Module):
+    """A call of a function that takes the mode as an argument, `drop_connect(x, p, training=self.training)` in
+    EfficientNet's blocks as smp and efficientnet_pytorch write them: tracing records the call with the flag it
+    had, and this module makes the call with its own flag, so the graph follows train()/eval() as the code did."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self._surgeon_leaf = True
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs, training=self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.fn.__module__}.{self.fn.__qualname__}"
+
+
 class LeafReplacement(nn.Module):
     """Takes the place of a stateless leaf module: runs `original` and hands its output to `attn`
     beside the input (for modules that start as the identity of the original's output)."""

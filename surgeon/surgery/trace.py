@@ -4,9 +4,10 @@
    surgeon's own inserted modules, and modules whose forward reads `self.training` (dropout, drop-path,
    norm-act layers), so their train/eval behaviour survives.
 2. Trace again in the other mode; functional dropout whose `training` flag differs between the two
-   traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`. Code that read the
-   flag only as `F.dropout(..., training=self.training)` (timm's heads) is not traced again: those dropouts
-   alone would differ (`_dropout_flag`).
+   traces becomes an `nn.Dropout` module, which follows `model.train()` / `model.eval()`; so does a call of a
+   plain function given `training=self.training` (EfficientNet's `drop_connect`), which becomes a `ModeCall`
+   module. Code that read the flag only as such an argument (`F.dropout(..., training=self.training)` in
+   timm's heads) is not traced again: those calls alone would differ (`_dropout_flag`).
 3. When a module's forward cannot be traced (data-dependent control flow...), or computes different
    graphs in the two modes (auxiliary heads only in training, layers a random draw skips in training: see
    `_train_graphs`), that module becomes a leaf and its own
@@ -25,6 +26,7 @@ import linecache
 import logging
 import sys
 import types
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls as calls_
-from surgeon.surgery.owned import CONSTANT as _CONSTANT, attr_at, computed_tensor, fingerprint, in_mode
+from surgeon.surgery.owned import CONSTANT as _CONSTANT, ModeCall, attr_at, computed_tensor, fingerprint, in_mode
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -49,6 +51,30 @@ _DROPOUT_FUNCTIONS = {
     torch.nn.functional.feature_alpha_dropout: nn.FeatureAlphaDropout,
 }
 _MAX_RETRIES = 64
+# plain functions a forward calls with `training=self.training` (`_mode_functions`): traced as calls, each becomes
+# a `ModeCall` module, as functional dropout becomes a dropout module
+_MODE_FUNCTIONS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _follows_mode(target) -> bool:
+    """Whether a call_function target takes the mode as `training=` and is made a module that follows it."""
+    return target in _DROPOUT_FUNCTIONS or target in _MODE_FUNCTIONS
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_functions(cls: type) -> tuple:
+    """The functions `cls.forward` calls by a global name with `training=self.training` (smp's and
+    efficientnet_pytorch's `drop_connect(x, p=rate, training=self.training)`), other than torch's own (functional
+    dropout has its modules; `F.batch_norm` and the like keep their module in Python, see `_node_key`)."""
+    forward = getattr(cls, "forward", None)
+    if not isinstance(forward, types.FunctionType):
+        return ()
+    found = []
+    for callee in _training_keywords(forward.__code__).values():
+        fn = forward.__globals__.get(callee.id) if isinstance(callee, ast.Name) else None
+        if isinstance(fn, types.FunctionType) and not (fn.__module__ or "").split(".")[0] == "torch":
+            found.append(fn)
+    return tuple(found)
 
 
 @dataclass
@@ -201,6 +227,10 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
 
         wrap(torch.no_grad, False)
         wrap(torch.enable_grad, True)
+        if isinstance(root, nn.Module):  # calls of functions taking the mode stay calls (see `_mode_functions`)
+            for fn in {fn for m in root.modules() for fn in _mode_functions(type(m))}:
+                _MODE_FUNCTIONS.add(fn)
+                self._autowrap_function_ids.add(id(fn))
         # every read of a module's `training` flag while tracing is noted (see `_trace_whole`)
         self.read_training = False  # a module's code read a `training` flag (but as below)
         self.dropout_reads = 0  # reads that were a functional dropout's `training=` argument (`_dropout_flag`)
@@ -267,9 +297,10 @@ def _write_training(module: nn.Module, value: bool) -> None:
 
 def _dropout_flag(frame: types.FrameType) -> bool:
     """Whether the read of a `training` flag that `frame` is executing is written as the `training=` argument of
-    a call to one of torch's functional dropouts, named through the frame's globals (`F.dropout(x, p,
-    training=self.training)`, in timm's heads). Such a read changes nothing in the graph but that argument, which
-    the dropout module it becomes follows (see `_dropouts_of_reads`), so it needs no trace in train mode."""
+    a call to one of torch's functional dropouts or to a function of `_mode_functions`, named through the frame's
+    globals (`F.dropout(x, p, training=self.training)`, in timm's heads). Such a read changes nothing in the graph
+    but that argument, which the module the call becomes follows (see `_dropouts_of_reads`), so it needs no trace
+    in train mode."""
     func = _dropout_call_at(frame.f_code, frame.f_lasti)
     if func is None:
         return False
@@ -284,7 +315,8 @@ def _dropout_flag(frame: types.FrameType) -> bool:
         if not isinstance(obj, types.ModuleType) or not hasattr(obj, name):
             return False  # through modules only: nothing is run to find the function
         obj = getattr(obj, name)
-    return obj in _DROPOUT_FUNCTIONS
+    # (a function the trace records as a call is, while tracing, fx's wrapper of it in those globals)
+    return _follows_mode(obj) or _follows_mode(getattr(obj, "__wrapped__", None))
 
 
 @functools.lru_cache(maxsize=None)
@@ -573,7 +605,7 @@ def _node_key(node: fx.Node) -> tuple:
         return fx.node.map_arg(a, lambda n: n.name)
     # only functional dropout may differ in its training flag (it becomes a module); any other op that
     # takes `training=self.training` (F.batch_norm, F.rrelu...) makes the two modes' graphs differ
-    skip = "training" if node.target in _DROPOUT_FUNCTIONS else None
+    skip = "training" if node.op == "call_function" and _follows_mode(node.target) else None
     return node.op, node.target, norm(node.args), norm({k: v for k, v in node.kwargs.items() if k != skip})
 
 
@@ -596,7 +628,7 @@ def _mode_dependent_dropouts(g_eval: fx.Graph, g_train: fx.Graph, owner: str) ->
         exc._surgeon_culprit = culprit  # that module stays Python (a leaf), so both modes keep working
         raise exc
     return [a.name for a, b in zip(ev, tr)
-            if a.op == "call_function" and a.target in _DROPOUT_FUNCTIONS
+            if a.op == "call_function" and _follows_mode(a.target)
             and a.kwargs.get("training") != b.kwargs.get("training")]
 
 
@@ -605,24 +637,30 @@ def _dropouts_of_reads(graph: fx.Graph, reads: int) -> list[str] | None:
     their flag: the ones at training=False, when there are as many (else None: one was written False, or a read's
     dropout ran on a value the graph does not hold, and a trace in train mode tells them apart)."""
     names = [n.name for n in graph.nodes
-             if n.op == "call_function" and n.target in _DROPOUT_FUNCTIONS and n.kwargs.get("training") is False]
+             if n.op == "call_function" and _follows_mode(n.target) and n.kwargs.get("training") is False]
     return names if len(names) == reads else None
 
 
 def _modularise_dropouts(gm: fx.GraphModule, names: list[str]) -> None:
-    """Replace functional dropout nodes by nn.Dropout modules that follow gm.train()/eval()."""
+    """Replace functional dropout nodes by nn.Dropout modules, and calls of functions given the mode by `ModeCall`
+    modules, that follow gm.train()/eval()."""
     by_name = {n.name: n for n in gm.graph.nodes}
     for name in names:
         node = by_name[name]
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
         stack = list(node.meta.get("nn_module_stack", {}).values())
         owner = stack[-1][0] if stack else ""
         path = unique_path(gm, owner, name)
+        if node.target in _DROPOUT_FUNCTIONS:
+            p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+            module, args, kwargs = _DROPOUT_FUNCTIONS[node.target](p=p), (node.args[0],), {}
+        else:  # the function itself, called with the module's flag
+            module, args = ModeCall(node.target), node.args
+            kwargs = {k: v for k, v in node.kwargs.items() if k != "training"}
         # in the mode of the module it was traced from (a new module is in train mode: an eval-mode model would
         # drop activations)
-        gm.add_submodule(path, _DROPOUT_FUNCTIONS[node.target](p=p).train(gm.training))
+        gm.add_submodule(path, module.train(gm.training))
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(path, (node.args[0],))
+            new = gm.graph.call_module(path, args, kwargs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
