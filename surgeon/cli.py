@@ -342,7 +342,7 @@ def apply_cmd(directory: str, model: str, model_args, pretrained, weights, allow
 @click.option("--out", type=click.Path(dir_okay=False), help="The file to write (default: DIRECTORY/model.EXT).")
 @click.option("--force", is_flag=True, help="Replace --out when it exists.")
 @click.option("--tolerance", type=float, default=1e-5, show_default=True,
-              help="Largest |export − model| allowed on the example input.")
+              help="Largest |export − model| allowed on the example input, times the largest |output| above 1.")
 @click.option("--trust-code", is_flag=True, help="Allow a recipe whose base model is a user factory.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @handle_errors
@@ -357,7 +357,7 @@ def export_cmd(directory: str, fmt: str, out: str | None, force: bool, tolerance
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
     click.echo(f"Exported: {result.path} ({fmt}, {result.method}); max |export − model| = "
-               f"{result.max_abs_diff:.3g} (≤ {tolerance:g})")
+               f"{result.max_abs_diff:.3g} (≤ {result.allowed:.3g})")
 
 
 @cli.command("merge")

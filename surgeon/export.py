@@ -1,7 +1,8 @@
 """Export a patched model for deployment without surgeon: torch.export (.pt2), TorchScript, ONNX.
 
 Every export is checked by running the written file (ONNX through onnxruntime) on the example input
-and comparing with the patched model (max |diff| ≤ tolerance); it is written to a temporary file and
+and comparing with the patched model (max |diff| ≤ tolerance × max(1, max |output|): float32 rounding grows with
+the outputs' size); it is written to a temporary file and
 moved into place only when the check passes. When a format cannot serve the model, each inserted
 module is tried alone, so the error names the module and the reason.
 """
@@ -30,14 +31,16 @@ ONNX_HINT = "pip install 'surgeon[export]' (onnx, onnxruntime, onnxscript)"
 
 @dataclass
 class Exported:
-    """A written, checked export: where, which format and how (e.g. 'trace' for TorchScript), and
-    the largest |difference| from the patched model on the example input."""
+    """A written, checked export: where, which format and how (e.g. 'trace' for TorchScript), the largest
+    |difference| from the patched model on the example input, and the largest allowed (`tolerance` scaled by the
+    outputs' largest magnitude when that exceeds 1)."""
 
     path: Path
     format: str
     method: str
     max_abs_diff: float
     tolerance: float
+    allowed: float
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path)}
@@ -141,18 +144,27 @@ def _module_inputs(model, paths: list[str], inputs: tuple) -> dict[str, tuple]:
     return seen
 
 
-def _culprit(model, fmt: str, inputs: tuple, folder: Path) -> str:
-    """Which inserted module the format cannot serve, and why ('' when each exports alone)."""
+def _culprit(model, fmt: str, inputs: tuple, folder: Path, tolerance: float | None = None) -> str:
+    """Which inserted module the format cannot serve, and why ('' when each exports alone). With `tolerance`, a
+    module whose export alone computes something else (by more than that) is named too."""
+    import torch
+
     from surgeon.surgery.rewrite import edits_of
+    from surgeon.surgery.verify import max_abs_diff
 
     paths = [e["module"] for e in edits_of(model)]
     for path, args in _module_inputs(model, paths, inputs).items():
         module = model.get_submodule(path)
         try:
-            with _quiet():
-                _WRITERS[fmt](module, args, folder / f"part{FORMATS[fmt]}")
+            with _quiet(), torch.no_grad():
+                method, run = _WRITERS[fmt](module, args, folder / f"part{FORMATS[fmt]}")
+                expected = module(*args) if tolerance is not None else None
+                diff = None if tolerance is None else max_abs_diff(expected, run(*args))
         except Exception as exc:
             return f"module {path!r} ({type(module).__name__}) cannot be exported: {_reason(exc)}"
+        if diff is not None and not diff <= _allowed(tolerance, expected):
+            return (f"module {path!r} ({type(module).__name__}) cannot be exported: its {fmt} export ({method}) alone "
+                    f"differs from it by {diff:.3g}")
     return ""
 
 
@@ -176,7 +188,8 @@ def export(model, format: str, out: str | os.PathLike | None = None, *, example_
         out: the file to write (default for a folder: DIR/model.pt2, DIR/model.pt or DIR/model.onnx).
         example_input: the input to export with and check on (default: the model's example input,
             from its recipe's input size).
-        tolerance: the largest |difference| allowed between the export and the model.
+        tolerance: the largest |difference| allowed between the export and the model, for outputs up to 1 in
+            magnitude; larger outputs allow it times their largest magnitude.
         trust_code: see `surgeon.load`. force: replace `out` when it exists.
 
     Returns:
@@ -247,10 +260,22 @@ def _write_checked(model, format: str, out: Path, inputs: tuple, tolerance: floa
             raise ExportError(f"{format} export of {_name(model)} failed: {why}") from exc
         from surgeon.surgery.verify import max_abs_diff
 
-        diff = max_abs_diff(expected, got)
-        if not diff <= tolerance:
+        diff, allowed = max_abs_diff(expected, got), _allowed(tolerance, expected)
+        if not diff <= allowed:
+            culprit = _culprit(model, format, inputs, Path(tmp), tolerance)
             raise ExportError(f"The {format} export ({method}) differs from the patched model by {diff:.3g} "
-                              f"(> {tolerance:g}) on the example input; nothing written")
+                              f"(> {allowed:.3g}) on the example input; nothing written"
+                              + (f". The {culprit}" if culprit else ""))
         normal_permissions(Path(tmp))
         os.replace(tmp_file, out)
-    return Exported(path=out, format=format, method=method, max_abs_diff=diff, tolerance=tolerance)
+    return Exported(path=out, format=format, method=method, max_abs_diff=diff, tolerance=tolerance, allowed=allowed)
+
+
+def _allowed(tolerance: float, expected) -> float:
+    """The largest |export − model| allowed: `tolerance`, times the outputs' largest magnitude when above 1 (a
+    float32 result of 2e8 is only exact to about 16, in any runtime)."""
+    from surgeon.surgery.verify import tensors
+
+    peak = max((t.detach().abs().max().item() for t in tensors(expected) if t.is_floating_point() and t.numel()),
+               default=0.0)
+    return tolerance * max(1.0, peak)
