@@ -107,7 +107,8 @@ def test_flops_are_counted_when_a_child_gets_a_view_of_a_parameter():
 def test_timm_pit_distilled_patches():
     model = timm.create_model("pit_ti_distilled_224", img_size=64).eval()
     patched = surgeon.add(model, "se", example_input=torch.randn(2, 3, 64, 64))
-    assert len(surgeon.edits(patched)) == 3
+    edits = surgeon.edits(patched)  # both residual branches of each of the 2 + 6 + 4 transformer blocks, on tokens
+    assert len(edits) == 24 and {e.kind for e in edits} == {"residual"} and all(len(e.shape) == 3 for e in edits)
 
 
 # -- detectors ------------------------------------------------------------------------------------------
