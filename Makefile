@@ -33,6 +33,7 @@ bench: $(STAMP)
 	cd benchmarks && ../$(BIN)/python meta_kernels.py
 	cd benchmarks && ../$(BIN)/python latency.py
 	cd benchmarks && ../$(BIN)/python handwritten.py
+	cd benchmarks && ../$(BIN)/python cbam_pooling.py
 	cd benchmarks && ../$(BIN)/python scoped_latency.py
 	cd benchmarks && ../$(BIN)/python cli_help.py
 
