@@ -47,6 +47,23 @@ def side_by_side(models: dict, x, *, train: bool = False, rounds: int, repeat: i
     return times
 
 
+def overheads(models: dict, *, train_first: bool = False, rounds: int, repeat: int,
+              clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+    """For 224x224 images at batch 1 and 8, eval and train: the first model's seconds per step and each other
+    model's overhead over it (time / first's time − 1), from `side_by_side`."""
+    import torch
+
+    base, *others = models
+    rows = []
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 224, 224)
+        for train in (True, False) if train_first else (False, True):
+            times = side_by_side(models, x, train=train, rounds=rounds, repeat=repeat, clock=clock)
+            rows.append({"case": f"b{batch} {'train' if train else 'eval'}", f"{base} s": times[base],
+                         **{f"{k} overhead": times[k] / times[base] - 1 for k in others}})
+    return rows
+
+
 def load_average() -> str:
     """The 1/5/15-minute load averages, e.g. '0.52/0.61/0.70' (2 cores: above 2 the clock is shared)."""
     import os

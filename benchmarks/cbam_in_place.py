@@ -18,7 +18,7 @@ import timm
 import torch
 
 import surgeon
-from _common import load_average, report, side_by_side
+from _common import load_average, overheads, report, side_by_side
 from surgeon.layers.mixed import CBAM
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -42,14 +42,7 @@ def compare() -> list[dict]:
             m.__class__ = AllocatingCBAM
     models = {"resnet50": base, "timm cbam": timm.create_model("resnet50", block_args=dict(attn_layer="cbam")),
               "cbam in place": in_place, "cbam allocating": allocating}
-    rows = []
-    for batch in (1, 8):
-        x = torch.randn(batch, 3, 224, 224)
-        for train in (False, True):
-            times = side_by_side(models, x, train=train, rounds=ROUNDS, repeat=REPEAT, clock=time.process_time)
-            rows.append({"case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": times["resnet50"],
-                         **{f"{k} overhead": times[k] / times["resnet50"] - 1 for k in models if k != "resnet50"}})
-    return rows
+    return overheads(models, rounds=ROUNDS, repeat=REPEAT, clock=time.process_time)
 
 
 def alone() -> list[dict]:

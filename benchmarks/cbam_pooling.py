@@ -19,7 +19,7 @@ import timm
 import torch
 
 import surgeon
-from _common import load_average, median_time, report, side_by_side
+from _common import load_average, median_time, overheads, report
 from surgeon.layers.mixed import ChannelAttn
 from surgeon.layers.spatial import SpatialAttn
 
@@ -51,16 +51,8 @@ def compare() -> list[dict]:
         m.__class__ = {ChannelAttn: AutogradChannel, SpatialAttn: AutogradSpatial}.get(type(m), type(m))
     models = {"resnet50": base, "timm cbam": timm.create_model("resnet50", block_args=dict(attn_layer="cbam")),
               "cbam one-pass": one_pass, "cbam autograd": autograd}
-    rows = []
-    for batch in (1, 8):
-        x = torch.randn(batch, 3, 224, 224)
-        for train in (True, False):
-            times = side_by_side(models, x, train=train, rounds=ROUNDS, repeat=REPEAT, clock=time.process_time)
-            overhead = {k: times[k] / times["resnet50"] - 1 for k in models if k != "resnet50"}
-            rows.append({"case": f"b{batch} {'train' if train else 'eval'}", "resnet50 s": times["resnet50"],
-                         **{f"{k} overhead": v for k, v in overhead.items()},
-                         "one-pass / timm overhead": overhead["cbam one-pass"] / overhead["timm cbam"]})
-    return rows
+    rows = overheads(models, train_first=True, rounds=ROUNDS, repeat=REPEAT, clock=time.process_time)
+    return [{**r, "one-pass / timm overhead": r["cbam one-pass overhead"] / r["timm cbam overhead"]} for r in rows]
 
 
 def backward_alone() -> list[dict]:
