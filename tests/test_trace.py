@@ -233,6 +233,20 @@ def test_nothing_is_inserted_in_a_module_whose_output_is_dropped():
     assert plan.verification.max_abs_diff == 0 and plan.verification.nonzero_grad == 2
 
 
+def test_a_wrapped_function_may_fill_in_a_list_the_graph_holds():
+    """A list argument is a constant of the graph, which fx keeps immutable; the generated code passes a fresh one
+    at each call, and so does the shape-recording run (torchvision's Swin3D fills in its window sizes so)."""
+    from toy_models import ClipsAWindow
+
+    torch.manual_seed(0)
+    model = ClipsAWindow().eval()
+    patched = surgeon.add(model, "se", kind="after_conv", input_size=(3, 5, 9))
+    assert len(surgeon.edits(patched)) == 1
+    for size in ((5, 9), (12, 12)):  # the window clipped, then not: the constant was not changed by the first call
+        x = torch.randn(2, 3, *size)
+        assert torch.equal(patched(x), model(x))
+
+
 def test_efficientnet_train_mode_matches_original():
     """drop_rate (functional dropout in the head) and drop_path_rate (DropPath modules) survive surgery."""
     torch.manual_seed(0)

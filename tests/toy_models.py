@@ -142,3 +142,30 @@ def tiny_resnet(**kwargs):
 
 def plain_cnn(**kwargs):
     return PlainCNN(**kwargs)
+
+
+def _clip_window(sizes, window):
+    """Fills in `window` (a list the caller copied) with each size it exceeds, as torchvision's
+    `_get_window_and_shift_size` does for Swin3D."""
+    for i in range(len(window)):
+        if sizes[i] <= window[i]:
+            window[i] = sizes[i]
+    return window
+
+
+torch.fx.wrap("_clip_window")
+
+
+class ClipsAWindow(nn.Module):
+    """Calls an fx-wrapped function that writes into a list built from an attribute: the graph holds the copy as a
+    constant, which must reach the function as a list it may change."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.window = [7, 7]
+
+    def forward(self, x):
+        x = self.conv(x)
+        window = _clip_window(list(x.shape[-2:]), self.window.copy())
+        return x[..., :window[0], :window[1]].mean((2, 3))

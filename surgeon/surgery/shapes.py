@@ -39,11 +39,29 @@ def _dtype_of(value: Any) -> Any:
     return None
 
 
+def _mutable(a: Any) -> Any:
+    """`a` with fx's immutable lists and dicts (a node's arguments) made plain ones, at any depth."""
+    if isinstance(a, (list, dict)) and type(a) not in (list, dict):
+        a = list(a) if isinstance(a, list) else dict(a)
+    if isinstance(a, list):
+        return [_mutable(x) for x in a]
+    if isinstance(a, dict):
+        return {k: _mutable(v) for k, v in a.items()}
+    if type(a) is tuple:
+        return tuple(_mutable(x) for x in a)
+    return a
+
+
 class _Recorder(fx.Interpreter):
     def run(self, *args, initial_env=None, **kwargs):
         for n, value in (initial_env or {}).items():  # the inputs, bound by the forward's signature
             n.meta["shape"], n.meta["dtype"] = _shape_of(value), _dtype_of(value)
         return super().run(*args, initial_env=initial_env, **kwargs)
+
+    def call_function(self, target, args, kwargs):
+        # the generated code builds a list argument anew at each call; the interpreter would hand over the node's
+        # own (immutable) one, which a function that fills it in (torchvision's `_get_window_and_shift_size`) fails on
+        return super().call_function(target, _mutable(args), _mutable(kwargs))
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
