@@ -603,8 +603,9 @@ def _own_training(cls: type) -> bool:
 def _node_key(node: fx.Node) -> tuple:
     def norm(a):
         return fx.node.map_arg(a, lambda n: n.name)
-    # only functional dropout may differ in its training flag (it becomes a module); any other op that
-    # takes `training=self.training` (F.batch_norm, F.rrelu...) makes the two modes' graphs differ
+    # only functional dropout and the functions of `_mode_functions` may differ in their training flag (they become
+    # modules); any other op that takes `training=self.training` (F.batch_norm, F.rrelu...) makes the two modes'
+    # graphs differ
     skip = "training" if node.op == "call_function" and _follows_mode(node.target) else None
     return node.op, node.target, norm(node.args), norm({k: v for k, v in node.kwargs.items() if k != skip})
 
