@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from surgeon.errors import ShapeError
 from surgeon.surgery import calls, meta, verify
@@ -40,12 +41,11 @@ def _dtype_of(value: Any) -> Any:
 
 
 def _mutable(a: Any) -> Any:
-    """`a` with fx's immutable lists and dicts (a node's arguments) made plain ones, at any depth."""
-    if isinstance(a, (list, dict)) and type(a) not in (list, dict):
-        a = list(a) if isinstance(a, list) else dict(a)
-    if isinstance(a, list):
+    """`a` with fx's immutable lists and dicts (a node's arguments) made plain ones, at any depth; any other value
+    (a dict subclass such as a ModelOutput) as it is."""
+    if type(a) in (immutable_list, list):
         return [_mutable(x) for x in a]
-    if isinstance(a, dict):
+    if type(a) in (immutable_dict, dict):
         return {k: _mutable(v) for k, v in a.items()}
     if type(a) is tuple:
         return tuple(_mutable(x) for x in a)
