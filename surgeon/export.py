@@ -158,11 +158,12 @@ def _culprit(model, fmt: str, inputs: tuple, folder: Path, tolerance: float | No
         try:
             with _quiet(), torch.no_grad():
                 method, run = _WRITERS[fmt](module, args, folder / f"part{FORMATS[fmt]}")
-                expected = module(*args) if tolerance is not None else None
-                diff = None if tolerance is None else max_abs_diff(expected, run(*args))
+                if tolerance is not None:
+                    expected = module(*args)
+                    diff = max_abs_diff(expected, run(*args))
         except Exception as exc:
             return f"module {path!r} ({type(module).__name__}) cannot be exported: {_reason(exc)}"
-        if diff is not None and not diff <= _allowed(tolerance, expected):
+        if tolerance is not None and not diff <= _allowed(tolerance, expected):
             return (f"module {path!r} ({type(module).__name__}) cannot be exported: its {fmt} export ({method}) alone "
                     f"differs from it by {diff:.3g}")
     return ""

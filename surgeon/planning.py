@@ -24,7 +24,7 @@ from surgeon.errors import (ModelError, NoSitesError, OptionError, ShapeError, S
 from surgeon.references import library_reference
 from surgeon.surgery import rewrite as rw
 from surgeon.surgery import scope
-from surgeon.surgery.owned import in_mode, structural_copy
+from surgeon.surgery.owned import in_mode, join_path, structural_copy
 from surgeon.surgery import shapes
 from surgeon.surgery.graph import GraphView
 from surgeon.surgery.sites import Site, find_sites
@@ -173,7 +173,7 @@ class _Prepared:
         for view in self.views:
             for n in view.nodes:
                 if n.op == "call_module":
-                    (live if n in view.live else dropped).add(f"{view.prefix}.{n.target}" if view.prefix else n.target)
+                    (live if n in view.live else dropped).add(join_path(view.prefix, n.target))
         return dropped - live
 
 
@@ -336,9 +336,9 @@ def _worth_editing(prep: _Prepared, site: Site) -> bool:
     if node is not None and node not in view.live:
         log.info("site %s: skipped, its value does not reach the output", site.name)
         return False
-    parts = site.graph.split(".") if site.graph else []
-    dropped = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in prep.dropped_calls),
-                   None)
+    # the site's graph, or a module holding it, called whole where its value is dropped
+    holders = itertools.accumulate(site.graph.split("."), join_path) if site.graph else ()
+    dropped = next((p for p in holders if p in prep.dropped_calls), None)
     if dropped is not None:
         log.info("site %s: skipped, what %r returns does not reach the output", site.name, dropped)
         return False

@@ -158,6 +158,11 @@ def computed_tensor(n: fx.Node) -> bool:
     return n.op == "get_attr" and str(n.target).rpartition(".")[2].startswith(CONSTANT)
 
 
+def join_path(prefix: str, path: str) -> str:
+    """`prefix.path`, either of which may be "" (the root)."""
+    return f"{prefix}.{path}" if prefix and path else (prefix or path)
+
+
 def attr_at(root: object, target: str) -> object:
     """The attribute at a dotted path (`layer1.0.conv1`, `_tensor_constant0`); AttributeError when missing."""
     for part in target.split("."):

@@ -26,8 +26,8 @@ from torch import nn
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls
 from surgeon.surgery.matching import ROOT, Scopes, candidates, fits, flat_nodes, match
-from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, patched_class, shallow_copy,
-                                    structural_copy)
+from surgeon.surgery.owned import (LeafReplacement, attr_at, forward_source, join_path as _join, patched_class,
+                                    shallow_copy, structural_copy)
 from surgeon.surgery.sites import Site
 from surgeon.surgery.trace import Alike, copy_graph, noting_training_reads
 from surgeon.surgery.values import IN_PLACE_OPERATORS
@@ -49,10 +49,6 @@ class Owner:
     @property
     def full(self) -> str:
         return _join(self.graph, self.path)
-
-
-def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if a and b else (a or b)
 
 
 def _returns(own: fx.GraphModule, node: fx.Node) -> bool:

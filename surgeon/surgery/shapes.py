@@ -8,6 +8,7 @@ memory) and on real CPU tensors when it is small or an operator has no fake impl
 """
 from __future__ import annotations
 
+import collections
 import logging
 from typing import Any
 
@@ -198,7 +199,7 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
                           "for a model built without weights; accelerate's init_empty_weights(include_buffers=True))")
     if any(x.is_meta for x in tensors(inputs)):
         return ShapeError(f"{type(model).__name__} on the meta device does not run on the example input "
-                          f"{', '.join(str(tuple(x.shape)) for x in tensors(inputs))} ({type(exc).__name__}: {first}): "
+                          f"{shapes} ({type(exc).__name__}: {first}): "
                           "pass the input it takes, or build it on the CPU if its forward needs tensor values")
     return ShapeError(
         f"The example input {shapes or '(no tensors)'} does not go through {type(model).__name__} "
@@ -213,17 +214,16 @@ def _devices_held(model: torch.nn.Module) -> str:
     for kind, named in (("parameters", model.named_parameters()), ("buffers", model.named_buffers())):
         for name, t in named:
             where.setdefault((kind, t.device.type), []).append(name)
-    if len({device for _, device in where}) < 2:
-        return ""
-    per_device: dict[str, int] = {}
+    per_device = collections.Counter()
     for (_, device), names in where.items():
-        per_device[device] = per_device.get(device, 0) + len(names)
-    most = max(per_device, key=per_device.get)
+        per_device[device] += len(names)
+    if len(per_device) < 2:
+        return ""
+    most = per_device.most_common(1)[0][0]
     parts = []
     for (kind, device), names in where.items():
-        named = "" if device == most else " (" + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3
-                                                                                       else "") + ")"
-        parts.append(f"{kind} on {device}{named}")
+        named = ", ".join(map(repr, names[:3])) + (", ..." if len(names) > 3 else "")
+        parts.append(f"{kind} on {device}" + ("" if device == most else f" ({named})"))
     return "; ".join(parts)
 
 

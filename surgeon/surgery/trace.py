@@ -37,7 +37,8 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from surgeon.errors import InternalError, TraceError
 from surgeon.surgery import calls as calls_
-from surgeon.surgery.owned import CONSTANT as _CONSTANT, ModeCall, attr_at, computed_tensor, fingerprint, in_mode
+from surgeon.surgery.owned import (CONSTANT as _CONSTANT, ModeCall, attr_at, computed_tensor, fingerprint, in_mode,
+                                   join_path as _join)
 from surgeon.surgery.values import ValueTracing
 
 log = logging.getLogger("surgeon")
@@ -927,10 +928,6 @@ def _builtin(m: nn.Module) -> bool:
     """A torch.nn layer (not a container whose contents are the model's own)."""
     return type(m).__module__.startswith("torch.nn") and not isinstance(m, (nn.Sequential, nn.ModuleList,
                                                                             nn.ModuleDict))
-
-
-def _join(prefix: str, path: str) -> str:
-    return f"{prefix}.{path}" if prefix and path else (prefix or path)
 
 
 __all__ = ["Traced", "SurgeonTracer", "copy_graph", "trace", "trace_alone", "traced_like", "unique_path", "Alike"]
