@@ -549,3 +549,28 @@ def test_segformer_whose_decode_head_reads_the_captured_hidden_states_is_patched
             if p.dim() == 0 or p.numel() == 1:
                 p.fill_(1.0)
         assert (patched(pixel_values=x).logits - before).abs().max() > 1e-6  # (the logits are about 1e-2)
+
+
+def test_fsmt_whose_encoder_adds_its_embeddings_around_layers_with_graphs_of_their_own_is_patched():
+    """FSMT's encoder has a site of its own (its embeddings' sum) and layers traced as graphs of their own (they
+    read their training flag); rewritten first, the layers stay single calls when the encoder is rewritten."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.FSMTForConditionalGeneration(tf.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.3,
+        pad_token_id=1, bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(2, 100, (2, 12), generator=_gen())
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :6]}
+    patched = surgeon.add(model, "se", example_input=inputs)
+    assert sorted({e.owner for e in surgeon.edits(patched)}) == [
+        "model.decoder.layers.0", "model.decoder.layers.1", "model.encoder", "model.encoder.layers.0",
+        "model.encoder.layers.1"]
+    with torch.no_grad():
+        assert torch.equal(patched(**inputs).logits, model(**inputs).logits)
+        patched.train(), model.train()
+        torch.manual_seed(1)
+        want = model(**inputs).logits
+        torch.manual_seed(1)
+        assert torch.equal(patched(**inputs).logits, want)

@@ -926,3 +926,54 @@ def test_what_tracing_computed_from_a_buffer_moves_with_the_patched_model():
     assert got.dtype == torch.float64 and torch.equal(want, got)
     on_meta = copy.deepcopy(patched).to("meta")
     assert on_meta(torch.randn(2, 3, 4, 4, device="meta")).shape == (2, 8, 4, 4)
+
+
+# -- a module traced as a graph of its own, inside an owner ----------------------------------------------------
+class _DroppingLayer(nn.Module):
+    """Reads its training flag (functional dropouts) and holds a module of the model's own: a graph of its own."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.attn, self.fc = nn.Sequential(nn.Linear(d, d)), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + F.dropout(self.attn(x), 0.1, training=self.training)
+        return x + F.dropout(self.fc(x), 0.1, training=self.training)
+
+
+class _LayerDropEncoder(nn.Module):
+    """FSMT's and BART's encoders: embeddings added in the encoder itself, and layer drop that reads the flag."""
+
+    def __init__(self, d=16, layerdrop=0.0):
+        super().__init__()
+        self.embed, self.positions = nn.Embedding(50, d), nn.Parameter(torch.randn(8, d))
+        self.layers = nn.ModuleList([_DroppingLayer(d), _DroppingLayer(d)])
+        self.layerdrop = layerdrop
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        x = self.embed(ids) * 4.0 + F.embedding(ids.ne(0).long().cumsum(1) % 8, self.positions)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            x = layer(x)
+        return self.head(x)
+
+
+def test_an_owner_around_a_rewritten_module_with_a_graph_of_its_own_keeps_it_one_call():
+    """The layers, graphs of their own, are single calls in the encoder's graph (their training flag). Rewritten
+    first (innermost first), their new forwards read no flag, and the encoder traced alone (for its own embedding
+    site) traced through them: "'encoder' cannot be rewritten" (FSMT for one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_LayerDropEncoder()).eval()
+    ids = torch.randint(1, 50, (2, 6))
+    patched = surgeon.add(model, "se", example_input=(ids,))
+    assert sorted(e.owner for e in surgeon.edits(patched)) == ["0", "0.layers.0", "0.layers.0", "0.layers.1",
+                                                               "0.layers.1"]
+    with torch.no_grad():
+        assert torch.equal(patched(ids), model(ids))
+    patched.train(), model.train()
+    torch.manual_seed(1)
+    want = model(ids)
+    torch.manual_seed(1)
+    assert torch.equal(patched(ids), want)

@@ -405,7 +405,9 @@ def choose(model: nn.Module, traced, edits: list, trace_module, call_of=lambda p
         call_of: path -> the call a module is traced for (see `calls`), which its graph depends on.
     """
     tracing = _Tracing(trace_module, call_of)
-    leaf_paths = set(traced.leaves) | set(traced.extra_leaves)
+    # a module with a graph of its own is one call in the graph around it (its hooks, its `training` reads): it
+    # stays one when an owner around it is traced alone, also once rewritten (a rewritten forward reads no flag)
+    leaf_paths = set(traced.leaves) | set(traced.extra_leaves) | {p for p in traced.graphs if p}
     by_graph: dict[str, list] = {}
     for e in edits:
         by_graph.setdefault(e[0].graph, []).append(e)
