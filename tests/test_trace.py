@@ -497,3 +497,38 @@ def test_an_fx_trace_other_than_surgeons_inside_a_surgery_step_fails_loudly():
     with noting_training_reads(), pytest.raises(InternalError, match="An fx trace other than surgeon's"):
         fx.symbolic_trace(TinyResNet())
     assert isinstance(fx.symbolic_trace(TinyResNet()), fx.GraphModule)  # and fx's own way after the step
+
+
+class _ZerosScores(torch.nn.Module):
+    """An attention block that makes its scores' buffer from traced sizes as separate arguments, as transformers'
+    GPT-NeoX-Japanese does (`torch.zeros(b * h, q, k, dtype=...)`); its noise too."""
+
+    def __init__(self, d=8, noise=False):
+        super().__init__()
+        self.qk, self.out = torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+        self.noise = noise
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k = self.qk(x).chunk(2, dim=-1)
+        scores = torch.baddbmm(torch.zeros(b, n, n, dtype=q.dtype, device=q.device), q, k.transpose(1, 2))
+        if self.noise:
+            # (products, not sums: no residual sites of their own)
+            scores = scores * torch.ones(b, n, 1) * torch.randn(b, n, n).abs().ge(0) * torch.empty(b, n, n).fill_(1)
+        return x + self.out(scores.softmax(-1) @ x)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_factories_given_traced_sizes_as_separate_arguments_trace(noise):
+    """torch parses `torch.zeros(b, n, n)`'s arguments as ints before a traced size could dispatch it, and the
+    block stayed a leaf, its residual no site; the sizes are passed as one tuple, which dispatches."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_ZerosScores(noise=noise), _ZerosScores(noise=noise)).eval()
+    x = torch.randn(2, 5, 8)
+    patched = surgeon.add(model, "se", kind="residual", example_input=(x,))
+    assert [e.owner for e in surgeon.edits(patched)] == ["0", "1"]
+    assert torch.zeros.__module__ == "torch" and not hasattr(torch.zeros, "_surgeon_factory")  # put back
+    with torch.no_grad():
+        assert torch.equal(patched(x), model(x))
+        y = torch.randn(3, 7, 8)  # the sizes are the call's, not constants
+        assert torch.equal(patched(y), model(y))

@@ -153,6 +153,21 @@ def pad_packed_sequence(*args, **kwargs):
 _PACKING = {torch.nn.utils.rnn.pack_padded_sequence: pack_padded_sequence,
             torch.nn.utils.rnn.pad_packed_sequence: pad_packed_sequence}
 
+# Factories that take a size as separate arguments (`torch.zeros(b * h, q, k, dtype=...)`, in transformers'
+# attentions): torch parses those arguments as ints before any traced size can dispatch the call, and fails; the
+# same size as one tuple dispatches (and the graph calls the factory with that tuple)
+_SIZED_FACTORIES = ("zeros", "ones", "empty", "rand", "randn")
+
+
+def _sizes_packed(factory):
+    @functools.wraps(factory)
+    def call(*args, **kwargs):
+        if len(args) > 1 and any(isinstance(a, fx.Proxy) for a in args):
+            return factory(args, **kwargs)
+        return factory(*args, **kwargs)
+    call._surgeon_factory = factory
+    return call
+
 
 class SurgeonTracer(ValueTracing, fx.Tracer):
     """fx tracer with surgeon's leaf rules; records which module was being traced when tracing fails. With
@@ -228,6 +243,10 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
 
         wrap(torch.no_grad, False)
         wrap(torch.enable_grad, True)
+        factories = {name: getattr(torch, name) for name in _SIZED_FACTORIES
+                     if not hasattr(getattr(torch, name), "_surgeon_factory")}  # (a trace inside a trace: set)
+        for name, factory in factories.items():
+            setattr(torch, name, _sizes_packed(factory))
         if isinstance(root, nn.Module):  # calls of functions taking the mode stay calls (see `_mode_functions`)
             for fn in {fn for m in root.modules() for fn in _mode_functions(type(m))}:
                 _MODE_FUNCTIONS.add(fn)
@@ -246,6 +265,8 @@ class SurgeonTracer(ValueTracing, fx.Tracer):
             self._fx_patcher = None
             for cm, (enter, exit_) in patched.items():
                 cm.__enter__, cm.__exit__ = enter, exit_
+            for name, factory in factories.items():
+                setattr(torch, name, factory)
 
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
