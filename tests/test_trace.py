@@ -1,5 +1,6 @@
 """Tracing: whole and piecewise, exact outputs with no edits, state-dict keys and train/eval behaviour."""
 import copy
+import inspect
 
 import pytest
 import timm
@@ -532,3 +533,31 @@ def test_factories_given_traced_sizes_as_separate_arguments_trace(noise):
         assert torch.equal(patched(x), model(x))
         y = torch.randn(3, 7, 8)  # the sizes are the call's, not constants
         assert torch.equal(patched(y), model(y))
+
+
+def test_a_lazy_graph_binds_calls_as_its_code_would_without_writing_it():
+    """The whole model's graph writes its code only if it runs (surgery reads the graph and interprets it): binding
+    a call to its placeholders takes the signature fx's code would have, from the placeholders."""
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    from surgeon import planning
+    from surgeon.surgery import calls
+
+    graph = fx.Graph()  # the placeholders of `forward(self, x, y=None, *rest, scale=2.0, **extra)`
+    x = graph.placeholder("x")
+    for target, default in (("y", None), ("*rest", inspect.Parameter.empty), ("scale", 2.0),
+                            ("**extra", inspect.Parameter.empty)):
+        graph.placeholder(target, default_value=default)
+    graph.output(x)
+    for gm in (_LazyGraphModule(torch.nn.Module(), graph), fx.GraphModule(torch.nn.Module(), graph)):
+        lazy = isinstance(gm, _LazyGraphModule)
+        assert str(calls._signature(gm)) == "(x, y=None, *rest, scale=2.0, **extra)"
+        assert gm._needs_recompile() if lazy else True  # (not written by binding)
+        bound = calls.bind(gm, (torch.ones(1), None, torch.ones(1)), {"bias": torch.ones(1)})
+        one = torch.ones(1)
+        assert {n.target: v for n, v in bound.items()} == {"x": one, "y": None, "*rest": (one,), "scale": 2.0,
+                                                           "**extra": {"bias": one}}
+        _LazyGraphModule.force_recompile(gm)  # the code written: its signature is the one bound to
+        assert str(inspect.signature(gm.forward)) == "(x, y=None, *rest, scale=2.0, **extra)"
+    prepared = planning._prepare(TinyResNet().eval())
+    assert isinstance(prepared.traced.module, _LazyGraphModule) and prepared.traced.module._needs_recompile()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch import nn
 from torch.fx.immutable_collections import immutable_list
 
@@ -416,9 +417,28 @@ def placeholders(tracer: fx.Tracer, fn, call: Call, owner: str, *, sizes: bool =
 
 def bind(gm: fx.GraphModule, args: tuple, kwargs: dict[str, Any]) -> dict[fx.Node, Any]:
     """The value of each placeholder of `gm` for a call with `args` and `kwargs`."""
-    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound = _signature(gm).bind(*args, **kwargs)
     bound.apply_defaults()
     return {n: bound.arguments[n.target.lstrip("*")] for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def _signature(gm: fx.GraphModule) -> inspect.Signature:
+    """The signature of gm's forward; for a lazy GraphModule that has not written its code yet, the one fx's code
+    would have, from the placeholders (`x`, `y=None`, `*args`, keyword-only ones after it, `**kwargs`), so that
+    binding a call does not make it write its code."""
+    if not (isinstance(gm, _LazyGraphModule) and gm._needs_recompile() and type(gm.graph._codegen) is fx.graph.CodeGen):
+        return inspect.signature(gm.forward)
+    p = inspect.Parameter
+    params, kind = [], p.POSITIONAL_OR_KEYWORD
+    for n in gm.graph.find_nodes(op="placeholder"):
+        if n.target.startswith("**"):
+            params.append(p(n.target[2:], p.VAR_KEYWORD))
+        elif n.target.startswith("*"):
+            params.append(p(n.target[1:], p.VAR_POSITIONAL))
+            kind = p.KEYWORD_ONLY
+        else:
+            params.append(p(n.target, kind, default=n.args[0] if n.args else p.empty))
+    return inspect.Signature(params)
 
 
 __all__ = ["Call", "Opaque", "Packed", "Size", "Slot", "bind", "record", "placeholders"]

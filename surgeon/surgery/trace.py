@@ -881,7 +881,9 @@ def _trace_into(module: nn.Module, prefix: str, leaf_paths: set[str], result: Tr
     for _ in range(_MAX_RETRIES):
         try:
             leaves, call = local_leaves | set(culprits), result.calls.get(prefix)
-            whole = functools.partial(_trace_whole, module, leaves, call)
+            # (a GraphModule that writes its code only if it runs: surgery reads its graph, runs it through an
+            # interpreter, and rewrites owners traced alone; compiling a mobile network's whole graph cost 10%)
+            whole = functools.partial(_trace_whole, module, leaves, call, lazy=True)
             # (the root has no sibling alike: its fingerprint, the whole model's, would cost for nothing)
             gm = result.alike.trace(module, leaves, call, whole) if prefix else whole()
         except Exception as exc:
