@@ -1,8 +1,10 @@
 """Surgery time against building the model: per timm model, `timm.create_model(name)` vs surgery
 (trace + shapes + sites + plan + rewrite of cbam, no verification) vs surgery with verification, measured
 side by side in interleaved rounds (the minimum over rounds of each), and the median ratio over the models;
-verification/create is verification's own time (with verification minus without) over create. Then surgery
-of a segmentation and a detection model, in seconds.
+verification/create is verification's own time (with verification minus without) over create; fx/create is
+plain `torch.fx.symbolic_trace(model)` over create: one trace of the whole model, which surgery cannot do
+without, and a floor for any surgery built on fx. Then surgery of a segmentation and a detection model, in
+seconds.
 
 MODELS=a,b limits the list; ROUNDS sets the effort; CLOCK=cpu measures this process's CPU time on one
 thread instead of wall time on two (on a machine other jobs keep busy).
@@ -15,6 +17,7 @@ import warnings
 
 import timm
 import torch
+import torch.fx
 
 import surgeon
 from _common import load_average, report
@@ -44,6 +47,7 @@ def surgery_vs_create(name: str, attention: str = "cbam") -> dict:
         "create": lambda: timm.create_model(name),
         "surgery": lambda: surgeon.add(base, attention, verify=False),
         "verified": lambda: surgeon.add(base, attention),
+        "fx": lambda: torch.fx.symbolic_trace(base),
     }
     for fn in steps.values():  # warm-up: imports, first-call caches
         fn()
@@ -54,7 +58,8 @@ def surgery_vs_create(name: str, attention: str = "cbam") -> dict:
     return {"model": name, "create s": best["create"], "surgery s": best["surgery"],
             "surgery/create": best["surgery"] / best["create"], "verified s": best["verified"],
             "verified/create": best["verified"] / best["create"],
-            "verification/create": (best["verified"] - best["surgery"]) / best["create"]}
+            "verification/create": (best["verified"] - best["surgery"]) / best["create"],
+            "fx/create": best["fx"] / best["create"]}
 
 
 def dense_models() -> list[dict]:
@@ -85,7 +90,8 @@ rows.append({"model": f"median of {len(MODELS)}", "create s": statistics.median(
              "surgery/create": statistics.median(r["surgery/create"] for r in rows),
              "verified s": statistics.median(r["verified s"] for r in rows),
              "verified/create": statistics.median(r["verified/create"] for r in rows),
-             "verification/create": statistics.median(r["verification/create"] for r in rows)})
+             "verification/create": statistics.median(r["verification/create"] for r in rows),
+             "fx/create": statistics.median(r["fx/create"] for r in rows)})
 report(f"surgery time (cbam) vs timm.create_model, CPU, {SETTING}, min of {ROUNDS} interleaved rounds; "
        f"load average {before} before, {load_average()} after", rows)
 if not os.environ.get("MODELS"):
