@@ -562,3 +562,49 @@ def test_a_lazy_graph_binds_calls_as_its_code_would_without_writing_it():
         assert str(inspect.signature(gm.forward)) == "(x, y=None, *rest, scale=2.0, **extra)"
     prepared = planning._prepare(TinyResNet().eval())
     assert isinstance(prepared.traced.module, _LazyGraphModule) and prepared.traced.module._needs_recompile()
+
+
+class _BiasOrNone(torch.nn.Module):
+    """Returns its bias, or None where it has none; a decision on data keeps it a leaf."""
+
+    def __init__(self, d, bias):
+        super().__init__()
+        self.fc = torch.nn.Linear(d, d)
+        self.bias = torch.nn.Parameter(torch.randn(d)) if bias else None
+
+    def forward(self, x):
+        if x.sum() > 1e9:
+            x = x * 0
+        return self.fc(x), self.bias
+
+
+class _AddsBiasIfAny(torch.nn.Module):
+    def __init__(self, d, bias):
+        super().__init__()
+        self.attn, self.fc = _BiasOrNone(d, bias), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        out, b = self.attn(x)
+        out = out + b.expand_as(out) if b is not None else out  # `b is not None`: no decision a proxy takes
+        x = x + out
+        return x + self.fc(x)
+
+
+def test_a_traced_model_failing_where_the_model_runs_is_said_to_be_the_trace_not_the_input():
+    """The layer without a bias is traced as if its leaf returned one (a proxy is not None), and its graph fails on
+    the example input the model runs: the refusal says so, instead of asking for another input."""
+    model = torch.nn.Sequential(_AddsBiasIfAny(8, False), _AddsBiasIfAny(8, True)).eval()
+    x = torch.randn(2, 5, 8)
+    model(x)
+    with pytest.raises(surgeon.errors.TraceError, match=r"^The traced Sequential fails on the example input "
+                       r"\(2, 5, 8\), which Sequential itself runs \(AttributeError: 'NoneType' object"):
+        surgeon.add(model, "se", example_input=(x,))
+    # where the model itself fails too, the input is said to be wrong (the recorded call would have said it first)
+    from surgeon.surgery import shapes
+
+    traced = trace(model, calls=shapes.record_calls(model, (x,)).calls)
+    with pytest.raises(surgeon.errors.ShapeError, match=r"^The example input \(2, 5, 9\) does not go through "
+                                                        r"Sequential"):
+        shapes.propagate(traced, (torch.randn(2, 5, 9),), model=model)
+    with pytest.raises(surgeon.errors.TraceError, match=r"which Sequential itself runs"):
+        shapes.propagate(traced, (x,), model=model)

@@ -16,9 +16,9 @@ import torch
 import torch.fx as fx
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from surgeon.errors import ShapeError
+from surgeon.errors import ShapeError, TraceError
 from surgeon.surgery import calls, meta, verify
-from surgeon.surgery.owned import attr_at, in_mode
+from surgeon.surgery.owned import attr_at, in_mode, structural_copy
 from surgeon.surgery.trace import Traced
 from surgeon.surgery.verify import tensors
 
@@ -153,6 +153,7 @@ def propagate(traced: Traced, example_inputs: tuple, *, model: torch.nn.Module |
 
     Raises:
         ShapeError: when the example input does not go through the model.
+        TraceError: when the traced model fails on the example input, and `model` itself runs on it.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -178,6 +179,13 @@ def propagate(traced: Traced, example_inputs: tuple, *, model: torch.nn.Module |
         try:
             _run(traced, example_inputs)
         except Exception as exc:
+            name = type(traced.module if model is None else model).__name__
+            if model is not None and _runs(model, example_inputs):  # the graphs compute something else
+                first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+                raise TraceError(
+                    f"The traced {name} fails on the example input {_shapes(example_inputs)}, which {name} itself "
+                    f"runs ({type(exc).__name__}: {first}): a graph differs from the model's code there (a decision "
+                    "tracing could not see); please report it with the model") from exc
             raise _wrong_input(traced.module if model is None else model, example_inputs, exc) from exc
 
 
@@ -189,8 +197,23 @@ def shape(node: fx.Node) -> tuple | None:
     return None
 
 
+def _runs(model: torch.nn.Module, inputs: tuple) -> bool:
+    """Whether a structural copy of `model` runs on `inputs` (eval mode, no grad)."""
+    copy = structural_copy(model)
+    try:
+        with torch.no_grad(), in_mode(copy, False):
+            copy(*inputs)
+    except Exception:  # noqa: BLE001 - any failure: the input does not go through the model
+        return False
+    return True
+
+
+def _shapes(inputs: tuple) -> str:
+    return ", ".join(str(tuple(x.shape)) for x in tensors(inputs)) or "(no tensors)"
+
+
 def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> ShapeError:
-    shapes = ", ".join(str(tuple(x.shape)) for x in tensors(inputs))
+    shapes = _shapes(inputs)
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     mixed = _devices_held(model)
     if mixed:
@@ -202,7 +225,7 @@ def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> Shape
                           f"{shapes} ({type(exc).__name__}: {first}): "
                           "pass the input it takes, or build it on the CPU if its forward needs tensor values")
     return ShapeError(
-        f"The example input {shapes or '(no tensors)'} does not go through {type(model).__name__} "
+        f"The example input {shapes} does not go through {type(model).__name__} "
         f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
         f"command line, example_input= in Python")
 
