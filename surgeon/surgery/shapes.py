@@ -179,13 +179,12 @@ def propagate(traced: Traced, example_inputs: tuple, *, model: torch.nn.Module |
         try:
             _run(traced, example_inputs)
         except Exception as exc:
-            name = type(traced.module if model is None else model).__name__
             if model is not None and _runs(model, example_inputs):  # the graphs compute something else
-                first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+                name = type(model).__name__
                 raise TraceError(
                     f"The traced {name} fails on the example input {_shapes(example_inputs)}, which {name} itself "
-                    f"runs ({type(exc).__name__}: {first}): a graph differs from the model's code there (a decision "
-                    "tracing could not see); please report it with the model") from exc
+                    f"runs ({_said(exc)}): a graph differs from the model's code there (a decision tracing could "
+                    "not see); please report it with the model") from exc
             raise _wrong_input(traced.module if model is None else model, example_inputs, exc) from exc
 
 
@@ -212,21 +211,26 @@ def _shapes(inputs: tuple) -> str:
     return ", ".join(str(tuple(x.shape)) for x in tensors(inputs)) or "(no tensors)"
 
 
-def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> ShapeError:
-    shapes = _shapes(inputs)
+def _said(exc: Exception) -> str:
+    """`Type: its message's first non-blank line`."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}"
+
+
+def _wrong_input(model: torch.nn.Module, inputs: tuple, exc: Exception) -> ShapeError:
+    shapes, said = _shapes(inputs), _said(exc)
     mixed = _devices_held(model)
     if mixed:
         return ShapeError(f"{type(model).__name__} holds tensors on several devices ({mixed}) and does not run so "
-                          f"({type(exc).__name__}: {first}): put them on one device first (model.to_empty(device=...) "
+                          f"({said}): put them on one device first (model.to_empty(device=...) "
                           "for a model built without weights; accelerate's init_empty_weights(include_buffers=True))")
     if any(x.is_meta for x in tensors(inputs)):
         return ShapeError(f"{type(model).__name__} on the meta device does not run on the example input "
-                          f"{shapes} ({type(exc).__name__}: {first}): "
+                          f"{shapes} ({said}): "
                           "pass the input it takes, or build it on the CPU if its forward needs tensor values")
     return ShapeError(
         f"The example input {shapes} does not go through {type(model).__name__} "
-        f"({type(exc).__name__}: {first}). Pass the input the model takes: --input-size C,H,W on the "
+        f"({said}). Pass the input the model takes: --input-size C,H,W on the "
         f"command line, example_input= in Python")
 
 
